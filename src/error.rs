@@ -1,0 +1,63 @@
+//! The library's error type: each variant says what is wrong, where, and what to do.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "unknown hook point `{name}`; valid names are hook_embed, blocks.{{l}}.hook_resid_pre, \
+         blocks.{{l}}.hook_attn_out, blocks.{{l}}.hook_resid_mid, blocks.{{l}}.hook_mlp_out, \
+         blocks.{{l}}.hook_resid_post, ln_final.hook_normalized \
+         (short kinds for --hooks: embed, resid_pre, attn_out, resid_mid, mlp_out, resid_post, ln_final)"
+    )]
+    UnknownHook { name: String },
+
+    #[error("{path}: {message}")]
+    ModelFile { path: PathBuf, message: String },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{0}")]
+    BadInput(String),
+
+    #[error(
+        "could not fetch the default model: {0}\n\
+         To use a model you already have, pass --model PATH (a .gguf file or a directory with \
+         config.json, *.safetensors and tokenizer.json), or put SmolLM2-135M-Instruct.Q4_1.gguf \
+         in $AFPROBE_HOME/models/ (default ~/.cache/afprobe/models/)."
+    )]
+    Fetch(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// An error about a model file, naming the file.
+    pub fn model_file(path: impl Into<PathBuf>, message: impl Into<String>) -> Error {
+        Error::ModelFile {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

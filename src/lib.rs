@@ -1,0 +1,13 @@
+//! afprobe: look inside open language models while they read alignment-faking prompts.
+//!
+//! The library behind the `afprobe` binary: load a Llama-family model
+//! ([`model::Model`]), run it with TransformerLens-named hooks that capture or
+//! edit the residual stream ([`model::Hooks`]), and generate text ([`generate`]).
+
+pub mod bench;
+pub mod commands;
+pub mod error;
+pub mod generate;
+pub mod model;
+
+pub use error::{Error, Result};

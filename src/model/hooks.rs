@@ -1,0 +1,449 @@
+//! Hook points (TransformerLens names) and the hooks that read or write them.
+//!
+//! A [`HookPoint`] parses from and prints as the TransformerLens string
+//! (`blocks.12.hook_resid_post`), so the CLI, the activation store and the code
+//! share one spelling and typos fail at parse time. [`Hooks`] is what the
+//! forward pass calls at every point: it applies the edits registered there
+//! (steering, patching, ablation) and then captures the result if the names
+//! filter asks for it. Points with neither cost one hash lookup.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, IndexOp, Tensor};
+
+use crate::error::{Error, Result};
+
+/// A named place in the forward pass where activations can be read or written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HookPoint {
+    /// Token embeddings (`hook_embed`).
+    Embed,
+    /// Residual stream entering block `l` (`blocks.{l}.hook_resid_pre`).
+    ResidPre(usize),
+    /// Attention output of block `l`, after `o_proj` (`blocks.{l}.hook_attn_out`).
+    AttnOut(usize),
+    /// Residual after attention, before the MLP (`blocks.{l}.hook_resid_mid`).
+    ResidMid(usize),
+    /// MLP output of block `l` (`blocks.{l}.hook_mlp_out`).
+    MlpOut(usize),
+    /// Raw residual after block `l`, before any final norm (`blocks.{l}.hook_resid_post`).
+    ResidPost(usize),
+    /// Final RMSNorm output, the input of the unembedding (`ln_final.hook_normalized`).
+    LnFinal,
+}
+
+/// The per-block hook kinds, by their short name (`resid_post`) as used by `--hooks`.
+pub const BLOCK_HOOKS: [&str; 5] = [
+    "resid_pre",
+    "attn_out",
+    "resid_mid",
+    "mlp_out",
+    "resid_post",
+];
+
+impl HookPoint {
+    /// Block index for per-block points, `None` for `hook_embed` / `ln_final`.
+    pub fn layer(&self) -> Option<usize> {
+        match *self {
+            HookPoint::ResidPre(l)
+            | HookPoint::AttnOut(l)
+            | HookPoint::ResidMid(l)
+            | HookPoint::MlpOut(l)
+            | HookPoint::ResidPost(l) => Some(l),
+            HookPoint::Embed | HookPoint::LnFinal => None,
+        }
+    }
+
+    /// Builds a per-block point from its short kind name (`resid_post`) and layer.
+    pub fn block(kind: &str, layer: usize) -> Result<HookPoint> {
+        Ok(match kind {
+            "resid_pre" => HookPoint::ResidPre(layer),
+            "attn_out" => HookPoint::AttnOut(layer),
+            "resid_mid" => HookPoint::ResidMid(layer),
+            "mlp_out" => HookPoint::MlpOut(layer),
+            "resid_post" => HookPoint::ResidPost(layer),
+            other => {
+                return Err(Error::UnknownHook {
+                    name: other.to_string(),
+                })
+            }
+        })
+    }
+
+    /// Every hook point of a model with `n_layers` blocks, in forward order.
+    pub fn all(n_layers: usize) -> Vec<HookPoint> {
+        let mut points = vec![HookPoint::Embed];
+        for l in 0..n_layers {
+            for kind in BLOCK_HOOKS {
+                points.push(HookPoint::block(kind, l).expect("BLOCK_HOOKS are valid kinds"));
+            }
+        }
+        points.push(HookPoint::LnFinal);
+        points
+    }
+
+    /// Errors if this point does not exist in a model with `n_layers` blocks.
+    pub fn check_layer(&self, n_layers: usize) -> Result<()> {
+        match self.layer() {
+            Some(l) if l >= n_layers => Err(Error::BadInput(format!(
+                "hook `{self}` names layer {l}, but the model has {n_layers} layers (0-{})",
+                n_layers - 1
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for HookPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HookPoint::Embed => write!(f, "hook_embed"),
+            HookPoint::ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
+            HookPoint::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
+            HookPoint::ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
+            HookPoint::MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
+            HookPoint::ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
+            HookPoint::LnFinal => write!(f, "ln_final.hook_normalized"),
+        }
+    }
+}
+
+impl FromStr for HookPoint {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<HookPoint> {
+        let unknown = || Error::UnknownHook {
+            name: s.to_string(),
+        };
+        match s {
+            "hook_embed" => return Ok(HookPoint::Embed),
+            "ln_final.hook_normalized" => return Ok(HookPoint::LnFinal),
+            _ => {}
+        }
+        let rest = s.strip_prefix("blocks.").ok_or_else(unknown)?;
+        let (layer, kind) = rest.split_once('.').ok_or_else(unknown)?;
+        let layer: usize = layer.parse().map_err(|_| unknown())?;
+        let kind = kind.strip_prefix("hook_").ok_or_else(unknown)?;
+        HookPoint::block(kind, layer).map_err(|_| unknown())
+    }
+}
+
+/// Which hook points to capture, like TransformerLens' `names_filter`.
+#[derive(Debug, Clone, Default)]
+pub enum NamesFilter {
+    /// Capture nothing (the default: hooks cost nothing).
+    #[default]
+    None,
+    /// Capture every hook point.
+    All,
+    /// Capture exactly these points.
+    Only(Vec<HookPoint>),
+}
+
+impl NamesFilter {
+    pub fn matches(&self, point: HookPoint) -> bool {
+        match self {
+            NamesFilter::None => false,
+            NamesFilter::All => true,
+            NamesFilter::Only(points) => points.contains(&point),
+        }
+    }
+}
+
+/// Which token rows of a captured activation to keep.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum CaptureRows {
+    /// Every token of the forward call (`[T, d_model]`).
+    #[default]
+    All,
+    /// Only the final token (`[1, d_model]`): what probes at `last` need.
+    Last,
+}
+
+/// A write to the residual stream (or any hook point) during the forward pass.
+///
+/// Positions are absolute token positions in the whole sequence, so an edit
+/// registered once applies correctly when the prompt is run in pieces on top
+/// of a shared-prefix KV cache.
+#[derive(Debug, Clone)]
+pub enum Edit {
+    /// Add `vector` (`[d_model]`) at the given positions (steering).
+    Add {
+        vector: Tensor,
+        positions: Positions,
+    },
+    /// Replace the rows at `positions` with the rows of `values` (`[len, d_model]`), patching.
+    Replace {
+        positions: Vec<usize>,
+        values: Tensor,
+    },
+    /// Remove the component along unit `direction` (`[d_model]`): x ← x − (x·d)d (ablation).
+    ProjectOut {
+        direction: Tensor,
+        positions: Positions,
+    },
+}
+
+/// Which absolute positions an [`Edit`] touches.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Positions {
+    /// Every position.
+    All,
+    /// Every position from this one on (e.g. from the cue token onward).
+    From(usize),
+    /// Exactly these positions.
+    At(Vec<usize>),
+}
+
+impl Positions {
+    /// 0/1 mask over the window `[start, start + len)` of absolute positions.
+    fn mask(&self, start: usize, len: usize) -> Vec<f32> {
+        (start..start + len)
+            .map(|p| match self {
+                Positions::All => 1.0,
+                Positions::From(first) => (p >= *first) as u8 as f32,
+                Positions::At(ps) => ps.contains(&p) as u8 as f32,
+            })
+            .collect()
+    }
+}
+
+/// Activations captured in one or more forward calls, by hook point.
+#[derive(Debug, Default, Clone)]
+pub struct ActivationCache {
+    tensors: HashMap<HookPoint, Tensor>,
+}
+
+impl ActivationCache {
+    /// The captured activation `[rows, d_model]` (f32), if the filter asked for it.
+    pub fn get(&self, point: HookPoint) -> Option<&Tensor> {
+        self.tensors.get(&point)
+    }
+
+    /// Like [`get`](Self::get), but a missing point is an error that names it.
+    pub fn require(&self, point: HookPoint) -> Result<&Tensor> {
+        self.get(point).ok_or_else(|| {
+            Error::BadInput(format!(
+                "hook `{point}` was not captured; add it to the names filter"
+            ))
+        })
+    }
+
+    pub fn points(&self) -> impl Iterator<Item = &HookPoint> {
+        self.tensors.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.tensors.clear();
+    }
+}
+
+/// The hooks a forward pass calls: edits to apply and a names filter for capture.
+#[derive(Debug, Default, Clone)]
+pub struct Hooks {
+    filter: NamesFilter,
+    rows: CaptureRows,
+    edits: HashMap<HookPoint, Vec<Edit>>,
+    /// What the filter captured during the last forward calls.
+    pub cache: ActivationCache,
+}
+
+impl Hooks {
+    /// No capture, no edits: the plain forward pass.
+    pub fn none() -> Hooks {
+        Hooks::default()
+    }
+
+    /// Capture the points that `filter` selects, keeping `rows` of each.
+    pub fn capture(filter: NamesFilter, rows: CaptureRows) -> Hooks {
+        Hooks {
+            filter,
+            rows,
+            ..Hooks::default()
+        }
+    }
+
+    /// Registers an edit at `point`; several edits at one point apply in order.
+    pub fn add_edit(&mut self, point: HookPoint, edit: Edit) -> &mut Self {
+        self.edits.entry(point).or_default().push(edit);
+        self
+    }
+
+    /// Checks every registered point exists in a model with `n_layers` blocks.
+    pub fn check(&self, n_layers: usize) -> Result<()> {
+        if let NamesFilter::Only(points) = &self.filter {
+            points.iter().try_for_each(|p| p.check_layer(n_layers))?;
+        }
+        self.edits.keys().try_for_each(|p| p.check_layer(n_layers))
+    }
+
+    /// Whether anything happens at `point`; the forward pass skips the call otherwise.
+    #[inline]
+    pub fn is_active(&self, point: HookPoint) -> bool {
+        self.filter.matches(point) || self.edits.contains_key(&point)
+    }
+
+    /// Called by the forward pass at `point` with activations `x` (`[T, d]`) for
+    /// the absolute positions `[start, start + T)`. Returns the (possibly edited) `x`.
+    pub fn run(&mut self, point: HookPoint, x: Tensor, start: usize) -> Result<Tensor> {
+        if !self.is_active(point) {
+            return Ok(x);
+        }
+        let mut x = x;
+        if let Some(edits) = self.edits.get(&point) {
+            for edit in edits {
+                x = apply_edit(edit, &x, start)?;
+            }
+        }
+        if self.filter.matches(point) {
+            let kept = match self.rows {
+                CaptureRows::All => x.clone(),
+                CaptureRows::Last => x.i(x.dim(0)? - 1..)?,
+            };
+            let kept = kept.to_dtype(DType::F32)?;
+            // Successive calls (prefix, then suffix; or generation steps) append rows.
+            let merged = match (self.rows.clone(), self.cache.tensors.remove(&point)) {
+                (CaptureRows::All, Some(prev)) => Tensor::cat(&[&prev, &kept], 0)?,
+                _ => kept,
+            };
+            self.cache.tensors.insert(point, merged);
+        }
+        Ok(x)
+    }
+}
+
+fn apply_edit(edit: &Edit, x: &Tensor, start: usize) -> Result<Tensor> {
+    let (len, d_model) = x.dims2()?;
+    let check_vector = |v: &Tensor, what: &str| -> Result<Tensor> {
+        if v.dims() != [d_model] {
+            return Err(Error::BadInput(format!(
+                "{what} has shape {:?}, but the residual stream has d_model = {d_model}",
+                v.dims()
+            )));
+        }
+        Ok(v.to_dtype(x.dtype())?.reshape((1, d_model))?)
+    };
+    let column = |positions: &Positions| -> Result<Tensor> {
+        let mask = positions.mask(start, len);
+        Ok(Tensor::from_vec(mask, (len, 1), x.device())?.to_dtype(x.dtype())?)
+    };
+    Ok(match edit {
+        Edit::Add { vector, positions } => {
+            let v = check_vector(vector, "steering vector")?;
+            (x + column(positions)?.broadcast_mul(&v)?)?
+        }
+        Edit::ProjectOut {
+            direction,
+            positions,
+        } => {
+            let d = check_vector(direction, "ablation direction")?;
+            let coeff = x.broadcast_mul(&d)?.sum_keepdim(1)?; // [len, 1]
+            (x - (coeff * column(positions)?)?.broadcast_mul(&d)?)?
+        }
+        Edit::Replace { positions, values } => {
+            let (n, dv) = values.dims2()?;
+            if n != positions.len() || dv != d_model {
+                return Err(Error::BadInput(format!(
+                    "patch values have shape [{n}, {dv}] for {} positions of width {d_model}",
+                    positions.len()
+                )));
+            }
+            let values = values.to_dtype(x.dtype())?;
+            let mut x = x.clone();
+            for (row, &p) in positions.iter().enumerate() {
+                if (start..start + len).contains(&p) {
+                    let r = p - start;
+                    x = x.slice_assign(&[r..r + 1, 0..d_model], &values.i(row..row + 1)?)?;
+                }
+            }
+            x
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_display_and_parse() {
+        for p in HookPoint::all(3) {
+            assert_eq!(p.to_string().parse::<HookPoint>().unwrap(), p);
+        }
+        assert_eq!(HookPoint::all(3).len(), 2 + 3 * 5);
+    }
+
+    #[test]
+    fn typos_fail_and_list_valid_names() {
+        for bad in [
+            "blocks.1.hook_resid_psot",
+            "blocks.x.hook_resid_post",
+            "hook_embed ",
+            "resid_post",
+        ] {
+            let err = bad.parse::<HookPoint>().unwrap_err().to_string();
+            assert!(err.contains(bad), "{err}");
+            assert!(err.contains("blocks.{l}.hook_resid_post"), "{err}");
+        }
+    }
+
+    #[test]
+    fn edits_touch_only_their_positions() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::ones((4, 2), DType::F32, &dev)?;
+        let v = Tensor::new(&[1f32, 2.0], &dev)?;
+        let added = apply_edit(
+            &Edit::Add {
+                vector: v.clone(),
+                positions: Positions::From(11),
+            },
+            &x,
+            10,
+        )?;
+        assert_eq!(
+            added.to_vec2::<f32>()?,
+            vec![vec![1., 1.], vec![2., 3.], vec![2., 3.], vec![2., 3.]]
+        );
+        let dir = Tensor::new(&[1f32, 0.0], &dev)?;
+        let ablated = apply_edit(
+            &Edit::ProjectOut {
+                direction: dir,
+                positions: Positions::At(vec![10]),
+            },
+            &x,
+            10,
+        )?;
+        assert_eq!(ablated.to_vec2::<f32>()?[0], vec![0., 1.]);
+        assert_eq!(ablated.to_vec2::<f32>()?[1], vec![1., 1.]);
+        let patched = apply_edit(
+            &Edit::Replace {
+                positions: vec![12, 99],
+                values: Tensor::new(&[[5f32, 6.0], [7.0, 8.0]], &dev)?,
+            },
+            &x,
+            10,
+        )?;
+        assert_eq!(patched.to_vec2::<f32>()?[2], vec![5., 6.]);
+        assert_eq!(patched.to_vec2::<f32>()?[3], vec![1., 1.]);
+        let wrong = apply_edit(
+            &Edit::Add {
+                vector: Tensor::new(&[1f32, 2.0, 3.0], &dev)?,
+                positions: Positions::All,
+            },
+            &x,
+            0,
+        );
+        assert!(wrong.unwrap_err().to_string().contains("d_model = 2"));
+        Ok(())
+    }
+}

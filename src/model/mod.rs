@@ -1,0 +1,260 @@
+//! Loading a model (GGUF, HF directory, hub cache, default alias) and running it with hooks.
+
+pub mod config;
+pub mod fetch;
+pub mod gguf;
+pub mod hooks;
+pub mod spec;
+pub mod template;
+pub mod tokenizer;
+pub mod transformer;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+pub use config::{Architecture, ModelConfig};
+pub use hooks::{ActivationCache, CaptureRows, Edit, HookPoint, Hooks, NamesFilter, Positions};
+pub use spec::{ModelFiles, ModelSpec};
+pub use template::{ChatTemplate, Message};
+pub use tokenizer::Tokenizer;
+pub use transformer::{KvCache, LogitsAt, Transformer};
+
+use crate::error::{Error, Result};
+
+/// Weight precision, `--dtype f32|f16|bf16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::F16 => DType::F16,
+            WeightDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// A loaded model: the hooked transformer, its tokenizer and chat template.
+#[derive(Debug)]
+pub struct Model {
+    pub transformer: Transformer,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    pub spec: ModelSpec,
+    pub files: ModelFiles,
+}
+
+impl Model {
+    /// Resolves `spec` (fetching the default model if needed) and loads it.
+    pub fn load(spec: &ModelSpec, dtype: WeightDtype) -> Result<Model> {
+        let files = spec.resolve()?;
+        let (transformer, tokenizer, template) = match &files {
+            ModelFiles::Gguf(path) => load_gguf(path, dtype.dtype())?,
+            ModelFiles::HfDir(dir) => load_hf_dir(dir, dtype.dtype())?,
+        };
+        Ok(Model {
+            transformer,
+            tokenizer,
+            template,
+            spec: spec.clone(),
+            files,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.transformer.config()
+    }
+
+    /// The prompt text for `messages`, ending with the assistant header.
+    pub fn format_chat(&self, messages: &[Message]) -> Result<String> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            Error::Template(format!(
+                "{} has no chat template; pass raw text (--raw, or a `text` prompt row)",
+                self.files.path().display()
+            ))
+        })?;
+        template.render(messages, true)
+    }
+
+    /// Runs `tokens` from scratch, capturing the hook points `filter` selects;
+    /// returns last-token logits and the cache (TransformerLens' `run_with_cache`).
+    pub fn run_with_cache(
+        &self,
+        tokens: &[u32],
+        filter: NamesFilter,
+        rows: CaptureRows,
+    ) -> Result<(Tensor, ActivationCache)> {
+        let mut hooks = Hooks::capture(filter, rows);
+        let logits =
+            self.transformer
+                .forward(tokens, &mut KvCache::new(), &mut hooks, &LogitsAt::Last)?;
+        Ok((logits, hooks.cache))
+    }
+
+    /// SHA-256 of the model's weight file(s): the GGUF file, or the sorted
+    /// safetensors files of a directory hashed one after another.
+    pub fn weights_sha256(&self) -> Result<String> {
+        match &self.files {
+            ModelFiles::Gguf(p) => fetch::sha256_file(p),
+            ModelFiles::HfDir(dir) => {
+                let mut parts = Vec::new();
+                for f in safetensors_files(dir)? {
+                    parts.push(fetch::sha256_file(&f)?);
+                }
+                if parts.len() == 1 {
+                    return Ok(parts.remove(0));
+                }
+                use sha2::Digest;
+                Ok(format!(
+                    "{:x}",
+                    sha2::Sha256::digest(parts.join("\n").as_bytes())
+                ))
+            }
+        }
+    }
+}
+
+fn load_gguf(path: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Option<ChatTemplate>)> {
+    let mut file = gguf::GgufFile::open(path)?;
+    let mut config = file.config()?;
+    file.read_rope_freq_factors(&mut config)?;
+    // A tokenizer.json beside the file wins: it covers tokenizers GGUF cannot describe.
+    let sidecar = path.with_file_name("tokenizer.json");
+    let meta = file.tokenizer_meta();
+    let tokenizer = if sidecar.exists() {
+        let name = |id: Option<u32>| id.and_then(|i| meta.tokens.get(i as usize).cloned());
+        Tokenizer::from_file(&sidecar, name(meta.bos_id), name(meta.eos_id), meta.add_bos)?
+    } else {
+        Tokenizer::from_gguf(&meta, path)?
+    };
+    let template = file
+        .chat_template()
+        .map(|src| {
+            ChatTemplate::new(
+                &src,
+                tokenizer.bos_token.as_deref(),
+                tokenizer.eos_token.as_deref(),
+            )
+        })
+        .transpose()?;
+    let cfg = config.clone();
+    let transformer = Transformer::new(config, &mut |name| file.weight(name, &cfg), dtype)?;
+    Ok((transformer, tokenizer, template))
+}
+
+fn load_hf_dir(dir: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Option<ChatTemplate>)> {
+    let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
+    let tok_config = read_tokenizer_config(dir)?;
+    let special = |name: &str| -> Option<String> {
+        match tok_config.get(name)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+            _ => None,
+        }
+    };
+    let (bos, eos) = (special("bos_token"), special("eos_token"));
+    let add_bos = tok_config
+        .get("add_bos_token")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        return Err(Error::model_file(
+            dir,
+            "no tokenizer.json in the model directory; copy the model's tokenizer.json there",
+        ));
+    }
+    let tokenizer = Tokenizer::from_file(&tok_path, bos.clone(), eos.clone(), add_bos)?;
+    let template_src = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        Ok(src) => Some(src),
+        Err(_) => match tok_config.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: use the one called "default".
+            Some(Value::Array(items)) => items
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        },
+    };
+    let template = template_src
+        .map(|src| ChatTemplate::new(&src, bos.as_deref(), eos.as_deref()))
+        .transpose()?;
+
+    let files = safetensors_files(dir)?;
+    // Safety: the files are memory-mapped read-only; afprobe never writes them.
+    let st = unsafe { MmapedSafetensors::multi(&files) }
+        .map_err(|e| Error::model_file(dir, format!("cannot map the safetensors files: {e}")))?;
+    let names: HashSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let transformer = Transformer::new(
+        config,
+        &mut |name| {
+            if !names.contains(name) {
+                return Ok(None);
+            }
+            st.load(name, &Device::Cpu)
+                .map(Some)
+                .map_err(|e| Error::model_file(dir, format!("tensor `{name}`: {e}")))
+        },
+        dtype,
+    )?;
+    Ok((transformer, tokenizer, template))
+}
+
+fn read_tokenizer_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
+    let path = dir.join("tokenizer_config.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match serde_json::from_str(&text) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(Error::model_file(&path, "expected a JSON object")),
+            Err(e) => Err(Error::model_file(&path, format!("not valid JSON: {e}"))),
+        },
+        Err(_) => Ok(Default::default()),
+    }
+}
+
+/// The safetensors files of an HF directory: those the index names, else all `*.safetensors`.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    let mut files: Vec<PathBuf> = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::model_file(&index, format!("not valid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::model_file(&index, "no `weight_map` object"))?;
+        let names: HashSet<&str> = map.values().filter_map(Value::as_str).collect();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect()
+    };
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::model_file(
+            dir,
+            "no *.safetensors weight files in the model directory",
+        ));
+    }
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        return Err(Error::model_file(
+            missing,
+            "listed in model.safetensors.index.json but missing",
+        ));
+    }
+    Ok(files)
+}
