@@ -5,7 +5,7 @@ use std::io::Write;
 use serde_json::json;
 
 use crate::error::Result;
-use crate::generate::{generate, Sampling};
+use crate::generate::{argmax, generate, Sampling};
 use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{
     CaptureRows, HookPoint, Hooks, Message, Model, ModelSpec, NamesFilter, WeightDtype,
