@@ -181,14 +181,7 @@ pub fn demo(spec: &ModelSpec) -> Result<()> {
     )
 }
 
-fn top1(xs: &[f32]) -> (u32, f32) {
-    xs.iter()
-        .enumerate()
-        .fold((0u32, f32::NEG_INFINITY), |best, (i, &x)| {
-            if x > best.1 {
-                (i as u32, x)
-            } else {
-                best
-            }
-        })
+fn top1(logprobs: &[f32]) -> (u32, f32) {
+    let id = argmax(logprobs);
+    (id, logprobs[id as usize])
 }
