@@ -1,5 +1,6 @@
 //! Loading a model (GGUF, HF directory, hub cache, default alias) and running it with hooks.
 
+pub mod attention;
 pub mod config;
 pub mod fetch;
 pub mod gguf;

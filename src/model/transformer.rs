@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 
+use super::attention::{causal_attention, AttnDims, Strided};
 use super::config::ModelConfig;
 use super::hooks::{HookPoint, Hooks};
 use crate::error::{Error, Result};
@@ -17,19 +18,25 @@ use crate::error::{Error, Result};
 /// half-split rope layout. Loaders fill this; the transformer consumes it.
 pub type WeightSource<'a> = dyn FnMut(&str) -> Result<Option<Tensor>> + 'a;
 
-/// Score matrices per attention chunk are kept under this many elements.
-const ATTN_CHUNK_ELEMS: usize = 1 << 22;
-
-/// A dense projection `y = x Wᵀ + b` with `W: [out, in]`.
+/// A dense projection `y = x W + b`, with `W` stored transposed as `[in, out]`
+/// (a contiguous right-hand side is the fast case for the CPU GEMM).
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: Tensor,
+    weight_t: Tensor,
     bias: Option<Tensor>,
 }
 
 impl Linear {
+    /// From a PyTorch-layout weight `[out, in]`.
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        Ok(Linear {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = x.matmul(&self.weight_t)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -67,41 +74,40 @@ impl Attention {
     fn forward(&self, x: &Tensor, rope: &Rope, kv: &mut LayerKv) -> Result<Tensor> {
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let qkv = self.qkv_proj.forward(x)?;
-        let heads = |start: usize, n: usize| -> Result<Tensor> {
-            // [T, n*hd] -> [1, n, T, hd], the layout candle's rope kernel wants.
-            Ok(qkv
-                .narrow(1, start * hd, n * hd)?
-                .reshape((t, n, hd))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .unsqueeze(0)?)
+        // One row per token: [q heads | k heads | v heads]; attention runs in f32.
+        let width = (nh + 2 * nkv) * hd;
+        let mut qkv = self
+            .qkv_proj
+            .forward(x)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        rope.apply(&mut qkv, width, 0, nh);
+        rope.apply(&mut qkv, width, nh * hd, nkv);
+        let past = kv.len(nkv * hd);
+        kv.append(&qkv, width, nh * hd, nkv * hd);
+        let kv_view = |data| Strided {
+            data,
+            stride: nkv * hd,
+            offset: 0,
         };
-        let q = rope.apply(&heads(0, nh)?)?.squeeze(0)?;
-        let k = rope.apply(&heads(nh, nkv)?)?.squeeze(0)?;
-        let v = heads(nh + nkv, nkv)?.squeeze(0)?;
-        let (k, v) = kv.append(k, v)?; // [nkv, past + T, hd]
-
-        // Heads sharing a kv head are consecutive: view q as [nkv, rep, T, hd].
-        let rep = nh / nkv;
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((nkv, rep, t, hd))?;
-        let past = k.dim(1)? - t;
-        let mut outputs = Vec::new();
-        for chunk in rope.chunks() {
-            let (start, len) = (chunk.start, chunk.len);
-            let n_keys = past + start + len;
-            let q_c = q.narrow(2, start, len)?.reshape((nkv, rep * len, hd))?;
-            let k_c = k.narrow(1, 0, n_keys)?;
-            let scores = q_c.matmul(&k_c.t()?)?.reshape((nkv, rep, len, n_keys))?;
-            let scores = scores.broadcast_add(&chunk.mask)?;
-            let probs =
-                candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, rep * len, n_keys))?;
-            let out = probs.matmul(&v.narrow(1, 0, n_keys)?)?; // [nkv, rep*len, hd]
-            outputs.push(out.reshape((nh, len, hd))?);
-        }
-        let out = Tensor::cat(&outputs, 1)?
-            .transpose(0, 1)?
-            .reshape((t, nh * hd))?;
+        let out = causal_attention(
+            Strided {
+                data: &qkv,
+                stride: width,
+                offset: 0,
+            },
+            kv_view(&kv.k),
+            kv_view(&kv.v),
+            AttnDims {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                t,
+                past,
+            },
+        );
+        let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.forward(&out)
     }
 }
@@ -202,14 +208,8 @@ impl Transformer {
                     eps,
                 },
                 attn: Attention {
-                    qkv_proj: Linear {
-                        weight: qkv_weight,
-                        bias: qkv_bias,
-                    },
-                    o_proj: Linear {
-                        weight: get(&attn("o_proj.weight"))?,
-                        bias: None,
-                    },
+                    qkv_proj: Linear::new(qkv_weight, qkv_bias)?,
+                    o_proj: Linear::new(get(&attn("o_proj.weight"))?, None)?,
                     n_heads: c.n_heads,
                     n_kv_heads: c.n_kv_heads,
                     head_dim: c.head_dim,
@@ -219,14 +219,8 @@ impl Transformer {
                     eps,
                 },
                 mlp: Mlp {
-                    gate_up_proj: Linear {
-                        weight: gate_up,
-                        bias: None,
-                    },
-                    down_proj: Linear {
-                        weight: get(&format!("{p}.mlp.down_proj.weight"))?,
-                        bias: None,
-                    },
+                    gate_up_proj: Linear::new(gate_up, None)?,
+                    down_proj: Linear::new(get(&format!("{p}.mlp.down_proj.weight"))?, None)?,
                     d_mlp: c.d_mlp,
                 },
             });
@@ -289,8 +283,11 @@ impl Transformer {
         let t = tokens.len();
         self.check_window(start, t)?;
         hooks.check(self.config.n_layers)?;
-        kv.ensure_layers(self.config.n_layers);
-        let rope = Rope::new(&self.inv_freq, start, t, self.dtype(), &self.device)?;
+        kv.ensure_layers(
+            self.config.n_layers,
+            self.config.n_kv_heads * self.config.head_dim,
+        );
+        let rope = Rope::new(&self.inv_freq, start, t);
         let ids = Tensor::new(tokens, &self.device)?;
 
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
@@ -368,29 +365,31 @@ impl Transformer {
     }
 }
 
-/// Keys and values of one layer for the tokens seen so far: `[n_kv_heads, len, head_dim]`.
+/// Keys and values of one layer for the tokens seen so far, f32 `[len, n_kv_heads * head_dim]`.
 #[derive(Debug, Clone, Default)]
 struct LayerKv {
-    kv: Option<(Tensor, Tensor)>,
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 impl LayerKv {
-    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let kv = match self.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-            None => (k, v),
-        };
-        self.kv = Some(kv.clone());
-        Ok(kv)
+    fn len(&self, kv_width: usize) -> usize {
+        self.k.len() / kv_width
     }
 
-    fn truncate(&mut self, len: usize) -> Result<()> {
-        if let Some((k, v)) = self.kv.take() {
-            if len > 0 {
-                self.kv = Some((k.narrow(1, 0, len)?, v.narrow(1, 0, len)?));
-            }
+    /// Appends the k and v columns of fused `[T, width]` qkv rows (k starts at `k_offset`).
+    fn append(&mut self, qkv: &[f32], width: usize, k_offset: usize, kv_width: usize) {
+        for row in qkv.chunks_exact(width) {
+            self.k
+                .extend_from_slice(&row[k_offset..k_offset + kv_width]);
+            self.v
+                .extend_from_slice(&row[k_offset + kv_width..k_offset + 2 * kv_width]);
         }
-        Ok(())
+    }
+
+    fn truncate(&mut self, len: usize, kv_width: usize) {
+        self.k.truncate(len * kv_width);
+        self.v.truncate(len * kv_width);
     }
 }
 
@@ -403,6 +402,7 @@ impl LayerKv {
 pub struct KvCache {
     layers: Vec<LayerKv>,
     tokens: Vec<u32>,
+    kv_width: usize,
 }
 
 impl KvCache {
@@ -428,7 +428,8 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         if len < self.tokens.len() {
             self.tokens.truncate(len);
-            self.layers.iter_mut().try_for_each(|l| l.truncate(len))?;
+            let width = self.kv_width;
+            self.layers.iter_mut().for_each(|l| l.truncate(len, width));
         }
         Ok(())
     }
@@ -448,30 +449,24 @@ impl KvCache {
         Ok(cache)
     }
 
-    fn ensure_layers(&mut self, n: usize) {
-        if self.layers.len() != n {
+    fn ensure_layers(&mut self, n: usize, kv_width: usize) {
+        if self.layers.len() != n || self.kv_width != kv_width {
             self.layers = vec![LayerKv::default(); n];
+            self.tokens.clear();
+            self.kv_width = kv_width;
         }
     }
 }
 
-/// Rotary tables for the absolute positions of one forward call, and the
-/// query chunks (with their causal masks) that attention iterates over.
+/// Rotary tables (`cos`, `sin`: `[T, head_dim / 2]`) for the absolute positions of one forward call.
 struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    chunks: Vec<QueryChunk>,
-}
-
-struct QueryChunk {
-    start: usize,
-    len: usize,
-    /// `[len, past + start + len]`: 0 where a query may attend, -inf elsewhere.
-    mask: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
 }
 
 impl Rope {
-    fn new(inv_freq: &[f32], past: usize, t: usize, dtype: DType, dev: &Device) -> Result<Rope> {
+    fn new(inv_freq: &[f32], past: usize, t: usize) -> Rope {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -483,37 +478,24 @@ impl Rope {
                 sin.push(angle.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (t, half), dev)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (t, half), dev)?.to_dtype(dtype)?;
-        let chunk = (ATTN_CHUNK_ELEMS / (past + t).max(1)).clamp(16, 512).min(t);
-        let mut chunks = Vec::new();
-        for start in (0..t).step_by(chunk) {
-            let len = chunk.min(t - start);
-            let n_keys = past + start + len;
-            let mask: Vec<f32> = (0..len)
-                .flat_map(|i| {
-                    (0..n_keys).map(move |j| {
-                        if j <= past + start + i {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (len, n_keys), dev)?.to_dtype(dtype)?;
-            chunks.push(QueryChunk { start, len, mask });
+        Rope { cos, sin, half }
+    }
+
+    /// Rotates `n_heads` heads starting at column `offset` of each `[T, width]`
+    /// row, in the half-split layout of HF Llama (`rotate_half`).
+    fn apply(&self, rows: &mut [f32], width: usize, offset: usize, n_heads: usize) {
+        let half = self.half;
+        for (r, row) in rows.chunks_exact_mut(width).enumerate() {
+            let (cos, sin) = (&self.cos[r * half..][..half], &self.sin[r * half..][..half]);
+            for head in row[offset..offset + n_heads * 2 * half].chunks_exact_mut(2 * half) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] - b * sin[i];
+                    x2[i] = b * cos[i] + a * sin[i];
+                }
+            }
         }
-        Ok(Rope { cos, sin, chunks })
-    }
-
-    /// Rotates `[1, heads, T, head_dim]` (half-split layout, as HF Llama).
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)?)
-    }
-
-    fn chunks(&self) -> &[QueryChunk] {
-        &self.chunks
     }
 }
 
