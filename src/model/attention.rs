@@ -5,11 +5,14 @@
 //! masked softmax in place, and one GEMM with the values, writing straight into
 //! the `[T, heads * head_dim]` output. Memory stays at one `chunk x keys`
 //! buffer per thread, never `[heads, T, T]`, and the exponentials (billions of
-//! them for a long prompt) use a vectorised polynomial, not libm.
+//! them for a long prompt) use a vectorised polynomial, not libm
+//! ([`super::kernels`]).
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
+
+use super::kernels::{softmax_in_place, OutPtr};
 
 /// Query rows per task: a 128 x keys score block stays in L2 for typical lengths.
 const QUERY_CHUNK: usize = 128;
@@ -33,18 +36,6 @@ pub struct Strided<'a> {
     pub stride: usize,
     /// Column where head 0 starts.
     pub offset: usize,
-}
-
-struct OutPtr(*mut f32);
-// Safety: each task writes a disjoint [chunk rows x head columns] block.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Pointer `offset` elements in (a method, so closures capture the whole `Sync` wrapper).
-    unsafe fn at(&self, offset: usize) -> *mut f32 {
-        self.0.add(offset)
-    }
 }
 
 thread_local! {
@@ -142,123 +133,9 @@ pub fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) -> Vec<
     out
 }
 
-/// Numerically stable softmax of one row, in place.
-pub fn softmax_in_place(row: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // Safety: the CPU supports the features the function is compiled for.
-            return unsafe { softmax_avx512(row) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return unsafe { softmax_avx2(row) };
-        }
-    }
-    softmax_generic(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_avx512(row: &mut [f32]) {
-    softmax_generic(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_avx2(row: &mut [f32]) {
-    softmax_generic(row)
-}
-
-const LANES: usize = 16;
-
-/// Written with lane arrays so the compiler vectorises max, exp and sum.
-#[inline(always)]
-fn softmax_generic(row: &mut [f32]) {
-    let mut lane_max = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (m, &x) in lane_max.iter_mut().zip(c) {
-            *m = m.max(x);
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lane_max)
-        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut lane_sum = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for (s, x) in lane_sum.iter_mut().zip(c.iter_mut()) {
-            *x = exp_poly(*x - max);
-            *s += *x;
-        }
-    }
-    let mut sum: f32 = lane_sum.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp_poly(*x - max);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// e^x for x ≤ 0 (relative error ~1e-7): e^x = 2^n · e^a with n = round(x·log2 e)
-/// and a = x − n·ln 2 (Cody–Waite split, so the reduction is exact), |a| ≤ ln2 / 2,
-/// and a degree-7 Taylor polynomial for e^a.
-#[inline(always)]
-fn exp_poly(x: f32) -> f32 {
-    // Below -87 the result leaves f32's normal range; clamp (it is ~0 next to the max).
-    let x = x.max(-87.0);
-    // Round to nearest by the magic-number trick (vectorises; no libm call).
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    const LN2_HI: f32 = 0.693_359_4; // few mantissa bits, so n * LN2_HI is exact
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
-    let a = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + a * (1.0
-            + a * (0.5
-                + a * (1.0 / 6.0
-                    + a * (1.0 / 24.0
-                        + a * (1.0 / 120.0 + a * (1.0 / 720.0 + a * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_poly_is_accurate() {
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let (got, want) = (exp_poly(x) as f64, (x as f64).exp());
-            assert!(
-                ((got - want) / want).abs() < 3e-7,
-                "exp({x}) = {got}, want {want}"
-            );
-            x += 0.0137;
-        }
-    }
-
-    #[test]
-    fn softmax_matches_the_definition() {
-        let mut row: Vec<f32> = (0..37)
-            .map(|i| ((i * 7919) % 23) as f32 * 0.7 - 5.0)
-            .collect();
-        let max = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
-        let total: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-        let want: Vec<f64> = row
-            .iter()
-            .map(|&x| (x as f64 - max).exp() / total)
-            .collect();
-        softmax_in_place(&mut row);
-        for (g, w) in row.iter().zip(&want) {
-            assert!((*g as f64 - w).abs() < 1e-7);
-        }
-    }
 
     /// Naive attention, one query at a time, for comparison.
     fn naive(q: &[f32], k: &[f32], v: &[f32], d: AttnDims) -> Vec<f32> {

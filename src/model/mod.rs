@@ -5,6 +5,7 @@ pub mod config;
 pub mod fetch;
 pub mod gguf;
 pub mod hooks;
+pub mod kernels;
 pub mod spec;
 pub mod template;
 pub mod tokenizer;

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use super::attention::{causal_attention, AttnDims, Strided};
 use super::config::ModelConfig;
 use super::hooks::{HookPoint, Hooks};
+use super::kernels::{self, with_f32_slice};
 use crate::error::{Error, Result};
 
 /// Weights by HF name (`model.layers.0.self_attn.q_proj.weight`), q/k in the
@@ -36,11 +37,29 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight_t)?;
+        let y = match self.forward_f32(x)? {
+            Some(y) => y,
+            None => x.matmul(&self.weight_t)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+impl Linear {
+    /// The f32 CPU fast path ([`kernels::matmul`]); `None` for other dtypes or devices.
+    fn forward_f32(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (m, k) = x.dims2()?;
+        let n = self.weight_t.dim(1)?;
+        let out = with_f32_slice(&self.weight_t, |w| {
+            with_f32_slice(x, |x| kernels::matmul(x, w, m, k, n))
+        })?
+        .transpose()?
+        .flatten();
+        out.map(|y| Ok(Tensor::from_vec(y, (m, n), x.device())?))
+            .transpose()
     }
 }
 
@@ -123,6 +142,13 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
+        let d = self.d_mlp;
+        if let Some(h) = with_f32_slice(&gate_up, |rows| kernels::swiglu(rows, d))? {
+            let t = gate_up.dim(0)?;
+            return self
+                .down_proj
+                .forward(&Tensor::from_vec(h, (t, d), x.device())?);
+        }
         let gate = gate_up.narrow(1, 0, self.d_mlp)?.silu()?;
         let up = gate_up.narrow(1, self.d_mlp, self.d_mlp)?;
         self.down_proj.forward(&(gate * up)?)

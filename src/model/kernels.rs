@@ -1,0 +1,262 @@
+//! Small f32 CPU kernels the forward pass spends its time in, written so the
+//! compiler vectorises them, and compiled for AVX-512 / AVX2 with a runtime check
+//! (release builds target baseline x86-64, which has neither).
+
+use candle_core::{CpuStorage, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// Runs `$generic(args)` compiled for the best vector unit this CPU has.
+macro_rules! dispatch {
+    ($generic:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $avx512($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // Safety: the CPU supports the features the function is compiled for.
+                return unsafe { $avx512($($arg),*) };
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return unsafe { $avx2($($arg),*) };
+            }
+        }
+        return $generic($($arg),*)
+    };
+}
+
+/// Numerically stable softmax of one row, in place.
+pub fn softmax_in_place(row: &mut [f32]) {
+    dispatch!(softmax_generic, softmax_avx512, softmax_avx2, (row: &mut [f32]));
+}
+
+const LANES: usize = 16;
+
+/// Written with lane arrays so the compiler vectorises max, exp and sum.
+#[inline(always)]
+fn softmax_generic(row: &mut [f32]) {
+    let mut lane_max = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &x) in lane_max.iter_mut().zip(c) {
+            *m = m.max(x);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lane_max)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut lane_sum = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, x) in lane_sum.iter_mut().zip(c.iter_mut()) {
+            *x = exp_poly(*x - max);
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = lane_sum.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_poly(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// e^x for x ≤ 0 (relative error ~1e-7): e^x = 2^n · e^a with n = round(x·log2 e)
+/// and a = x − n·ln 2 (Cody–Waite split, so the reduction is exact), |a| ≤ ln2 / 2,
+/// and a degree-7 Taylor polynomial for e^a.
+#[inline(always)]
+fn exp_poly(x: f32) -> f32 {
+    // Below -87 the result leaves f32's normal range; clamp (it is ~0 next to the max).
+    let x = x.max(-87.0);
+    // Round to nearest by the magic-number trick (vectorises; no libm call).
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LN2_HI: f32 = 0.693_359_4; // few mantissa bits, so n * LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let a = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + a * (1.0
+            + a * (0.5
+                + a * (1.0 / 6.0
+                    + a * (1.0 / 24.0
+                        + a * (1.0 / 120.0 + a * (1.0 / 720.0 + a * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// SwiGLU: `silu(gate) * up` for fused `[T, 2 * d_mlp]` rows (gate first), as `[T, d_mlp]`.
+pub fn swiglu(gate_up: &[f32], d_mlp: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gate_up.len() / 2];
+    out.par_chunks_mut(d_mlp)
+        .zip(gate_up.par_chunks(2 * d_mlp))
+        .for_each(|(out, row)| swiglu_row(out, row));
+    out
+}
+
+fn swiglu_row(out: &mut [f32], row: &[f32]) {
+    dispatch!(swiglu_row_generic, swiglu_avx512, swiglu_avx2, (out: &mut [f32], row: &[f32]));
+}
+
+#[inline(always)]
+fn swiglu_row_generic(out: &mut [f32], row: &[f32]) {
+    let (gate, up) = row.split_at(out.len());
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        // silu(g) = g / (1 + e^-g); e^-g is computed as e^-|g| to stay in exp_poly's range.
+        let e = exp_poly(-g.abs());
+        let sigmoid = if g >= 0.0 {
+            1.0 / (1.0 + e)
+        } else {
+            e / (1.0 + e)
+        };
+        *o = g * sigmoid * u;
+    }
+}
+
+/// `x W` for row-major `x: [m, k]` and `w: [k, n]`, both f32 on the CPU.
+///
+/// The output columns are split into independent single-threaded GEMMs run in
+/// parallel, which keeps both cores busy better than one GEMM's internal
+/// threading at the row counts of a prompt.
+pub fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let dst = OutPtr(out.as_mut_ptr());
+    let parts = (2 * rayon::current_num_threads())
+        .min(n.div_ceil(64))
+        .max(1);
+    let cols = n.div_ceil(parts);
+    let part = |i: usize| {
+        let c0 = i * cols;
+        let nc = cols.min(n - c0);
+        // Safety: part i writes only columns [c0, c0 + nc) of `out`; reads stay in x and w.
+        unsafe {
+            gemm::gemm(
+                m,
+                nc,
+                k,
+                dst.at(c0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr().add(c0),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    (0..parts).into_par_iter().for_each(part);
+    out
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of one buffer.
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// Safety: users guarantee tasks write disjoint elements.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Pointer `offset` elements in (a method, so closures capture the whole `Sync` wrapper).
+    pub(crate) unsafe fn at(&self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
+/// Calls `f` with the contiguous f32 data of a CPU tensor, or returns `None`
+/// (other dtype or device) so the caller can fall back to candle's ops.
+pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu @ CpuStorage::F32(_)) = &*storage else {
+        return Ok(None);
+    };
+    let data = cpu.as_slice::<f32>()?;
+    Ok(layout.contiguous_offsets().map(|(a, b)| f(&data[a..b])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_poly_is_accurate() {
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (got, want) = (exp_poly(x) as f64, (x as f64).exp());
+            assert!(
+                ((got - want) / want).abs() < 3e-7,
+                "exp({x}) = {got}, want {want}"
+            );
+            x += 0.0137;
+        }
+    }
+
+    #[test]
+    fn softmax_matches_the_definition() {
+        let mut row: Vec<f32> = (0..37)
+            .map(|i| ((i * 7919) % 23) as f32 * 0.7 - 5.0)
+            .collect();
+        let max = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let total: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+        let want: Vec<f64> = row
+            .iter()
+            .map(|&x| (x as f64 - max).exp() / total)
+            .collect();
+        softmax_in_place(&mut row);
+        for (g, w) in row.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-7);
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_the_definition() {
+        let d = 37;
+        let row: Vec<f32> = (0..2 * d).map(|i| (i as f32 - 30.0) * 0.9).collect();
+        let out = swiglu(&row, d);
+        for i in 0..d {
+            let (g, u) = (row[i] as f64, row[d + i] as f64);
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!(
+                (out[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{i}"
+            );
+        }
+    }
+
+    #[test]
+    fn split_matmul_matches_a_naive_product() {
+        let (m, k, n) = (7, 33, 300);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 37) % 11) as f32 - 5.0).collect();
+        let w: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 13) % 7) as f32 * 0.5 - 1.5)
+            .collect();
+        let got = matmul(&x, &w, m, k, n);
+        for r in 0..m {
+            for c in 0..n {
+                let want: f32 = (0..k).map(|j| x[r * k + j] * w[j * n + c]).sum();
+                assert!((got[r * n + c] - want).abs() < 1e-3);
+            }
+        }
+    }
+}
