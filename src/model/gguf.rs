@@ -4,7 +4,6 @@
 //! are un-permuted here into the half-split layout of HF checkpoints, so one
 //! forward pass serves both formats. Qwen2 GGUFs keep the HF layout.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
@@ -207,15 +206,6 @@ impl GgufFile {
             Some(n) if self.architecture == Architecture::Llama => Ok(Some(unpermute_qk(&t, n)?)),
             _ => Ok(Some(t)),
         }
-    }
-
-    /// GGUF tensor names, for error messages and `model info`.
-    pub fn tensor_names(&self) -> HashMap<String, Vec<usize>> {
-        self.content
-            .tensor_infos
-            .iter()
-            .map(|(k, v)| (k.clone(), v.shape.dims().to_vec()))
-            .collect()
     }
 }
 

@@ -242,10 +242,6 @@ impl ActivationCache {
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
-
-    pub fn clear(&mut self) {
-        self.tensors.clear();
-    }
 }
 
 /// The hooks a forward pass calls: edits to apply and a names filter for capture.

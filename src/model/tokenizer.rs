@@ -187,15 +187,6 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Token ids with the byte offsets of each token in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
-    }
-
     /// Text of `ids`, special tokens included (so a transcript shows the template).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
@@ -203,16 +194,8 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
-    }
-
-    pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
     }
 }
 
