@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter};
+use crate::model::{CaptureRows, HookPoint, Hooks, LogitsAt, Model, NamesFilter};
 
 /// One measured length.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,9 +39,7 @@ pub fn measure_prefill(model: &Model, tokens: usize, repeats: usize) -> Result<P
     let run = |ids: &[u32]| -> Result<f64> {
         let mut hooks = Hooks::capture(filter.clone(), CaptureRows::Last);
         let started = Instant::now();
-        model
-            .transformer
-            .forward(ids, &mut KvCache::new(), &mut hooks, &LogitsAt::Last)?;
+        model.run_with_hooks(ids, &mut hooks, &LogitsAt::Last)?;
         Ok(started.elapsed().as_secs_f64())
     };
     run(&ids(32))?;

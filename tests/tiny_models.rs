@@ -43,8 +43,7 @@ fn reference_tokens(arch: &str) -> (HashMap<String, Tensor>, Vec<u32>) {
 fn run_all(model: &Model, tokens: &[u32]) -> (Tensor, afprobe::model::ActivationCache) {
     let mut hooks = Hooks::capture(NamesFilter::All, CaptureRows::All);
     let logits = model
-        .transformer
-        .forward(tokens, &mut KvCache::new(), &mut hooks, &LogitsAt::All)
+        .run_with_hooks(tokens, &mut hooks, &LogitsAt::All)
         .unwrap();
     (logits, hooks.cache)
 }
@@ -164,7 +163,8 @@ fn write_hooks_do_what_a_hand_computation_predicts() {
     let last = HookPoint::ResidPost(model.config().n_layers - 1);
     let d = model.config().d_model;
     let run = |hooks: &mut Hooks| {
-        t.forward(&tokens, &mut KvCache::new(), hooks, &LogitsAt::All)
+        model
+            .run_with_hooks(&tokens, hooks, &LogitsAt::All)
             .unwrap()
     };
     let mut capture = Hooks::capture(NamesFilter::Only(vec![last]), CaptureRows::All);
@@ -209,13 +209,8 @@ fn write_hooks_do_what_a_hand_computation_predicts() {
         NamesFilter::Only(vec![HookPoint::ResidPre(1)]),
         CaptureRows::All,
     );
-    let other_logits = t
-        .forward(
-            &other,
-            &mut KvCache::new(),
-            &mut capture_other,
-            &LogitsAt::All,
-        )
+    let other_logits = model
+        .run_with_hooks(&other, &mut capture_other, &LogitsAt::All)
         .unwrap();
     let mut patch = Hooks::none();
     patch.add_edit(
@@ -286,25 +281,13 @@ fn weights_load_in_half_precision() {
     let (_, tokens) = reference_tokens("qwen2");
     let f32_model = load(&tiny_dir("qwen2"));
     let want = f32_model
-        .transformer
-        .forward(
-            &tokens,
-            &mut KvCache::new(),
-            &mut Hooks::none(),
-            &LogitsAt::Last,
-        )
+        .run_with_hooks(&tokens, &mut Hooks::none(), &LogitsAt::Last)
         .unwrap();
     for dtype in [WeightDtype::F16, WeightDtype::Bf16] {
         let model = Model::load(&ModelSpec::Path(tiny_dir("qwen2")), dtype).unwrap();
         assert_eq!(model.transformer.dtype(), dtype.dtype());
         let got = model
-            .transformer
-            .forward(
-                &tokens,
-                &mut KvCache::new(),
-                &mut Hooks::none(),
-                &LogitsAt::Last,
-            )
+            .run_with_hooks(&tokens, &mut Hooks::none(), &LogitsAt::Last)
             .unwrap();
         let err = rel_l2(&got, &want);
         assert!(err < 0.05, "{dtype:?}: relative L2 {err}");
@@ -386,13 +369,7 @@ fn prompts_longer_than_the_context_window_are_refused() {
     let ctx = model.config().max_position_embeddings;
     let tokens = vec![5u32; ctx + 1];
     let err = model
-        .transformer
-        .forward(
-            &tokens,
-            &mut KvCache::new(),
-            &mut Hooks::none(),
-            &LogitsAt::Last,
-        )
+        .run_with_hooks(&tokens, &mut Hooks::none(), &LogitsAt::Last)
         .unwrap_err()
         .to_string();
     assert!(
@@ -404,13 +381,7 @@ fn prompts_longer_than_the_context_window_are_refused() {
         CaptureRows::Last,
     );
     let err = model
-        .transformer
-        .forward(
-            &tokens[..4],
-            &mut KvCache::new(),
-            &mut hooks,
-            &LogitsAt::Last,
-        )
+        .run_with_hooks(&tokens[..4], &mut hooks, &LogitsAt::Last)
         .unwrap_err()
         .to_string();
     assert!(

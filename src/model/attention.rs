@@ -12,7 +12,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::kernels::{softmax_in_place, OutPtr};
+use super::kernels::{gemm_into, softmax_in_place, Operand, OutPtr};
 
 /// Query rows per task: a 128 x keys score block stays in L2 for typical lengths.
 const QUERY_CHUNK: usize = 128;
@@ -70,29 +70,19 @@ pub fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) -> Vec<
         SCORES.with(|cell| {
             let mut scores = cell.borrow_mut();
             scores.resize(len * n_keys, 0.0);
-            // Safety: all pointers stay inside their buffers: q rows start..start+len,
-            // k/v rows 0..n_keys, head columns [offset + head*hd, +hd).
+            // Safety (both GEMMs): q rows start..start+len, k/v rows 0..n_keys and the
+            // head's columns are inside their buffers; this task owns its output block.
             unsafe {
-                gemm::gemm(
-                    len,
-                    n_keys,
-                    hd,
+                gemm_into(
+                    (len, n_keys, hd),
                     scores.as_mut_ptr(),
-                    1,
-                    n_keys as isize,
-                    false,
-                    q.data.as_ptr().add(start * q.stride + q.offset + h * hd),
-                    1,
-                    q.stride as isize,
-                    k.data.as_ptr().add(k.offset + g * hd),
-                    k.stride as isize,
-                    1,
-                    0.0,
+                    n_keys,
+                    Operand::rows(
+                        q.data.as_ptr().add(start * q.stride + q.offset + h * hd),
+                        q.stride,
+                    ),
+                    Operand::transposed(k.data.as_ptr().add(k.offset + g * hd), k.stride),
                     scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
             for (i, row) in scores.chunks_exact_mut(n_keys).enumerate() {
@@ -101,26 +91,13 @@ pub fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) -> Vec<
                 row[visible..].fill(0.0);
             }
             unsafe {
-                gemm::gemm(
-                    len,
-                    hd,
-                    n_keys,
+                gemm_into(
+                    (len, hd, n_keys),
                     out_ptr.at(start * out_stride + h * hd),
-                    1,
-                    out_stride as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    n_keys as isize,
-                    v.data.as_ptr().add(v.offset + g * hd),
-                    1,
-                    v.stride as isize,
-                    0.0,
+                    out_stride,
+                    Operand::rows(scores.as_ptr(), n_keys),
+                    Operand::rows(v.data.as_ptr().add(v.offset + g * hd), v.stride),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         });

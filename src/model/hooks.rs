@@ -354,15 +354,22 @@ fn apply_edit(edit: &Edit, x: &Tensor, start: usize) -> Result<Tensor> {
                     positions.len()
                 )));
             }
-            let values = values.to_dtype(x.dtype())?;
-            let mut x = x.clone();
+            // For each row of the window: which row of `values` replaces it, if any.
+            let mut source = vec![0u32; len];
+            let mut replaced = vec![0u8; len];
             for (row, &p) in positions.iter().enumerate() {
                 if (start..start + len).contains(&p) {
-                    let r = p - start;
-                    x = x.slice_assign(&[r..r + 1, 0..d_model], &values.i(row..row + 1)?)?;
+                    source[p - start] = row as u32;
+                    replaced[p - start] = 1;
                 }
             }
-            x
+            let dev = x.device();
+            let rows = values
+                .to_dtype(x.dtype())?
+                .index_select(&Tensor::new(source, dev)?, 0)?;
+            let mask = Tensor::from_vec(replaced, (len, 1), dev)?.broadcast_as((len, d_model))?;
+            // where_cond copies values exactly (no x + (v - x) rounding).
+            mask.where_cond(&rows, x)?
         }
     })
 }

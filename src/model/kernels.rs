@@ -143,31 +143,84 @@ pub fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
         let nc = cols.min(n - c0);
         // Safety: part i writes only columns [c0, c0 + nc) of `out`; reads stay in x and w.
         unsafe {
-            gemm::gemm(
-                m,
-                nc,
-                k,
+            gemm_into(
+                (m, nc, k),
                 dst.at(c0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr().add(c0),
-                1,
-                n as isize,
-                0.0,
+                n,
+                Operand::rows(x.as_ptr(), k),
+                Operand::rows(w.as_ptr().add(c0), n),
                 1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
             )
         }
     };
     (0..parts).into_par_iter().for_each(part);
     out
+}
+
+/// A strided f32 matrix operand for [`gemm_into`]: element (r, c) is at
+/// `ptr + r * row_stride + c * col_stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand {
+    pub ptr: *const f32,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl Operand {
+    /// Row-major with `row_stride` elements between rows.
+    pub fn rows(ptr: *const f32, row_stride: usize) -> Operand {
+        Operand {
+            ptr,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `row_stride` elements between rows.
+    pub fn transposed(ptr: *const f32, row_stride: usize) -> Operand {
+        Operand {
+            ptr,
+            row_stride: 1,
+            col_stride: row_stride,
+        }
+    }
+}
+
+/// `dst = scale · lhs · rhs` for `(m, n, k)` shapes, single-threaded; `dst` is
+/// row-major with `dst_row_stride` elements between rows.
+///
+/// # Safety
+/// Every element addressed through the pointers and strides must be inside
+/// its buffer, and no other thread may touch the `dst` block meanwhile.
+pub(crate) unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_row_stride as isize,
+        false,
+        lhs.ptr,
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.ptr,
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
 }
 
 /// A raw output pointer shared by tasks that write disjoint parts of one buffer.

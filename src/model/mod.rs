@@ -88,6 +88,18 @@ impl Model {
         template.render(messages, true)
     }
 
+    /// Runs `tokens` from scratch with `hooks` (edits and captures), returning
+    /// logits at `at` (TransformerLens' `run_with_hooks`).
+    pub fn run_with_hooks(
+        &self,
+        tokens: &[u32],
+        hooks: &mut Hooks,
+        at: &LogitsAt,
+    ) -> Result<Tensor> {
+        self.transformer
+            .forward(tokens, &mut KvCache::new(), hooks, at)
+    }
+
     /// Runs `tokens` from scratch, capturing the hook points `filter` selects;
     /// returns last-token logits and the cache (TransformerLens' `run_with_cache`).
     pub fn run_with_cache(
@@ -97,9 +109,7 @@ impl Model {
         rows: CaptureRows,
     ) -> Result<(Tensor, ActivationCache)> {
         let mut hooks = Hooks::capture(filter, rows);
-        let logits =
-            self.transformer
-                .forward(tokens, &mut KvCache::new(), &mut hooks, &LogitsAt::Last)?;
+        let logits = self.run_with_hooks(tokens, &mut hooks, &LogitsAt::Last)?;
         Ok((logits, hooks.cache))
     }
 

@@ -18,23 +18,19 @@ pub fn load_fixture(path: &Path) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
 
+fn f64_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// ‖a − b‖ / ‖b‖ over all elements (f64 accumulation).
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (a, b) = (f64_vec(a), f64_vec(b));
     let diff: f64 = a
         .iter()
         .zip(&b)
@@ -48,16 +44,11 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
 /// Largest absolute elementwise difference.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    f64_vec(a)
+        .iter()
+        .zip(&f64_vec(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 pub fn i64_vec(t: &Tensor) -> Vec<i64> {
