@@ -5,9 +5,12 @@
 //! edit the residual stream ([`model::Hooks`]), and generate text ([`generate`]).
 
 pub mod bench;
+pub mod capture;
 pub mod commands;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod prompts;
+pub mod store;
 
 pub use error::{Error, Result};

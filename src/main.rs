@@ -6,9 +6,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use afprobe::bench::{self, PrefillResult, Reference};
+use afprobe::capture::{self, CaptureSpec};
 use afprobe::commands;
 use afprobe::generate::Sampling;
 use afprobe::model::{fetch, ModelSpec, WeightDtype};
+use afprobe::store::{self, Existing, Position, Slice};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +56,12 @@ afprobe generate --temperature 0.8 --top-p 0.95 --seed 1 'Write a haiku about pr
 afprobe generate --raw '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'"
     )]
     Generate(GenerateArgs),
+    /// Run prompts through the model and store activations (and continuation scores).
+    #[command(long_about = CAPTURE_ABOUT, after_help = CAPTURE_EXAMPLES)]
+    Capture(CaptureArgs),
+    /// Inspect, check and join activation stores.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Benchmarks (tables printed beside the Python reference).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -84,6 +92,17 @@ impl ModelArgs {
     fn spec(&self) -> ModelSpec {
         ModelSpec::parse(self.model.as_deref())
     }
+}
+
+/// `--model` for commands whose `--dtype` means something else (capture: the stored activations).
+#[derive(Args, Clone)]
+struct CaptureModelArgs {
+    /// Model: a .gguf file, an HF directory, a hub id org/name[@rev], or smollm2-135m (default).
+    #[arg(long, value_name = "SPEC")]
+    model: Option<String>,
+    /// Weight precision after loading (GGUF weights are dequantized to this).
+    #[arg(long, value_enum, default_value = "f32")]
+    weights_dtype: WeightDtype,
 }
 
 #[derive(Subcommand)]
@@ -135,6 +154,105 @@ struct GenerateArgs {
     seed: u64,
     /// The prompt text.
     prompt: String,
+}
+
+const CAPTURE_ABOUT: &str = "Run every row of a prompt file through the hooked model and \
+write an activation store (see README, \"The activation store\").\n\n\
+Prompt rows (JSONL): {\"id\", \"text\"} is used verbatim; {\"id\", \"messages\"} goes through the \
+model's chat template with the generation prompt; an optional \"assistant_prefix\" is appended. \
+\"cue_text\" (the cue as it appears in the prompt) locates --positions cue; the user turn (the last \
+user message, or \"user_text\" for a text row) locates eoi and mean; \"continuations\" \
+({\"accept\": \"<request_fully_accepted/>\", \"reject\": \"<rejected/>\"}) are scored with --score. \
+Every other field is metadata, copied to rows.jsonl.\n\n\
+Positions: last (final prompt token), cue (last token of cue_text), eoi (last token of the user \
+turn), mean (mean over the user turn), all (every prompt token, ragged with row_offsets).\n\n\
+--score adds the teacher-forced log-probability of each continuation after the prompt \
+(computed on the prompt's KV cache, not a second run) and p_accept = sigmoid(logprob accept - \
+logprob reject).\n\n\
+Rows sharing a prefix (a long system prompt) reuse its KV cache. Rows are written in shards of \
+--shard-rows; a killed run continues with --resume and gives the same store as an uninterrupted \
+one. --shard I/N captures every N-th shard block (for cluster array jobs); join the slices with \
+`afprobe store merge`.";
+
+const CAPTURE_EXAMPLES: &str = "Examples:\n  \
+afprobe capture --prompts prompts.jsonl --hooks resid_post --positions last,cue --score --out activations/study\n  \
+afprobe capture --prompts prompts.jsonl --hooks resid_post,attn_out --layers 10-20 --positions all --dtype f16 --out activations/wide\n  \
+# Slurm array job with 4 tasks, then join:\n  \
+afprobe capture --prompts p.jsonl --shard $SLURM_ARRAY_TASK_ID/4 --out activations/part$SLURM_ARRAY_TASK_ID\n  \
+afprobe store merge activations/part0 activations/part1 activations/part2 activations/part3 --out activations/all";
+
+#[derive(Args)]
+struct CaptureArgs {
+    /// Prompt file (JSONL, one row per line).
+    #[arg(long, value_name = "FILE.jsonl")]
+    prompts: PathBuf,
+    #[command(flatten)]
+    model: CaptureModelArgs,
+    /// Hook kinds (resid_post, resid_pre, resid_mid, attn_out, mlp_out, embed, ln_final) or full names.
+    #[arg(long, default_value = "resid_post")]
+    hooks: String,
+    /// Layers for per-block hooks: all, a range 0-29, a list 0,5,10, or a mix.
+    #[arg(long, default_value = "all")]
+    layers: String,
+    /// Positions: last, cue, eoi, mean, all (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "last")]
+    positions: Vec<String>,
+    /// Precision of the stored activations (the model runs in --weights-dtype).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: StoreDtype,
+    /// Score each row's continuations (teacher-forced log-probabilities, p_accept).
+    #[arg(long)]
+    score: bool,
+    /// Capture only shard blocks b with b % N == I (array jobs).
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// Prompt rows per shard file.
+    #[arg(long, default_value_t = 256)]
+    shard_rows: usize,
+    /// Continue a killed run with the same settings in --out.
+    #[arg(long, conflicts_with = "force")]
+    resume: bool,
+    /// Overwrite a store already in --out.
+    #[arg(long)]
+    force: bool,
+    /// Do not reuse the KV cache of shared prefixes (for benchmarks and checks).
+    #[arg(long)]
+    no_prefix_sharing: bool,
+    /// Output directory, e.g. activations/NAME.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StoreDtype {
+    F32,
+    F16,
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Summarise a store: model, prompts, rows, hooks, positions, labels, size.
+    Info {
+        /// Store directory (activations/NAME).
+        dir: PathBuf,
+    },
+    /// Check every shard's sha256, tensor names and shapes, and rows.jsonl.
+    Verify {
+        /// Store directory (activations/NAME).
+        dir: PathBuf,
+    },
+    /// Join stores of one run (e.g. the slices of --shard I/N) into one, in row order.
+    Merge {
+        /// Input store directories.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite a store already in --out.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -218,9 +336,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             commands::generate_to_stdout(&model, &tokens, &sampling)?;
         }
+        Command::Capture(a) => capture(a)?,
+        Command::Store(StoreCommand::Info { dir }) => print!("{}", store::info(&dir)?),
+        Command::Store(StoreCommand::Verify { dir }) => println!("{}", store::verify(&dir)?),
+        Command::Store(StoreCommand::Merge { inputs, out, force }) => {
+            let m = store::merge(&inputs, &out, force)?;
+            println!(
+                "{}: {} rows in {} shards",
+                out.display(),
+                m.row_count,
+                m.shards.len()
+            );
+        }
         Command::Bench(BenchCommand::Prefill(a)) => bench_prefill(a)?,
         Command::Demo { model } => commands::demo(&model.spec())?,
     }
+    Ok(())
+}
+
+fn capture(a: CaptureArgs) -> anyhow::Result<()> {
+    let spec = ModelSpec::parse(a.model.model.as_deref());
+    let model = commands::load_model(&spec, a.model.weights_dtype)?;
+    let spec = CaptureSpec {
+        hooks: capture::parse_hooks(&a.hooks, &a.layers, model.config().n_layers)?,
+        positions: a
+            .positions
+            .iter()
+            .map(|p| p.trim().parse::<Position>())
+            .collect::<Result<Vec<_>, _>>()?,
+        prompts: a.prompts,
+        out: a.out,
+        f16: matches!(a.dtype, StoreDtype::F16),
+        score: a.score,
+        shard_rows: a.shard_rows,
+        slice: a.shard.as_deref().map(str::parse::<Slice>).transpose()?,
+        existing: match (a.resume, a.force) {
+            (true, _) => Existing::Resume,
+            (_, true) => Existing::Overwrite,
+            _ => Existing::Refuse,
+        },
+        share_prefix: !a.no_prefix_sharing,
+    };
+    let stats = capture::capture(&model, &spec)?;
+    eprintln!(
+        "afprobe: captured {} rows ({} prompt tokens, {} computed) in {:.1}s: {:.2} rows/s, {:.0} tok/s",
+        stats.rows,
+        stats.prompt_tokens,
+        stats.computed_tokens,
+        stats.seconds,
+        stats.rows as f64 / stats.seconds.max(1e-9),
+        stats.prompt_tokens as f64 / stats.seconds.max(1e-9)
+    );
+    println!("{}", spec.out.display());
     Ok(())
 }
 

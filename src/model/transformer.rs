@@ -373,6 +373,11 @@ impl Transformer {
         Ok(normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
     }
 
+    /// Errors unless a sequence of `n` tokens fits the context window.
+    pub fn check_length(&self, n: usize) -> Result<()> {
+        self.check_window(0, n)
+    }
+
     fn check_window(&self, start: usize, t: usize) -> Result<()> {
         let max = self.config.max_position_embeddings;
         if t == 0 {

@@ -1,0 +1,487 @@
+//! `afprobe capture`: run every prompt through the hooked model and write the
+//! activation store, with teacher-forced continuation scores.
+//!
+//! Rows are processed in shard blocks. Each block starts from an empty KV
+//! cache and every row reuses the cache of the row before it up to their
+//! longest common run of token ids (the shared system prompt), so the prefix
+//! is computed once per block and results do not depend on where a run was
+//! interrupted or how it was sliced: `--resume` and `--shard I/N` + merge give
+//! the same store as one uninterrupted run.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::model::fetch::sha256_file;
+use crate::model::hooks::BLOCK_HOOKS;
+use crate::model::transformer::{log_softmax, row_f32};
+use crate::model::{CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter};
+use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
+use crate::store::{
+    tensor_name, Existing, Manifest, ModelRecord, Position, PromptsRecord, Slice, StoreWriter,
+    FORMAT,
+};
+
+/// What to capture.
+#[derive(Debug, Clone)]
+pub struct CaptureSpec {
+    pub prompts: PathBuf,
+    pub out: PathBuf,
+    pub hooks: Vec<HookPoint>,
+    pub positions: Vec<Position>,
+    /// Store activations as f16 instead of f32.
+    pub f16: bool,
+    pub score: bool,
+    pub shard_rows: usize,
+    pub slice: Option<Slice>,
+    pub existing: Existing,
+    /// Reuse the KV cache of shared prompt prefixes (off only to measure it).
+    pub share_prefix: bool,
+}
+
+/// Parses `--hooks` (short kinds `resid_post`, `embed`, `ln_final`, or full
+/// TransformerLens names) and `--layers` (`all`, `0-29`, `0,5,10`, or a mix).
+pub fn parse_hooks(hooks: &str, layers: &str, n_layers: usize) -> Result<Vec<HookPoint>> {
+    let layers = parse_layers(layers, n_layers)?;
+    let mut points = Vec::new();
+    for item in hooks.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item {
+            "embed" | "hook_embed" => points.push(HookPoint::Embed),
+            "ln_final" | "ln_final.hook_normalized" => points.push(HookPoint::LnFinal),
+            kind if BLOCK_HOOKS.contains(&kind) => {
+                for &l in &layers {
+                    points.push(HookPoint::block(kind, l)?);
+                }
+            }
+            name => {
+                let p: HookPoint = name.parse()?;
+                p.check_layer(n_layers)?;
+                points.push(p);
+            }
+        }
+    }
+    points.sort();
+    points.dedup();
+    if points.is_empty() {
+        return Err(Error::BadInput("--hooks names no hook points".into()));
+    }
+    Ok(points)
+}
+
+fn parse_layers(spec: &str, n_layers: usize) -> Result<Vec<usize>> {
+    let bad = |msg: String| Error::BadInput(format!("--layers {spec:?}: {msg}"));
+    let mut layers = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if part == "all" {
+            layers.extend(0..n_layers);
+            continue;
+        }
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| bad(format!("`{part}` is not a layer, a range a-b, or all")))
+        };
+        let (a, b) = (parse(a)?, parse(b)?);
+        if a > b || b >= n_layers {
+            return Err(bad(format!(
+                "`{part}` is out of range; the model has layers 0-{}",
+                n_layers - 1
+            )));
+        }
+        layers.extend(a..=b);
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    if layers.is_empty() {
+        return Err(bad("no layers".into()));
+    }
+    Ok(layers)
+}
+
+/// Counts for the summary line and benchmarks.
+#[derive(Debug, Clone, Default)]
+pub struct CaptureStats {
+    pub rows: usize,
+    /// Prompt tokens of the captured rows.
+    pub prompt_tokens: usize,
+    /// Tokens actually run through the model (prompt suffixes + continuations).
+    pub computed_tokens: usize,
+    pub seconds: f64,
+}
+
+/// Runs a capture into `spec.out`.
+pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
+    let rows = read_prompt_file(&spec.prompts)?;
+    let n_layers = model.config().n_layers;
+    spec.hooks
+        .iter()
+        .try_for_each(|h| h.check_layer(n_layers))?;
+    if spec.shard_rows == 0 {
+        return Err(Error::BadInput("--shard-rows must be at least 1".into()));
+    }
+    // Render and check every row before any compute, so bad input fails fast.
+    let rendered = rows
+        .iter()
+        .map(|row| {
+            let r = render(model, row, &spec.prompts)?;
+            check_positions(row, &r, &spec.positions, &spec.prompts)?;
+            model
+                .transformer
+                .check_length(r.tokens.len() + longest(&r))?;
+            if spec.score && row.continuations.is_empty() {
+                return Err(Error::BadInput(format!(
+                    "{}:{} (id `{}`): --score needs `continuations` in every row",
+                    spec.prompts.display(),
+                    row.line,
+                    row.id
+                )));
+            }
+            Ok(r)
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let fresh = Manifest {
+        format: FORMAT.into(),
+        afprobe_version: env!("CARGO_PKG_VERSION").into(),
+        complete: false,
+        model: ModelRecord {
+            spec: model.spec.to_string(),
+            sha256: model.weights_sha256()?,
+            architecture: model.config().architecture.name().into(),
+            d_model: model.config().d_model,
+            n_layers,
+        },
+        prompts: PromptsRecord {
+            file: spec.prompts.display().to_string(),
+            sha256: sha256_file(&spec.prompts)?,
+            rows: rows.len(),
+        },
+        hooks: spec.hooks.iter().map(|h| h.to_string()).collect(),
+        positions: spec.positions.clone(),
+        dtype: if spec.f16 { "f16" } else { "f32" }.into(),
+        score: spec.score,
+        shard_rows: spec.shard_rows,
+        slice: spec.slice,
+        row_count: 0,
+        shards: Vec::new(),
+    };
+    let mut writer = StoreWriter::open(&spec.out, fresh, spec.existing)?;
+    let done = writer.done_blocks();
+    let todo: Vec<usize> = writer
+        .manifest
+        .planned_blocks()
+        .into_iter()
+        .filter(|b| !done.contains(b))
+        .collect();
+    let todo_rows: usize = todo
+        .iter()
+        .map(|b| spec.shard_rows.min(rows.len() - b * spec.shard_rows))
+        .sum();
+    let mut progress = Progress::new(todo_rows, writer.manifest.row_count);
+    let mut stats = CaptureStats::default();
+    let started = Instant::now();
+    for block in todo {
+        let start = block * spec.shard_rows;
+        let end = (start + spec.shard_rows).min(rows.len());
+        let mut shard = ShardBuilder::default();
+        let mut kv = KvCache::new();
+        for i in start..end {
+            let r = &rendered[i];
+            let computed = capture_row(model, spec, &rows[i], r, i, &mut kv, &mut shard)?;
+            stats.rows += 1;
+            stats.prompt_tokens += r.tokens.len();
+            stats.computed_tokens += computed;
+            progress.row_done(r.tokens.len());
+        }
+        let dtype = if spec.f16 { DType::F16 } else { DType::F32 };
+        let (records, tensors) = shard.finish(dtype)?;
+        writer.write_shard(block, [start, end], &records, tensors)?;
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    progress.finish();
+    writer.finish()?;
+    Ok(stats)
+}
+
+/// Longest continuation, so scoring cannot overflow the context window.
+fn longest(r: &RenderedPrompt) -> usize {
+    r.continuations.values().map(Vec::len).max().unwrap_or(0)
+}
+
+fn check_positions(
+    row: &PromptRow,
+    r: &RenderedPrompt,
+    positions: &[Position],
+    path: &Path,
+) -> Result<()> {
+    let at = |msg: &str| {
+        Error::BadInput(format!(
+            "{}:{} (id `{}`): {msg}",
+            path.display(),
+            row.line,
+            row.id
+        ))
+    };
+    for p in positions {
+        match p {
+            Position::Cue if r.cue_span.is_none() => {
+                return Err(at("--positions cue needs a `cue_text` field (the cue as it appears in the prompt)"))
+            }
+            Position::Eoi | Position::Mean if r.user_span.is_none() => {
+                return Err(at("--positions eoi/mean need the user turn: give `messages` with a user message, or `user_text` for a `text` row"))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The absolute token positions `position` reads for one prompt.
+fn token_positions(r: &RenderedPrompt, position: Position) -> Vec<usize> {
+    match position {
+        Position::Last => vec![r.last()],
+        Position::Cue => vec![r.cue_span.expect("checked").1 - 1],
+        Position::Eoi => vec![r.user_span.expect("checked").1 - 1],
+        Position::Mean => {
+            let (a, b) = r.user_span.expect("checked");
+            (a..b).collect()
+        }
+        Position::All => (0..r.tokens.len()).collect(),
+    }
+}
+
+/// Runs one row on top of `kv` (the previous row's cache), records its
+/// activations and scores into `shard`, and returns how many tokens it computed.
+fn capture_row(
+    model: &Model,
+    spec: &CaptureSpec,
+    row: &PromptRow,
+    r: &RenderedPrompt,
+    index: usize,
+    kv: &mut KvCache,
+    shard: &mut ShardBuilder,
+) -> Result<usize> {
+    let t = &model.transformer;
+    // Reuse the shared prefix, but never past the first position we must capture.
+    let first_needed = spec
+        .positions
+        .iter()
+        .flat_map(|&p| token_positions(r, p))
+        .min()
+        .unwrap_or(r.last());
+    let shared = if spec.share_prefix {
+        kv.tokens()
+            .iter()
+            .zip(&r.tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+    } else {
+        0
+    };
+    let reuse = shared.min(first_needed);
+    kv.truncate(reuse)?;
+    let mut hooks = Hooks::capture(NamesFilter::Only(spec.hooks.clone()), CaptureRows::All);
+    let logits = t.forward(&r.tokens[reuse..], kv, &mut hooks, &LogitsAt::Last)?;
+    let mut computed = r.tokens.len() - reuse;
+
+    for &hook in &spec.hooks {
+        let acts = hooks.cache.require(hook)?; // rows reuse..T
+        for &p in &spec.positions {
+            let rows: Vec<u32> = token_positions(r, p)
+                .into_iter()
+                .map(|pos| (pos - reuse) as u32)
+                .collect();
+            let picked = acts.index_select(&Tensor::new(rows, acts.device())?, 0)?;
+            let value = match p {
+                Position::Mean => picked.mean_keepdim(0)?,
+                _ => picked,
+            };
+            shard.push(tensor_name(&hook.to_string(), p), value);
+        }
+    }
+
+    let mut record = serde_json::Map::new();
+    record.insert("id".into(), json!(row.id));
+    record.insert("row".into(), json!(index));
+    for (k, v) in &row.metadata {
+        record.insert(k.clone(), v.clone());
+    }
+    record.insert("n_tokens".into(), json!(r.tokens.len()));
+    let mut positions = serde_json::Map::new();
+    for &p in &spec.positions {
+        if p != Position::All && p != Position::Mean {
+            positions.insert(p.to_string(), json!(token_positions(r, p)[0]));
+        }
+    }
+    record.insert("positions".into(), Value::Object(positions));
+    if let Some((a, b)) = r.cue_span {
+        record.insert("cue_span".into(), json!([a, b]));
+    }
+    if let Some((a, b)) = r.user_span {
+        record.insert("user_span".into(), json!([a, b]));
+    }
+    if spec.score {
+        let prompt_len = kv.len();
+        let first = row_f32(&log_softmax(&logits)?, 0)?;
+        let mut logprob = BTreeMap::new();
+        for (name, cont) in &r.continuations {
+            // Teacher forcing on the prompt's cache: logits of the prompt's last token
+            // predict cont[0]; running cont[..n-1] gives the rest.
+            let mut total = first[cont[0] as usize] as f64;
+            if cont.len() > 1 {
+                let rest = t.forward(
+                    &cont[..cont.len() - 1],
+                    kv,
+                    &mut Hooks::none(),
+                    &LogitsAt::All,
+                )?;
+                let rest = log_softmax(&rest)?;
+                for (j, &c) in cont[1..].iter().enumerate() {
+                    total += row_f32(&rest, j)?[c as usize] as f64;
+                }
+                computed += cont.len() - 1;
+                kv.truncate(prompt_len)?;
+            }
+            logprob.insert(name.clone(), total);
+        }
+        if let (Some(a), Some(b)) = (logprob.get("accept"), logprob.get("reject")) {
+            record.insert("p_accept".into(), json!(1.0 / (1.0 + (b - a).exp())));
+        }
+        record.insert("logprob".into(), json!(logprob));
+    }
+    shard.add_row(
+        Value::Object(record),
+        &r.tokens,
+        spec.positions.contains(&Position::All),
+    );
+    Ok(computed)
+}
+
+/// Accumulates one shard's rows and tensors.
+#[derive(Default)]
+struct ShardBuilder {
+    records: Vec<Value>,
+    tensors: BTreeMap<String, Vec<Tensor>>,
+    tokens: Vec<i64>,
+    token_offsets: Vec<i64>,
+    row_offsets: Vec<i64>,
+    has_all: bool,
+}
+
+impl ShardBuilder {
+    fn push(&mut self, name: String, value: Tensor) {
+        self.tensors.entry(name).or_default().push(value);
+    }
+
+    fn add_row(&mut self, record: Value, tokens: &[u32], all_positions: bool) {
+        if self.token_offsets.is_empty() {
+            self.token_offsets.push(0);
+            self.row_offsets.push(0);
+        }
+        self.records.push(record);
+        self.tokens.extend(tokens.iter().map(|&t| t as i64));
+        self.token_offsets.push(self.tokens.len() as i64);
+        // `@all` rows are the prompt tokens, so their offsets equal the token offsets.
+        self.row_offsets.push(self.tokens.len() as i64);
+        self.has_all |= all_positions;
+    }
+
+    fn finish(self, dtype: DType) -> Result<(Vec<Value>, Vec<(String, Tensor)>)> {
+        let mut out = Vec::new();
+        for (name, parts) in self.tensors {
+            out.push((name, Tensor::cat(&parts, 0)?.to_dtype(dtype)?));
+        }
+        let dev = candle_core::Device::Cpu;
+        let n = self.tokens.len();
+        out.push(("tokens".into(), Tensor::from_vec(self.tokens, n, &dev)?));
+        let k = self.token_offsets.len();
+        out.push((
+            "token_offsets".into(),
+            Tensor::from_vec(self.token_offsets, k, &dev)?,
+        ));
+        if self.has_all {
+            out.push((
+                "row_offsets".into(),
+                Tensor::from_vec(self.row_offsets, k, &dev)?,
+            ));
+        }
+        Ok((self.records, out))
+    }
+}
+
+/// A progress bar on a terminal; a plain line every 15 s otherwise (logs, Slurm).
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+    done: usize,
+    tokens: usize,
+    started: Instant,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn new(total: usize, already: usize) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "capture {bar:30} {pos}/{len} rows  {msg}  ETA {eta}",
+                )
+                .expect("valid template"),
+            );
+            bar
+        });
+        if already > 0 {
+            eprintln!("afprobe: resuming after {already} rows already in the store");
+        }
+        Progress {
+            bar,
+            total,
+            done: 0,
+            tokens: 0,
+            started: Instant::now(),
+            last_line: Instant::now(),
+        }
+    }
+
+    fn row_done(&mut self, tokens: usize) {
+        self.done += 1;
+        self.tokens += tokens;
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let rate = format!(
+            "{:.1} rows/s, {:.0} tok/s",
+            self.done as f64 / secs,
+            self.tokens as f64 / secs
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(self.done as u64);
+                bar.set_message(rate);
+            }
+            None if self.last_line.elapsed() > Duration::from_secs(15) => {
+                let eta = (self.total - self.done) as f64 * secs / self.done as f64;
+                eprintln!(
+                    "afprobe: capture {}/{} rows, {rate}, ETA {eta:.0}s",
+                    self.done, self.total
+                );
+                self.last_line = Instant::now();
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
