@@ -23,8 +23,8 @@ use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter};
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::store::{
-    tensor_name, Existing, Manifest, ModelRecord, Position, PromptsRecord, Slice, StoreWriter,
-    FORMAT,
+    tensor_name, Existing, Manifest, ModelRecord, NamedTensors, Position, PromptsRecord, Slice,
+    StoreWriter, FORMAT,
 };
 
 /// What to capture.
@@ -395,7 +395,7 @@ impl ShardBuilder {
         self.has_all |= all_positions;
     }
 
-    fn finish(self, dtype: DType) -> Result<(Vec<Value>, Vec<(String, Tensor)>)> {
+    fn finish(self, dtype: DType) -> Result<(Vec<Value>, NamedTensors)> {
         let mut out = Vec::new();
         for (name, parts) in self.tensors {
             out.push((name, Tensor::cat(&parts, 0)?.to_dtype(dtype)?));

@@ -21,6 +21,9 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::model::fetch::sha256_file;
 
+/// Tensors of one shard, by name.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 pub const FORMAT: &str = "afprobe-activations/1";
 pub const MANIFEST: &str = "manifest.json";
 pub const ROWS: &str = "rows.jsonl";
@@ -327,7 +330,7 @@ impl StoreWriter {
         block: usize,
         rows: [usize; 2],
         records: &[Value],
-        tensors: Vec<(String, Tensor)>,
+        tensors: NamedTensors,
     ) -> Result<()> {
         let file = shard_file(block);
         let path = self.dir.join(&file);
