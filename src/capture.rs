@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
@@ -133,17 +133,21 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
         .iter()
         .map(|row| {
             let r = render(model, row, &spec.prompts)?;
-            check_positions(row, &r, &spec.positions, &spec.prompts)?;
-            model
-                .transformer
-                .check_length(r.tokens.len() + longest(&r))?;
-            if spec.score && row.continuations.is_empty() {
-                return Err(Error::BadInput(format!(
-                    "{}:{} (id `{}`): --score needs `continuations` in every row",
+            let at = |msg: String| {
+                Error::BadInput(format!(
+                    "{}:{} (id `{}`): {msg}",
                     spec.prompts.display(),
                     row.line,
                     row.id
-                )));
+                ))
+            };
+            check_positions(&r, &spec.positions).map_err(at)?;
+            model
+                .transformer
+                .check_length(r.tokens.len() + longest(&r))
+                .map_err(|e| at(e.to_string()))?;
+            if spec.score && row.continuations.is_empty() {
+                return Err(at("--score needs `continuations` in every row".into()));
             }
             Ok(r)
         })
@@ -217,27 +221,14 @@ fn longest(r: &RenderedPrompt) -> usize {
     r.continuations.values().map(Vec::len).max().unwrap_or(0)
 }
 
-fn check_positions(
-    row: &PromptRow,
-    r: &RenderedPrompt,
-    positions: &[Position],
-    path: &Path,
-) -> Result<()> {
-    let at = |msg: &str| {
-        Error::BadInput(format!(
-            "{}:{} (id `{}`): {msg}",
-            path.display(),
-            row.line,
-            row.id
-        ))
-    };
+fn check_positions(r: &RenderedPrompt, positions: &[Position]) -> std::result::Result<(), String> {
     for p in positions {
         match p {
             Position::Cue if r.cue_span.is_none() => {
-                return Err(at("--positions cue needs a `cue_text` field (the cue as it appears in the prompt)"))
+                return Err("--positions cue needs a `cue_text` field (the cue as it appears in the prompt)".into())
             }
             Position::Eoi | Position::Mean if r.user_span.is_none() => {
-                return Err(at("--positions eoi/mean need the user turn: give `messages` with a user message, or `user_text` for a `text` row"))
+                return Err("--positions eoi/mean need the user turn: give `messages` with a user message, or `user_text` for a `text` row".into())
             }
             _ => {}
         }

@@ -16,7 +16,7 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::model::fetch::sha256_file;
@@ -335,10 +335,12 @@ impl StoreWriter {
         let file = shard_file(block);
         let path = self.dir.join(&file);
         let tmp = tmp_path(&path);
-        let metadata: std::collections::HashMap<String, String> = [
-            ("format".to_string(), FORMAT.to_string()),
-            ("rows".to_string(), format!("{}-{}", rows[0], rows[1])),
-        ]
+        // One metadata key: a HashMap with several would serialise in random
+        // order, and identical runs must give byte-identical shards.
+        let metadata: std::collections::HashMap<String, String> = [(
+            "afprobe".to_string(),
+            json!({"format": FORMAT, "rows": rows}).to_string(),
+        )]
         .into();
         safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
             .map_err(|e| Error::model_file(&tmp, format!("cannot write shard: {e}")))?;

@@ -126,12 +126,13 @@ fn swiglu_row_generic(out: &mut [f32], row: &[f32]) {
     }
 }
 
-/// `x W` for row-major `x: [m, k]` and `w: [k, n]`, both f32 on the CPU.
+/// `x W` for row-major `x: [m, k]` and an operand `w` of shape `[k, n]`, f32 on the CPU.
 ///
 /// The output columns are split into independent single-threaded GEMMs run in
 /// parallel, which keeps both cores busy better than one GEMM's internal
-/// threading at the row counts of a prompt.
-pub fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// threading at the row counts of a prompt. The split depends only on `n` and
+/// the thread count, so results are bit-for-bit reproducible run to run.
+pub fn matmul(x: &[f32], w: Operand, m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let dst = OutPtr(out.as_mut_ptr());
     let parts = (2 * rayon::current_num_threads())
@@ -148,7 +149,7 @@ pub fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
                 dst.at(c0),
                 n,
                 Operand::rows(x.as_ptr(), k),
-                Operand::rows(w.as_ptr().add(c0), n),
+                w.from_column(c0),
                 1.0,
             )
         }
@@ -160,7 +161,7 @@ pub fn matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
 /// A strided f32 matrix operand for [`gemm_into`]: element (r, c) is at
 /// `ptr + r * row_stride + c * col_stride`.
 #[derive(Clone, Copy)]
-pub(crate) struct Operand {
+pub struct Operand {
     pub ptr: *const f32,
     pub row_stride: usize,
     pub col_stride: usize,
@@ -184,7 +185,19 @@ impl Operand {
             col_stride: row_stride,
         }
     }
+
+    /// The same matrix without its first `c` columns.
+    fn from_column(self, c: usize) -> Operand {
+        Operand {
+            ptr: self.ptr.wrapping_add(c * self.col_stride),
+            ..self
+        }
+    }
 }
+
+// Safety: an operand is a read-only view; the buffers it points into outlive the GEMMs.
+unsafe impl Send for Operand {}
+unsafe impl Sync for Operand {}
 
 /// `dst = scale · lhs · rhs` for `(m, n, k)` shapes, single-threaded; `dst` is
 /// row-major with `dst_row_stride` elements between rows.
@@ -318,7 +331,13 @@ mod tests {
         let w: Vec<f32> = (0..k * n)
             .map(|i| ((i * 13) % 7) as f32 * 0.5 - 1.5)
             .collect();
-        let got = matmul(&x, &w, m, k, n);
+        let got = matmul(&x, Operand::rows(w.as_ptr(), n), m, k, n);
+        // The same product with w given as its transpose [n, k].
+        let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+        assert_eq!(
+            got,
+            matmul(&x, Operand::transposed(wt.as_ptr(), k), m, k, n)
+        );
         for r in 0..m {
             for c in 0..n {
                 let want: f32 = (0..k).map(|j| x[r * k + j] * w[j * n + c]).sum();

@@ -7,12 +7,12 @@
 //! the positions whose logits are asked for, and attention is computed in query
 //! chunks that each see only the keys they may attend to (no `[heads, T, T]` mask).
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::attention::{causal_attention, AttnDims, Strided};
 use super::config::ModelConfig;
 use super::hooks::{HookPoint, Hooks};
-use super::kernels::{self, with_f32_slice};
+use super::kernels::{self, with_f32_slice, Operand};
 use crate::error::{Error, Result};
 
 /// Weights by HF name (`model.layers.0.self_attn.q_proj.weight`), q/k in the
@@ -54,7 +54,9 @@ impl Linear {
         let (m, k) = x.dims2()?;
         let n = self.weight_t.dim(1)?;
         let out = with_f32_slice(&self.weight_t, |w| {
-            with_f32_slice(x, |x| kernels::matmul(x, w, m, k, n))
+            with_f32_slice(x, |x| {
+                kernels::matmul(x, Operand::rows(w.as_ptr(), n), m, k, n)
+            })
         })?
         .transpose()?
         .flatten();
@@ -370,7 +372,21 @@ impl Transformer {
     }
 
     fn unembed_normed(&self, normed: &Tensor) -> Result<Tensor> {
-        Ok(normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        // f32: the deterministic column-split kernel reading the [vocab, d] matrix
+        // as its transpose (no copy), so scores are reproducible to the bit.
+        let (m, k) = normed.dims2()?;
+        let n = self.config.vocab_size;
+        let fast = with_f32_slice(&self.lm_head, |w| {
+            with_f32_slice(normed, |x| {
+                kernels::matmul(x, Operand::transposed(w.as_ptr(), k), m, k, n)
+            })
+        })?
+        .transpose()?
+        .flatten();
+        match fast {
+            Some(logits) => Ok(Tensor::from_vec(logits, (m, n), normed.device())?),
+            None => Ok(normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?),
+        }
     }
 
     /// Errors unless a sequence of `n` tokens fits the context window.
@@ -530,12 +546,26 @@ impl Rope {
     }
 }
 
-/// Log-softmax over the last dimension, in f32.
+/// Log-softmax of each row of `[rows, vocab]` logits, accumulated in f64 in a
+/// fixed order (reproducible to the bit), returned as f32.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::log_softmax(
-        &logits.to_dtype(DType::F32)?,
-        D::Minus1,
-    )?)
+    let (rows, vocab) = logits.dims2()?;
+    let data = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(data.len());
+    for row in data.chunks_exact(vocab.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let log_z = max
+            + row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        out.extend(row.iter().map(|&x| (x as f64 - log_z) as f32));
+    }
+    Ok(Tensor::from_vec(out, (rows, vocab), logits.device())?)
 }
 
 /// Row `i` of a 2-D tensor as a `Vec<f32>`.
