@@ -149,7 +149,7 @@ pub fn matmul(x: &[f32], w: Operand, m: usize, k: usize, n: usize) -> Vec<f32> {
                 dst.at(c0),
                 n,
                 Operand::rows(x.as_ptr(), k),
-                w.from_column(c0),
+                w.skip_columns(c0),
                 1.0,
             )
         }
@@ -187,7 +187,7 @@ impl Operand {
     }
 
     /// The same matrix without its first `c` columns.
-    fn from_column(self, c: usize) -> Operand {
+    fn skip_columns(self, c: usize) -> Operand {
         Operand {
             ptr: self.ptr.wrapping_add(c * self.col_stride),
             ..self
