@@ -270,6 +270,49 @@ model as an HF directory (--ref-model; make one with ../shared/ref/gguf_to_hf.py
 --ref-python ref-venv/bin/python --ref-model models/smollm2-135m-hf"
     )]
     Prefill(PrefillArgs),
+    /// Capture throughput on an alignment-faking-shaped workload, with and without prefix sharing.
+    #[command(
+        long_about = "Capture throughput on an alignment-faking-shaped workload: --rows \
+prompts sharing a long system prompt (~110 tokens per --system-paragraphs), each with a ~100-token \
+user turn carrying a tier cue, capturing every hook_resid_post at `last` with --score. Runs the \
+capture with prefix sharing on all rows, without sharing on --unshared-rows rows, and, with \
+--ref-python, the Python reference ../shared/ref/ref_hidden.py (transformers, --continuation, \
+same thread count) on --ref-rows rows. Rates exclude model loading on both sides."
+    )]
+    Capture(CaptureBenchArgs),
+}
+
+#[derive(Args)]
+struct CaptureBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompts in the workload.
+    #[arg(long, default_value_t = 200)]
+    rows: usize,
+    /// Paragraphs of shared system prompt (about 110 tokens each).
+    #[arg(long, default_value_t = 12)]
+    system_paragraphs: usize,
+    /// Rows captured without prefix sharing (it is slow).
+    #[arg(long, default_value_t = 20)]
+    unshared_rows: usize,
+    /// Threads for the reference (afprobe uses RAYON_NUM_THREADS, default all cores).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Python of the reference venv; enables the comparison.
+    #[arg(long, value_name = "PYTHON")]
+    ref_python: Option<PathBuf>,
+    /// The reference capture script.
+    #[arg(long, default_value = "../shared/ref/ref_hidden.py")]
+    ref_script: PathBuf,
+    /// HF directory of the same model, for the reference.
+    #[arg(long, value_name = "DIR")]
+    ref_model: Option<PathBuf>,
+    /// Rows the reference runs (it has no prefix sharing).
+    #[arg(long, default_value_t = 8)]
+    ref_rows: usize,
+    /// Where the workload and stores go (default: a fresh temporary directory).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -349,6 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Bench(BenchCommand::Prefill(a)) => bench_prefill(a)?,
+        Command::Bench(BenchCommand::Capture(a)) => bench_capture(a)?,
         Command::Demo { model } => commands::demo(&model.spec())?,
     }
     Ok(())
@@ -388,6 +432,46 @@ fn capture(a: CaptureArgs) -> anyhow::Result<()> {
         stats.prompt_tokens as f64 / stats.seconds.max(1e-9)
     );
     println!("{}", spec.out.display());
+    Ok(())
+}
+
+fn bench_capture(a: CaptureBenchArgs) -> anyhow::Result<()> {
+    let model = commands::load_model(&a.model.spec(), a.model.dtype)?;
+    let reference = match (&a.ref_python, &a.ref_model) {
+        (Some(python), Some(dir)) => Some((
+            Reference {
+                python: python.clone(),
+                script: a.ref_script.clone(),
+                model_dir: dir.clone(),
+                threads: a.threads,
+            },
+            a.ref_rows,
+        )),
+        (Some(_), None) => {
+            anyhow::bail!("--ref-python needs --ref-model (an HF directory of the same model)")
+        }
+        _ => None,
+    };
+    let work_dir = a.work_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("afprobe-bench-{}", std::process::id()))
+    });
+    let results = bench::capture_bench(
+        &model,
+        &bench::CaptureBench {
+            rows: a.rows,
+            system_paragraphs: a.system_paragraphs,
+            unshared_rows: a.unshared_rows,
+            reference,
+            work_dir: work_dir.clone(),
+        },
+    )?;
+    println!(
+        "capture: every hook_resid_post at last + --score (accept/reject), {} shared-prompt rows, {} threads",
+        a.rows,
+        rayon::current_num_threads()
+    );
+    bench::print_capture_table(&results);
+    eprintln!("afprobe: workload and stores in {}", work_dir.display());
     Ok(())
 }
 

@@ -1,12 +1,13 @@
 //! Causal grouped-query attention on the CPU, fused and query-chunked.
 //!
-//! Work is split into (head, query chunk) tasks run in parallel; each task
-//! computes its scores with one GEMM against exactly the keys it may see, a
-//! masked softmax in place, and one GEMM with the values, writing straight into
-//! the `[T, heads * head_dim]` output. Memory stays at one `chunk x keys`
-//! buffer per thread, never `[heads, T, T]`, and the exponentials (billions of
-//! them for a long prompt) use a vectorised polynomial, not libm
-//! ([`super::kernels`]).
+//! Work is split into (kv head, query chunk) tasks run in parallel. A task
+//! stacks the query heads that share its kv head, computes their scores with
+//! one GEMM against exactly the keys the chunk may see (so the keys are packed
+//! once per group, not once per head), applies a masked softmax in place, and
+//! multiplies by the values with one more GEMM. Memory stays at one
+//! `heads-per-group x chunk x keys` buffer per thread, never `[heads, T, T]`,
+//! and the exponentials (billions of them for a long prompt) use a vectorised
+//! polynomial, not libm ([`super::kernels`]).
 
 use std::cell::RefCell;
 
@@ -14,8 +15,8 @@ use rayon::prelude::*;
 
 use super::kernels::{gemm_into, softmax_in_place, Operand, OutPtr};
 
-/// Query rows per task: a 128 x keys score block stays in L2 for typical lengths.
-const QUERY_CHUNK: usize = 128;
+/// Query positions per task (times the heads in a group gives the GEMM's rows).
+const QUERY_CHUNK: usize = 64;
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -38,8 +39,16 @@ pub struct Strided<'a> {
     pub offset: usize,
 }
 
+/// Per-thread scratch: stacked queries, scores, and the group's output.
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    scores: Vec<f32>,
+    out: Vec<f32>,
+}
+
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// softmax(q kᵀ / √d + causal mask) v for every query head, as `[T, n_heads * head_dim]`.
@@ -60,45 +69,58 @@ pub fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) -> Vec<
     let mut out = vec![0f32; t * out_stride];
     let out_ptr = OutPtr(out.as_mut_ptr());
     let scale = 1.0 / (hd as f32).sqrt();
-    let tasks: Vec<(usize, usize)> = (0..n_heads)
-        .flat_map(|h| (0..t).step_by(QUERY_CHUNK).map(move |s| (h, s)))
+    let tasks: Vec<(usize, usize)> = (0..n_kv_heads)
+        .flat_map(|g| (0..t).step_by(QUERY_CHUNK).map(move |s| (g, s)))
         .collect();
-    let run = |&(h, start): &(usize, usize)| {
+    let run = |&(g, start): &(usize, usize)| {
         let len = QUERY_CHUNK.min(t - start);
         let n_keys = past + start + len;
-        let g = h / rep;
-        SCORES.with(|cell| {
-            let mut scores = cell.borrow_mut();
-            scores.resize(len * n_keys, 0.0);
-            // Safety (both GEMMs): q rows start..start+len, k/v rows 0..n_keys and the
-            // head's columns are inside their buffers; this task owns its output block.
+        let rows = rep * len; // row r * len + i: head g * rep + r, query start + i
+        SCRATCH.with(|cell| {
+            let scratch = &mut *cell.borrow_mut();
+            scratch.q.clear();
+            for r in 0..rep {
+                for i in start..start + len {
+                    let at = i * q.stride + q.offset + (g * rep + r) * hd;
+                    scratch.q.extend_from_slice(&q.data[at..at + hd]);
+                }
+            }
+            scratch.scores.resize(rows * n_keys, 0.0);
+            scratch.out.resize(rows * hd, 0.0);
+            // Safety (both GEMMs): the scratch buffers were sized above; k/v rows
+            // 0..n_keys and the group's columns are inside their buffers.
             unsafe {
                 gemm_into(
-                    (len, n_keys, hd),
-                    scores.as_mut_ptr(),
+                    (rows, n_keys, hd),
+                    scratch.scores.as_mut_ptr(),
                     n_keys,
-                    Operand::rows(
-                        q.data.as_ptr().add(start * q.stride + q.offset + h * hd),
-                        q.stride,
-                    ),
+                    Operand::rows(scratch.q.as_ptr(), hd),
                     Operand::transposed(k.data.as_ptr().add(k.offset + g * hd), k.stride),
                     scale,
                 );
             }
-            for (i, row) in scores.chunks_exact_mut(n_keys).enumerate() {
-                let visible = past + start + i + 1;
-                softmax_in_place(&mut row[..visible]);
-                row[visible..].fill(0.0);
+            for (row, scores) in scratch.scores.chunks_exact_mut(n_keys).enumerate() {
+                let visible = past + start + row % len + 1;
+                softmax_in_place(&mut scores[..visible]);
+                scores[visible..].fill(0.0);
             }
             unsafe {
                 gemm_into(
-                    (len, hd, n_keys),
-                    out_ptr.at(start * out_stride + h * hd),
-                    out_stride,
-                    Operand::rows(scores.as_ptr(), n_keys),
+                    (rows, hd, n_keys),
+                    scratch.out.as_mut_ptr(),
+                    hd,
+                    Operand::rows(scratch.scores.as_ptr(), n_keys),
                     Operand::rows(v.data.as_ptr().add(v.offset + g * hd), v.stride),
                     1.0,
                 );
+            }
+            for (row, head_out) in scratch.out.chunks_exact(hd).enumerate() {
+                let (r, i) = (row / len, start + row % len);
+                // Safety: this task owns output rows start..start+len of the group's heads.
+                unsafe {
+                    let dst = out_ptr.at(i * out_stride + (g * rep + r) * hd);
+                    std::ptr::copy_nonoverlapping(head_out.as_ptr(), dst, hd);
+                }
             }
         });
     };
