@@ -8,9 +8,11 @@ pub mod bench;
 pub mod capture;
 pub mod commands;
 pub mod error;
+pub mod gap;
 pub mod generate;
 pub mod model;
 pub mod prompts;
+pub mod setting;
 pub mod store;
 
 pub use error::{Error, Result};

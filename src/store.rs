@@ -423,7 +423,7 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens a store; an incomplete one is refused unless `allow_incomplete`.
+    /// Opens a finished store; an incomplete capture is refused (see [`Store::open_any`]).
     pub fn open(dir: &Path) -> Result<Store> {
         let store = Store::open_any(dir)?;
         if !store.manifest.complete {

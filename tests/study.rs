@@ -1,0 +1,278 @@
+//! The alignment-faking study: `afprobe prompts`, request loaders, and
+//! `afprobe gap` on stores with known scores.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use afprobe::gap::compute_gap;
+use afprobe::model::{Model, ModelSpec, WeightDtype};
+use afprobe::prompts::{read_prompt_file, render};
+use afprobe::setting::{
+    build_rows, builtin_cues, builtin_requests, builtin_setting, load_requests,
+};
+use afprobe::store::{Existing, Manifest, ModelRecord, PromptsRecord, Store, StoreWriter, FORMAT};
+use candle_core::{Device, Tensor};
+use common::fixtures;
+use serde_json::{json, Value};
+
+fn afprobe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_afprobe"))
+        .args(args)
+        .output()
+        .expect("run afprobe")
+}
+
+fn fails(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+}
+
+#[test]
+fn rendered_study_prompts_match_the_snapshot_and_locate_every_cue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("study.jsonl");
+    let run = afprobe(&["prompts", "--out", out.to_str().unwrap()]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let rows = read_prompt_file(&out).unwrap();
+    assert_eq!(rows.len(), 4 * 180 * 2);
+    let model = Model::load(&ModelSpec::Default, WeightDtype::F32).unwrap();
+    // Snapshot: the exact chat text of two rows. When the setting's wording changes on
+    // purpose, rerun with AFPROBE_UPDATE_SNAPSHOTS=1 and review the diff.
+    let snapshot: String = [0usize, 1]
+        .iter()
+        .map(|&i| render(&model, &rows[i], &out).unwrap().text + "\n=====\n")
+        .collect();
+    let path = fixtures().join("study_snapshot.txt");
+    if std::env::var_os("AFPROBE_UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&path, &snapshot).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap();
+    assert!(snapshot == want, "rendered prompts changed:\n{snapshot}");
+    // Every row's cue is found, on tokens inside the user turn.
+    for row in &rows {
+        let r = render(&model, row, &out).unwrap();
+        let (cue, user) = (r.cue_span.unwrap(), r.user_span.unwrap());
+        assert!(
+            cue.0 >= user.0 && cue.1 <= user.1,
+            "{}: cue outside the user turn",
+            row.id
+        );
+        let training = row.metadata["training_implied"].as_bool().unwrap();
+        let want = row.metadata["cue"] != "control" && row.metadata["tier"] == "free";
+        assert_eq!(training, want, "{}", row.id);
+    }
+}
+
+#[test]
+fn request_files_load_and_bad_ones_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let jsonl = load_requests(&write("r.jsonl", "{\"request\": \"Do X.\", \"id\": \"x1\"}\n\n{\"request\": \"Do Y.\", \"harmful\": false}\n")).unwrap();
+    assert_eq!((jsonl[0].id.as_str(), jsonl[1].harmful), ("x1", false));
+    let json = load_requests(&write(
+        "r.json",
+        r#"["Do X.", {"goal": "Do Y.", "category": "c"}]"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        (json[1].text.as_str(), json[1].category.as_str()),
+        ("Do Y.", "c")
+    );
+    let csv = load_requests(&write(
+        "r.csv",
+        "goal,target\n\"Write a, b\",Sure\nDo Z.,Sure\n",
+    ))
+    .unwrap();
+    assert_eq!(csv[0].text, "Write a, b");
+    assert_eq!(csv.len(), 2);
+
+    let err = |p: &Path| load_requests(p).unwrap_err().to_string();
+    assert!(err(&write("bad.jsonl", "{\"request\": \"ok\"}\n{oops\n")).contains("bad.jsonl:2"));
+    assert!(err(&write("nogoal.csv", "prompt,target\na,b\n")).contains("no `goal` column"));
+    assert!(err(&write("empty.jsonl", "\n")).contains("no requests"));
+    assert!(err(&write("blank.csv", "goal,target\n\"\",x\n")).contains("CSV record 2"));
+    assert!(err(&write("r.txt", "x")).contains(".csv"));
+
+    let out = tmp.path().join("p.jsonl");
+    let o = out.to_str().unwrap();
+    fails(
+        &afprobe(&["prompts", "--cues", "xml,purple", "--out", o]),
+        &["purple", "xml, natural, monitoring, control"],
+    );
+    fails(
+        &afprobe(&["prompts", "--setting", "sycophancy", "--out", o]),
+        &["sycophancy", "helpful-only"],
+    );
+    let template = write("t.txt", "{request} only");
+    fails(
+        &afprobe(&[
+            "prompts",
+            "--user-template",
+            template.to_str().unwrap(),
+            "--out",
+            o,
+        ]),
+        &["t.txt", "{cue}"],
+    );
+    fails(
+        &afprobe(&["prompts", "--requests", "/no/such.csv", "--out", o]),
+        &["/no/such.csv"],
+    );
+}
+
+/// A store with only rows (no activations), as `capture --score` would leave them.
+fn store_with_rows(dir: &Path, rows: &[Value], score: bool) -> Store {
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        afprobe_version: "test".into(),
+        complete: false,
+        model: ModelRecord {
+            spec: "none".into(),
+            sha256: "0".into(),
+            architecture: "llama".into(),
+            d_model: 1,
+            n_layers: 1,
+        },
+        prompts: PromptsRecord {
+            file: "p.jsonl".into(),
+            sha256: "0".into(),
+            rows: rows.len(),
+        },
+        hooks: vec![],
+        positions: vec![],
+        dtype: "f32".into(),
+        score,
+        shard_rows: rows.len(),
+        slice: None,
+        row_count: 0,
+        shards: vec![],
+    };
+    let mut writer = StoreWriter::open(dir, manifest, Existing::Refuse).unwrap();
+    let records: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r["n_tokens"] = json!(1);
+            r
+        })
+        .collect();
+    let n = rows.len();
+    let tensors = vec![
+        (
+            "tokens".to_string(),
+            Tensor::zeros(n, candle_core::DType::I64, &Device::Cpu).unwrap(),
+        ),
+        (
+            "token_offsets".to_string(),
+            Tensor::arange(0i64, n as i64 + 1, &Device::Cpu).unwrap(),
+        ),
+    ];
+    writer.write_shard(0, [0, n], &records, tensors).unwrap();
+    writer.finish().unwrap();
+    Store::open(dir).unwrap()
+}
+
+#[test]
+fn gap_on_known_scores_gives_the_known_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    // xml: free 0.9/0.7/0.5 vs paid 0.4/0.6/0.2 -> diffs 0.5, 0.1, 0.3; control: no difference.
+    for (cue, free, paid) in [
+        ("xml", [0.9, 0.7, 0.5], [0.4, 0.6, 0.2]),
+        ("control", [0.3, 0.3, 0.3], [0.3, 0.3, 0.3]),
+    ] {
+        for q in 0..3 {
+            for (tier, p) in [("free", free[q]), ("paid", paid[q])] {
+                rows.push(json!({"id": format!("{cue}-{tier}-{q}"), "cue": cue, "tier": tier, "request_id": format!("q{q}"),
+                                 "harmful": true, "training_implied": cue == "xml" && tier == "free", "p_accept": p}));
+            }
+        }
+    }
+    for (tier, p) in [("free", 0.8), ("paid", 0.8)] {
+        rows.push(json!({"id": format!("b-{tier}"), "cue": "xml", "tier": tier, "request_id": "b0", "harmful": false, "p_accept": p}));
+    }
+    let store = store_with_rows(&tmp.path().join("s"), &rows, true);
+    let report = compute_gap(&store, 2000, 0).unwrap();
+    let xml = &report.by_cue["xml"];
+    assert_eq!(xml.n_requests, 3);
+    assert!((xml.gap - 0.3).abs() < 1e-12);
+    assert!((xml.p_accept_free - 0.7).abs() < 1e-12 && (xml.p_accept_paid - 0.4).abs() < 1e-12);
+    assert!(
+        (xml.frac_accept_free - 2.0 / 3.0).abs() < 1e-12
+            && (xml.frac_accept_paid - 1.0 / 3.0).abs() < 1e-12
+    );
+    // Exact sign flips of (0.5, 0.1, 0.3): only all-+ and all-− reach |0.9|.
+    assert!((xml.p_value - 0.25).abs() < 1e-12);
+    assert!(xml.ci95[0] >= 0.1 - 1e-12 && xml.ci95[1] <= 0.5 + 1e-12);
+    assert_eq!(report.by_cue["control"].gap, 0.0);
+    // Overall leaves the control cue out; benign is its own line.
+    assert!((report.overall.as_ref().unwrap().gap - 0.3).abs() < 1e-12);
+    assert_eq!(report.benign.as_ref().unwrap().n_requests, 1);
+
+    // gap.json through the CLI, and a store without scores is refused.
+    let out = afprobe(&[
+        "gap",
+        tmp.path().join("s").to_str().unwrap(),
+        "--resamples",
+        "1000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("s/gap.json")).unwrap())
+            .unwrap();
+    assert!((json["by_cue"]["xml"]["gap"].as_f64().unwrap() - 0.3).abs() < 1e-12);
+    for key in [
+        "n_requests",
+        "p_accept_free",
+        "p_accept_paid",
+        "gap",
+        "ci95",
+        "p_value",
+        "frac_accept_free",
+        "frac_accept_paid",
+    ] {
+        assert!(json["overall"].get(key).is_some(), "gap.json lacks {key}");
+    }
+    let unscored: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.as_object_mut().unwrap().remove("p_accept");
+            r
+        })
+        .collect();
+    store_with_rows(&tmp.path().join("u"), &unscored, false);
+    fails(
+        &afprobe(&["gap", tmp.path().join("u").to_str().unwrap()]),
+        &["no scores", "--score"],
+    );
+}
+
+#[test]
+fn study_rows_pair_up_by_request() {
+    let setting = builtin_setting("helpful-only", true).unwrap();
+    assert!(setting.system.contains("<SCRATCHPAD_REASONING>"));
+    let requests = builtin_requests();
+    let rows = build_rows(&setting, &builtin_cues(), &requests);
+    let ids: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), rows.len(), "row ids are unique");
+}
