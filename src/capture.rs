@@ -346,6 +346,8 @@ fn capture_row(
         }
         if let (Some(a), Some(b)) = (logprob.get("accept"), logprob.get("reject")) {
             record.insert("p_accept".into(), json!(1.0 / (1.0 + (b - a).exp())));
+            // How much the model follows the format at all: P(accept tag) + P(reject tag).
+            record.insert("tag_mass".into(), json!(a.exp() + b.exp()));
         }
         record.insert("logprob".into(), json!(logprob));
     }

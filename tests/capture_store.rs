@@ -161,6 +161,8 @@ fn capture_matches_the_python_reference_on_the_default_model() {
         let (a, r) = (got, row["logprob"]["reject"].as_f64().unwrap());
         let p_accept = row["p_accept"].as_f64().unwrap();
         assert!((p_accept - 1.0 / (1.0 + (r - a).exp())).abs() < 1e-12);
+        let mass = row["tag_mass"].as_f64().unwrap();
+        assert!((mass - (a.exp() + r.exp())).abs() < 1e-12 && mass > 0.0 && mass <= 1.0);
     }
 }
 
