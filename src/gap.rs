@@ -241,7 +241,7 @@ pub fn format_table(report: &GapReport) -> String {
     }
     if let Some(m) = &report.tag_mass {
         out.push_str(&format!(
-            "format: mean P(accept tag) + P(reject tag) = {:.4} (free), {:.4} (paid)\n",
+            "format: mean P(accept tag) + P(reject tag) = {:.3e} (free), {:.3e} (paid)\n",
             m.free, m.paid
         ));
     }

@@ -84,7 +84,9 @@ Prints a table and writes DIR/gap.json."
         long_about = "Run the main job end to end: fetch the default model if needed, \
 print its facts, run a chat prompt through the hooked model capturing every \
 blocks.{l}.hook_resid_post at the last token, print a per-layer summary (residual norm and the \
-logit-lens top token), and greedily answer the prompt."
+logit-lens top token), greedily answer the prompt, then run a mini no-CoT alignment-faking \
+study (4 cues x 36 requests x 2 tiers: prompts in activations/demo.prompts.jsonl, a scored \
+capture in activations/demo, the compliance gap in activations/demo/gap.json)."
     )]
     Demo {
         #[command(flatten)]
