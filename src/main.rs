@@ -543,23 +543,31 @@ fn capture(a: CaptureArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_capture(a: CaptureBenchArgs) -> anyhow::Result<()> {
-    let model = commands::load_model(&a.model.spec(), a.model.dtype)?;
-    let reference = match (&a.ref_python, &a.ref_model) {
-        (Some(python), Some(dir)) => Some((
-            Reference {
-                python: python.clone(),
-                script: a.ref_script.clone(),
-                model_dir: dir.clone(),
-                threads: a.threads,
-            },
-            a.ref_rows,
-        )),
+/// The Python reference of a benchmark, if `--ref-python` was given.
+fn reference(
+    python: &Option<PathBuf>,
+    script: &std::path::Path,
+    model_dir: &Option<PathBuf>,
+    threads: usize,
+) -> anyhow::Result<Option<Reference>> {
+    match (python, model_dir) {
+        (Some(python), Some(dir)) => Ok(Some(Reference {
+            python: python.clone(),
+            script: script.to_path_buf(),
+            model_dir: dir.clone(),
+            threads,
+        })),
         (Some(_), None) => {
             anyhow::bail!("--ref-python needs --ref-model (an HF directory of the same model)")
         }
-        _ => None,
-    };
+        _ => Ok(None),
+    }
+}
+
+fn bench_capture(a: CaptureBenchArgs) -> anyhow::Result<()> {
+    let model = commands::load_model(&a.model.spec(), a.model.dtype)?;
+    let reference =
+        reference(&a.ref_python, &a.ref_script, &a.ref_model, a.threads)?.map(|r| (r, a.ref_rows));
     let work_dir = a.work_dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("afprobe-bench-{}", std::process::id()))
     });
@@ -593,18 +601,7 @@ fn bench_prefill(a: PrefillArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe()?;
-    let reference = match (&a.ref_python, &a.ref_model) {
-        (Some(python), Some(dir)) => Some(Reference {
-            python: python.clone(),
-            script: a.ref_script.clone(),
-            model_dir: dir.clone(),
-            threads: a.threads,
-        }),
-        (Some(_), None) => {
-            anyhow::bail!("--ref-python needs --ref-model (an HF directory of the same model)")
-        }
-        _ => None,
-    };
+    let reference = reference(&a.ref_python, &a.ref_script, &a.ref_model, a.threads)?;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for &len in &a.lengths {
         eprintln!("afprobe: prefill {len} tokens ...");
