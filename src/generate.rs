@@ -38,17 +38,32 @@ pub fn generate(
     prompt: &[u32],
     sampling: &Sampling,
     hooks: &mut Hooks,
+    on_text: impl FnMut(&str),
+) -> Result<Vec<u32>> {
+    generate_with_cache(model, &mut KvCache::new(), prompt, sampling, hooks, on_text)
+}
+
+/// Like [`generate`], continuing from `kv`, which must hold a prefix of `prompt`
+/// (a shared system prompt, or the prompt minus its last token for repeated
+/// samples). On return `kv` also holds the generated tokens.
+pub fn generate_with_cache(
+    model: &Model,
+    kv: &mut KvCache,
+    prompt: &[u32],
+    sampling: &Sampling,
+    hooks: &mut Hooks,
     mut on_text: impl FnMut(&str),
 ) -> Result<Vec<u32>> {
     let mut rng = StdRng::seed_from_u64(sampling.seed);
-    let mut kv = KvCache::new();
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0usize;
-    let mut next_input = prompt.to_vec();
+    // Logits for the first new token need the prompt's last token to run.
+    kv.truncate(kv.len().min(prompt.len() - 1))?;
+    let mut next_input = prompt[kv.len()..].to_vec();
     for _ in 0..sampling.max_new_tokens {
         let logits = model
             .transformer
-            .forward(&next_input, &mut kv, hooks, &LogitsAt::Last)?;
+            .forward(&next_input, kv, hooks, &LogitsAt::Last)?;
         let next = pick(&row_f32(&logits, 0)?, sampling, &mut rng);
         if model.tokenizer.stop_ids.contains(&next) {
             break;

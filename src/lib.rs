@@ -12,6 +12,7 @@ pub mod gap;
 pub mod generate;
 pub mod model;
 pub mod prompts;
+pub mod sample;
 pub mod setting;
 pub mod store;
 

@@ -279,3 +279,82 @@ fn study_rows_pair_up_by_request() {
         rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), rows.len(), "row ids are unique");
 }
+
+#[test]
+fn sampling_runs_are_reproducible_and_feed_gap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    for q in 0..3 {
+        for tier in ["free", "paid"] {
+            rows.push(json!({"id": format!("{tier}-{q}"), "text": format!("<|im_start|>user\n{tier} {q}<|im_end|>\n<|im_start|>assistant\n"),
+                             "tier": tier, "request_id": format!("q{q}"), "cue": "xml"}));
+        }
+    }
+    let prompts = tmp.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        rows.iter().map(|r| format!("{r}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let model = fixtures().join("tiny_qwen2");
+    let run = |out: &Path, seed: &str| {
+        let o = afprobe(&[
+            "sample",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "-n",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--seed",
+            seed,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out.join("transcripts.jsonl")).unwrap()
+    };
+    let a = run(&tmp.path().join("a"), "1");
+    assert_eq!(a.lines().count(), 6 * 3);
+    assert_eq!(
+        a,
+        run(&tmp.path().join("b"), "1"),
+        "same seed, same transcripts"
+    );
+    assert_ne!(a, run(&tmp.path().join("c"), "2"));
+    // Random tokens from a tiny model never write the tags: all format failures, no gap.
+    let sampled: Vec<Value> = std::fs::read_to_string(tmp.path().join("a/rows.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(sampled
+        .iter()
+        .all(|r| r["samples"]["neither"] == 3 && r["format_failure"] == 1.0));
+    let out = afprobe(&[
+        "gap",
+        tmp.path().join("a").to_str().unwrap(),
+        "--resamples",
+        "500",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("format failures (neither tag): 1.000 (free), 1.000 (paid)"));
+    // An existing run is not overwritten without --force.
+    let again = afprobe(&[
+        "sample",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        tmp.path().join("a").to_str().unwrap(),
+    ]);
+    fails(&again, &["already holds a sampling run", "--force"]);
+}
