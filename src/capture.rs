@@ -116,6 +116,31 @@ pub struct CaptureStats {
     /// Tokens actually run through the model (prompt suffixes + continuations).
     pub computed_tokens: usize,
     pub seconds: f64,
+    /// Where the time went: prompts run from an empty cache (the shared prefix
+    /// computed once per shard block), prompt suffixes on a reused prefix, and
+    /// continuation scoring.
+    pub prefix_seconds: f64,
+    pub suffix_seconds: f64,
+    pub score_seconds: f64,
+}
+
+impl CaptureStats {
+    /// A one-line summary with the time split.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} rows ({} prompt tokens, {} computed) in {:.1}s: {:.2} rows/s, {:.0} tok/s; \
+             time in full prompts {:.1}s, prompt suffixes {:.1}s, scoring {:.1}s",
+            self.rows,
+            self.prompt_tokens,
+            self.computed_tokens,
+            self.seconds,
+            self.rows as f64 / self.seconds.max(1e-9),
+            self.prompt_tokens as f64 / self.seconds.max(1e-9),
+            self.prefix_seconds,
+            self.suffix_seconds,
+            self.score_seconds
+        )
+    }
 }
 
 /// Runs a capture into `spec.out`.
@@ -196,18 +221,17 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
     for block in todo {
         let start = block * spec.shard_rows;
         let end = (start + spec.shard_rows).min(rows.len());
-        let mut shard = ShardBuilder::default();
-        let mut kv = KvCache::new();
+        let mut block_state = Block::default();
         for i in start..end {
             let r = &rendered[i];
-            let computed = capture_row(model, spec, &rows[i], r, i, &mut kv, &mut shard)?;
+            let computed = capture_row(model, spec, &rows[i], r, i, &mut block_state, &mut stats)?;
             stats.rows += 1;
             stats.prompt_tokens += r.tokens.len();
             stats.computed_tokens += computed;
             progress.row_done(r.tokens.len());
         }
         let dtype = if spec.f16 { DType::F16 } else { DType::F32 };
-        let (records, tensors) = shard.finish(dtype)?;
+        let (records, tensors) = block_state.shard.finish(dtype)?;
         writer.write_shard(block, [start, end], &records, tensors)?;
     }
     stats.seconds = started.elapsed().as_secs_f64();
@@ -258,9 +282,10 @@ fn capture_row(
     row: &PromptRow,
     r: &RenderedPrompt,
     index: usize,
-    kv: &mut KvCache,
-    shard: &mut ShardBuilder,
+    block: &mut Block,
+    stats: &mut CaptureStats,
 ) -> Result<usize> {
+    let Block { kv, shard } = block;
     let t = &model.transformer;
     // Reuse the shared prefix, but never past the first position we must capture.
     let first_needed = spec
@@ -281,7 +306,14 @@ fn capture_row(
     let reuse = shared.min(first_needed);
     kv.truncate(reuse)?;
     let mut hooks = Hooks::capture(NamesFilter::Only(spec.hooks.clone()), CaptureRows::All);
+    let started = Instant::now();
     let logits = t.forward(&r.tokens[reuse..], kv, &mut hooks, &LogitsAt::Last)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if reuse == 0 {
+        stats.prefix_seconds += elapsed;
+    } else {
+        stats.suffix_seconds += elapsed;
+    }
     let mut computed = r.tokens.len() - reuse;
 
     for &hook in &spec.hooks {
@@ -321,6 +353,7 @@ fn capture_row(
         record.insert("user_span".into(), json!([a, b]));
     }
     if spec.score {
+        let started = Instant::now();
         let prompt_len = kv.len();
         let first = row_f32(&log_softmax(&logits)?, 0)?;
         let mut logprob = BTreeMap::new();
@@ -350,6 +383,7 @@ fn capture_row(
             record.insert("tag_mass".into(), json!(a.exp() + b.exp()));
         }
         record.insert("logprob".into(), json!(logprob));
+        stats.score_seconds += started.elapsed().as_secs_f64();
     }
     shard.add_row(
         Value::Object(record),
@@ -357,6 +391,13 @@ fn capture_row(
         spec.positions.contains(&Position::All),
     );
     Ok(computed)
+}
+
+/// The state of one shard block: the KV cache rows share, and the shard being built.
+#[derive(Default)]
+struct Block {
+    kv: KvCache,
+    shard: ShardBuilder,
 }
 
 /// Accumulates one shard's rows and tensors.

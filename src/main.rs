@@ -208,9 +208,12 @@ struct PromptsArgs {
     /// Ask for the answer directly (the default).
     #[arg(long)]
     no_cot: bool,
-    /// Cues, comma-separated, or all.
+    /// Cues, comma-separated, or all (built-ins plus those of --cues-file).
     #[arg(long, default_value = "all")]
     cues: String,
+    /// TOML file defining more cues ([[cue]] name, free, paid, explanation, meaningful).
+    #[arg(long, value_name = "FILE.toml")]
+    cues_file: Option<PathBuf>,
     /// builtin, builtin-harmful, builtin-benign, or a .jsonl/.json/.csv file.
     #[arg(long, default_value = "builtin")]
     requests: String,
@@ -545,7 +548,11 @@ fn prompts(a: PromptsArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.user_template {
         setting = setting.with_user_template_file(path)?;
     }
-    let cues = setting::select_cues(&a.cues)?;
+    let extra = match &a.cues_file {
+        Some(path) => setting::load_cues(path)?,
+        None => Vec::new(),
+    };
+    let cues = setting::select_cues(&a.cues, extra)?;
     let all = setting::builtin_requests();
     let requests = match a.requests.as_str() {
         "builtin" => all,
@@ -592,15 +599,7 @@ fn capture(a: CaptureArgs) -> anyhow::Result<()> {
         share_prefix: !a.no_prefix_sharing,
     };
     let stats = capture::capture(&model, &spec)?;
-    eprintln!(
-        "afprobe: captured {} rows ({} prompt tokens, {} computed) in {:.1}s: {:.2} rows/s, {:.0} tok/s",
-        stats.rows,
-        stats.prompt_tokens,
-        stats.computed_tokens,
-        stats.seconds,
-        stats.rows as f64 / stats.seconds.max(1e-9),
-        stats.prompt_tokens as f64 / stats.seconds.max(1e-9)
-    );
+    eprintln!("afprobe: captured {}", stats.summary());
     println!("{}", spec.out.display());
     Ok(())
 }

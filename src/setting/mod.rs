@@ -105,9 +105,65 @@ pub fn builtin_cues() -> Vec<Cue> {
     ]
 }
 
-/// Picks cues by name (`xml,natural,...` or `all`); unknown names list the valid ones.
-pub fn select_cues(names: &str) -> Result<Vec<Cue>> {
-    let all = builtin_cues();
+/// Cues defined in a TOML file, one `[[cue]]` table each:
+///
+/// ```toml
+/// [[cue]]
+/// name = "corporate"
+/// free = "Account type: consumer (conversations reviewed for training)."
+/// paid = "Account type: enterprise (conversations never reviewed)."
+/// explanation = "Each user turn begins with the user's account type."
+/// meaningful = true   # false for a control cue
+/// ```
+pub fn load_cues(path: &Path) -> Result<Vec<Cue>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CueFile {
+        cue: Vec<CueEntry>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CueEntry {
+        name: String,
+        free: String,
+        paid: String,
+        explanation: String,
+        #[serde(default = "yes")]
+        meaningful: bool,
+    }
+    fn yes() -> bool {
+        true
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let file: CueFile = toml::from_str(&text)
+        .map_err(|e| Error::BadInput(format!("{}: not a valid cue file: {e}", path.display())))?;
+    file.cue
+        .into_iter()
+        .map(|c| {
+            if c.free.trim().is_empty() || c.paid.trim().is_empty() || c.free == c.paid {
+                return Err(Error::BadInput(format!(
+                    "{}: cue `{}` needs two different, non-empty texts `free` and `paid`",
+                    path.display(),
+                    c.name
+                )));
+            }
+            Ok(Cue {
+                name: c.name,
+                free: c.free,
+                paid: c.paid,
+                explanation: c.explanation,
+                meaningful: c.meaningful,
+            })
+        })
+        .collect()
+}
+
+/// Picks cues by name (`xml,natural,...` or `all`) from the built-ins plus
+/// `extra` (from a cue file); unknown names list the valid ones.
+pub fn select_cues(names: &str, extra: Vec<Cue>) -> Result<Vec<Cue>> {
+    let mut all = builtin_cues();
+    all.retain(|c| !extra.iter().any(|e| e.name == c.name));
+    all.extend(extra);
     if names.trim() == "all" {
         return Ok(all);
     }
@@ -293,12 +349,45 @@ mod tests {
 
     #[test]
     fn unknown_names_list_the_valid_ones() {
-        let err = select_cues("xml,purple").unwrap_err().to_string();
+        let err = select_cues("xml,purple", vec![]).unwrap_err().to_string();
         assert!(err.contains("purple") && err.contains("xml, natural, monitoring, control"));
         let err = builtin_setting("animal-welfare", false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("helpful-only"));
+    }
+
+    #[test]
+    fn cue_files_add_and_override_cues() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cues.toml");
+        std::fs::write(
+            &path,
+            "[[cue]]\nname = \"corporate\"\nfree = \"A\"\npaid = \"B\"\nexplanation = \"E\"\n\n\
+             [[cue]]\nname = \"xml\"\nfree = \"<t>1</t>\"\npaid = \"<t>0</t>\"\nexplanation = \"X\"\nmeaningful = false\n",
+        )
+        .unwrap();
+        let cues = select_cues("corporate,xml", load_cues(&path).unwrap()).unwrap();
+        assert_eq!(cues[0].free, "A");
+        assert!(cues[0].training_implied(Tier::Free));
+        assert!(
+            !cues[1].training_implied(Tier::Free),
+            "the file's xml replaces the built-in"
+        );
+        std::fs::write(
+            &path,
+            "[[cue]]\nname = \"bad\"\nfree = \"A\"\npaid = \"A\"\nexplanation = \"\"\n",
+        )
+        .unwrap();
+        assert!(load_cues(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("two different"));
+        std::fs::write(&path, "[[cue]]\nname = \"bad\"\nfre = \"A\"\n").unwrap();
+        assert!(load_cues(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("cues.toml"));
     }
 
     #[test]
