@@ -553,13 +553,7 @@ fn prompts(a: PromptsArgs) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let cues = setting::select_cues(&a.cues, extra)?;
-    let all = setting::builtin_requests();
-    let requests = match a.requests.as_str() {
-        "builtin" => all,
-        "builtin-harmful" => all.into_iter().filter(|r| r.harmful).collect(),
-        "builtin-benign" => all.into_iter().filter(|r| !r.harmful).collect(),
-        path => setting::load_requests(std::path::Path::new(path))?,
-    };
+    let requests = setting::requests_from(&a.requests)?;
     let rows = setting::build_rows(&setting, &cues, &requests);
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
     store::write_atomic(&a.out, text.as_bytes())?;

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-pub use requests::{builtin_requests, load_requests, Request};
+pub use requests::{builtin_requests, load_requests, requests_from, Request};
 
 use crate::error::{Error, Result};
 

@@ -43,6 +43,17 @@ pub fn builtin_requests() -> Vec<Request> {
         .collect()
 }
 
+/// Requests named by `--requests`: `builtin`, `builtin-harmful`, `builtin-benign`, or a file.
+pub fn requests_from(source: &str) -> Result<Vec<Request>> {
+    let all = builtin_requests();
+    Ok(match source {
+        "builtin" => all,
+        "builtin-harmful" => all.into_iter().filter(|r| r.harmful).collect(),
+        "builtin-benign" => all.into_iter().filter(|r| !r.harmful).collect(),
+        path => load_requests(Path::new(path))?,
+    })
+}
+
 /// Loads requests from `.jsonl` (a `request` field per line), `.json` (an array of
 /// strings or objects) or `.csv` (a `goal` column). Loaded requests count as harmful
 /// unless a row says `"harmful": false`.
