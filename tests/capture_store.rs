@@ -5,22 +5,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use afprobe::capture::{capture, parse_hooks, CaptureSpec};
 use afprobe::model::{HookPoint, Model, ModelSpec, WeightDtype};
 use afprobe::store::{self, Existing, Position, Slice, Store};
-use common::{fixtures, load_fixture};
+use common::{afprobe, assert_fails_with as fails, fixtures, load_fixture};
 use ndarray::{s, Array2, Axis};
 use serde_json::{json, Value};
-
-fn afprobe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_afprobe"))
-        .args(args)
-        .output()
-        .expect("run afprobe")
-}
 
 fn tiny() -> Model {
     Model::load(
@@ -422,14 +415,6 @@ fn bad_capture_input_is_refused_clearly() {
         ];
         args.extend_from_slice(extra);
         afprobe(&args)
-    };
-    let fails = |out: &Output, needles: &[&str]| {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "expected failure: {err}");
-        assert!(!err.contains("panicked"), "{err}");
-        for n in needles {
-            assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-        }
     };
     let good = tmp.path().join("good.jsonl");
     write_jsonl(&good, &study_rows(3));

@@ -3,36 +3,9 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::fixtures;
-
-fn afprobe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_afprobe"))
-        .args(args)
-        .output()
-        .expect("run afprobe")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Fails unless the command exited non-zero with a message containing every `needle`.
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success: {err}"
-    );
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
-}
+use common::{afprobe, assert_fails_with, fixtures, stderr};
 
 fn tiny(arch: &str) -> String {
     fixtures()

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use afprobe::gap::compute_gap;
 use afprobe::model::{Model, ModelSpec, WeightDtype};
@@ -14,24 +13,8 @@ use afprobe::setting::{
 };
 use afprobe::store::{Existing, Manifest, ModelRecord, PromptsRecord, Store, StoreWriter, FORMAT};
 use candle_core::{Device, Tensor};
-use common::fixtures;
+use common::{afprobe, assert_fails_with as fails, fixtures};
 use serde_json::{json, Value};
-
-fn afprobe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_afprobe"))
-        .args(args)
-        .output()
-        .expect("run afprobe")
-}
-
-fn fails(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
-}
 
 #[test]
 fn rendered_study_prompts_match_the_snapshot_and_locate_every_cue() {

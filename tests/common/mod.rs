@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -53,4 +54,33 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 pub fn i64_vec(t: &Tensor) -> Vec<i64> {
     t.flatten_all().unwrap().to_vec1::<i64>().unwrap()
+}
+
+/// Runs the `afprobe` binary built for the tests.
+pub fn afprobe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_afprobe"))
+        .args(args)
+        .output()
+        .expect("run afprobe")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Fails unless the command exited non-zero, without a panic, with a message
+/// containing every `needle`.
+pub fn assert_fails_with(out: &Output, needles: &[&str]) {
+    let err = stderr(out);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
 }
