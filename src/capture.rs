@@ -295,11 +295,7 @@ fn capture_row(
         .min()
         .unwrap_or(r.last());
     let shared = if spec.share_prefix {
-        kv.tokens()
-            .iter()
-            .zip(&r.tokens)
-            .take_while(|(a, b)| a == b)
-            .count()
+        kv.shared_prefix_len(&r.tokens)
     } else {
         0
     };

@@ -87,13 +87,7 @@ pub fn sample(model: &Model, spec: &SampleSpec) -> Result<()> {
     for (i, (row, r)) in rows.iter().zip(&rendered).enumerate() {
         let (mut accept, mut reject, mut neither) = (0usize, 0usize, 0usize);
         // Keep the longest common token prefix with the previous row (the system prompt).
-        let shared = kv
-            .tokens()
-            .iter()
-            .zip(&r.tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        kv.truncate(shared)?;
+        kv.truncate(kv.shared_prefix_len(&r.tokens))?;
         for k in 0..spec.n {
             let sampling = Sampling {
                 temperature: spec.temperature,

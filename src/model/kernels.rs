@@ -249,6 +249,36 @@ impl OutPtr {
     }
 }
 
+/// How a weight tensor holds the `[k, n]` right-hand side of `x W`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// Stored as `[k, n]` (e.g. a pre-transposed projection).
+    KByN,
+    /// Stored as `[n, k]` and read as its transpose without a copy (e.g. the unembedding).
+    NByK,
+}
+
+/// `x W` through [`matmul`] for f32 CPU tensors `x: [m, k]`; `None` for other
+/// dtypes or devices, so the caller can fall back to candle's matmul.
+pub fn matmul_tensor(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Option<Tensor>> {
+    let (m, k) = x.dims2()?;
+    let n = match layout {
+        WeightLayout::KByN => w.dim(1)?,
+        WeightLayout::NByK => w.dim(0)?,
+    };
+    let out = with_f32_slice(w, |w| {
+        let w = match layout {
+            WeightLayout::KByN => Operand::rows(w.as_ptr(), n),
+            WeightLayout::NByK => Operand::transposed(w.as_ptr(), k),
+        };
+        with_f32_slice(x, |x| matmul(x, w, m, k, n))
+    })?
+    .transpose()?
+    .flatten();
+    out.map(|y| Ok(Tensor::from_vec(y, (m, n), x.device())?))
+        .transpose()
+}
+
 /// Calls `f` with the contiguous f32 data of a CPU tensor, or returns `None`
 /// (other dtype or device) so the caller can fall back to candle's ops.
 pub fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {

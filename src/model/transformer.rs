@@ -12,7 +12,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use super::attention::{causal_attention, AttnDims, Strided};
 use super::config::ModelConfig;
 use super::hooks::{HookPoint, Hooks};
-use super::kernels::{self, with_f32_slice, Operand};
+use super::kernels::{self, with_f32_slice, WeightLayout};
 use crate::error::{Error, Result};
 
 /// Weights by HF name (`model.layers.0.self_attn.q_proj.weight`), q/k in the
@@ -37,7 +37,7 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.forward_f32(x)? {
+        let y = match kernels::matmul_tensor(x, &self.weight_t, WeightLayout::KByN)? {
             Some(y) => y,
             None => x.matmul(&self.weight_t)?,
         };
@@ -45,23 +45,6 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
-    }
-}
-
-impl Linear {
-    /// The f32 CPU fast path ([`kernels::matmul`]); `None` for other dtypes or devices.
-    fn forward_f32(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (m, k) = x.dims2()?;
-        let n = self.weight_t.dim(1)?;
-        let out = with_f32_slice(&self.weight_t, |w| {
-            with_f32_slice(x, |x| {
-                kernels::matmul(x, Operand::rows(w.as_ptr(), n), m, k, n)
-            })
-        })?
-        .transpose()?
-        .flatten();
-        out.map(|y| Ok(Tensor::from_vec(y, (m, n), x.device())?))
-            .transpose()
     }
 }
 
@@ -374,17 +357,8 @@ impl Transformer {
     fn unembed_normed(&self, normed: &Tensor) -> Result<Tensor> {
         // f32: the deterministic column-split kernel reading the [vocab, d] matrix
         // as its transpose (no copy), so scores are reproducible to the bit.
-        let (m, k) = normed.dims2()?;
-        let n = self.config.vocab_size;
-        let fast = with_f32_slice(&self.lm_head, |w| {
-            with_f32_slice(normed, |x| {
-                kernels::matmul(x, Operand::transposed(w.as_ptr(), k), m, k, n)
-            })
-        })?
-        .transpose()?
-        .flatten();
-        match fast {
-            Some(logits) => Ok(Tensor::from_vec(logits, (m, n), normed.device())?),
+        match kernels::matmul_tensor(normed, &self.lm_head, WeightLayout::NByK)? {
+            Some(logits) => Ok(logits),
             None => Ok(normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?),
         }
     }
@@ -481,15 +455,20 @@ impl KvCache {
         Ok(())
     }
 
-    /// A copy of this cache cut to the longest prefix it shares with `tokens`,
-    /// always leaving at least one token of `tokens` to run (logits need one).
-    pub fn reuse_for(&self, tokens: &[u32]) -> Result<KvCache> {
-        let shared = self
-            .tokens
+    /// Length of the longest run of token ids this cache shares with the start of `tokens`.
+    pub fn shared_prefix_len(&self, tokens: &[u32]) -> usize {
+        self.tokens
             .iter()
             .zip(tokens)
             .take_while(|(a, b)| a == b)
             .count()
+    }
+
+    /// A copy of this cache cut to the longest prefix it shares with `tokens`,
+    /// always leaving at least one token of `tokens` to run (logits need one).
+    pub fn reuse_for(&self, tokens: &[u32]) -> Result<KvCache> {
+        let shared = self
+            .shared_prefix_len(tokens)
             .min(tokens.len().saturating_sub(1));
         let mut cache = self.clone();
         cache.truncate(shared)?;
