@@ -312,19 +312,27 @@ fn capture_row(
     }
     let mut computed = r.tokens.len() - reuse;
 
-    for &hook in &spec.hooks {
-        let acts = hooks.cache.require(hook)?; // rows reuse..T
-        for &p in &spec.positions {
+    // Rows of the captured window (it starts at `reuse`) each position reads; the same for every hook.
+    let picks = spec
+        .positions
+        .iter()
+        .map(|&p| {
             let rows: Vec<u32> = token_positions(r, p)
                 .into_iter()
                 .map(|pos| (pos - reuse) as u32)
                 .collect();
-            let picked = acts.index_select(&Tensor::new(rows, acts.device())?, 0)?;
+            Ok((p, Tensor::new(rows, &candle_core::Device::Cpu)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for &hook in &spec.hooks {
+        let acts = hooks.cache.require(hook)?;
+        for (p, rows) in &picks {
+            let picked = acts.index_select(rows, 0)?;
             let value = match p {
                 Position::Mean => picked.mean_keepdim(0)?,
                 _ => picked,
             };
-            shard.push(tensor_name(&hook.to_string(), p), value);
+            shard.push(tensor_name(&hook.to_string(), *p), value);
         }
     }
 
