@@ -9,9 +9,8 @@
 //! the same store as one uninterrupted run.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
@@ -21,6 +20,7 @@ use crate::model::fetch::sha256_file;
 use crate::model::hooks::BLOCK_HOOKS;
 use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter};
+use crate::progress::Progress;
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::store::{
     tensor_name, Existing, Manifest, ModelRecord, NamedTensors, Position, PromptsRecord, Slice,
@@ -215,7 +215,12 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
         .iter()
         .map(|b| spec.shard_rows.min(rows.len() - b * spec.shard_rows))
         .sum();
-    let mut progress = Progress::new(todo_rows, writer.manifest.row_count);
+    let already = writer.manifest.row_count;
+    if already > 0 {
+        eprintln!("afprobe: resuming after {already} rows already in the store");
+    }
+    let progress = Progress::new("capture", "rows", todo_rows);
+    let mut tokens_done = 0usize;
     let mut stats = CaptureStats::default();
     let started = Instant::now();
     for block in todo {
@@ -228,7 +233,16 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
             stats.rows += 1;
             stats.prompt_tokens += r.tokens.len();
             stats.computed_tokens += computed;
-            progress.row_done(r.tokens.len());
+            tokens_done += r.tokens.len();
+            let secs = progress.elapsed().max(1e-9);
+            progress.advance(
+                1,
+                Some(format!(
+                    "{:.1} rows/s, {:.0} tok/s",
+                    stats.rows as f64 / secs,
+                    tokens_done as f64 / secs
+                )),
+            );
         }
         let dtype = if spec.f16 { DType::F16 } else { DType::F32 };
         let (records, tensors) = block_state.shard.finish(dtype)?;
@@ -453,73 +467,5 @@ impl ShardBuilder {
             ));
         }
         Ok((self.records, out))
-    }
-}
-
-/// A progress bar on a terminal; a plain line every 15 s otherwise (logs, Slurm).
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    total: usize,
-    done: usize,
-    tokens: usize,
-    started: Instant,
-    last_line: Instant,
-}
-
-impl Progress {
-    fn new(total: usize, already: usize) -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(total as u64);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "capture {bar:30} {pos}/{len} rows  {msg}  ETA {eta}",
-                )
-                .expect("valid template"),
-            );
-            bar
-        });
-        if already > 0 {
-            eprintln!("afprobe: resuming after {already} rows already in the store");
-        }
-        Progress {
-            bar,
-            total,
-            done: 0,
-            tokens: 0,
-            started: Instant::now(),
-            last_line: Instant::now(),
-        }
-    }
-
-    fn row_done(&mut self, tokens: usize) {
-        self.done += 1;
-        self.tokens += tokens;
-        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
-        let rate = format!(
-            "{:.1} rows/s, {:.0} tok/s",
-            self.done as f64 / secs,
-            self.tokens as f64 / secs
-        );
-        match &self.bar {
-            Some(bar) => {
-                bar.set_position(self.done as u64);
-                bar.set_message(rate);
-            }
-            None if self.last_line.elapsed() > Duration::from_secs(15) => {
-                let eta = (self.total - self.done) as f64 * secs / self.done as f64;
-                eprintln!(
-                    "afprobe: capture {}/{} rows, {rate}, ETA {eta:.0}s",
-                    self.done, self.total
-                );
-                self.last_line = Instant::now();
-            }
-            None => {}
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
     }
 }

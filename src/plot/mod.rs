@@ -1,0 +1,466 @@
+//! `afprobe plot`: figures from a probe directory or an activation store,
+//! as PNG and SVG, with a bundled font so they render on machines without fonts.
+
+pub mod figures;
+pub mod pca;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::model::HookPoint;
+use crate::probe::{self, Method, MetricRow, Report, Role};
+use crate::store::{self, write_atomic, Position, Store};
+use figures::{Curve, Figure, Interval, PointGroup, PALETTE, SIZE};
+
+/// DejaVu Sans (Bitstream Vera licence, see fonts/LICENSE_DEJAVU).
+static FONT_TTF: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT_TTF)
+            .unwrap_or_else(|_| panic!("the bundled font is a valid TTF"));
+    });
+}
+
+/// Writes `stem.png` and `stem.svg` into `dir` (each via a temporary name).
+pub fn save(figure: &Figure, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    register_font();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let png = dir.join(format!("{stem}.png"));
+    // The encoder picks the format from the extension, so the temporary name keeps `.png`.
+    let tmp = dir.join(format!(".{stem}.tmp.png"));
+    {
+        let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
+        figure
+            .draw(&root)
+            .map_err(|e| Error::BadInput(format!("cannot draw {}: {e}", png.display())))?;
+    }
+    std::fs::rename(&tmp, &png).map_err(|e| Error::io(&png, e))?;
+    let svg = dir.join(format!("{stem}.svg"));
+    let mut text = String::new();
+    {
+        let root = SVGBackend::with_string(&mut text, SIZE).into_drawing_area();
+        figure
+            .draw(&root)
+            .map_err(|e| Error::BadInput(format!("cannot draw {}: {e}", svg.display())))?;
+    }
+    write_atomic(&svg, text.as_bytes())?;
+    Ok(vec![png, svg])
+}
+
+/// `afprobe plot` options.
+#[derive(Debug, Clone)]
+pub struct PlotSpec {
+    /// `probes/NAME` or `activations/NAME`.
+    pub input: PathBuf,
+    pub out: PathBuf,
+    /// For a store: the layer and position of the PCA scatter (default: middle layer, first position).
+    pub layer: Option<usize>,
+    pub position: Option<Position>,
+}
+
+/// Renders every figure the input supports; returns the files written.
+pub fn plot(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
+    if spec.input.join(probe::REPORT).exists() {
+        probe_figures(&spec.input, &spec.out)
+    } else if spec.input.join(store::MANIFEST).exists() {
+        store_figures(spec)
+    } else {
+        Err(Error::BadInput(format!(
+            "{}: neither a probe directory (report.json) nor an activation store (manifest.json)",
+            spec.input.display()
+        )))
+    }
+}
+
+/// The compliance-gap figure of a store with `gap.json`, and a PCA scatter.
+fn store_figures(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
+    let store = Store::open(&spec.input)?;
+    let mut files = Vec::new();
+    if spec.input.join("gap.json").exists() {
+        files.extend(save(&gap_figure(&spec.input)?, &spec.out, "gap")?);
+    }
+    let m = &store.manifest;
+    let position = spec
+        .position
+        .or_else(|| m.positions.iter().copied().find(|&p| p != Position::All))
+        .ok_or_else(|| Error::BadInput("the store has no per-row position".into()))?;
+    let hook = match spec.layer {
+        Some(l) => m
+            .hooks
+            .iter()
+            .find(|h| h.parse::<HookPoint>().ok().and_then(|p| p.layer()) == Some(l))
+            .ok_or_else(|| Error::BadInput(format!("the store has no hook at layer {l}")))?,
+        None => &m.hooks[m.hooks.len() / 2],
+    };
+    let tensor = store::tensor_name(hook, position);
+    let label = if store.column("tier").iter().any(Option::is_some) {
+        "tier"
+    } else {
+        "cue"
+    };
+    files.extend(save(
+        &pca_figure(&store, &tensor, label, "free")?,
+        &spec.out,
+        &format!("pca_{}", stem_of(&tensor)),
+    )?);
+    Ok(files)
+}
+
+/// `blocks.12.hook_resid_post@last` -> `resid_post_l12_last`.
+fn stem_of(tensor: &str) -> String {
+    let (hook, pos) = tensor.rsplit_once('@').unwrap_or((tensor, ""));
+    let kind = hook
+        .rsplit('.')
+        .next()
+        .unwrap_or(hook)
+        .trim_start_matches("hook_");
+    match hook.parse::<HookPoint>().ok().and_then(|p| p.layer()) {
+        Some(l) => format!("{kind}_l{l}_{pos}"),
+        None => format!("{kind}_{pos}"),
+    }
+}
+
+/// `hook_resid_post` of `blocks.12.hook_resid_post`.
+fn hook_kind(hook: &str) -> &str {
+    hook.rsplit('.').next().unwrap_or(hook)
+}
+
+fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    let report = Report::read(dir)?;
+    let label = format!(
+        "{} ({} vs {})",
+        report.settings["label"].as_str().unwrap_or("label"),
+        report.settings["positive"].as_str().unwrap_or("+"),
+        report.settings["negative"]
+            .as_array()
+            .map(|v| v
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("/"))
+            .unwrap_or_default()
+    );
+    let mut files = Vec::new();
+    let main_rows: Vec<&MetricRow> = report
+        .metrics
+        .iter()
+        .filter(|m| m.role == Role::Main && m.layer.is_some())
+        .collect();
+    let panels: BTreeSet<(String, Position)> = main_rows
+        .iter()
+        .map(|m| (hook_kind(&m.hook).to_string(), m.position))
+        .collect();
+    let store = Store::open(Path::new(&report.acts)).ok();
+    for (kind, position) in panels {
+        let in_panel = |m: &&MetricRow| hook_kind(&m.hook) == kind && m.position == position;
+        let rows: Vec<&MetricRow> = report.metrics.iter().filter(in_panel).collect();
+        let suffix = format!("{}_{position}", kind.trim_start_matches("hook_"));
+        files.extend(save(
+            &auroc_figure(&rows, &label, &kind, position),
+            out,
+            &format!("auroc_{suffix}"),
+        )?);
+        let method = if rows.iter().any(|m| m.method == Method::Logistic) {
+            Method::Logistic
+        } else {
+            Method::MeanDiff
+        };
+        let Some(best) = rows
+            .iter()
+            .filter(|m| m.role == Role::Main && m.method == method)
+            .max_by(|a, b| a.auroc.unwrap_or(0.0).total_cmp(&b.auroc.unwrap_or(0.0)))
+        else {
+            continue;
+        };
+        let layer = best.layer.unwrap_or(0);
+        if let Some(fig) = cross_figure(&rows, best, &label) {
+            files.extend(save(&fig, out, &format!("cross_{suffix}"))?);
+        }
+        let tensor = store::tensor_name(&best.hook, position);
+        if let Some(store) = &store {
+            let positive = report.settings["positive"].as_str().unwrap_or("true");
+            let field = report.settings["label"].as_str().unwrap_or("tier");
+            let fig = pca_figure(store, &tensor, field, positive)?;
+            files.extend(save(&fig, out, &format!("pca_{suffix}"))?);
+            let key = format!("{tensor}.{}.oof_score", method.name());
+            let scores = probe::load_vector(dir, &key)?;
+            if let Some(fig) = score_figure(store, &scores, &label, layer, position)? {
+                files.extend(save(&fig, out, &format!("score_vs_p_accept_{suffix}"))?);
+            }
+        }
+    }
+    if let Some(store) = &store {
+        if store.dir.join("gap.json").exists() {
+            files.extend(save(&gap_figure(&store.dir)?, out, "gap")?);
+        }
+    }
+    Ok(files)
+}
+
+fn auroc_figure(rows: &[&MetricRow], label: &str, kind: &str, position: Position) -> Figure {
+    let curve = |role: Role, method: Method, what: &dyn Fn(&MetricRow) -> Option<f64>| {
+        let mut pts: Vec<(f64, f64, Option<(f64, f64)>)> = rows
+            .iter()
+            .filter(|m| m.role == role && m.method == method)
+            .filter_map(|m| {
+                let ci = m.auroc_lo.zip(m.auroc_hi);
+                Some((
+                    m.layer? as f64,
+                    what(m)?,
+                    if role == Role::Main { ci } else { None },
+                ))
+            })
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        pts
+    };
+    let mut curves = Vec::new();
+    let auroc = |m: &MetricRow| m.auroc;
+    let shuffled = |m: &MetricRow| m.shuffled_auroc;
+    let specs: [(
+        &str,
+        Role,
+        Method,
+        &dyn Fn(&MetricRow) -> Option<f64>,
+        usize,
+        bool,
+    ); 4] = [
+        (
+            "logistic probe (95% CI)",
+            Role::Main,
+            Method::Logistic,
+            &auroc,
+            0,
+            false,
+        ),
+        (
+            "mean-difference probe",
+            Role::Main,
+            Method::MeanDiff,
+            &auroc,
+            1,
+            false,
+        ),
+        (
+            "control cue (logistic)",
+            Role::Control,
+            Method::Logistic,
+            &auroc,
+            3,
+            false,
+        ),
+        (
+            "shuffled labels (logistic)",
+            Role::Main,
+            Method::Logistic,
+            &shuffled,
+            7,
+            true,
+        ),
+    ];
+    for (name, role, method, what, color, dashed) in specs {
+        let points = curve(role, method, what);
+        if !points.is_empty() {
+            curves.push(Curve {
+                label: name.into(),
+                color: PALETTE[color],
+                dashed,
+                points,
+            });
+        }
+    }
+    let low = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.2.map_or(p.1, |ci| ci.0)))
+        .fold(0.4, f64::min);
+    Figure::Layers {
+        title: format!("Decoding {label} from {kind} @{position}"),
+        y_label: "AUROC (held-out requests)".into(),
+        y_range: ((low - 0.02).max(0.0), 1.02),
+        reference: Some(0.5),
+        curves,
+    }
+}
+
+/// The train × test matrix at the best layer, if the report has one.
+fn cross_figure(rows: &[&MetricRow], best: &MetricRow, label: &str) -> Option<Figure> {
+    let cells: Vec<&&MetricRow> = rows
+        .iter()
+        .filter(|m| m.role == Role::Cross && m.hook == best.hook && m.method == best.method)
+        .collect();
+    if cells.is_empty() {
+        return None;
+    }
+    let value_of = |f: &str| {
+        f.split_once('=')
+            .map_or(f.to_string(), |(_, v)| v.to_string())
+    };
+    let field = cells[0]
+        .train
+        .split_once('=')
+        .map_or("", |(f, _)| f)
+        .to_string();
+    let names: Vec<String> = cells
+        .iter()
+        .map(|m| value_of(&m.train))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut grid: BTreeMap<(String, String), Option<f64>> = BTreeMap::new();
+    for m in &cells {
+        grid.insert((value_of(&m.train), value_of(&m.test)), m.auroc);
+    }
+    let values = names
+        .iter()
+        .map(|a| {
+            names
+                .iter()
+                .map(|b| grid.get(&(a.clone(), b.clone())).copied().flatten())
+                .collect()
+        })
+        .collect();
+    Some(Figure::Heatmap {
+        title: format!(
+            "AUROC for {label}, trained on one {field} and tested on another (layer {}, {})",
+            best.layer.unwrap_or(0),
+            best.method.name()
+        ),
+        row_label: format!("trained on {field}"),
+        col_label: format!("tested on {field} (held-out requests)"),
+        rows: names.clone(),
+        cols: names,
+        values,
+    })
+}
+
+/// PCA of one tensor, coloured by cue, filled for the positive class of `field`.
+fn pca_figure(store: &Store, tensor: &str, field: &str, positive: &str) -> Result<Figure> {
+    let x = store.load(tensor)?;
+    if x.iter().any(|v| !v.is_finite()) {
+        return Err(Error::BadInput(format!(
+            "{}: `{tensor}` has non-finite values; no PCA plotted",
+            store.dir.display()
+        )));
+    }
+    let p = pca::pca2(x.view());
+    let cues = store.column("cue");
+    let labels = store.column(field);
+    let mut groups: BTreeMap<(String, bool), Vec<(f64, f64)>> = BTreeMap::new();
+    for (i, &xy) in p.coords.iter().enumerate() {
+        let cue = cues[i].clone().unwrap_or_else(|| "-".into());
+        let pos = labels[i].as_deref() == Some(positive);
+        groups.entry((cue, pos)).or_default().push(xy);
+    }
+    let cue_names: Vec<String> = groups
+        .keys()
+        .map(|k| k.0.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let groups = groups
+        .into_iter()
+        .map(|((cue, pos), points)| PointGroup {
+            label: format!(
+                "{cue}, {}",
+                if pos {
+                    format!("{field}={positive}")
+                } else {
+                    format!("{field}!={positive}")
+                }
+            ),
+            color: PALETTE[cue_names.iter().position(|c| *c == cue).unwrap_or(0) % PALETTE.len()],
+            filled: pos,
+            points,
+        })
+        .collect();
+    Ok(Figure::Scatter {
+        title: format!("PCA of {tensor} (standardised, {} rows)", x.nrows()),
+        x_label: format!("PC1 ({:.1}% of variance)", 100.0 * p.explained[0]),
+        y_label: format!("PC2 ({:.1}% of variance)", 100.0 * p.explained[1]),
+        groups,
+    })
+}
+
+/// Out-of-fold probe score against p_accept, coloured by tier; `None` without scores.
+fn score_figure(
+    store: &Store,
+    scores: &[f32],
+    label: &str,
+    layer: usize,
+    position: Position,
+) -> Result<Option<Figure>> {
+    let tiers = store.column("tier");
+    let mut by_tier: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for (i, row) in store.rows().iter().enumerate() {
+        let p = row.get("p_accept").and_then(Value::as_f64);
+        let s = scores.get(i).copied().filter(|s| s.is_finite());
+        if let (Some(p), Some(s)) = (p, s) {
+            let tier = tiers[i].clone().unwrap_or_else(|| "-".into());
+            by_tier.entry(tier).or_default().push((s as f64, p));
+        }
+    }
+    if by_tier.is_empty() {
+        return Ok(None);
+    }
+    let groups = by_tier
+        .into_iter()
+        .enumerate()
+        .map(|(i, (tier, points))| {
+            let (xs, ys): (Vec<f64>, Vec<f64>) = points.iter().copied().unzip();
+            let r = probe::metrics::pearson(&xs, &ys)
+                .map_or("r n/a".into(), |r| format!("r = {r:+.2}"));
+            PointGroup {
+                label: format!("tier {tier} ({r}, n = {})", points.len()),
+                color: PALETTE[i % PALETTE.len()],
+                filled: true,
+                points,
+            }
+        })
+        .collect();
+    Ok(Some(Figure::Scatter {
+        title: format!("Probe score vs compliance (layer {layer} @{position}, out-of-fold)"),
+        x_label: format!("probe score for {label} (logit)"),
+        y_label: "p_accept".into(),
+        groups,
+    }))
+}
+
+/// Compliance gap per cue with its bootstrap interval (from `gap.json`).
+fn gap_figure(store_dir: &Path) -> Result<Figure> {
+    let path = store_dir.join("gap.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let gap: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model_file(&path, format!("not valid JSON: {e}")))?;
+    let item = |name: &str, s: &Value| -> Option<Interval> {
+        let ci = s.get("ci95")?.as_array()?;
+        Some(Interval {
+            label: format!("{name} (n={})", s.get("n_requests")?.as_u64()?),
+            value: s.get("gap")?.as_f64()?,
+            lo: ci.first()?.as_f64()?,
+            hi: ci.get(1)?.as_f64()?,
+        })
+    };
+    let mut items: Vec<Interval> = gap["by_cue"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(cue, s)| item(cue, s))
+        .collect();
+    for key in ["overall", "benign"] {
+        items.extend(item(key, &gap[key]));
+    }
+    if items.is_empty() {
+        return Err(Error::model_file(&path, "no gap statistics to plot"));
+    }
+    Ok(Figure::Intervals {
+        title: "Compliance gap p_accept(free) - p_accept(paid), 95% paired bootstrap CI".into(),
+        y_label: "gap (free - paid)".into(),
+        items,
+    })
+}

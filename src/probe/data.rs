@@ -1,0 +1,413 @@
+//! What a probe is trained on: binary labels, groups, row filters and
+//! grouped cross-validation folds, all read from a store's `rows.jsonl`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// One condition of a filter: `FIELD=V1|V2` or `FIELD!=V1|V2`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Condition {
+    field: String,
+    values: Vec<String>,
+    negate: bool,
+}
+
+/// Selects rows by metadata: conditions joined by `,` must all hold; `|`
+/// separates alternative values. `all` (or empty) selects every row.
+/// Examples: `cue=xml`, `cue!=control`, `cue=xml|natural,harmful=true`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Filter {
+    conditions: Vec<Condition>,
+}
+
+impl FromStr for Filter {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Filter> {
+        let s = s.trim();
+        if s.is_empty() || s == "all" {
+            return Ok(Filter::default());
+        }
+        let conditions = s
+            .split(',')
+            .map(|part| {
+                let (field, values, negate) = if let Some((f, v)) = part.split_once("!=") {
+                    (f, v, true)
+                } else if let Some((f, v)) = part.split_once('=') {
+                    (f, v, false)
+                } else {
+                    return Err(Error::BadInput(format!(
+                        "filter `{s}`: `{part}` is not FIELD=VALUE or FIELD!=VALUE \
+                         (join conditions with `,`, alternative values with `|`)"
+                    )));
+                };
+                let values: Vec<String> = values.split('|').map(|v| v.trim().to_string()).collect();
+                if field.trim().is_empty() || values.iter().any(String::is_empty) {
+                    return Err(Error::BadInput(format!(
+                        "filter `{s}`: empty field or value in `{part}`"
+                    )));
+                }
+                Ok(Condition {
+                    field: field.trim().to_string(),
+                    values,
+                    negate,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Filter { conditions })
+    }
+}
+
+impl fmt::Display for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.conditions.is_empty() {
+            return f.write_str("all");
+        }
+        let parts: Vec<String> = self
+            .conditions
+            .iter()
+            .map(|c| {
+                let op = if c.negate { "!=" } else { "=" };
+                format!("{}{op}{}", c.field, c.values.join("|"))
+            })
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl Filter {
+    /// Rows where `field` equals one of `values`.
+    pub fn equals(field: &str, values: &[&str]) -> Filter {
+        Filter {
+            conditions: vec![Condition {
+                field: field.into(),
+                values: values.iter().map(|v| v.to_string()).collect(),
+                negate: false,
+            }],
+        }
+    }
+
+    /// Both filters at once.
+    pub fn and(&self, other: &Filter) -> Filter {
+        let mut conditions = self.conditions.clone();
+        conditions.extend(other.conditions.iter().cloned());
+        Filter { conditions }
+    }
+
+    /// `self` with the condition that `field` is not `value`.
+    pub fn excluding(&self, field: &str, value: &str) -> Filter {
+        let mut out = self.clone();
+        out.conditions.push(Condition {
+            field: field.into(),
+            values: vec![value.into()],
+            negate: true,
+        });
+        out
+    }
+
+    /// Whether any condition tests `field`.
+    pub fn mentions(&self, field: &str) -> bool {
+        self.conditions.iter().any(|c| c.field == field)
+    }
+
+    /// Fields the filter reads.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.conditions.iter().map(|c| c.field.as_str())
+    }
+
+    /// The per-row mask over a store's rows.
+    pub fn mask(&self, table: &Table) -> Result<Vec<bool>> {
+        let mut mask = vec![true; table.len()];
+        for c in &self.conditions {
+            let column = table.column(&c.field)?;
+            for (m, v) in mask.iter_mut().zip(column) {
+                let hit = v.as_ref().is_some_and(|v| c.values.contains(v));
+                *m &= hit != c.negate;
+            }
+        }
+        Ok(mask)
+    }
+}
+
+/// The metadata columns of a store, as strings (JSON booleans and numbers
+/// are written as JSON: `true`, `3`).
+pub struct Table {
+    columns: BTreeMap<String, Vec<Option<String>>>,
+    len: usize,
+}
+
+impl Table {
+    pub fn from_store(store: &Store) -> Table {
+        let mut names = std::collections::BTreeSet::new();
+        for row in store.rows() {
+            if let Some(obj) = row.as_object() {
+                names.extend(obj.keys().cloned());
+            }
+        }
+        let columns = names
+            .into_iter()
+            .map(|name| {
+                let col = store.column(&name);
+                (name, col)
+            })
+            .collect();
+        Table {
+            columns,
+            len: store.rows().len(),
+        }
+    }
+
+    /// A table from explicit columns (tests, other front ends).
+    pub fn from_columns(columns: BTreeMap<String, Vec<Option<String>>>) -> Table {
+        let len = columns.values().next().map_or(0, Vec::len);
+        Table { columns, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A column by name; the error lists the fields there are.
+    pub fn column(&self, field: &str) -> Result<&[Option<String>]> {
+        self.columns.get(field).map(Vec::as_slice).ok_or_else(|| {
+            let names: Vec<&str> = self.columns.keys().map(String::as_str).collect();
+            Error::BadInput(format!(
+                "no row has the field `{field}`; rows have: {}",
+                names.join(", ")
+            ))
+        })
+    }
+
+    /// Distinct values of a column among the rows of `mask`, sorted.
+    pub fn values(&self, field: &str, mask: &[bool]) -> Result<Vec<String>> {
+        let mut values: Vec<String> = self
+            .column(field)?
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m)
+            .filter_map(|(v, _)| v.clone())
+            .collect();
+        values.sort();
+        values.dedup();
+        Ok(values)
+    }
+
+    /// A numeric column (`None` where absent or not a number).
+    pub fn numbers(&self, field: &str) -> Vec<Option<f64>> {
+        match self.columns.get(field) {
+            Some(col) => col
+                .iter()
+                .map(|v| v.as_ref().and_then(|s| s.parse().ok()))
+                .collect(),
+            None => vec![None; self.len],
+        }
+    }
+}
+
+/// A binary label read from a metadata field.
+#[derive(Debug, Clone)]
+pub struct Labels {
+    pub field: String,
+    pub positive: String,
+    /// The other value(s), for reports.
+    pub negative: Vec<String>,
+    /// Per row: `Some(is_positive)`, `None` where the field is absent.
+    pub y: Vec<Option<bool>>,
+}
+
+impl Labels {
+    /// Reads `field` as a binary label. The positive value is `positive`, else
+    /// `true` for booleans, `free` for `tier`, else the later of two sorted
+    /// values (as scikit-learn). More than two values need `positive`.
+    pub fn read(table: &Table, field: &str, positive: Option<&str>) -> Result<Labels> {
+        let column = table.column(field)?;
+        let values = table.values(field, &vec![true; table.len()])?;
+        let positive = match positive {
+            Some(p) if values.iter().any(|v| v == p) => p.to_string(),
+            Some(p) => {
+                return Err(Error::BadInput(format!(
+                    "--positive `{p}` is not a value of `{field}`; its values are: {}",
+                    values.join(", ")
+                )))
+            }
+            None if values.len() < 2 => return Err(Error::BadInput(format!(
+                "label `{field}` has a single value ({}) in this store: a probe needs two classes",
+                values.join(", ")
+            ))),
+            None if values.iter().any(|v| v == "true") => "true".into(),
+            None if field == "tier" && values.iter().any(|v| v == "free") => "free".into(),
+            None if values.len() == 2 => values[1].clone(),
+            None => return Err(Error::BadInput(format!(
+                "label `{field}` has {} values ({}); name the positive class with --positive VALUE",
+                values.len(),
+                values.join(", ")
+            ))),
+        };
+        let negative = values.iter().filter(|v| **v != positive).cloned().collect();
+        let y = column
+            .iter()
+            .map(|v| v.as_ref().map(|v| *v == positive))
+            .collect();
+        Ok(Labels {
+            field: field.into(),
+            positive,
+            negative,
+            y,
+        })
+    }
+}
+
+/// Group ids (dense, 0..n_groups) per row from a metadata field.
+pub fn groups(table: &Table, field: &str) -> Result<Vec<usize>> {
+    let column = table.column(field)?;
+    let mut ids = BTreeMap::new();
+    column
+        .iter()
+        .enumerate()
+        .map(|(row, v)| {
+            let v = v.as_ref().ok_or_else(|| {
+                Error::BadInput(format!(
+                    "row {} has no group field `{field}`; every row needs one (or choose --group)",
+                    row + 1
+                ))
+            })?;
+            let next = ids.len();
+            Ok(*ids.entry(v.clone()).or_insert(next))
+        })
+        .collect()
+}
+
+/// The fold of every row: grouped K-fold, so all rows of a group share one
+/// fold and no group is ever in both the training and the test rows.
+#[derive(Debug, Clone)]
+pub struct Folds {
+    pub k: usize,
+    fold_of_row: Vec<usize>,
+}
+
+impl Folds {
+    /// Groups are dealt largest first (ties in a seeded random order) to the
+    /// fold with the fewest rows so far, as scikit-learn's GroupKFold does.
+    /// Only rows with `used[row]` count towards fold sizes.
+    pub fn grouped(groups: &[usize], used: &[bool], k: usize, seed: u64) -> Result<Folds> {
+        let n_groups = groups.iter().zip(used).filter(|(_, &u)| u).map(|(g, _)| *g);
+        let mut size: BTreeMap<usize, usize> = BTreeMap::new();
+        for g in n_groups {
+            *size.entry(g).or_default() += 1;
+        }
+        if k < 2 {
+            return Err(Error::BadInput(format!(
+                "--folds must be at least 2, got {k}"
+            )));
+        }
+        if size.len() < k {
+            return Err(Error::BadInput(format!(
+                "{} groups but {k} folds: grouped cross-validation needs at least as many \
+                 groups as folds (lower --folds or choose another --group)",
+                size.len()
+            )));
+        }
+        let mut order: Vec<usize> = size.keys().copied().collect();
+        order.shuffle(&mut StdRng::seed_from_u64(seed));
+        order.sort_by_key(|g| std::cmp::Reverse(size[g])); // stable: ties keep the shuffle
+        let mut fold_rows = vec![0usize; k];
+        let mut fold_of_group = BTreeMap::new();
+        for g in order {
+            let lightest = (0..k).min_by_key(|&f| (fold_rows[f], f)).expect("k >= 2");
+            fold_rows[lightest] += size[&g];
+            fold_of_group.insert(g, lightest);
+        }
+        // Rows of groups that are never used still get a fold (their group's, or 0).
+        let fold_of_row = groups
+            .iter()
+            .map(|g| fold_of_group.get(g).copied().unwrap_or(0))
+            .collect();
+        Ok(Folds { k, fold_of_row })
+    }
+
+    /// Folds given row by row (e.g. to reproduce another tool's split).
+    pub fn explicit(fold_of_row: Vec<usize>) -> Folds {
+        let k = fold_of_row.iter().max().map_or(0, |m| m + 1);
+        Folds { k, fold_of_row }
+    }
+
+    pub fn fold(&self, row: usize) -> usize {
+        self.fold_of_row[row]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_and_print() {
+        for s in ["cue=xml", "cue!=control", "cue=xml|natural,harmful=true"] {
+            assert_eq!(s.parse::<Filter>().unwrap().to_string(), s);
+        }
+        assert_eq!("all".parse::<Filter>().unwrap(), Filter::default());
+        assert!("cue".parse::<Filter>().is_err());
+        assert!("cue=".parse::<Filter>().is_err());
+    }
+
+    #[test]
+    fn filter_mask() {
+        let table = Table::from_columns(BTreeMap::from([
+            (
+                "cue".to_string(),
+                vec![Some("xml".into()), Some("control".into()), None],
+            ),
+            (
+                "tier".to_string(),
+                vec![
+                    Some("free".into()),
+                    Some("paid".into()),
+                    Some("free".into()),
+                ],
+            ),
+        ]));
+        let mask = |s: &str| s.parse::<Filter>().unwrap().mask(&table).unwrap();
+        assert_eq!(mask("cue=xml"), [true, false, false]);
+        assert_eq!(mask("cue!=control"), [true, false, true]);
+        assert_eq!(mask("cue=xml|control,tier=paid"), [false, true, false]);
+        let err = mask_err(&table);
+        assert!(err.contains("no row has the field `variant`"), "{err}");
+    }
+
+    fn mask_err(table: &Table) -> String {
+        "variant=a"
+            .parse::<Filter>()
+            .unwrap()
+            .mask(table)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn folds_keep_groups_together_and_balance_sizes() {
+        let groups: Vec<usize> = (0..100).map(|i| (i * 7) % 23).collect();
+        let folds = Folds::grouped(&groups, &[true; 100], 5, 1).unwrap();
+        for (r, &g) in groups.iter().enumerate() {
+            for (s, &h) in groups.iter().enumerate() {
+                if g == h {
+                    assert_eq!(folds.fold(r), folds.fold(s));
+                }
+            }
+        }
+        let mut sizes = [0; 5];
+        (0..100).for_each(|r| sizes[folds.fold(r)] += 1);
+        assert!(sizes.iter().all(|&s| (16..=24).contains(&s)), "{sizes:?}");
+        assert!(Folds::grouped(&groups, &[true; 100], 30, 1).is_err());
+    }
+}

@@ -1,0 +1,258 @@
+//! Fitting one linear probe: standardisation on the training rows, then L2
+//! logistic regression (linfa-logistic) or the difference of class means.
+
+use linfa::prelude::*;
+use linfa_logistic::LogisticRegression;
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How a probe direction is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// L2-regularised logistic regression on standardised activations.
+    Logistic,
+    /// Difference of the class means of the standardised activations.
+    MeanDiff,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Logistic => "logistic",
+            Method::MeanDiff => "mean-diff",
+        }
+    }
+}
+
+/// Settings of a fit.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FitSettings {
+    /// Inverse regularisation strength, as scikit-learn's `C` (linfa's alpha = 1/C).
+    pub c: f64,
+    /// L-BFGS iteration cap.
+    pub max_iterations: u64,
+    /// L-BFGS stops when the gradient norm is below this.
+    pub gradient_tolerance: f64,
+}
+
+impl Default for FitSettings {
+    fn default() -> FitSettings {
+        FitSettings {
+            c: 1.0,
+            max_iterations: 1000,
+            gradient_tolerance: 1e-4,
+        }
+    }
+}
+
+/// A fitted probe: `score(x) = ((x - mean) / scale) · weight + bias`, positive
+/// for the positive class. Logistic scores are logits; mean-difference scores
+/// are centred so that 0 is the midpoint between the class means.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub mean: Array1<f64>,
+    pub scale: Array1<f64>,
+    pub weight: Array1<f64>,
+    pub bias: f64,
+}
+
+impl Probe {
+    /// Scores of the given rows of `x`.
+    pub fn scores(&self, x: ArrayView2<f32>, rows: &[usize]) -> Vec<f64> {
+        // Fold the standardisation into the weights: one dot product per row.
+        let w_raw = &self.weight / &self.scale;
+        let b_raw = self.bias - w_raw.dot(&self.mean);
+        rows.iter()
+            .map(|&r| {
+                x.row(r)
+                    .iter()
+                    .zip(w_raw.iter())
+                    .map(|(&a, &w)| a as f64 * w)
+                    .sum::<f64>()
+                    + b_raw
+            })
+            .collect()
+    }
+
+    /// The probe in the residual basis: unit direction `u`, norm `k` and bias
+    /// `c` with `score(x) = k (x · u) + c`.
+    pub fn in_residual_basis(&self) -> (Array1<f64>, f64, f64) {
+        let w_raw = &self.weight / &self.scale;
+        let bias = self.bias - w_raw.dot(&self.mean);
+        let norm = w_raw.dot(&w_raw).sqrt();
+        let unit = if norm > 0.0 { &w_raw / norm } else { w_raw };
+        (unit, norm, bias)
+    }
+}
+
+/// Per-feature mean and population standard deviation of the training rows
+/// (scikit-learn's StandardScaler: a constant feature gets scale 1).
+fn standardizer(x: ArrayView2<f32>, rows: &[usize]) -> (Array1<f64>, Array1<f64>) {
+    let d = x.ncols();
+    let mut sum = Array1::<f64>::zeros(d);
+    let mut sq = Array1::<f64>::zeros(d);
+    for &r in rows {
+        for ((s, q), &v) in sum.iter_mut().zip(sq.iter_mut()).zip(x.row(r)) {
+            let v = v as f64;
+            *s += v;
+            *q += v * v;
+        }
+    }
+    let n = rows.len() as f64;
+    let mean = sum / n;
+    let scale = (sq / n - &mean * &mean).mapv(|v| {
+        let sd = v.max(0.0).sqrt();
+        if sd > 1e-12 {
+            sd
+        } else {
+            1.0
+        }
+    });
+    (mean, scale)
+}
+
+/// The standardised training matrix.
+fn standardized(
+    x: ArrayView2<f32>,
+    rows: &[usize],
+    mean: &Array1<f64>,
+    scale: &Array1<f64>,
+) -> Array2<f64> {
+    let mut out = Array2::<f64>::zeros((rows.len(), x.ncols()));
+    for (mut dst, &r) in out.axis_iter_mut(Axis(0)).zip(rows) {
+        for (((o, &v), m), s) in dst.iter_mut().zip(x.row(r)).zip(mean).zip(scale) {
+            *o = (v as f64 - m) / s;
+        }
+    }
+    out
+}
+
+/// Fits a probe on `rows` of `x` with labels `y` (both classes must be present).
+pub fn fit(
+    x: ArrayView2<f32>,
+    rows: &[usize],
+    y: &[bool],
+    method: Method,
+    settings: &FitSettings,
+) -> Result<Probe> {
+    let labels: Vec<bool> = rows.iter().map(|&r| y[r]).collect();
+    let n_pos = labels.iter().filter(|&&l| l).count();
+    if n_pos == 0 || n_pos == labels.len() {
+        return Err(Error::BadInput(format!(
+            "a training fold has only one class ({} rows, {n_pos} positive)",
+            labels.len()
+        )));
+    }
+    let (mean, scale) = standardizer(x, rows);
+    let xs = standardized(x, rows, &mean, &scale);
+    let (weight, bias) = match method {
+        Method::Logistic => logistic(xs, labels, settings)?,
+        Method::MeanDiff => mean_difference(&xs, &labels),
+    };
+    Ok(Probe {
+        mean,
+        scale,
+        weight,
+        bias,
+    })
+}
+
+fn logistic(xs: Array2<f64>, labels: Vec<bool>, s: &FitSettings) -> Result<(Array1<f64>, f64)> {
+    let dataset = Dataset::new(xs, Array1::from(labels));
+    let fitted = LogisticRegression::default()
+        .alpha(1.0 / s.c)
+        .max_iterations(s.max_iterations)
+        .gradient_tolerance(s.gradient_tolerance)
+        .fit(&dataset)
+        .map_err(|e| Error::BadInput(format!("logistic regression failed: {e}")))?;
+    // linfa's "positive" class is the more frequent one (or the first seen on a
+    // tie), not `true`: orient the logit so that it favours `true`.
+    let sign = if fitted.labels().pos.class { 1.0 } else { -1.0 };
+    Ok((fitted.params() * sign, fitted.intercept() * sign))
+}
+
+/// Direction = mean(positive) − mean(negative); bias puts 0 at the midpoint.
+fn mean_difference(xs: &Array2<f64>, labels: &[bool]) -> (Array1<f64>, f64) {
+    let class_mean = |class: bool| {
+        let rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
+        xs.select(Axis(0), &rows)
+            .mean_axis(Axis(0))
+            .expect("class is non-empty")
+    };
+    let (pos, neg) = (class_mean(true), class_mean(false));
+    let weight = &pos - &neg;
+    let midpoint = (&pos + &neg) / 2.0;
+    let bias = -weight.dot(&midpoint);
+    (weight, bias)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toy() -> (Array2<f32>, Vec<bool>) {
+        // Two informative features (one reversed) and one constant feature.
+        let x = Array2::from_shape_fn((40, 3), |(i, j)| match j {
+            0 => (i % 2) as f32 * 2.0 + (i % 5) as f32 * 0.3,
+            1 => -((i % 2) as f32) + (i % 3) as f32 * 0.2,
+            _ => 7.0,
+        });
+        let y = (0..40).map(|i| i % 2 == 1).collect();
+        (x, y)
+    }
+
+    #[test]
+    fn both_methods_score_the_positive_class_higher() {
+        let (x, y) = toy();
+        let rows: Vec<usize> = (0..40).collect();
+        for method in [Method::Logistic, Method::MeanDiff] {
+            let p = fit(x.view(), &rows, &y, method, &FitSettings::default()).unwrap();
+            let s = p.scores(x.view(), &rows);
+            assert!(rows.iter().all(|&r| (s[r] > 0.0) == y[r]), "{method:?}");
+            // The residual-basis form gives the same scores.
+            let (u, k, c) = p.in_residual_basis();
+            assert!(((u.dot(&u)) - 1.0).abs() < 1e-12);
+            for r in [0, 1, 7] {
+                let raw: f64 = x.row(r).iter().zip(&u).map(|(&a, b)| a as f64 * b).sum();
+                assert!((k * raw + c - s[r]).abs() < 1e-9);
+            }
+        }
+    }
+
+    #[test]
+    fn label_orientation_does_not_depend_on_row_order() {
+        let (x, mut y) = toy();
+        // Make `false` the majority class, and the first row negative.
+        y[1] = false;
+        y[3] = false;
+        let rows: Vec<usize> = (0..40).collect();
+        let p = fit(
+            x.view(),
+            &rows,
+            &y,
+            Method::Logistic,
+            &FitSettings::default(),
+        )
+        .unwrap();
+        let s = p.scores(x.view(), &rows);
+        let pos_mean: f64 = (0..40).filter(|&r| y[r]).map(|r| s[r]).sum::<f64>();
+        assert!(pos_mean > 0.0);
+    }
+
+    #[test]
+    fn one_class_is_an_error() {
+        let (x, _) = toy();
+        let rows: Vec<usize> = (0..10).collect();
+        let err = fit(
+            x.view(),
+            &rows,
+            &[true; 40],
+            Method::Logistic,
+            &FitSettings::default(),
+        );
+        assert!(err.unwrap_err().to_string().contains("only one class"));
+    }
+}

@@ -1,0 +1,826 @@
+//! `afprobe probe`: linear probes per hook, position and layer of a store,
+//! with grouped cross-validation, baselines, a control cue, cross-condition
+//! generalisation and the relation to compliance (DESIGN §4, `probes/NAME`).
+//!
+//! Every evaluation is "train on the rows of one filter, test on the rows of
+//! another", inside grouped K-fold: a probe for fold f is fitted on the
+//! training rows of every other fold and scores the test rows of fold f, so a
+//! group (request) is never on both sides.
+
+pub mod cv;
+pub mod data;
+pub mod fit;
+pub mod metrics;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::Array2;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::capture::parse_hooks;
+use crate::error::{Error, Result};
+use crate::model::HookPoint;
+use crate::progress::Progress;
+use crate::store::{write_atomic, ModelRecord, Position, Store};
+use cv::{cross_validate, shuffled_labels, summarize, Scores};
+pub use data::{Filter, Folds, Labels, Table};
+pub use fit::{FitSettings, Method, Probe};
+
+pub const REPORT: &str = "report.json";
+pub const METRICS: &str = "metrics.csv";
+pub const PROBES: &str = "probes.safetensors";
+
+/// What `afprobe probe` does.
+#[derive(Debug, Clone)]
+pub struct ProbeSpec {
+    pub acts: PathBuf,
+    pub out: PathBuf,
+    /// The label field and its positive value (see [`Labels::read`]).
+    pub label: String,
+    pub positive: Option<String>,
+    /// Rows sharing this field's value are always in the same fold.
+    pub group: String,
+    /// Hook kinds or names and layers to probe (`None`: every tensor of the store).
+    pub hooks: Option<String>,
+    pub layers: String,
+    pub positions: Option<Vec<Position>>,
+    pub methods: Vec<Method>,
+    pub folds: usize,
+    pub seed: u64,
+    pub train_filter: Filter,
+    pub test_filter: Filter,
+    /// Rows of a control condition (same label, no meaning), probed on their
+    /// own and left out of the main probe. `None`: no control.
+    pub control: Option<Filter>,
+    /// A field whose values give the train × test generalisation matrix.
+    pub cross: Option<String>,
+    pub fit: FitSettings,
+    /// Shuffled-label refits per evaluation (the permutation baseline).
+    pub shuffles: usize,
+    /// Group-bootstrap resamples for AUROC intervals.
+    pub bootstrap: usize,
+    pub force: bool,
+}
+
+/// Which question an evaluation answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The probe itself: train filter → test filter.
+    Main,
+    /// The same label on the control condition.
+    Control,
+    /// One cell of the generalisation matrix over `--cross`.
+    Cross,
+}
+
+/// One `metrics.csv` row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricRow {
+    pub hook: String,
+    pub position: Position,
+    pub layer: Option<usize>,
+    pub method: Method,
+    pub role: Role,
+    pub train: String,
+    pub test: String,
+    pub auroc: Option<f64>,
+    pub auroc_mean: Option<f64>,
+    pub auroc_std: Option<f64>,
+    pub auroc_lo: Option<f64>,
+    pub auroc_hi: Option<f64>,
+    pub accuracy: f64,
+    pub accuracy_std: f64,
+    pub balanced_accuracy: f64,
+    pub majority_accuracy: f64,
+    /// Mean AUROC of the probes refitted on shuffled training labels.
+    pub shuffled_auroc: Option<f64>,
+    pub n: usize,
+    /// Main probe only: Pearson r between the out-of-fold score and
+    /// `p_accept`, within each value of the tier field.
+    pub r_p_accept: BTreeMap<String, Option<f64>>,
+}
+
+/// A tensor left out, and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Skipped {
+    pub tensor: String,
+    pub reason: String,
+}
+
+/// `report.json`: settings, seeds, data counts and every metric.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub afprobe_version: String,
+    pub acts: String,
+    pub model: ModelRecord,
+    pub settings: serde_json::Value,
+    pub data: serde_json::Value,
+    pub metrics: Vec<MetricRow>,
+    /// Per method and position, the main probe with the highest AUROC.
+    pub best: Vec<MetricRow>,
+    pub skipped: Vec<Skipped>,
+    pub seconds: f64,
+}
+
+impl Report {
+    pub fn read(dir: &Path) -> Result<Report> {
+        let path = dir.join(REPORT);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::BadInput(format!(
+                "{}: cannot read ({e}); is {} a directory written by `afprobe probe`?",
+                path.display(),
+                dir.display()
+            ))
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::model_file(&path, format!("not a probe report: {e}")))
+    }
+}
+
+/// One training set and the test sets scored by its probes.
+struct Plan {
+    role: Role,
+    train: Filter,
+    tests: Vec<Filter>,
+}
+
+/// Everything the per-tensor work shares.
+struct Context<'a> {
+    spec: &'a ProbeSpec,
+    labels: &'a Labels,
+    groups: Vec<usize>,
+    folds: Folds,
+    plans: Vec<(Plan, Vec<bool>, Vec<Vec<bool>>)>,
+    p_accept: Vec<Option<f64>>,
+    /// Within-tier correlation: the tier value of each row.
+    tier: Vec<Option<String>>,
+}
+
+/// A seed for one piece of work, independent of thread scheduling.
+fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
+    // splitmix64 over the parts
+    parts.iter().fold(seed, |acc, &p| {
+        let mut z = acc ^ p.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
+}
+
+/// Runs `afprobe probe`; returns the report (also written to `spec.out`).
+pub fn probe(spec: &ProbeSpec) -> Result<Report> {
+    let started = Instant::now();
+    if spec.out.join(REPORT).exists() && !spec.force {
+        return Err(Error::BadInput(format!(
+            "{} already holds probes; pass --force to overwrite them",
+            spec.out.display()
+        )));
+    }
+    if spec.methods.is_empty() {
+        return Err(Error::BadInput("--method names no method".into()));
+    }
+    let store = Store::open(&spec.acts)?;
+    let table = Table::from_store(&store);
+    let labels = Labels::read(&table, &spec.label, spec.positive.as_deref())?;
+    let groups = data::groups(&table, &spec.group)?;
+    let tensors = select_tensors(&store, spec)?;
+
+    let plans = plan(spec, &table)?;
+    let mut masks = Vec::new();
+    let mut used = vec![false; table.len()];
+    for plan in plans {
+        let train = labelled(plan.train.mask(&table)?, &labels);
+        let tests: Vec<Vec<bool>> = plan
+            .tests
+            .iter()
+            .map(|t| Ok(labelled(t.mask(&table)?, &labels)))
+            .collect::<Result<_>>()?;
+        check_rows(&plan, &train, &tests, &labels)?;
+        for m in std::iter::once(&train).chain(&tests) {
+            used.iter_mut().zip(m).for_each(|(u, &m)| *u |= m);
+        }
+        masks.push((plan, train, tests));
+    }
+    let folds = Folds::grouped(&groups, &used, spec.folds, spec.seed)?;
+    let tier_field = if table.column("tier").is_ok() {
+        "tier"
+    } else {
+        spec.label.as_str()
+    };
+    let ctx = Context {
+        spec,
+        labels: &labels,
+        folds,
+        plans: masks,
+        p_accept: table.numbers("p_accept"),
+        tier: table.column(tier_field)?.to_vec(),
+        groups,
+    };
+
+    let n_fits =
+        tensors.len() * spec.methods.len() * ctx.plans.len() * (1 + spec.shuffles) * spec.folds;
+    eprintln!(
+        "afprobe: probing {} tensors x {} method(s) x {} training sets, {}-fold grouped by `{}` \
+         ({n_fits} fits)",
+        tensors.len(),
+        spec.methods.len(),
+        ctx.plans.len(),
+        spec.folds,
+        spec.group
+    );
+    let progress = Progress::new("probe", "tensors", tensors.len());
+    let results: Vec<(usize, Result<TensorResult>)> = tensors
+        .par_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let r = probe_tensor(&store, name, i as u64, &ctx);
+            progress.advance(1, None);
+            (i, r)
+        })
+        .collect();
+    progress.finish();
+
+    let mut metrics = Vec::new();
+    let mut skipped = Vec::new();
+    let mut weights: Vec<(String, Vec<f32>)> = Vec::new();
+    for (i, r) in results {
+        match r {
+            Ok(t) => {
+                metrics.extend(t.metrics);
+                weights.extend(t.weights);
+            }
+            Err(e) => {
+                eprintln!("afprobe: skipping {}: {e}", tensors[i]);
+                skipped.push(Skipped {
+                    tensor: tensors[i].clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    if metrics.is_empty() {
+        let reasons: Vec<String> = skipped
+            .iter()
+            .take(3)
+            .map(|s| format!("{}: {}", s.tensor, s.reason))
+            .collect();
+        return Err(Error::BadInput(format!(
+            "no tensor could be probed; {}",
+            reasons.join("; ")
+        )));
+    }
+    let report = Report {
+        afprobe_version: env!("CARGO_PKG_VERSION").into(),
+        acts: spec.acts.display().to_string(),
+        model: store.manifest.model.clone(),
+        settings: settings_json(spec, &labels, tier_field),
+        data: data_json(&ctx, &table),
+        best: best_rows(&metrics),
+        metrics,
+        skipped,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    write_outputs(&report, weights, &spec.out)?;
+    Ok(report)
+}
+
+/// Keeps only rows with a label.
+fn labelled(mut mask: Vec<bool>, labels: &Labels) -> Vec<bool> {
+    mask.iter_mut()
+        .zip(&labels.y)
+        .for_each(|(m, y)| *m &= y.is_some());
+    mask
+}
+
+/// Refuses plans whose rows cannot train or test a probe.
+fn check_rows(plan: &Plan, train: &[bool], tests: &[Vec<bool>], labels: &Labels) -> Result<()> {
+    let classes = |mask: &[bool]| {
+        let pos = (0..mask.len())
+            .filter(|&r| mask[r] && labels.y[r] == Some(true))
+            .count();
+        (pos, mask.iter().filter(|&&m| m).count() - pos)
+    };
+    let (pos, neg) = classes(train);
+    if pos == 0 || neg == 0 {
+        return Err(Error::BadInput(format!(
+            "training filter `{}` selects {} rows with `{}` = {} and {} other rows: \
+             a probe needs both classes",
+            plan.train, pos, labels.field, labels.positive, neg
+        )));
+    }
+    for (t, mask) in plan.tests.iter().zip(tests) {
+        if classes(mask) == (0, 0) {
+            return Err(Error::BadInput(format!(
+                "test filter `{t}` selects no labelled rows"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The training sets: main, control and the cross matrix.
+fn plan(spec: &ProbeSpec, table: &Table) -> Result<Vec<Plan>> {
+    let (mut train, mut test) = (spec.train_filter.clone(), spec.test_filter.clone());
+    if let Some(control) = &spec.control {
+        // The control rows are the control's, unless the filters ask for them.
+        for field in control.fields() {
+            if !train.mentions(field) && !test.mentions(field) {
+                let mask = control.mask(table)?;
+                let values = table.values(field, &mask)?;
+                for v in values {
+                    train = train.excluding(field, &v);
+                    test = test.excluding(field, &v);
+                }
+            }
+        }
+    }
+    let mut plans = vec![Plan {
+        role: Role::Main,
+        train,
+        tests: vec![test],
+    }];
+    if let Some(control) = &spec.control {
+        plans.push(Plan {
+            role: Role::Control,
+            train: control.clone(),
+            tests: vec![control.clone()],
+        });
+    }
+    if let Some(field) = &spec.cross {
+        let values = table.values(field, &vec![true; table.len()])?;
+        if values.len() < 2 {
+            return Err(Error::BadInput(format!(
+                "--cross {field}: the field has {} value(s); the matrix needs at least two",
+                values.len()
+            )));
+        }
+        let cell = |v: &str| Filter::equals(field, &[v]);
+        for a in &values {
+            plans.push(Plan {
+                role: Role::Cross,
+                train: cell(a),
+                tests: values.iter().map(|b| cell(b)).collect(),
+            });
+        }
+    }
+    Ok(plans)
+}
+
+/// The store tensors to probe (per-row ones: not `@all`), in store order.
+fn select_tensors(store: &Store, spec: &ProbeSpec) -> Result<Vec<String>> {
+    let m = &store.manifest;
+    let hooks: Vec<String> = match &spec.hooks {
+        None => m.hooks.clone(),
+        Some(h) => {
+            let wanted = parse_hooks(h, &spec.layers, m.model.n_layers)?;
+            let names: Vec<String> = wanted.iter().map(|p| p.to_string()).collect();
+            if let Some(missing) = names.iter().find(|n| !m.hooks.contains(n)) {
+                return Err(Error::BadInput(format!(
+                    "{}: the store has no hook `{missing}`; it has {} hooks ({} ... {})",
+                    spec.acts.display(),
+                    m.hooks.len(),
+                    m.hooks.first().map_or("", String::as_str),
+                    m.hooks.last().map_or("", String::as_str)
+                )));
+            }
+            names
+        }
+    };
+    let positions: Vec<Position> = match &spec.positions {
+        None => m
+            .positions
+            .iter()
+            .copied()
+            .filter(|&p| p != Position::All)
+            .collect(),
+        Some(ps) => {
+            for p in ps {
+                if *p == Position::All || !m.positions.contains(p) {
+                    return Err(Error::BadInput(format!(
+                        "{}: no per-row position `{p}`; the store has {}",
+                        spec.acts.display(),
+                        m.positions
+                            .iter()
+                            .filter(|&&p| p != Position::All)
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            }
+            ps.clone()
+        }
+    };
+    let names: Vec<String> = positions
+        .iter()
+        .flat_map(|&p| hooks.iter().map(move |h| crate::store::tensor_name(h, p)))
+        .collect();
+    if names.is_empty() {
+        return Err(Error::BadInput(format!(
+            "{}: no per-row tensors to probe (positions `all` are ragged; capture with \
+             --positions last or cue)",
+            spec.acts.display()
+        )));
+    }
+    Ok(names)
+}
+
+struct TensorResult {
+    metrics: Vec<MetricRow>,
+    weights: Vec<(String, Vec<f32>)>,
+}
+
+fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<TensorResult> {
+    let x = store.load(name)?;
+    check_finite(&x, ctx)?;
+    let (hook, position) = name
+        .rsplit_once('@')
+        .expect("tensor names are hook@position");
+    let position: Position = position.parse()?;
+    let layer = hook.parse::<HookPoint>().ok().and_then(|p| p.layer());
+    let y = &ctx.labels.y;
+    let spec = ctx.spec;
+    let mut metrics = Vec::new();
+    let mut weights = Vec::new();
+    for (mi, &method) in spec.methods.iter().enumerate() {
+        for (pi, (plan, train, tests)) in ctx.plans.iter().enumerate() {
+            let seed = |k: u64| derive_seed(spec.seed, &[index, mi as u64, pi as u64, k]);
+            let oofs = cross_validate(x.view(), y, &ctx.folds, train, tests, method, &spec.fit)?;
+            let mut shuffled: Vec<Vec<f64>> = vec![Vec::new(); tests.len()];
+            for s in 0..spec.shuffles {
+                let y_shuffled = shuffled_labels(y, train, seed(1000 + s as u64));
+                let oofs = cross_validate(
+                    x.view(),
+                    &y_shuffled,
+                    &ctx.folds,
+                    train,
+                    tests,
+                    method,
+                    &spec.fit,
+                )?;
+                for (acc, oof) in shuffled.iter_mut().zip(&oofs) {
+                    let labels: Vec<bool> = oof.rows.iter().map(|&r| y[r] == Some(true)).collect();
+                    acc.extend(metrics::auroc(&oof.scores, &labels));
+                }
+            }
+            for (ti, (test, oof)) in plan.tests.iter().zip(&oofs).enumerate() {
+                let scores = summarize(oof, y, &ctx.groups, spec.bootstrap, seed(ti as u64));
+                let r_p_accept = if plan.role == Role::Main {
+                    correlations(oof, ctx)
+                } else {
+                    BTreeMap::new()
+                };
+                metrics.push(metric_row(
+                    hook,
+                    position,
+                    layer,
+                    method,
+                    plan,
+                    test,
+                    scores,
+                    metrics::mean_std(&shuffled[ti]).map(|m| m.0),
+                    r_p_accept,
+                ));
+            }
+            if plan.role == Role::Main {
+                let mut oof_scores = vec![f32::NAN; y.len()];
+                for (&r, &s) in oofs[0].rows.iter().zip(&oofs[0].scores) {
+                    oof_scores[r] = s as f32;
+                }
+                weights.push((format!("{name}.{}.oof_score", method.name()), oof_scores));
+                let rows: Vec<usize> = (0..train.len()).filter(|&r| train[r]).collect();
+                let labels: Vec<bool> = y.iter().map(|l| *l == Some(true)).collect();
+                let probe = fit::fit(x.view(), &rows, &labels, method, &spec.fit)?;
+                weights.extend(probe_tensors(name, method, &probe));
+            }
+        }
+    }
+    Ok(TensorResult { metrics, weights })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn metric_row(
+    hook: &str,
+    position: Position,
+    layer: Option<usize>,
+    method: Method,
+    plan: &Plan,
+    test: &Filter,
+    s: Scores,
+    shuffled_auroc: Option<f64>,
+    r_p_accept: BTreeMap<String, Option<f64>>,
+) -> MetricRow {
+    MetricRow {
+        hook: hook.into(),
+        position,
+        layer,
+        method,
+        role: plan.role,
+        train: plan.train.to_string(),
+        test: test.to_string(),
+        auroc: s.auroc,
+        auroc_mean: s.auroc_mean,
+        auroc_std: s.auroc_std,
+        auroc_lo: s.auroc_lo,
+        auroc_hi: s.auroc_hi,
+        accuracy: s.accuracy,
+        accuracy_std: s.accuracy_std,
+        balanced_accuracy: s.balanced_accuracy,
+        majority_accuracy: s.majority_accuracy,
+        shuffled_auroc,
+        n: s.n,
+        r_p_accept,
+    }
+}
+
+/// Refuses activations with NaN or infinite values in the rows used.
+fn check_finite(x: &Array2<f32>, ctx: &Context) -> Result<()> {
+    let used = |r: usize| {
+        ctx.plans
+            .iter()
+            .any(|(_, train, tests)| train[r] || tests.iter().any(|t| t[r]))
+    };
+    for (r, row) in x.outer_iter().enumerate() {
+        if let Some(c) = row.iter().position(|v| !v.is_finite()) {
+            if used(r) {
+                return Err(Error::BadInput(format!(
+                    "non-finite activation {} at row {} (line {} of rows.jsonl), dimension {c}",
+                    row[c],
+                    r,
+                    r + 1
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pearson r of out-of-fold score and `p_accept` within each tier value.
+fn correlations(oof: &cv::OutOfFold, ctx: &Context) -> BTreeMap<String, Option<f64>> {
+    let mut by_tier: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for (&r, &s) in oof.rows.iter().zip(&oof.scores) {
+        if let (Some(t), Some(p)) = (&ctx.tier[r], ctx.p_accept[r]) {
+            let e = by_tier.entry(t.clone()).or_default();
+            e.0.push(s);
+            e.1.push(p);
+        }
+    }
+    by_tier
+        .into_iter()
+        .map(|(t, (s, p))| (t, metrics::pearson(&s, &p)))
+        .collect()
+}
+
+/// `{tensor}.{method}.direction|norm|bias|mean|scale`: score = norm·(x·direction) + bias
+/// (`.oof_score`, written beside them, is each row's out-of-fold score, NaN if untested).
+fn probe_tensors(tensor: &str, method: Method, probe: &Probe) -> Vec<(String, Vec<f32>)> {
+    let (unit, norm, bias) = probe.in_residual_basis();
+    let f32s = |a: &ndarray::Array1<f64>| a.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let key = |part: &str| format!("{tensor}.{}.{part}", method.name());
+    vec![
+        (key("direction"), f32s(&unit)),
+        (key("norm"), vec![norm as f32]),
+        (key("bias"), vec![bias as f32]),
+        (key("mean"), f32s(&probe.mean)),
+        (key("scale"), f32s(&probe.scale)),
+    ]
+}
+
+fn best_rows(metrics: &[MetricRow]) -> Vec<MetricRow> {
+    let mut best: BTreeMap<(Method, Position), &MetricRow> = BTreeMap::new();
+    for m in metrics.iter().filter(|m| m.role == Role::Main) {
+        let key = (m.method, m.position);
+        let better = match best.get(&key) {
+            None => true,
+            Some(b) => m.auroc.unwrap_or(0.0) > b.auroc.unwrap_or(0.0),
+        };
+        if better {
+            best.insert(key, m);
+        }
+    }
+    best.into_values().cloned().collect()
+}
+
+fn settings_json(spec: &ProbeSpec, labels: &Labels, tier_field: &str) -> serde_json::Value {
+    serde_json::json!({
+        "label": labels.field,
+        "positive": labels.positive,
+        "negative": labels.negative,
+        "group": spec.group,
+        "folds": spec.folds,
+        "fold_assignment": "grouped: largest groups first (ties in seeded order) to the lightest fold",
+        "seed": spec.seed,
+        "methods": spec.methods,
+        "logistic": spec.fit,
+        "standardize": "per training fold (mean, population std)",
+        "train_filter": spec.train_filter.to_string(),
+        "test_filter": spec.test_filter.to_string(),
+        "control": spec.control.as_ref().map(ToString::to_string),
+        "cross": spec.cross,
+        "shuffles": spec.shuffles,
+        "bootstrap": spec.bootstrap,
+        "bootstrap_unit": spec.group,
+        "threshold": "score 0 (probability 0.5; mean-diff: midpoint of the class means)",
+        "p_accept_correlation_within": tier_field,
+    })
+}
+
+fn data_json(ctx: &Context, table: &Table) -> serde_json::Value {
+    let count = |mask: &[bool]| mask.iter().filter(|&&m| m).count();
+    let plans: Vec<serde_json::Value> = ctx
+        .plans
+        .iter()
+        .map(|(plan, train, tests)| {
+            serde_json::json!({
+                "role": plan.role,
+                "train": plan.train.to_string(),
+                "train_rows": count(train),
+                "tests": plan.tests.iter().zip(tests).map(|(t, m)| serde_json::json!({
+                    "test": t.to_string(), "rows": count(m)})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let n_groups = ctx.groups.iter().copied().max().map_or(0, |m| m + 1);
+    serde_json::json!({
+        "rows": table.len(),
+        "labelled": ctx.labels.y.iter().filter(|l| l.is_some()).count(),
+        "positive": ctx.labels.y.iter().filter(|l| **l == Some(true)).count(),
+        "groups": n_groups,
+        "evaluations": plans,
+    })
+}
+
+/// The fixed `metrics.csv` columns, then one `r_p_accept_{tier}` per tier value.
+const CSV_COLUMNS: &str = "hook,position,layer,method,role,train,test,auroc,auroc_mean,auroc_std,\
+auroc_lo,auroc_hi,accuracy,accuracy_std,balanced_accuracy,majority_accuracy,shuffled_auroc,n";
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// `metrics.csv` text.
+pub fn metrics_csv(metrics: &[MetricRow]) -> String {
+    let tiers: std::collections::BTreeSet<&String> =
+        metrics.iter().flat_map(|m| m.r_p_accept.keys()).collect();
+    let mut out = String::from(CSV_COLUMNS);
+    for t in &tiers {
+        out.push_str(&format!(",r_p_accept_{t}"));
+    }
+    out.push('\n');
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+    for m in metrics {
+        let mut fields = vec![
+            csv_field(&m.hook),
+            m.position.to_string(),
+            m.layer.map_or(String::new(), |l| l.to_string()),
+            m.method.name().into(),
+            serde_json::to_value(m.role)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            csv_field(&m.train),
+            csv_field(&m.test),
+            opt(m.auroc),
+            opt(m.auroc_mean),
+            opt(m.auroc_std),
+            opt(m.auroc_lo),
+            opt(m.auroc_hi),
+            format!("{:.6}", m.accuracy),
+            format!("{:.6}", m.accuracy_std),
+            format!("{:.6}", m.balanced_accuracy),
+            format!("{:.6}", m.majority_accuracy),
+            opt(m.shuffled_auroc),
+            m.n.to_string(),
+        ];
+        for t in &tiers {
+            fields.push(opt(m.r_p_accept.get(*t).copied().flatten()));
+        }
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+fn write_outputs(report: &Report, weights: Vec<(String, Vec<f32>)>, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tensors: Vec<(String, safetensors::tensor::TensorView)> = weights
+        .iter()
+        .map(|(name, values)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![values.len()],
+                bytemuck_f32(values),
+            )
+            .expect("shape matches data");
+            (name.clone(), view)
+        })
+        .collect();
+    let metadata: HashMap<String, String> = [(
+        "afprobe".to_string(),
+        serde_json::json!({"label": report.settings["label"], "positive": report.settings["positive"],
+            "score": "norm * (x . direction) + bias; > 0 favours the positive class"})
+        .to_string(),
+    )]
+    .into();
+    let bytes = safetensors::serialize(tensors, Some(metadata))
+        .map_err(|e| Error::BadInput(format!("cannot serialise probes: {e}")))?;
+    write_atomic(&out.join(PROBES), &bytes)?;
+    write_atomic(&out.join(METRICS), metrics_csv(&report.metrics).as_bytes())?;
+    let json = serde_json::to_string_pretty(report).expect("report serialises");
+    // The report last: its presence marks a complete probe directory.
+    write_atomic(&out.join(REPORT), json.as_bytes())
+}
+
+fn bytemuck_f32(values: &[f32]) -> &[u8] {
+    // Safety: f32 has no padding or invalid bit patterns; u8 has alignment 1.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values))
+    }
+}
+
+/// A text table of the main probes (and control, shuffled) per layer.
+pub fn format_summary(report: &Report) -> String {
+    let mut out = String::new();
+    let control: HashMap<(String, Position, Method), Option<f64>> = report
+        .metrics
+        .iter()
+        .filter(|m| m.role == Role::Control)
+        .map(|m| ((m.hook.clone(), m.position, m.method), m.auroc))
+        .collect();
+    let f = |v: Option<f64>| v.map_or("     -".into(), |v| format!("{v:.3}"));
+    out.push_str(&format!(
+        "{:<28} {:<5} {:<9} {:>6} {:>15} {:>6} {:>8} {:>8}\n",
+        "hook", "pos", "method", "AUROC", "95% CI", "acc", "shuffled", "control"
+    ));
+    for m in report.metrics.iter().filter(|m| m.role == Role::Main) {
+        out.push_str(&format!(
+            "{:<28} {:<5} {:<9} {:>6} {:>15} {:>6.3} {:>8} {:>8}\n",
+            m.hook,
+            m.position.to_string(),
+            m.method.name(),
+            f(m.auroc),
+            format!("[{}, {}]", f(m.auroc_lo), f(m.auroc_hi)),
+            m.accuracy,
+            f(m.shuffled_auroc),
+            f(control
+                .get(&(m.hook.clone(), m.position, m.method))
+                .copied()
+                .flatten()),
+        ));
+    }
+    for b in &report.best {
+        out.push_str(&format!(
+            "best {} @{}: {} AUROC {} [{}, {}]\n",
+            b.method.name(),
+            b.position,
+            b.hook,
+            f(b.auroc),
+            f(b.auroc_lo),
+            f(b.auroc_hi)
+        ));
+    }
+    out
+}
+
+/// One vector of `probes.safetensors` by name, e.g.
+/// `blocks.12.hook_resid_post@last.logistic.direction`.
+pub fn load_vector(dir: &Path, key: &str) -> Result<Vec<f32>> {
+    let path = dir.join(PROBES);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::model_file(&path, format!("not a safetensors file: {e}")))?;
+    let view = st.tensor(key).map_err(|_| {
+        Error::model_file(
+            &path,
+            format!("no tensor `{key}` (report.json lists what was probed)"),
+        )
+    })?;
+    Ok(view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// `--control`: `none`, `auto` (`cue=control` when the store has that cue) or a filter.
+pub fn control_filter(arg: &str, store: &Store) -> Result<Option<Filter>> {
+    match arg {
+        "none" => Ok(None),
+        "auto" => {
+            let has_control = store
+                .column("cue")
+                .iter()
+                .any(|c| c.as_deref() == Some("control"));
+            Ok(has_control.then(|| Filter::equals("cue", &["control"])))
+        }
+        filter => filter.parse().map(Some),
+    }
+}
