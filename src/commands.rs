@@ -4,18 +4,12 @@ use std::io::Write;
 
 use serde_json::json;
 
-use std::path::Path;
-
-use crate::capture::{capture, parse_hooks, CaptureSpec};
-use crate::error::{Error, Result};
-use crate::gap::{compute_gap, format_table, write_report};
+use crate::error::Result;
 use crate::generate::{argmax, generate, Sampling};
 use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{
     CaptureRows, HookPoint, Hooks, Message, Model, ModelSpec, NamesFilter, WeightDtype,
 };
-use crate::setting::{build_rows, builtin_cues, builtin_requests, builtin_setting};
-use crate::store::{write_atomic, Existing, Position, Store};
 
 /// Loads a model with a one-line note on stderr (loading a big model takes a while).
 pub fn load_model(spec: &ModelSpec, dtype: WeightDtype) -> Result<Model> {
@@ -138,10 +132,10 @@ pub fn generate_to_stdout(model: &Model, tokens: &[u32], sampling: &Sampling) ->
     Ok(())
 }
 
-/// `afprobe demo`: facts, a hooked forward pass with a per-layer summary
-/// (residual norm and logit-lens top token at the last position), a greedy
-/// answer, and a mini no-CoT study (prompts, scored capture, compliance gap).
-pub fn demo(spec: &ModelSpec) -> Result<()> {
+/// The first part of `afprobe demo`: facts, a hooked forward pass with a
+/// per-layer summary (residual norm and logit-lens top token at the last
+/// position) and a greedy answer. Returns the loaded model for the study.
+pub fn demo_model_tour(spec: &ModelSpec) -> Result<Model> {
     let model = load_model(spec, WeightDtype::F32)?;
     model_info(&model, false)?;
     let question = "What is the capital of France? Answer in one word.";
@@ -185,64 +179,7 @@ pub fn demo(spec: &ModelSpec) -> Result<()> {
             ..Sampling::default()
         },
     )?;
-    demo_study(&model)
-}
-
-/// Requests per category in the demo's mini study (the full study is `afprobe prompts`).
-const DEMO_REQUESTS_PER_CATEGORY: usize = 3;
-
-/// A small no-CoT study: prompts for the four cues, a scored capture into
-/// `activations/demo`, and the compliance gap.
-fn demo_study(model: &Model) -> Result<()> {
-    let mut per_category = std::collections::BTreeMap::<String, usize>::new();
-    let requests: Vec<_> = builtin_requests()
-        .into_iter()
-        .filter(|r| {
-            let n = per_category.entry(r.category.clone()).or_default();
-            *n += 1;
-            *n <= DEMO_REQUESTS_PER_CATEGORY
-        })
-        .collect();
-    let setting = builtin_setting("helpful-only", false)?;
-    let rows = build_rows(&setting, &builtin_cues(), &requests);
-    let prompts = Path::new("activations").join("demo.prompts.jsonl");
-    std::fs::create_dir_all("activations").map_err(|e| Error::io("activations", e))?;
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    write_atomic(&prompts, text.as_bytes())?;
-    println!(
-        "
-mini study: {} rows (4 cues x {} requests x 2 tiers) -> {}",
-        rows.len(),
-        requests.len(),
-        prompts.display()
-    );
-    let out = Path::new("activations").join("demo");
-    let spec = CaptureSpec {
-        prompts,
-        out: out.clone(),
-        hooks: parse_hooks("resid_post", "all", model.config().n_layers)?,
-        positions: vec![Position::Last, Position::Cue],
-        f16: false,
-        score: true,
-        shard_rows: 256,
-        slice: None,
-        existing: Existing::Overwrite,
-        share_prefix: true,
-    };
-    let stats = capture(model, &spec)?;
-    println!(
-        "captured every hook_resid_post at last and cue with scores: {:.1} rows/s -> {}",
-        stats.rows as f64 / stats.seconds.max(1e-9),
-        out.display()
-    );
-    let report = compute_gap(&Store::open(&out)?, 10_000, 0)?;
-    write_report(&report, &out)?;
-    println!(
-        "
-compliance gap (p_accept, free - paid):"
-    );
-    print!("{}", format_table(&report));
-    Ok(())
+    Ok(model)
 }
 
 fn top1(logprobs: &[f32]) -> (u32, f32) {

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod capture;
 pub mod commands;
+pub mod demo;
 pub mod error;
 pub mod gap;
 pub mod generate;

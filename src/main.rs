@@ -103,13 +103,20 @@ compliance-rate gaps with CIs and the format-failure rate. Use prompts from \
         long_about = "Run the main job end to end: fetch the default model if needed, \
 print its facts, run a chat prompt through the hooked model capturing every \
 blocks.{l}.hook_resid_post at the last token, print a per-layer summary (residual norm and the \
-logit-lens top token), greedily answer the prompt, then run a mini no-CoT alignment-faking \
-study (4 cues x 36 requests x 2 tiers: prompts in activations/demo.prompts.jsonl, a scored \
-capture in activations/demo, the compliance gap in activations/demo/gap.json)."
+logit-lens top token), greedily answer the prompt, then run the whole no-CoT alignment-faking \
+study: prompts for 4 cues x 180 requests x 2 tiers (activations/demo.prompts.jsonl), a scored \
+capture of every hook_resid_post at last and cue (activations/demo; a killed demo resumes it), \
+the compliance gap (activations/demo/gap.json), probes for the tier with the control cue and the \
+cross-cue matrix (probes/demo), every figure and figures/demo/REPORT.md, which embeds the \
+figures and states the numbers with their intervals. About 10 minutes on 2 cores; \
+--requests-per-category 3 gives a 2-minute look."
     )]
     Demo {
         #[command(flatten)]
         model: ModelArgs,
+        /// Use only the first N built-in requests of each of the 8 categories (default: all).
+        #[arg(long, value_name = "N")]
+        requests_per_category: Option<usize>,
     },
 }
 
@@ -678,7 +685,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Prefill(a)) => bench_prefill(a)?,
         Command::Bench(BenchCommand::Capture(a)) => bench_capture(a)?,
-        Command::Demo { model } => commands::demo(&model.spec())?,
+        Command::Demo {
+            model,
+            requests_per_category,
+        } => afprobe::demo::demo(
+            &model.spec(),
+            &afprobe::demo::DemoOptions {
+                requests_per_category,
+            },
+        )?,
     }
     Ok(())
 }

@@ -241,12 +241,21 @@ pub enum Existing {
     Resume,
     /// Delete the old store and start over.
     Overwrite,
+    /// Continue the run if its settings match, else start over (the demo).
+    ResumeOrOverwrite,
 }
 
 impl StoreWriter {
     /// Opens `dir` for the run described by `fresh` (its shard list empty).
     pub fn open(dir: &Path, fresh: Manifest, existing: Existing) -> Result<StoreWriter> {
         let manifest_path = dir.join(MANIFEST);
+        let existing = match existing {
+            Existing::ResumeOrOverwrite => match read_manifest(dir) {
+                Ok(old) if old.settings_differ(&fresh).is_empty() => Existing::Resume,
+                _ => Existing::Overwrite,
+            },
+            other => other,
+        };
         if manifest_path.exists() && existing != Existing::Overwrite {
             let old = read_manifest(dir)?;
             let diff = old.settings_differ(&fresh);

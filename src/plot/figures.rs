@@ -138,6 +138,7 @@ fn draw_layers<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .x_desc("layer")
+        .x_label_formatter(&|v| format!("{}", v.round() as i64))
         .y_desc(y_label)
         .axis_desc_style((FONT, 20))
         .label_style((FONT, 16))
@@ -314,12 +315,12 @@ fn draw_scatter<DB: DrawingBackend>(
         .draw()?;
     for g in groups {
         let style = if g.filled {
-            g.color.mix(0.75).filled()
+            g.color.mix(0.7).filled()
         } else {
-            g.color.stroke_width(2)
+            g.color.mix(0.9).stroke_width(1)
         };
         chart
-            .draw_series(g.points.iter().map(|&p| Circle::new(p, 5, style)))?
+            .draw_series(g.points.iter().map(|&p| Circle::new(p, 4, style)))?
             .label(g.label.as_str())
             .legend(move |(x, y)| Circle::new((x + 10, y), 5, style));
     }
@@ -358,7 +359,7 @@ fn draw_intervals<DB: DrawingBackend>(
         .label_style((FONT, 17))
         .light_line_style(WHITE.mix(0.0))
         .disable_x_mesh()
-        .x_labels(items.len())
+        .x_labels(items.len() + 1)
         .x_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => items
                 .get(*i as usize)

@@ -174,7 +174,13 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         let Some(best) = rows
             .iter()
             .filter(|m| m.role == Role::Main && m.method == method)
-            .max_by(|a, b| a.auroc.unwrap_or(0.0).total_cmp(&b.auroc.unwrap_or(0.0)))
+            // The earliest layer among equals, as report.json's `best`.
+            .max_by(|a, b| {
+                let key = |m: &MetricRow| (m.auroc.unwrap_or(0.0), std::cmp::Reverse(m.layer));
+                key(a)
+                    .partial_cmp(&key(b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
         else {
             continue;
         };
@@ -282,7 +288,8 @@ fn auroc_figure(rows: &[&MetricRow], label: &str, kind: &str, position: Position
     Figure::Layers {
         title: format!("Decoding {label} from {kind} @{position}"),
         y_label: "AUROC (held-out requests)".into(),
-        y_range: ((low - 0.02).max(0.0), 1.02),
+        // Room below the curves for the legend.
+        y_range: ((low - 0.02).min(0.25).max(0.0), 1.02),
         reference: Some(0.5),
         curves,
     }
@@ -327,7 +334,7 @@ fn cross_figure(rows: &[&MetricRow], best: &MetricRow, label: &str) -> Option<Fi
         .collect();
     Some(Figure::Heatmap {
         title: format!(
-            "AUROC for {label}, trained on one {field} and tested on another (layer {}, {})",
+            "{label}: AUROC across {field}s (layer {}, {})",
             best.layer.unwrap_or(0),
             best.method.name()
         ),
@@ -341,6 +348,16 @@ fn cross_figure(rows: &[&MetricRow], best: &MetricRow, label: &str) -> Option<Fi
 
 /// PCA of one tensor, coloured by cue, filled for the positive class of `field`.
 fn pca_figure(store: &Store, tensor: &str, field: &str, positive: &str) -> Result<Figure> {
+    let others: BTreeSet<String> = store
+        .column(field)
+        .into_iter()
+        .flatten()
+        .filter(|v| v != positive)
+        .collect();
+    let negative = match others.len() {
+        1 => format!("{field}={}", others.iter().next().expect("one value")),
+        _ => format!("{field}!={positive}"),
+    };
     let x = store.load(tensor)?;
     if x.iter().any(|v| !v.is_finite()) {
         return Err(Error::BadInput(format!(
@@ -366,14 +383,11 @@ fn pca_figure(store: &Store, tensor: &str, field: &str, positive: &str) -> Resul
     let groups = groups
         .into_iter()
         .map(|((cue, pos), points)| PointGroup {
-            label: format!(
-                "{cue}, {}",
-                if pos {
-                    format!("{field}={positive}")
-                } else {
-                    format!("{field}!={positive}")
-                }
-            ),
+            label: if pos {
+                format!("{cue}, {field}={positive}")
+            } else {
+                format!("{cue}, {negative}")
+            },
             color: PALETTE[cue_names.iter().position(|c| *c == cue).unwrap_or(0) % PALETTE.len()],
             filled: pos,
             points,
@@ -440,7 +454,7 @@ fn gap_figure(store_dir: &Path) -> Result<Figure> {
     let item = |name: &str, s: &Value| -> Option<Interval> {
         let ci = s.get("ci95")?.as_array()?;
         Some(Interval {
-            label: format!("{name} (n={})", s.get("n_requests")?.as_u64()?),
+            label: name.to_string(),
             value: s.get("gap")?.as_f64()?,
             lo: ci.first()?.as_f64()?,
             hi: ci.get(1)?.as_f64()?,
@@ -459,8 +473,8 @@ fn gap_figure(store_dir: &Path) -> Result<Figure> {
         return Err(Error::model_file(&path, "no gap statistics to plot"));
     }
     Ok(Figure::Intervals {
-        title: "Compliance gap p_accept(free) - p_accept(paid), 95% paired bootstrap CI".into(),
-        y_label: "gap (free - paid)".into(),
+        title: "Compliance gap, mean p_accept(free) - p_accept(paid) per request".into(),
+        y_label: "gap with 95% paired bootstrap CI".into(),
         items,
     })
 }

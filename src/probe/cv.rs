@@ -20,6 +20,8 @@ pub struct OutOfFold {
     pub folds: Vec<usize>,
     /// Accuracy of the training folds' majority class on each test row's fold.
     pub majority_hits: Vec<bool>,
+    /// Fits whose solver stopped before meeting its tolerance.
+    pub unconverged: usize,
 }
 
 /// Trains one probe per fold on the rows of `train` outside the fold and
@@ -36,6 +38,7 @@ pub fn cross_validate(
 ) -> Result<Vec<OutOfFold>> {
     let labels: Vec<bool> = y.iter().map(|l| l.unwrap_or(false)).collect();
     let mut out = vec![OutOfFold::default(); tests.len()];
+    let mut previous: Option<super::fit::Probe> = None;
     for fold in 0..folds.k {
         let train_rows: Vec<usize> = (0..y.len())
             .filter(|&r| train[r] && y[r].is_some() && folds.fold(r) != fold)
@@ -51,7 +54,8 @@ pub fn cross_validate(
         if wanted.iter().all(Vec::is_empty) {
             continue;
         }
-        let probe = fit(x, &train_rows, &labels, method, settings)
+        // Folds overlap in most training rows: start from the previous fold's solution.
+        let probe = fit(x, &train_rows, &labels, method, settings, previous.as_ref())
             .map_err(|e| Error::BadInput(format!("fold {fold}: {e}")))?;
         let train_labels: Vec<bool> = train_rows.iter().map(|&r| labels[r]).collect();
         let majority = 2 * train_labels.iter().filter(|&&l| l).count() > train_labels.len();
@@ -61,7 +65,9 @@ pub fn cross_validate(
             o.majority_hits
                 .extend(rows.iter().map(|&r| y[r] == Some(majority)));
             o.rows.extend(rows);
+            o.unconverged += usize::from(!probe.converged);
         }
+        previous = Some(probe);
     }
     Ok(out)
 }
@@ -99,6 +105,8 @@ pub struct Scores {
     pub majority_accuracy: f64,
     /// Test rows scored.
     pub n: usize,
+    /// Fits that stopped at the iteration cap.
+    pub unconverged_fits: usize,
 }
 
 /// Summarises out-of-fold scores against the true labels.
@@ -136,5 +144,6 @@ pub fn summarize(
         majority_accuracy: oof.majority_hits.iter().filter(|&&h| h).count() as f64
             / oof.rows.len().max(1) as f64,
         n: oof.rows.len(),
+        unconverged_fits: oof.unconverged,
     }
 }

@@ -241,18 +241,22 @@ impl Labels {
                     values.join(", ")
                 )))
             }
-            None if values.len() < 2 => return Err(Error::BadInput(format!(
+            None if values.len() < 2 => {
+                return Err(Error::BadInput(format!(
                 "label `{field}` has a single value ({}) in this store: a probe needs two classes",
                 values.join(", ")
-            ))),
+            )))
+            }
             None if values.iter().any(|v| v == "true") => "true".into(),
             None if field == "tier" && values.iter().any(|v| v == "free") => "free".into(),
             None if values.len() == 2 => values[1].clone(),
-            None => return Err(Error::BadInput(format!(
+            None => {
+                return Err(Error::BadInput(format!(
                 "label `{field}` has {} values ({}); name the positive class with --positive VALUE",
                 values.len(),
                 values.join(", ")
-            ))),
+            )))
+            }
         };
         let negative = values.iter().filter(|v| **v != positive).cloned().collect();
         let y = column

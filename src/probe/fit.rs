@@ -1,11 +1,10 @@
 //! Fitting one linear probe: standardisation on the training rows, then L2
-//! logistic regression (linfa-logistic) or the difference of class means.
+//! logistic regression or the difference of class means.
 
-use linfa::prelude::*;
-use linfa_logistic::LogisticRegression;
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
+use super::logistic::{self, Lbfgs, Solution};
 use crate::error::{Error, Result};
 
 /// How a probe direction is found.
@@ -30,20 +29,16 @@ impl Method {
 /// Settings of a fit.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct FitSettings {
-    /// Inverse regularisation strength, as scikit-learn's `C` (linfa's alpha = 1/C).
+    /// Inverse regularisation strength, as scikit-learn's `C`.
     pub c: f64,
-    /// L-BFGS iteration cap.
-    pub max_iterations: u64,
-    /// L-BFGS stops when the gradient norm is below this.
-    pub gradient_tolerance: f64,
+    pub solver: Lbfgs,
 }
 
 impl Default for FitSettings {
     fn default() -> FitSettings {
         FitSettings {
             c: 1.0,
-            max_iterations: 1000,
-            gradient_tolerance: 1e-4,
+            solver: Lbfgs::default(),
         }
     }
 }
@@ -57,6 +52,9 @@ pub struct Probe {
     pub scale: Array1<f64>,
     pub weight: Array1<f64>,
     pub bias: f64,
+    /// Solver iterations (0 for mean-diff) and whether it met its tolerance.
+    pub iterations: usize,
+    pub converged: bool,
 }
 
 impl Probe {
@@ -131,12 +129,14 @@ fn standardized(
 }
 
 /// Fits a probe on `rows` of `x` with labels `y` (both classes must be present).
+/// A logistic fit starts from `warm` (a probe of similar data) when given.
 pub fn fit(
     x: ArrayView2<f32>,
     rows: &[usize],
     y: &[bool],
     method: Method,
     settings: &FitSettings,
+    warm: Option<&Probe>,
 ) -> Result<Probe> {
     let labels: Vec<bool> = rows.iter().map(|&r| y[r]).collect();
     let n_pos = labels.iter().filter(|&&l| l).count();
@@ -148,30 +148,36 @@ pub fn fit(
     }
     let (mean, scale) = standardizer(x, rows);
     let xs = standardized(x, rows, &mean, &scale);
-    let (weight, bias) = match method {
-        Method::Logistic => logistic(xs, labels, settings)?,
-        Method::MeanDiff => mean_difference(&xs, &labels),
-    };
-    Ok(Probe {
-        mean,
-        scale,
-        weight,
-        bias,
+    Ok(match method {
+        Method::Logistic => {
+            let start = warm.map(|p| Solution {
+                weight: p.weight.clone(),
+                bias: p.bias,
+                iterations: 0,
+                converged: false,
+            });
+            let sol = logistic::fit(&xs, &labels, settings.c, &settings.solver, start.as_ref());
+            Probe {
+                mean,
+                scale,
+                weight: sol.weight,
+                bias: sol.bias,
+                iterations: sol.iterations,
+                converged: sol.converged,
+            }
+        }
+        Method::MeanDiff => {
+            let (weight, bias) = mean_difference(&xs, &labels);
+            Probe {
+                mean,
+                scale,
+                weight,
+                bias,
+                iterations: 0,
+                converged: true,
+            }
+        }
     })
-}
-
-fn logistic(xs: Array2<f64>, labels: Vec<bool>, s: &FitSettings) -> Result<(Array1<f64>, f64)> {
-    let dataset = Dataset::new(xs, Array1::from(labels));
-    let fitted = LogisticRegression::default()
-        .alpha(1.0 / s.c)
-        .max_iterations(s.max_iterations)
-        .gradient_tolerance(s.gradient_tolerance)
-        .fit(&dataset)
-        .map_err(|e| Error::BadInput(format!("logistic regression failed: {e}")))?;
-    // linfa's "positive" class is the more frequent one (or the first seen on a
-    // tie), not `true`: orient the logit so that it favours `true`.
-    let sign = if fitted.labels().pos.class { 1.0 } else { -1.0 };
-    Ok((fitted.params() * sign, fitted.intercept() * sign))
 }
 
 /// Direction = mean(positive) − mean(negative); bias puts 0 at the midpoint.
@@ -209,7 +215,7 @@ mod tests {
         let (x, y) = toy();
         let rows: Vec<usize> = (0..40).collect();
         for method in [Method::Logistic, Method::MeanDiff] {
-            let p = fit(x.view(), &rows, &y, method, &FitSettings::default()).unwrap();
+            let p = fit(x.view(), &rows, &y, method, &FitSettings::default(), None).unwrap();
             let s = p.scores(x.view(), &rows);
             assert!(rows.iter().all(|&r| (s[r] > 0.0) == y[r]), "{method:?}");
             // The residual-basis form gives the same scores.

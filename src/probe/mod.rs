@@ -10,6 +10,7 @@
 pub mod cv;
 pub mod data;
 pub mod fit;
+pub mod logistic;
 pub mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
@@ -99,6 +100,8 @@ pub struct MetricRow {
     /// Mean AUROC of the probes refitted on shuffled training labels.
     pub shuffled_auroc: Option<f64>,
     pub n: usize,
+    /// Fits that stopped at the solver's iteration cap (0 normally).
+    pub unconverged_fits: usize,
     /// Main probe only: Pearson r between the out-of-fold score and
     /// `p_accept`, within each value of the tier field.
     pub r_p_accept: BTreeMap<String, Option<f64>>,
@@ -123,6 +126,9 @@ pub struct Report {
     /// Per method and position, the main probe with the highest AUROC.
     pub best: Vec<MetricRow>,
     pub skipped: Vec<Skipped>,
+    /// Tensors with fewer distinct activation vectors than half their rows:
+    /// `[distinct, rows]`.
+    pub few_distinct: BTreeMap<String, [usize; 2]>,
     pub seconds: f64,
 }
 
@@ -158,6 +164,8 @@ struct Context<'a> {
     p_accept: Vec<Option<f64>>,
     /// Within-tier correlation: the tier value of each row.
     tier: Vec<Option<String>>,
+    /// Rows some evaluation trains or tests on.
+    used: Vec<bool>,
 }
 
 /// A seed for one piece of work, independent of thread scheduling.
@@ -219,6 +227,7 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         p_accept: table.numbers("p_accept"),
         tier: table.column(tier_field)?.to_vec(),
         groups,
+        used,
     };
 
     let n_fits =
@@ -246,10 +255,16 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
 
     let mut metrics = Vec::new();
     let mut skipped = Vec::new();
+    let mut few_distinct = BTreeMap::new();
     let mut weights: Vec<(String, Vec<f32>)> = Vec::new();
     for (i, r) in results {
         match r {
             Ok(t) => {
+                // Fewer distinct vectors than half the rows: the position sees a
+                // prefix shared by many rows (e.g. `cue` precedes the request).
+                if 2 * t.distinct < t.used {
+                    few_distinct.insert(tensors[i].clone(), [t.distinct, t.used]);
+                }
                 metrics.extend(t.metrics);
                 weights.extend(t.weights);
             }
@@ -273,6 +288,14 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
             reasons.join("; ")
         )));
     }
+    if let Some((name, [d, n])) = few_distinct.iter().next() {
+        eprintln!(
+            "afprobe: note: {} tensors have few distinct activations (e.g. {name}: {d} distinct \
+             vectors in {n} rows); their rows differ only in the tokens before that position, \
+             so a probe there can only read those tokens",
+            few_distinct.len()
+        );
+    }
     let report = Report {
         afprobe_version: env!("CARGO_PKG_VERSION").into(),
         acts: spec.acts.display().to_string(),
@@ -282,6 +305,7 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         best: best_rows(&metrics),
         metrics,
         skipped,
+        few_distinct,
         seconds: started.elapsed().as_secs_f64(),
     };
     write_outputs(&report, weights, &spec.out)?;
@@ -432,11 +456,20 @@ fn select_tensors(store: &Store, spec: &ProbeSpec) -> Result<Vec<String>> {
 struct TensorResult {
     metrics: Vec<MetricRow>,
     weights: Vec<(String, Vec<f32>)>,
+    /// Distinct activation vectors among the rows used.
+    distinct: usize,
+    used: usize,
 }
 
 fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<TensorResult> {
     let x = store.load(name)?;
     check_finite(&x, ctx)?;
+    let used: Vec<usize> = (0..x.nrows()).filter(|&r| ctx.used[r]).collect();
+    let distinct = used
+        .iter()
+        .map(|&r| x.row(r).iter().map(|v| v.to_bits()).collect::<Vec<u32>>())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let (hook, position) = name
         .rsplit_once('@')
         .expect("tensor names are hook@position");
@@ -494,12 +527,17 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
                 weights.push((format!("{name}.{}.oof_score", method.name()), oof_scores));
                 let rows: Vec<usize> = (0..train.len()).filter(|&r| train[r]).collect();
                 let labels: Vec<bool> = y.iter().map(|l| *l == Some(true)).collect();
-                let probe = fit::fit(x.view(), &rows, &labels, method, &spec.fit)?;
+                let probe = fit::fit(x.view(), &rows, &labels, method, &spec.fit, None)?;
                 weights.extend(probe_tensors(name, method, &probe));
             }
         }
     }
-    Ok(TensorResult { metrics, weights })
+    Ok(TensorResult {
+        metrics,
+        weights,
+        distinct,
+        used: used.len(),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -533,6 +571,7 @@ fn metric_row(
         majority_accuracy: s.majority_accuracy,
         shuffled_auroc,
         n: s.n,
+        unconverged_fits: s.unconverged_fits,
         r_p_accept,
     }
 }
@@ -746,35 +785,52 @@ fn bytemuck_f32(values: &[f32]) -> &[u8] {
     }
 }
 
-/// A text table of the main probes (and control, shuffled) per layer.
+/// A text table of the main probes: one line per hook, with AUROC and its
+/// interval, the shuffled baseline and the control per position and method.
 pub fn format_summary(report: &Report) -> String {
-    let mut out = String::new();
-    let control: HashMap<(String, Position, Method), Option<f64>> = report
+    let f = |v: Option<f64>| v.map_or("  -  ".into(), |v| format!("{v:.3}"));
+    let find = |role: Role, hook: &str, pos: Position, method: Method| {
+        report
+            .metrics
+            .iter()
+            .find(|m| m.role == role && m.hook == hook && m.position == pos && m.method == method)
+    };
+    let mut panels: Vec<(Position, Method)> = report
         .metrics
         .iter()
-        .filter(|m| m.role == Role::Control)
-        .map(|m| ((m.hook.clone(), m.position, m.method), m.auroc))
+        .filter(|m| m.role == Role::Main)
+        .map(|m| (m.position, m.method))
         .collect();
-    let f = |v: Option<f64>| v.map_or("     -".into(), |v| format!("{v:.3}"));
-    out.push_str(&format!(
-        "{:<28} {:<5} {:<9} {:>6} {:>15} {:>6} {:>8} {:>8}\n",
-        "hook", "pos", "method", "AUROC", "95% CI", "acc", "shuffled", "control"
-    ));
-    for m in report.metrics.iter().filter(|m| m.role == Role::Main) {
-        out.push_str(&format!(
-            "{:<28} {:<5} {:<9} {:>6} {:>15} {:>6.3} {:>8} {:>8}\n",
-            m.hook,
-            m.position.to_string(),
-            m.method.name(),
-            f(m.auroc),
-            format!("[{}, {}]", f(m.auroc_lo), f(m.auroc_hi)),
-            m.accuracy,
-            f(m.shuffled_auroc),
-            f(control
-                .get(&(m.hook.clone(), m.position, m.method))
-                .copied()
-                .flatten()),
-        ));
+    panels.sort();
+    panels.dedup();
+    let mut hooks: Vec<&str> = Vec::new();
+    for m in &report.metrics {
+        if !hooks.contains(&m.hook.as_str()) {
+            hooks.push(&m.hook);
+        }
+    }
+    let mut out = format!("{:<28}", "AUROC [95% CI] shuffled ctrl");
+    for (pos, method) in &panels {
+        out.push_str(&format!("  {:<32}", format!("@{pos} {}", method.name())));
+    }
+    out.push('\n');
+    for hook in hooks {
+        out.push_str(&format!("{hook:<28}"));
+        for &(pos, method) in &panels {
+            let cell = match find(Role::Main, hook, pos, method) {
+                Some(m) => format!(
+                    "{} [{},{}] {} {}",
+                    f(m.auroc),
+                    f(m.auroc_lo),
+                    f(m.auroc_hi),
+                    f(m.shuffled_auroc),
+                    f(find(Role::Control, hook, pos, method).and_then(|c| c.auroc))
+                ),
+                None => "-".into(),
+            };
+            out.push_str(&format!("  {cell:<32}"));
+        }
+        out.push('\n');
     }
     for b in &report.best {
         out.push_str(&format!(
