@@ -201,7 +201,7 @@ fn figure(files: &[PathBuf], prefix: &str) -> Option<String> {
 }
 
 /// The main, control and cross rows of the logistic probe at one position.
-fn rows_at<'a>(report: &'a Report, position: Position, role: Role) -> Vec<&'a MetricRow> {
+fn rows_at(report: &Report, position: Position, role: Role) -> Vec<&MetricRow> {
     report
         .metrics
         .iter()

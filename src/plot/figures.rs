@@ -28,8 +28,14 @@ pub struct Curve {
     pub label: String,
     pub color: RGBColor,
     pub dashed: bool,
-    /// (layer, value, interval)
-    pub points: Vec<(f64, f64, Option<(f64, f64)>)>,
+    pub points: Vec<LayerPoint>,
+}
+
+/// A value at a layer, with an optional interval.
+pub struct LayerPoint {
+    pub layer: f64,
+    pub value: f64,
+    pub interval: Option<(f64, f64)>,
 }
 
 /// One coloured group of a scatter plot.
@@ -127,7 +133,7 @@ fn draw_layers<DB: DrawingBackend>(
 ) -> DrawResult<DB> {
     let max_layer = curves
         .iter()
-        .flat_map(|c| c.points.iter().map(|p| p.0))
+        .flat_map(|c| c.points.iter().map(|p| p.layer))
         .fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT, 26))
@@ -154,14 +160,14 @@ fn draw_layers<DB: DrawingBackend>(
         let band: Vec<(f64, f64, f64)> = c
             .points
             .iter()
-            .filter_map(|&(x, _, ci)| ci.map(|(lo, hi)| (x, lo, hi)))
+            .filter_map(|p| p.interval.map(|(lo, hi)| (p.layer, lo, hi)))
             .collect();
         if band.len() > 1 {
             let mut outline: Vec<(f64, f64)> = band.iter().map(|&(x, _, hi)| (x, hi)).collect();
             outline.extend(band.iter().rev().map(|&(x, lo, _)| (x, lo)));
             chart.draw_series(std::iter::once(Polygon::new(outline, c.color.mix(0.18))))?;
         }
-        let line: Vec<(f64, f64)> = c.points.iter().map(|&(x, y, _)| (x, y)).collect();
+        let line: Vec<(f64, f64)> = c.points.iter().map(|p| (p.layer, p.value)).collect();
         let style = c.color.stroke_width(3);
         let color = c.color;
         if c.dashed {

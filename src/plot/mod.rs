@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::HookPoint;
 use crate::probe::{self, Method, MetricRow, Report, Role};
 use crate::store::{self, write_atomic, Position, Store};
-use figures::{Curve, Figure, Interval, PointGroup, PALETTE, SIZE};
+use figures::{Curve, Figure, Interval, LayerPoint, PointGroup, PALETTE, SIZE};
 
 /// DejaVu Sans (Bitstream Vera licence, see fonts/LICENSE_DEJAVU).
 static FONT_TTF: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
@@ -209,87 +209,90 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// One line of the AUROC figure: which rows, which value, how drawn.
+struct Line {
+    name: &'static str,
+    role: Role,
+    method: Method,
+    /// Plot the shuffled-label baseline instead of the AUROC.
+    shuffled: bool,
+    color: usize,
+}
+
+const AUROC_LINES: [Line; 4] = [
+    Line {
+        name: "logistic probe (95% CI)",
+        role: Role::Main,
+        method: Method::Logistic,
+        shuffled: false,
+        color: 0,
+    },
+    Line {
+        name: "mean-difference probe",
+        role: Role::Main,
+        method: Method::MeanDiff,
+        shuffled: false,
+        color: 1,
+    },
+    Line {
+        name: "control cue (logistic)",
+        role: Role::Control,
+        method: Method::Logistic,
+        shuffled: false,
+        color: 3,
+    },
+    Line {
+        name: "shuffled labels (logistic)",
+        role: Role::Main,
+        method: Method::Logistic,
+        shuffled: true,
+        color: 7,
+    },
+];
+
 fn auroc_figure(rows: &[&MetricRow], label: &str, kind: &str, position: Position) -> Figure {
-    let curve = |role: Role, method: Method, what: &dyn Fn(&MetricRow) -> Option<f64>| {
-        let mut pts: Vec<(f64, f64, Option<(f64, f64)>)> = rows
+    let mut curves = Vec::new();
+    for line in &AUROC_LINES {
+        let mut points: Vec<LayerPoint> = rows
             .iter()
-            .filter(|m| m.role == role && m.method == method)
+            .filter(|m| m.role == line.role && m.method == line.method)
             .filter_map(|m| {
-                let ci = m.auroc_lo.zip(m.auroc_hi);
-                Some((
-                    m.layer? as f64,
-                    what(m)?,
-                    if role == Role::Main { ci } else { None },
-                ))
+                let value = if line.shuffled {
+                    m.shuffled_auroc
+                } else {
+                    m.auroc
+                };
+                let band = line.role == Role::Main && !line.shuffled;
+                Some(LayerPoint {
+                    layer: m.layer? as f64,
+                    value: value?,
+                    interval: m.auroc_lo.zip(m.auroc_hi).filter(|_| band),
+                })
             })
             .collect();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        pts
-    };
-    let mut curves = Vec::new();
-    let auroc = |m: &MetricRow| m.auroc;
-    let shuffled = |m: &MetricRow| m.shuffled_auroc;
-    let specs: [(
-        &str,
-        Role,
-        Method,
-        &dyn Fn(&MetricRow) -> Option<f64>,
-        usize,
-        bool,
-    ); 4] = [
-        (
-            "logistic probe (95% CI)",
-            Role::Main,
-            Method::Logistic,
-            &auroc,
-            0,
-            false,
-        ),
-        (
-            "mean-difference probe",
-            Role::Main,
-            Method::MeanDiff,
-            &auroc,
-            1,
-            false,
-        ),
-        (
-            "control cue (logistic)",
-            Role::Control,
-            Method::Logistic,
-            &auroc,
-            3,
-            false,
-        ),
-        (
-            "shuffled labels (logistic)",
-            Role::Main,
-            Method::Logistic,
-            &shuffled,
-            7,
-            true,
-        ),
-    ];
-    for (name, role, method, what, color, dashed) in specs {
-        let points = curve(role, method, what);
+        points.sort_by(|a, b| a.layer.total_cmp(&b.layer));
         if !points.is_empty() {
             curves.push(Curve {
-                label: name.into(),
-                color: PALETTE[color],
-                dashed,
+                label: line.name.into(),
+                color: PALETTE[line.color],
+                dashed: line.shuffled,
                 points,
             });
         }
     }
     let low = curves
         .iter()
-        .flat_map(|c| c.points.iter().map(|p| p.2.map_or(p.1, |ci| ci.0)))
+        .flat_map(|c| {
+            c.points
+                .iter()
+                .map(|p| p.interval.map_or(p.value, |ci| ci.0))
+        })
         .fold(0.4, f64::min);
     Figure::Layers {
         title: format!("Decoding {label} from {kind} @{position}"),
         y_label: "AUROC (held-out requests)".into(),
         // Room below the curves for the legend.
-        y_range: ((low - 0.02).min(0.25).max(0.0), 1.02),
+        y_range: ((low - 0.02).clamp(0.0, 0.25), 1.02),
         reference: Some(0.5),
         curves,
     }

@@ -229,9 +229,9 @@ mod tests {
     }
 
     #[test]
-    fn label_orientation_does_not_depend_on_row_order() {
+    fn the_minority_positive_class_still_scores_positive() {
         let (x, mut y) = toy();
-        // Make `false` the majority class, and the first row negative.
+        // Make `false` the majority class.
         y[1] = false;
         y[3] = false;
         let rows: Vec<usize> = (0..40).collect();
@@ -241,6 +241,7 @@ mod tests {
             &y,
             Method::Logistic,
             &FitSettings::default(),
+            None,
         )
         .unwrap();
         let s = p.scores(x.view(), &rows);
@@ -258,6 +259,7 @@ mod tests {
             &[true; 40],
             Method::Logistic,
             &FitSettings::default(),
+            None,
         );
         assert!(err.unwrap_err().to_string().contains("only one class"));
     }
