@@ -4,7 +4,8 @@
 //! Each length runs in its own process (ours and the reference's), so peak RSS
 //! is per length rather than the maximum over the whole run.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{CaptureRows, HookPoint, Hooks, LogitsAt, Model, NamesFilter};
+use crate::store::write_atomic;
 
 /// One measured length.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -346,4 +348,191 @@ pub fn capture_bench(model: &Model, b: &CaptureBench) -> Result<Vec<CaptureResul
         });
     }
     Ok(results)
+}
+
+/// `afprobe bench probe`: per-layer logistic probes on every hook and position
+/// of a store, afprobe beside the reference (scikit-learn, ref_probe.py).
+pub struct ProbeBench {
+    pub acts: PathBuf,
+    pub folds: usize,
+    pub threads: usize,
+    /// Python and ref_probe.py.
+    pub reference: Option<(PathBuf, PathBuf)>,
+    pub work_dir: PathBuf,
+}
+
+/// One position's timing and agreement.
+pub struct ProbeBenchRow {
+    pub position: String,
+    pub probes: usize,
+    pub ours_s: f64,
+    pub ref_s: Option<f64>,
+    /// Largest and mean |AUROC(afprobe) − AUROC(reference)| over layers.
+    pub max_diff: Option<f64>,
+    pub mean_diff: Option<f64>,
+}
+
+pub fn probe_bench(b: &ProbeBench) -> Result<Vec<ProbeBenchRow>> {
+    use crate::probe::{self, Filter, FitSettings, Method, ProbeSpec, Role};
+    let store = crate::store::Store::open(&b.acts)?;
+    std::fs::create_dir_all(&b.work_dir).map_err(|e| Error::io(&b.work_dir, e))?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(b.threads)
+        .build()
+        .map_err(|e| Error::BadInput(format!("thread pool: {e}")))?;
+    let tiers = store.column("tier");
+    let groups = store.column("request_id");
+    let mut rows = Vec::new();
+    for &position in &store.manifest.positions {
+        if position == crate::store::Position::All {
+            continue;
+        }
+        eprintln!("afprobe: bench probe @{position} ...");
+        // The reference's work: logistic, C = 1, standardised, 5-fold grouped, no baselines.
+        let spec = ProbeSpec {
+            acts: b.acts.clone(),
+            out: b.work_dir.join(format!("afprobe-{position}")),
+            label: "tier".into(),
+            positive: Some("free".into()),
+            group: "request_id".into(),
+            hooks: None,
+            layers: "all".into(),
+            positions: Some(vec![position]),
+            methods: vec![Method::Logistic],
+            folds: b.folds,
+            seed: 0,
+            train_filter: Filter::default(),
+            test_filter: Filter::default(),
+            control: None,
+            cross: None,
+            fit: FitSettings::default(),
+            shuffles: 0,
+            bootstrap: 0,
+            force: true,
+        };
+        let started = std::time::Instant::now();
+        let report = pool.install(|| probe::probe(&spec))?;
+        let ours_s = started.elapsed().as_secs_f64();
+        let ours: BTreeMap<usize, f64> = report
+            .metrics
+            .iter()
+            .filter(|m| m.role == Role::Main)
+            .filter_map(|m| Some((m.layer?, m.auroc?)))
+            .collect();
+        let (mut ref_s, mut max_diff, mut mean_diff) = (None, None, None);
+        if let Some((python, script)) = &b.reference {
+            let theirs = reference_probe(&store, position, python, script, b, &tiers, &groups)?;
+            let diffs: Vec<f64> = ours
+                .iter()
+                .filter_map(|(l, a)| Some((a - theirs.1.get(l)?).abs()))
+                .collect();
+            ref_s = Some(theirs.0);
+            max_diff = diffs.iter().copied().reduce(f64::max);
+            mean_diff = Some(diffs.iter().sum::<f64>() / diffs.len().max(1) as f64);
+        }
+        rows.push(ProbeBenchRow {
+            position: position.to_string(),
+            probes: ours.len(),
+            ours_s,
+            ref_s,
+            max_diff,
+            mean_diff,
+        });
+    }
+    Ok(rows)
+}
+
+/// Exports one position as ref_probe.py's input, runs it, and returns its
+/// fitting seconds (`total_s`) and pooled AUROC per layer.
+fn reference_probe(
+    store: &crate::store::Store,
+    position: crate::store::Position,
+    python: &Path,
+    script: &Path,
+    b: &ProbeBench,
+    tiers: &[Option<String>],
+    groups: &[Option<String>],
+) -> Result<(f64, BTreeMap<usize, f64>)> {
+    let mut tensors = Vec::new();
+    for hook in &store.manifest.hooks {
+        let Some(layer) = hook.parse::<HookPoint>().ok().and_then(|p| p.layer()) else {
+            continue;
+        };
+        let x = store.load(&crate::store::tensor_name(hook, position))?;
+        let shape = vec![x.nrows(), x.ncols()];
+        tensors.push((
+            format!("resid.{layer}"),
+            shape,
+            x.into_raw_vec_and_offset().0,
+        ));
+    }
+    let acts = b.work_dir.join(format!("ref-{position}.safetensors"));
+    crate::probe::save_f32_tensors(&acts, &tensors, None)?;
+    let labels = b.work_dir.join(format!("ref-{position}.labels.json"));
+    let label_json = serde_json::json!({
+        "labels": tiers.iter().map(|t| u8::from(t.as_deref() == Some("free"))).collect::<Vec<_>>(),
+        "groups": groups.iter().map(|g| g.clone().unwrap_or_default()).collect::<Vec<_>>(),
+    });
+    write_atomic(&labels, label_json.to_string().as_bytes())?;
+    let report = b.work_dir.join(format!("ref-{position}.report.json"));
+    eprintln!("afprobe: reference ref_probe.py @{position} ...");
+    let out = Command::new(python)
+        .arg(script)
+        .arg("--acts")
+        .arg(&acts)
+        .arg("--labels")
+        .arg(&labels)
+        .arg("--out")
+        .arg(&report)
+        .args(["--folds", &b.folds.to_string()])
+        .args(["--threads", &b.threads.to_string()])
+        .output()
+        .map_err(|e| Error::io(python, e))?;
+    if !out.status.success() {
+        return Err(Error::BadInput(format!(
+            "reference probe failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )));
+    }
+    let text = std::fs::read_to_string(&report).map_err(|e| Error::io(&report, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model_file(&report, format!("not JSON: {e}")))?;
+    let aurocs = json["layers"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(l, v)| Some((l.parse().ok()?, v["auroc_pooled"].as_f64()?)))
+        .collect();
+    Ok((json["total_s"].as_f64().unwrap_or(f64::NAN), aurocs))
+}
+
+pub fn print_probe_table(rows: &[ProbeBenchRow]) {
+    let f = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+    println!(
+        "{:<9} {:>6} {:>12} {:>14} {:>8} {:>16} {:>16}",
+        "position",
+        "probes",
+        "afprobe s",
+        "reference s",
+        "speedup",
+        "max |dAUROC|",
+        "mean |dAUROC|"
+    );
+    for r in rows {
+        println!(
+            "{:<9} {:>6} {:>12.2} {:>14} {:>8} {:>16} {:>16}",
+            r.position,
+            r.probes,
+            r.ours_s,
+            f(r.ref_s, 2),
+            r.ref_s
+                .map_or("-".into(), |t| format!("{:.1}x", t / r.ours_s)),
+            f(r.max_diff, 4),
+            f(r.mean_diff, 4),
+        );
+    }
 }

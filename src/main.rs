@@ -532,6 +532,42 @@ capture with prefix sharing on all rows, without sharing on --unshared-rows rows
 same thread count) on --ref-rows rows. Rates exclude model loading on both sides."
     )]
     Capture(CaptureBenchArgs),
+    /// Per-layer logistic probes on a store, afprobe beside scikit-learn (ref_probe.py).
+    #[command(
+        long_about = "Probe-fitting speed and agreement: for every per-row position of the \
+store, logistic probes for `tier` (free vs paid) on every layer with --folds-fold grouped \
+cross-validation by request_id (C = 1, standardised, no baselines: the work ref_probe.py does). \
+With --ref-python, the store is exported as ref_probe.py's input and the reference \
+(scikit-learn, same thread count) runs on it; the table gives both times (the reference's fitting \
+time, without its loading) and the largest and mean |AUROC difference| over layers (the folds \
+differ: scikit-learn's GroupKFold vs afprobe's seeded grouped folds).",
+        after_help = "Example:\n  afprobe prompts --out study.jsonl\n  \
+afprobe capture --prompts study.jsonl --positions last,cue --score --out activations/study\n  \
+afprobe bench probe --acts activations/study --ref-python ref-venv/bin/python"
+    )]
+    Probe(ProbeBenchArgs),
+}
+
+#[derive(Args)]
+struct ProbeBenchArgs {
+    /// Activation store with `tier` and `request_id` labels.
+    #[arg(long, value_name = "DIR")]
+    acts: PathBuf,
+    /// Cross-validation folds.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Threads for both afprobe and the reference.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Python of the reference venv (numpy, safetensors, scikit-learn); enables the comparison.
+    #[arg(long, value_name = "PYTHON")]
+    ref_python: Option<PathBuf>,
+    /// The reference probe script.
+    #[arg(long, default_value = "../shared/ref/ref_probe.py")]
+    ref_script: PathBuf,
+    /// Where exports and outputs go (default: a fresh temporary directory).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -685,6 +721,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Prefill(a)) => bench_prefill(a)?,
         Command::Bench(BenchCommand::Capture(a)) => bench_capture(a)?,
+        Command::Bench(BenchCommand::Probe(a)) => {
+            let work_dir = a.work_dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("afprobe-bench-probe-{}", std::process::id()))
+            });
+            let rows = bench::probe_bench(&bench::ProbeBench {
+                acts: a.acts,
+                folds: a.folds,
+                threads: a.threads,
+                reference: a.ref_python.map(|p| (p, a.ref_script)),
+                work_dir: work_dir.clone(),
+            })?;
+            println!(
+                "probe: logistic, every layer, {}-fold grouped CV, {} threads",
+                a.folds, a.threads
+            );
+            bench::print_probe_table(&rows);
+            eprintln!("afprobe: exports and outputs in {}", work_dir.display());
+        }
         Command::Demo {
             model,
             requests_per_category,

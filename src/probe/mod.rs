@@ -748,41 +748,51 @@ pub fn metrics_csv(metrics: &[MetricRow]) -> String {
     out
 }
 
+/// Writes 1-D or 2-D f32 tensors `(name, shape, values)` as a safetensors
+/// file (through a temporary name). One metadata key keeps the bytes stable.
+pub fn save_f32_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: Option<String>,
+) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            // Safety: f32 has no padding or invalid bit patterns; u8 has alignment 1.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    values.as_ptr() as *const u8,
+                    std::mem::size_of_val(values.as_slice()),
+                )
+            };
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| Error::BadInput(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata: Option<HashMap<String, String>> =
+        metadata.map(|m| [("afprobe".to_string(), m)].into());
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| Error::BadInput(format!("cannot serialise {}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
 fn write_outputs(report: &Report, weights: Vec<(String, Vec<f32>)>, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let tensors: Vec<(String, safetensors::tensor::TensorView)> = weights
-        .iter()
-        .map(|(name, values)| {
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                vec![values.len()],
-                bytemuck_f32(values),
-            )
-            .expect("shape matches data");
-            (name.clone(), view)
-        })
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = weights
+        .into_iter()
+        .map(|(name, values)| (name, vec![values.len()], values))
         .collect();
-    let metadata: HashMap<String, String> = [(
-        "afprobe".to_string(),
-        serde_json::json!({"label": report.settings["label"], "positive": report.settings["positive"],
-            "score": "norm * (x . direction) + bias; > 0 favours the positive class"})
-        .to_string(),
-    )]
-    .into();
-    let bytes = safetensors::serialize(tensors, Some(metadata))
-        .map_err(|e| Error::BadInput(format!("cannot serialise probes: {e}")))?;
-    write_atomic(&out.join(PROBES), &bytes)?;
+    let metadata = serde_json::json!({
+        "label": report.settings["label"],
+        "positive": report.settings["positive"],
+        "score": "norm * (x . direction) + bias; > 0 favours the positive class",
+    });
+    save_f32_tensors(&out.join(PROBES), &tensors, Some(metadata.to_string()))?;
     write_atomic(&out.join(METRICS), metrics_csv(&report.metrics).as_bytes())?;
     let json = serde_json::to_string_pretty(report).expect("report serialises");
     // The report last: its presence marks a complete probe directory.
     write_atomic(&out.join(REPORT), json.as_bytes())
-}
-
-fn bytemuck_f32(values: &[f32]) -> &[u8] {
-    // Safety: f32 has no padding or invalid bit patterns; u8 has alignment 1.
-    unsafe {
-        std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values))
-    }
 }
 
 /// A text table of the main probes: one line per hook, with AUROC and its
