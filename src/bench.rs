@@ -373,7 +373,7 @@ pub struct ProbeBenchRow {
 }
 
 pub fn probe_bench(b: &ProbeBench) -> Result<Vec<ProbeBenchRow>> {
-    use crate::probe::{self, Filter, FitSettings, Method, ProbeSpec, Role};
+    use crate::probe::{self, Method, ProbeSpec, Role};
     let store = crate::store::Store::open(&b.acts)?;
     std::fs::create_dir_all(&b.work_dir).map_err(|e| Error::io(&b.work_dir, e))?;
     let pool = rayon::ThreadPoolBuilder::new()
@@ -390,25 +390,18 @@ pub fn probe_bench(b: &ProbeBench) -> Result<Vec<ProbeBenchRow>> {
         eprintln!("afprobe: bench probe @{position} ...");
         // The reference's work: logistic, C = 1, standardised, 5-fold grouped, no baselines.
         let spec = ProbeSpec {
-            acts: b.acts.clone(),
-            out: b.work_dir.join(format!("afprobe-{position}")),
-            label: "tier".into(),
             positive: Some("free".into()),
-            group: "request_id".into(),
-            hooks: None,
-            layers: "all".into(),
             positions: Some(vec![position]),
             methods: vec![Method::Logistic],
             folds: b.folds,
-            seed: 0,
-            train_filter: Filter::default(),
-            test_filter: Filter::default(),
-            control: None,
-            cross: None,
-            fit: FitSettings::default(),
             shuffles: 0,
             bootstrap: 0,
             force: true,
+            ..ProbeSpec::new(
+                &b.acts,
+                &b.work_dir.join(format!("afprobe-{position}")),
+                "tier",
+            )
         };
         let started = std::time::Instant::now();
         let report = pool.install(|| probe::probe(&spec))?;
@@ -417,7 +410,7 @@ pub fn probe_bench(b: &ProbeBench) -> Result<Vec<ProbeBenchRow>> {
             .metrics
             .iter()
             .filter(|m| m.role == Role::Main)
-            .filter_map(|m| Some((m.layer?, m.auroc?)))
+            .filter_map(|m| Some((m.layer?, m.scores.auroc?)))
             .collect();
         let (mut ref_s, mut max_diff, mut mean_diff) = (None, None, None);
         if let Some((python, script)) = &b.reference {

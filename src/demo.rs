@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gap::{compute_gap, format_table, write_report, GapReport, GapStats};
 use crate::model::ModelSpec;
 use crate::plot::{plot, PlotSpec};
-use crate::probe::{self, Filter, FitSettings, Method, MetricRow, ProbeSpec, Report, Role};
+use crate::probe::{self, Method, MetricRow, ProbeSpec, Report, Role};
 use crate::setting::{build_rows, builtin_cues, builtin_requests, builtin_setting};
 use crate::store::{write_atomic, Existing, Position, Store};
 
@@ -104,26 +104,13 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
 
     let probes_dir = Path::new("probes").join(NAME);
     let probe_spec = ProbeSpec {
-        acts: store_dir.clone(),
-        out: probes_dir.clone(),
-        label: "tier".into(),
         positive: Some("free".into()),
-        group: "request_id".into(),
-        hooks: None,
-        layers: "all".into(),
-        positions: None,
-        methods: vec![Method::Logistic, Method::MeanDiff],
-        folds: 5,
-        seed: 0,
-        train_filter: Filter::default(),
-        test_filter: Filter::default(),
         control: probe::control_filter("auto", &store)?,
         cross: Some("cue".into()),
-        fit: FitSettings::default(),
-        shuffles: 1,
-        bootstrap: 1000,
         force: true,
+        ..ProbeSpec::new(&store_dir, &probes_dir, "tier")
     };
+
     println!("\nprobes for tier (free vs paid), 5-fold grouped by request, with the control cue and the cross-cue matrix:");
     let report = timings.time("probes", || probe::probe(&probe_spec))?;
     print!("{}", probe::format_summary(&report));
@@ -312,16 +299,16 @@ fn report_markdown(r: &ReportInputs) -> String {
         let control = rows_at(p, b.position, Role::Control)
             .into_iter()
             .find(|m| m.layer == b.layer)
-            .and_then(|m| m.auroc);
+            .and_then(|m| m.scores.auroc);
         let r_of = |t: &str| num(b.r_p_accept.get(t).copied().flatten());
         let _ = writeln!(
             md,
             "| `{}` | {} | {} | {} | {:.3} | {} | {} | {} / {} |",
             b.position,
             b.layer.map_or("-".into(), |l| l.to_string()),
-            num(b.auroc),
-            ci(b.auroc_lo, b.auroc_hi),
-            b.accuracy,
+            num(b.scores.auroc),
+            ci(b.scores.auroc_lo, b.scores.auroc_hi),
+            b.scores.accuracy,
             num(b.shuffled_auroc),
             num(control),
             r_of("free"),
@@ -333,7 +320,7 @@ fn report_markdown(r: &ReportInputs) -> String {
         let main = rows_at(p, *position, Role::Main);
         let control = rows_at(p, *position, Role::Control);
         let mean = |rows: &[&MetricRow]| {
-            let v: Vec<f64> = rows.iter().filter_map(|m| m.auroc).collect();
+            let v: Vec<f64> = rows.iter().filter_map(|m| m.scores.auroc).collect();
             v.iter().sum::<f64>() / v.len().max(1) as f64
         };
         let (m, c) = (mean(&main), mean(&control));
@@ -414,7 +401,7 @@ fn report_markdown(r: &ReportInputs) -> String {
                     let v = cells
                         .iter()
                         .find(|m| value(&m.train) == *a && value(&m.test) == *b)
-                        .and_then(|m| m.auroc);
+                        .and_then(|m| m.scores.auroc);
                     if a != b && a != "control" && b != "control" {
                         off_meaningful.extend(v);
                     }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use afprobe::probe::cv::{cross_validate, summarize};
 use afprobe::probe::{self, Filter, FitSettings, Folds, Method, ProbeSpec, Report, Role};
-use afprobe::store::{Existing, Manifest, ModelRecord, PromptsRecord, Store, StoreWriter, FORMAT};
+use afprobe::store::Store;
 use common::{afprobe, assert_fails_with, fixtures, load_fixture};
 
 /// Our logistic probe on scikit-learn's folds of real SmolLM2 activations
@@ -96,60 +96,24 @@ fn synthetic_store_d(
     let hooks: Vec<String> = (0..LAYERS)
         .map(|l| format!("blocks.{l}.hook_resid_post"))
         .collect();
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        afprobe_version: "test".into(),
-        complete: false,
-        model: ModelRecord {
-            spec: "synthetic".into(),
-            sha256: "0".into(),
-            architecture: "llama".into(),
-            d_model: d,
-            n_layers: LAYERS,
-        },
-        prompts: PromptsRecord {
-            file: "p.jsonl".into(),
-            sha256: "0".into(),
-            rows: n,
-        },
-        hooks: hooks.clone(),
-        positions: vec![afprobe::store::Position::Last],
-        dtype: "f32".into(),
-        score: true,
-        shard_rows: n,
-        slice: None,
-        row_count: 0,
-        shards: vec![],
-    };
-    let mut writer = StoreWriter::open(dir, manifest, Existing::Overwrite).unwrap();
-    let mut tensors = vec![
-        (
-            "tokens".to_string(),
-            Tensor::zeros(n, candle_core::DType::I64, &Device::Cpu).unwrap(),
-        ),
-        (
-            "token_offsets".to_string(),
-            Tensor::arange(0i64, n as i64 + 1, &Device::Cpu).unwrap(),
-        ),
-    ];
-    for (l, hook) in hooks.iter().enumerate() {
-        let data: Vec<f32> = (0..n).flat_map(|r| activation(r, l)).collect();
-        tensors.push((
-            format!("{hook}@last"),
-            Tensor::from_vec(data, (n, d), &Device::Cpu).unwrap(),
-        ));
-    }
-    let records: Vec<Value> = rows
+    let tensors = hooks
         .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            r["n_tokens"] = json!(1);
-            r
+        .enumerate()
+        .map(|(l, hook)| {
+            let data: Vec<f32> = (0..n).flat_map(|r| activation(r, l)).collect();
+            (
+                format!("{hook}@last"),
+                Tensor::from_vec(data, (n, d), &Device::Cpu).unwrap(),
+            )
         })
         .collect();
-    writer.write_shard(0, [0, n], &records, tensors).unwrap();
-    writer.finish().unwrap();
-    Store::open(dir).unwrap()
+    let shape = common::StoreShape {
+        hooks,
+        positions: vec![afprobe::store::Position::Last],
+        d_model: d,
+        n_layers: LAYERS,
+    };
+    common::write_store(dir, rows, &shape, true, tensors)
 }
 
 /// A deterministic pseudo-random number in [-1, 1).
@@ -181,25 +145,12 @@ fn study_rows() -> Vec<Value> {
 
 fn spec(acts: &Path, out: &Path) -> ProbeSpec {
     ProbeSpec {
-        acts: acts.into(),
-        out: out.into(),
-        label: "tier".into(),
-        positive: None,
-        group: "request_id".into(),
-        hooks: None,
-        layers: "all".into(),
-        positions: None,
-        methods: vec![Method::Logistic, Method::MeanDiff],
-        folds: 5,
         seed: 3,
-        train_filter: Filter::default(),
-        test_filter: Filter::default(),
         control: Some(Filter::equals("cue", &["control"])),
         cross: Some("cue".into()),
-        fit: FitSettings::default(),
         shuffles: 2,
         bootstrap: 200,
-        force: false,
+        ..ProbeSpec::new(acts, out, "tier")
     }
 }
 
@@ -208,7 +159,7 @@ fn main_auroc(report: &Report, layer: usize, method: Method, role: Role) -> f64 
         .metrics
         .iter()
         .find(|m| m.layer == Some(layer) && m.method == method && m.role == role)
-        .and_then(|m| m.auroc)
+        .and_then(|m| m.scores.auroc)
         .unwrap()
 }
 
@@ -254,9 +205,9 @@ fn a_planted_direction_is_found_where_it_was_planted() {
     for m in report.metrics.iter().filter(|m| m.role == Role::Main) {
         let s = m.shuffled_auroc.unwrap();
         assert!((0.3..0.7).contains(&s), "shuffled {}: {s}", m.hook);
-        let (lo, hi) = (m.auroc_lo.unwrap(), m.auroc_hi.unwrap());
-        assert!(lo <= m.auroc.unwrap() && m.auroc.unwrap() <= hi);
-        assert_eq!(m.n, 80, "main rows exclude the control cue");
+        let (lo, hi) = (m.scores.auroc_lo.unwrap(), m.scores.auroc_hi.unwrap());
+        assert!(lo <= m.scores.auroc.unwrap() && m.scores.auroc.unwrap() <= hi);
+        assert_eq!(m.scores.n, 80, "main rows exclude the control cue");
         assert!(m.r_p_accept.contains_key("free") && m.r_p_accept.contains_key("paid"));
     }
     // Cross matrix: xml -> xml decodes at layer 1; control -> anything does not.
@@ -271,7 +222,7 @@ fn a_planted_direction_is_found_where_it_was_planted() {
                     && m.train == format!("cue={train}")
                     && m.test == format!("cue={test}")
             })
-            .and_then(|m| m.auroc)
+            .and_then(|m| m.scores.auroc)
             .unwrap()
     };
     assert!(cell("xml", "xml") > 0.95);
@@ -309,7 +260,7 @@ fn a_planted_direction_is_found_where_it_was_planted() {
     let key = |r: &Report| -> Vec<(Option<f64>, Option<f64>, Option<f64>)> {
         r.metrics
             .iter()
-            .map(|m| (m.auroc, m.auroc_lo, m.shuffled_auroc))
+            .map(|m| (m.scores.auroc, m.scores.auroc_lo, m.shuffled_auroc))
             .collect()
     };
     assert_eq!(key(&report), key(&again));
@@ -351,7 +302,7 @@ fn grouped_folds_leave_no_request_on_both_sides() {
     })
     .unwrap();
     for m in &report.metrics {
-        let auc = m.auroc.unwrap();
+        let auc = m.scores.auroc.unwrap();
         assert!((0.25..0.75).contains(&auc), "{}: {auc}", m.hook);
     }
     // The same data with a row-level split would be memorised: check that
@@ -626,8 +577,8 @@ fn real_model_probe_and_plot_end_to_end() {
     // 4 layers x 2 methods x (main + control).
     assert_eq!(report.metrics.len(), 16);
     for m in &report.metrics {
-        assert_eq!(m.n, 20, "10 requests x 2 tiers per evaluation");
-        let auc = m.auroc.unwrap();
+        assert_eq!(m.scores.n, 20, "10 requests x 2 tiers per evaluation");
+        let auc = m.scores.auroc.unwrap();
         assert!((0.0..=1.0).contains(&auc));
     }
     ok(&["plot", &path("probes"), "--out", &path("figures")]);

@@ -11,8 +11,7 @@ use afprobe::prompts::{read_prompt_file, render};
 use afprobe::setting::{
     build_rows, builtin_cues, builtin_requests, builtin_setting, load_requests,
 };
-use afprobe::store::{Existing, Manifest, ModelRecord, PromptsRecord, Store, StoreWriter, FORMAT};
-use candle_core::{Device, Tensor};
+use afprobe::store::Store;
 use common::{afprobe, assert_fails_with as fails, fixtures};
 use serde_json::{json, Value};
 
@@ -119,54 +118,7 @@ fn request_files_load_and_bad_ones_are_named() {
 
 /// A store with only rows (no activations), as `capture --score` would leave them.
 fn store_with_rows(dir: &Path, rows: &[Value], score: bool) -> Store {
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        afprobe_version: "test".into(),
-        complete: false,
-        model: ModelRecord {
-            spec: "none".into(),
-            sha256: "0".into(),
-            architecture: "llama".into(),
-            d_model: 1,
-            n_layers: 1,
-        },
-        prompts: PromptsRecord {
-            file: "p.jsonl".into(),
-            sha256: "0".into(),
-            rows: rows.len(),
-        },
-        hooks: vec![],
-        positions: vec![],
-        dtype: "f32".into(),
-        score,
-        shard_rows: rows.len(),
-        slice: None,
-        row_count: 0,
-        shards: vec![],
-    };
-    let mut writer = StoreWriter::open(dir, manifest, Existing::Refuse).unwrap();
-    let records: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            r["n_tokens"] = json!(1);
-            r
-        })
-        .collect();
-    let n = rows.len();
-    let tensors = vec![
-        (
-            "tokens".to_string(),
-            Tensor::zeros(n, candle_core::DType::I64, &Device::Cpu).unwrap(),
-        ),
-        (
-            "token_offsets".to_string(),
-            Tensor::arange(0i64, n as i64 + 1, &Device::Cpu).unwrap(),
-        ),
-    ];
-    writer.write_shard(0, [0, n], &records, tensors).unwrap();
-    writer.finish().unwrap();
-    Store::open(dir).unwrap()
+    common::write_store(dir, rows, &common::StoreShape::default(), score, vec![])
 }
 
 #[test]

@@ -176,7 +176,8 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
             .filter(|m| m.role == Role::Main && m.method == method)
             // The earliest layer among equals, as report.json's `best`.
             .max_by(|a, b| {
-                let key = |m: &MetricRow| (m.auroc.unwrap_or(0.0), std::cmp::Reverse(m.layer));
+                let key =
+                    |m: &MetricRow| (m.scores.auroc.unwrap_or(0.0), std::cmp::Reverse(m.layer));
                 key(a)
                     .partial_cmp(&key(b))
                     .unwrap_or(std::cmp::Ordering::Equal)
@@ -260,13 +261,13 @@ fn auroc_figure(rows: &[&MetricRow], label: &str, kind: &str, position: Position
                 let value = if line.shuffled {
                     m.shuffled_auroc
                 } else {
-                    m.auroc
+                    m.scores.auroc
                 };
                 let band = line.role == Role::Main && !line.shuffled;
                 Some(LayerPoint {
                     layer: m.layer? as f64,
                     value: value?,
-                    interval: m.auroc_lo.zip(m.auroc_hi).filter(|_| band),
+                    interval: m.scores.auroc_lo.zip(m.scores.auroc_hi).filter(|_| band),
                 })
             })
             .collect();
@@ -324,7 +325,7 @@ fn cross_figure(rows: &[&MetricRow], best: &MetricRow, label: &str) -> Option<Fi
         .collect();
     let mut grid: BTreeMap<(String, String), Option<f64>> = BTreeMap::new();
     for m in &cells {
-        grid.insert((value_of(&m.train), value_of(&m.test)), m.auroc);
+        grid.insert((value_of(&m.train), value_of(&m.test)), m.scores.auroc);
     }
     let values = names
         .iter()

@@ -4,7 +4,7 @@ use ndarray::ArrayView2;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::data::Folds;
 use super::fit::{fit, FitSettings, Method};
@@ -87,7 +87,7 @@ pub fn shuffled_labels(y: &[Option<bool>], mask: &[bool], seed: u64) -> Vec<Opti
 }
 
 /// The metrics of out-of-fold scores (one `metrics.csv` row without its keys).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scores {
     /// AUROC of the pooled out-of-fold scores.
     pub auroc: Option<f64>,

@@ -66,6 +66,35 @@ pub struct ProbeSpec {
     pub force: bool,
 }
 
+impl ProbeSpec {
+    /// The command line's defaults: both methods, 5 grouped folds by
+    /// `request_id`, seed 0, no filters, no control, no cross matrix, one
+    /// shuffle, 1,000 bootstrap resamples.
+    pub fn new(acts: &Path, out: &Path, label: &str) -> ProbeSpec {
+        ProbeSpec {
+            acts: acts.into(),
+            out: out.into(),
+            label: label.into(),
+            positive: None,
+            group: "request_id".into(),
+            hooks: None,
+            layers: "all".into(),
+            positions: None,
+            methods: vec![Method::Logistic, Method::MeanDiff],
+            folds: 5,
+            seed: 0,
+            train_filter: Filter::default(),
+            test_filter: Filter::default(),
+            control: None,
+            cross: None,
+            fit: FitSettings::default(),
+            shuffles: 1,
+            bootstrap: 1000,
+            force: false,
+        }
+    }
+}
+
 /// Which question an evaluation answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,20 +117,10 @@ pub struct MetricRow {
     pub role: Role,
     pub train: String,
     pub test: String,
-    pub auroc: Option<f64>,
-    pub auroc_mean: Option<f64>,
-    pub auroc_std: Option<f64>,
-    pub auroc_lo: Option<f64>,
-    pub auroc_hi: Option<f64>,
-    pub accuracy: f64,
-    pub accuracy_std: f64,
-    pub balanced_accuracy: f64,
-    pub majority_accuracy: f64,
+    #[serde(flatten)]
+    pub scores: Scores,
     /// Mean AUROC of the probes refitted on shuffled training labels.
     pub shuffled_auroc: Option<f64>,
-    pub n: usize,
-    /// Fits that stopped at the solver's iteration cap (0 normally).
-    pub unconverged_fits: usize,
     /// Main probe only: Pearson r between the out-of-fold score and
     /// `p_accept`, within each value of the tier field.
     pub r_p_accept: BTreeMap<String, Option<f64>>,
@@ -560,18 +579,8 @@ fn metric_row(
         role: plan.role,
         train: plan.train.to_string(),
         test: test.to_string(),
-        auroc: s.auroc,
-        auroc_mean: s.auroc_mean,
-        auroc_std: s.auroc_std,
-        auroc_lo: s.auroc_lo,
-        auroc_hi: s.auroc_hi,
-        accuracy: s.accuracy,
-        accuracy_std: s.accuracy_std,
-        balanced_accuracy: s.balanced_accuracy,
-        majority_accuracy: s.majority_accuracy,
+        scores: s,
         shuffled_auroc,
-        n: s.n,
-        unconverged_fits: s.unconverged_fits,
         r_p_accept,
     }
 }
@@ -635,7 +644,7 @@ fn best_rows(metrics: &[MetricRow]) -> Vec<MetricRow> {
         let key = (m.method, m.position);
         let better = match best.get(&key) {
             None => true,
-            Some(b) => m.auroc.unwrap_or(0.0) > b.auroc.unwrap_or(0.0),
+            Some(b) => m.scores.auroc.unwrap_or(0.0) > b.scores.auroc.unwrap_or(0.0),
         };
         if better {
             best.insert(key, m);
@@ -727,17 +736,17 @@ pub fn metrics_csv(metrics: &[MetricRow]) -> String {
                 .unwrap_or_default(),
             csv_field(&m.train),
             csv_field(&m.test),
-            opt(m.auroc),
-            opt(m.auroc_mean),
-            opt(m.auroc_std),
-            opt(m.auroc_lo),
-            opt(m.auroc_hi),
-            format!("{:.6}", m.accuracy),
-            format!("{:.6}", m.accuracy_std),
-            format!("{:.6}", m.balanced_accuracy),
-            format!("{:.6}", m.majority_accuracy),
+            opt(m.scores.auroc),
+            opt(m.scores.auroc_mean),
+            opt(m.scores.auroc_std),
+            opt(m.scores.auroc_lo),
+            opt(m.scores.auroc_hi),
+            format!("{:.6}", m.scores.accuracy),
+            format!("{:.6}", m.scores.accuracy_std),
+            format!("{:.6}", m.scores.balanced_accuracy),
+            format!("{:.6}", m.scores.majority_accuracy),
             opt(m.shuffled_auroc),
-            m.n.to_string(),
+            m.scores.n.to_string(),
         ];
         for t in &tiers {
             fields.push(opt(m.r_p_accept.get(*t).copied().flatten()));
@@ -830,11 +839,11 @@ pub fn format_summary(report: &Report) -> String {
             let cell = match find(Role::Main, hook, pos, method) {
                 Some(m) => format!(
                     "{} [{},{}] {} {}",
-                    f(m.auroc),
-                    f(m.auroc_lo),
-                    f(m.auroc_hi),
+                    f(m.scores.auroc),
+                    f(m.scores.auroc_lo),
+                    f(m.scores.auroc_hi),
                     f(m.shuffled_auroc),
-                    f(find(Role::Control, hook, pos, method).and_then(|c| c.auroc))
+                    f(find(Role::Control, hook, pos, method).and_then(|c| c.scores.auroc))
                 ),
                 None => "-".into(),
             };
@@ -848,9 +857,9 @@ pub fn format_summary(report: &Report) -> String {
             b.method.name(),
             b.position,
             b.hook,
-            f(b.auroc),
-            f(b.auroc_lo),
-            f(b.auroc_hi)
+            f(b.scores.auroc),
+            f(b.scores.auroc_lo),
+            f(b.scores.auroc_hi)
         ));
     }
     out

@@ -5,7 +5,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use afprobe::store::{
+    Existing, Manifest, ModelRecord, Position, PromptsRecord, Store, StoreWriter, FORMAT,
+};
 use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -83,4 +87,70 @@ pub fn assert_fails_with(out: &Output, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "stderr lacks {n:?}: {err}");
     }
+}
+
+/// What a test store holds besides its rows.
+#[derive(Default)]
+pub struct StoreShape {
+    pub hooks: Vec<String>,
+    pub positions: Vec<Position>,
+    pub d_model: usize,
+    pub n_layers: usize,
+}
+
+/// A complete one-shard store of `rows` (each given `n_tokens: 1` and one
+/// token) holding `tensors`, as `afprobe capture` would leave it.
+pub fn write_store(
+    dir: &Path,
+    rows: &[Value],
+    shape: &StoreShape,
+    score: bool,
+    mut tensors: Vec<(String, Tensor)>,
+) -> Store {
+    let n = rows.len();
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        afprobe_version: "test".into(),
+        complete: false,
+        model: ModelRecord {
+            spec: "synthetic".into(),
+            sha256: "0".into(),
+            architecture: "llama".into(),
+            d_model: shape.d_model,
+            n_layers: shape.n_layers,
+        },
+        prompts: PromptsRecord {
+            file: "p.jsonl".into(),
+            sha256: "0".into(),
+            rows: n,
+        },
+        hooks: shape.hooks.clone(),
+        positions: shape.positions.clone(),
+        dtype: "f32".into(),
+        score,
+        shard_rows: n,
+        slice: None,
+        row_count: 0,
+        shards: vec![],
+    };
+    let mut writer = StoreWriter::open(dir, manifest, Existing::Refuse).unwrap();
+    tensors.push((
+        "tokens".to_string(),
+        Tensor::zeros(n, DType::I64, &Device::Cpu).unwrap(),
+    ));
+    tensors.push((
+        "token_offsets".to_string(),
+        Tensor::arange(0i64, n as i64 + 1, &Device::Cpu).unwrap(),
+    ));
+    let records: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r["n_tokens"] = json!(1);
+            r
+        })
+        .collect();
+    writer.write_shard(0, [0, n], &records, tensors).unwrap();
+    writer.finish().unwrap();
+    Store::open(dir).unwrap()
 }
