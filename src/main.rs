@@ -355,9 +355,10 @@ const PROBE_ABOUT: &str = "Fit a linear probe for a binary label on every hook, 
 layer of an activation store, and measure how well it decodes the label on held-out requests.\n\n\
 Cross-validation is grouped K-fold (--folds) over --group (default request_id), so no request is \
 in both the training and the test rows of a fold. Standardisation (mean, std) is fitted on the \
-training rows of each fold only. Methods: logistic (L2 logistic regression with linfa-logistic; \
---c is scikit-learn's C, default 1: a documented default, not tuned by inner CV) and mean-diff \
-(difference of the standardised class means, threshold at the midpoint).\n\n\
+training rows of each fold only. Methods: logistic (L2 logistic regression with scikit-learn's \
+objective, solved by L-BFGS to a gradient of 1e-6; --c is scikit-learn's C, default 1: a documented \
+default, not tuned by inner CV) and mean-diff (difference of the standardised class means, \
+threshold at the midpoint).\n\n\
 Per probe: AUROC of the pooled out-of-fold scores with a 95% group-bootstrap interval \
 (--bootstrap resamples of requests), mean and std of the per-fold AUROC, accuracy at score 0, \
 balanced accuracy, the majority-class baseline, and the shuffled-label baseline (--shuffles \

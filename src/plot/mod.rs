@@ -156,7 +156,16 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         .iter()
         .map(|m| (hook_kind(&m.hook).to_string(), m.position))
         .collect();
-    let store = Store::open(Path::new(&report.acts)).ok();
+    let store = match Store::open(Path::new(&report.acts)) {
+        Ok(store) => Some(store),
+        Err(e) => {
+            eprintln!(
+                "afprobe: note: the probed store is not readable ({e}); drawing only the \
+                 figures that need no activations"
+            );
+            None
+        }
+    };
     for (kind, position) in panels {
         let in_panel = |m: &&MetricRow| hook_kind(&m.hook) == kind && m.position == position;
         let rows: Vec<&MetricRow> = report.metrics.iter().filter(in_panel).collect();
