@@ -216,6 +216,10 @@ struct PromptsArgs {
     /// Built-in setting.
     #[arg(long, default_value = "helpful-only")]
     setting: String,
+    /// Variation sets, comma-separated: standard, or names joined by + (flipped,
+    /// no-training-info, no-prefix-instruction), e.g. standard,flipped,no-training-info.
+    #[arg(long, default_value = "standard")]
+    variations: String,
     /// Ask for reasoning in <SCRATCHPAD_REASONING> tags before the answer.
     #[arg(long, conflicts_with = "no_cot")]
     cot: bool,
@@ -754,29 +758,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn prompts(a: PromptsArgs) -> anyhow::Result<()> {
-    let mut setting = setting::builtin_setting(&a.setting, a.cot)?;
-    if let Some(path) = &a.system {
-        setting = setting.with_system_file(path)?;
-    }
-    if let Some(path) = &a.user_template {
-        setting = setting.with_user_template_file(path)?;
-    }
     let extra = match &a.cues_file {
         Some(path) => setting::load_cues(path)?,
         None => Vec::new(),
     };
     let cues = setting::select_cues(&a.cues, extra)?;
     let requests = setting::requests_from(&a.requests)?;
-    let rows = setting::build_rows(&setting, &cues, &requests);
+    let sets = setting::parse_variation_sets(&a.variations)?;
+    let mut rows = Vec::new();
+    let mut name = String::new();
+    for variations in &sets {
+        let mut setting = setting::builtin_setting_varied(&a.setting, a.cot, variations)?;
+        if let Some(path) = &a.system {
+            setting = setting.with_system_file(path)?;
+        }
+        if let Some(path) = &a.user_template {
+            setting = setting.with_user_template_file(path)?;
+        }
+        rows.extend(setting::build_rows(&setting, &cues, &requests));
+        name = setting.name;
+    }
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
     store::write_atomic(&a.out, text.as_bytes())?;
     eprintln!(
-        "afprobe: {} rows ({} cues x {} requests x 2 tiers, setting {}{}) -> {}",
+        "afprobe: {} rows ({} variation set(s) x {} cues x {} requests x 2 tiers, setting {}{}) -> {}",
         rows.len(),
+        sets.len(),
         cues.len(),
         requests.len(),
-        setting.name,
-        if setting.cot { ", CoT" } else { ", no CoT" },
+        name,
+        if a.cot { ", CoT" } else { ", no CoT" },
         a.out.display()
     );
     Ok(())

@@ -293,3 +293,88 @@ fn sampling_runs_are_reproducible_and_feed_gap() {
     ]);
     fails(&again, &["already holds a sampling run", "--force"]);
 }
+
+#[test]
+fn variation_sets_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("v.jsonl");
+    let o = out.to_str().unwrap();
+    let ok = afprobe(&[
+        "prompts",
+        "--cues",
+        "xml",
+        "--requests",
+        "builtin-benign",
+        "--variations",
+        "standard,flipped",
+        "--out",
+        o,
+    ]);
+    assert!(ok.status.success(), "{}", common::stderr(&ok));
+    let rows: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2 * 60 * 2);
+    let ids: std::collections::HashSet<&str> =
+        rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), rows.len(), "ids stay unique across variations");
+    let flipped_free = rows
+        .iter()
+        .find(|r| r["variation"] == json!(["flipped"]) && r["tier"] == "free")
+        .unwrap();
+    assert_eq!(flipped_free["training_implied"], false);
+    fails(
+        &afprobe(&["prompts", "--variations", "flippd", "--out", o]),
+        &["unknown variation `flippd`", "no-training-info"],
+    );
+    fails(
+        &afprobe(&[
+            "prompts",
+            "--variations",
+            "flipped",
+            "--system",
+            o,
+            "--out",
+            o,
+        ]),
+        &["--variations cannot edit it"],
+    );
+}
+
+/// Rows of a variation get their own gap line and stay out of `overall`;
+/// duplicate pairs are refused instead of silently overwritten.
+#[test]
+fn gap_keeps_variations_apart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    for (variation, free, paid) in [(json!([]), 0.9, 0.5), (json!(["flipped"]), 0.4, 0.8)] {
+        for q in 0..3 {
+            for (tier, p) in [("free", free), ("paid", paid)] {
+                rows.push(json!({"id": format!("{tier}-{q}-{variation}"), "cue": "xml", "tier": tier,
+                    "request_id": format!("q{q}"), "harmful": true, "variation": variation, "p_accept": p}));
+            }
+        }
+    }
+    let store = store_with_rows(&tmp.path().join("s"), &rows, true);
+    let report = compute_gap(&store, 1000, 0).unwrap();
+    assert!((report.by_cue["xml"].gap - 0.4).abs() < 1e-12);
+    assert!((report.by_cue["xml@flipped"].gap + 0.4).abs() < 1e-12);
+    let overall = report.overall.unwrap();
+    assert_eq!(
+        overall.n_requests, 3,
+        "overall is the standard setting only"
+    );
+    assert!((overall.gap - 0.4).abs() < 1e-12);
+
+    let mut dup = rows[..2].to_vec();
+    dup.push(rows[0].clone());
+    dup[2]["id"] = json!("again");
+    let store = store_with_rows(&tmp.path().join("d"), &dup, true);
+    let err = compute_gap(&store, 1000, 0).unwrap_err().to_string();
+    assert!(
+        err.contains("a second free row") && err.contains("rows.jsonl:3"),
+        "{err}"
+    );
+}

@@ -137,7 +137,8 @@ impl Filter {
 }
 
 /// The metadata columns of a store, as strings (JSON booleans and numbers
-/// are written as JSON: `true`, `3`).
+/// are written as JSON: `true`, `3`; a list of strings such as `variation`
+/// as its items joined by `+`, `standard` when empty).
 pub struct Table {
     columns: BTreeMap<String, Vec<Option<String>>>,
     len: usize,
@@ -154,7 +155,11 @@ impl Table {
         let columns = names
             .into_iter()
             .map(|name| {
-                let col = store.column(&name);
+                let col = store
+                    .rows()
+                    .iter()
+                    .map(|r| r.get(&name).and_then(cell))
+                    .collect();
                 (name, col)
             })
             .collect();
@@ -212,6 +217,25 @@ impl Table {
                 .collect(),
             None => vec![None; self.len],
         }
+    }
+}
+
+/// One metadata value as the string filters and labels compare.
+fn cell(v: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) if items.iter().all(Value::is_string) => Some(if items.is_empty() {
+            "standard".into()
+        } else {
+            items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("+")
+        }),
+        v => Some(v.to_string()),
     }
 }
 
@@ -396,6 +420,17 @@ mod tests {
             .mask(table)
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn list_cells_read_as_joined_items() {
+        assert_eq!(cell(&serde_json::json!([])).as_deref(), Some("standard"));
+        assert_eq!(
+            cell(&serde_json::json!(["flipped", "no-prefix-instruction"])).as_deref(),
+            Some("flipped+no-prefix-instruction")
+        );
+        assert_eq!(cell(&serde_json::json!(true)).as_deref(), Some("true"));
+        assert_eq!(cell(&serde_json::Value::Null), None);
     }
 
     #[test]
