@@ -94,13 +94,6 @@ impl Filter {
         }
     }
 
-    /// Both filters at once.
-    pub fn and(&self, other: &Filter) -> Filter {
-        let mut conditions = self.conditions.clone();
-        conditions.extend(other.conditions.iter().cloned());
-        Filter { conditions }
-    }
-
     /// `self` with the condition that `field` is not `value`.
     pub fn excluding(&self, field: &str, value: &str) -> Filter {
         let mut out = self.clone();
