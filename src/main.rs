@@ -108,7 +108,7 @@ study: prompts for 4 cues x 180 requests x 2 tiers (activations/demo.prompts.jso
 capture of every hook_resid_post at last and cue (activations/demo; a killed demo resumes it), \
 the compliance gap (activations/demo/gap.json), probes for the tier with the control cue and the \
 cross-cue matrix (probes/demo), every figure and figures/demo/REPORT.md, which embeds the \
-figures and states the numbers with their intervals. About 10 minutes on 2 cores; \
+figures and states the numbers with their intervals. About 11 minutes on 2 cores; \
 --requests-per-category 3 gives a 2-minute look."
     )]
     Demo {
