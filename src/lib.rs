@@ -16,6 +16,7 @@ pub mod plot;
 pub mod probe;
 pub mod progress;
 pub mod prompts;
+pub mod refusal;
 pub mod sample;
 pub mod setting;
 pub mod store;

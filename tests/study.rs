@@ -268,6 +268,17 @@ fn sampling_runs_are_reproducible_and_feed_gap() {
     assert!(sampled
         .iter()
         .all(|r| r["samples"]["neither"] == 3 && r["format_failure"] == 1.0));
+    // Each response is also read format-free, and rows count the refusals.
+    for line in a.lines() {
+        let t: Value = serde_json::from_str(line).unwrap();
+        let reading = afprobe::refusal::read(t["text"].as_str().unwrap());
+        assert_eq!(t["reading"], serde_json::to_value(reading).unwrap());
+    }
+    for r in &sampled {
+        if let Some(p) = r["p_refuse"].as_f64() {
+            assert!((0.0..=1.0).contains(&p));
+        }
+    }
     let out = afprobe(&[
         "gap",
         tmp.path().join("a").to_str().unwrap(),
