@@ -488,6 +488,24 @@ fn figures_render_as_png_and_svg() {
         ]),
         &["neither a probe directory"],
     );
+    // A store without activations says so instead of panicking.
+    let rows_only = tmp.path().join("rows-only");
+    common::write_store(
+        &rows_only,
+        &rows,
+        &common::StoreShape::default(),
+        true,
+        vec![],
+    );
+    assert_fails_with(
+        &afprobe(&[
+            "plot",
+            rows_only.to_str().unwrap(),
+            "--out",
+            figures.to_str().unwrap(),
+        ]),
+        &["rows-only"],
+    );
 }
 
 /// Elements open and close in order, with the documented size.

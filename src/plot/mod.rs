@@ -70,9 +70,13 @@ pub fn plot(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
         probe_figures(&spec.input, &spec.out)
     } else if spec.input.join(store::MANIFEST).exists() {
         store_figures(spec)
+    } else if spec.input.join("gap.json").exists() {
+        // A sampling run: no activations, but its gap.
+        save(&gap_figure(&spec.input)?, &spec.out, "gap")
     } else {
         Err(Error::BadInput(format!(
-            "{}: neither a probe directory (report.json) nor an activation store (manifest.json)",
+            "{}: neither a probe directory (report.json), an activation store (manifest.json) \
+             nor a run with gap.json",
             spec.input.display()
         )))
     }
@@ -89,14 +93,25 @@ fn store_figures(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
     let position = spec
         .position
         .or_else(|| m.positions.iter().copied().find(|&p| p != Position::All))
-        .ok_or_else(|| Error::BadInput("the store has no per-row position".into()))?;
+        .ok_or_else(|| {
+            Error::BadInput(format!(
+                "{}: the store holds no per-row activations to plot (captured with \
+                 --positions all only, or none)",
+                spec.input.display()
+            ))
+        })?;
     let hook = match spec.layer {
         Some(l) => m
             .hooks
             .iter()
             .find(|h| h.parse::<HookPoint>().ok().and_then(|p| p.layer()) == Some(l))
             .ok_or_else(|| Error::BadInput(format!("the store has no hook at layer {l}")))?,
-        None => &m.hooks[m.hooks.len() / 2],
+        None => m.hooks.get(m.hooks.len() / 2).ok_or_else(|| {
+            Error::BadInput(format!(
+                "{}: the store holds no activations to plot",
+                spec.input.display()
+            ))
+        })?,
     };
     let tensor = store::tensor_name(hook, position);
     let label = if store.column("tier").iter().any(Option::is_some) {
