@@ -83,25 +83,16 @@ pub struct Reference {
 impl Reference {
     /// Runs the reference for one length in its own process.
     pub fn measure(&self, tokens: usize, repeats: usize) -> Result<PrefillResult> {
-        let out = Command::new(&self.python)
-            .arg(&self.script)
-            .arg("--model")
-            .arg(&self.model_dir)
-            .args(["--lengths", &tokens.to_string()])
-            .args(["--threads", &self.threads.to_string()])
-            .args(["--repeats", &repeats.to_string()])
-            .output()
-            .map_err(|e| Error::io(&self.python, e))?;
-        if !out.status.success() {
-            return Err(Error::BadInput(format!(
-                "reference benchmark failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            )));
-        }
+        let out = run_reference(
+            Command::new(&self.python)
+                .arg(&self.script)
+                .arg("--model")
+                .arg(&self.model_dir)
+                .args(["--lengths", &tokens.to_string()])
+                .args(["--threads", &self.threads.to_string()])
+                .args(["--repeats", &repeats.to_string()]),
+            "benchmark",
+        )?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let json: serde_json::Value = stdout
             .lines()
@@ -117,6 +108,23 @@ impl Reference {
             peak_rss_mb: json["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
         })
     }
+}
+
+/// Runs a Python reference command; a failure reports its exit status and
+/// the last line it wrote to stderr.
+fn run_reference(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
+    let out = cmd.output().map_err(|e| Error::io(cmd.get_program(), e))?;
+    if !out.status.success() {
+        return Err(Error::BadInput(format!(
+            "reference {what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )));
+    }
+    Ok(out)
 }
 
 /// Prints the side-by-side table.
@@ -219,29 +227,21 @@ pub fn reference_capture(
     let wrapper = "import resource, runpy, sys; sys.argv = sys.argv[1:]; \
         runpy.run_path(sys.argv[0], run_name='__main__'); \
         print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)";
-    let output = Command::new(python)
-        .args(["-c", wrapper])
-        .arg(script)
-        .arg("--model")
-        .arg(model_dir)
-        .arg("--prompts")
-        .arg(prompts)
-        .arg("--out")
-        .arg(out)
-        .args(["--continuation", "<request_fully_accepted/>", "--no-logits"])
-        .args(["--threads", &threads.to_string()])
-        .output()
-        .map_err(|e| Error::io(python, e))?;
+    let output = run_reference(
+        Command::new(python)
+            .args(["-c", wrapper])
+            .arg(script)
+            .arg("--model")
+            .arg(model_dir)
+            .arg("--prompts")
+            .arg(prompts)
+            .arg("--out")
+            .arg(out)
+            .args(["--continuation", "<request_fully_accepted/>", "--no-logits"])
+            .args(["--threads", &threads.to_string()]),
+        "capture",
+    )?;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        return Err(Error::BadInput(format!(
-            "reference capture failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        )));
-    }
     let timing: serde_json::Value = stdout
         .lines()
         .find_map(|l| serde_json::from_str(l).ok())
@@ -469,28 +469,19 @@ fn reference_probe(
     write_atomic(&labels, label_json.to_string().as_bytes())?;
     let report = b.work_dir.join(format!("ref-{position}.report.json"));
     eprintln!("afprobe: reference ref_probe.py @{position} ...");
-    let out = Command::new(python)
-        .arg(script)
-        .arg("--acts")
-        .arg(&acts)
-        .arg("--labels")
-        .arg(&labels)
-        .arg("--out")
-        .arg(&report)
-        .args(["--folds", &b.folds.to_string()])
-        .args(["--threads", &b.threads.to_string()])
-        .output()
-        .map_err(|e| Error::io(python, e))?;
-    if !out.status.success() {
-        return Err(Error::BadInput(format!(
-            "reference probe failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        )));
-    }
+    run_reference(
+        Command::new(python)
+            .arg(script)
+            .arg("--acts")
+            .arg(&acts)
+            .arg("--labels")
+            .arg(&labels)
+            .arg("--out")
+            .arg(&report)
+            .args(["--folds", &b.folds.to_string()])
+            .args(["--threads", &b.threads.to_string()]),
+        "probe",
+    )?;
     let text = std::fs::read_to_string(&report).map_err(|e| Error::io(&report, e))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::model_file(&report, format!("not JSON: {e}")))?;
