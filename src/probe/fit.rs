@@ -61,8 +61,7 @@ impl Probe {
     /// Scores of the given rows of `x`.
     pub fn scores(&self, x: ArrayView2<f32>, rows: &[usize]) -> Vec<f64> {
         // Fold the standardisation into the weights: one dot product per row.
-        let w_raw = &self.weight / &self.scale;
-        let b_raw = self.bias - w_raw.dot(&self.mean);
+        let (w_raw, b_raw) = self.raw();
         rows.iter()
             .map(|&r| {
                 x.row(r)
@@ -75,11 +74,17 @@ impl Probe {
             .collect()
     }
 
+    /// Weights and bias on raw (unstandardised) activations.
+    fn raw(&self) -> (Array1<f64>, f64) {
+        let w_raw = &self.weight / &self.scale;
+        let b_raw = self.bias - w_raw.dot(&self.mean);
+        (w_raw, b_raw)
+    }
+
     /// The probe in the residual basis: unit direction `u`, norm `k` and bias
     /// `c` with `score(x) = k (x · u) + c`.
     pub fn in_residual_basis(&self) -> (Array1<f64>, f64, f64) {
-        let w_raw = &self.weight / &self.scale;
-        let bias = self.bias - w_raw.dot(&self.mean);
+        let (w_raw, bias) = self.raw();
         let norm = w_raw.dot(&w_raw).sqrt();
         let unit = if norm > 0.0 { &w_raw / norm } else { w_raw };
         (unit, norm, bias)

@@ -587,14 +587,9 @@ fn metric_row(
 
 /// Refuses activations with NaN or infinite values in the rows used.
 fn check_finite(x: &Array2<f32>, ctx: &Context) -> Result<()> {
-    let used = |r: usize| {
-        ctx.plans
-            .iter()
-            .any(|(_, train, tests)| train[r] || tests.iter().any(|t| t[r]))
-    };
     for (r, row) in x.outer_iter().enumerate() {
         if let Some(c) = row.iter().position(|v| !v.is_finite()) {
-            if used(r) {
+            if ctx.used[r] {
                 return Err(Error::BadInput(format!(
                     "non-finite activation {} at row {} (line {} of rows.jsonl), dimension {c}",
                     row[c],
