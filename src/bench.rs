@@ -312,6 +312,7 @@ pub fn capture_bench(model: &Model, b: &CaptureBench) -> Result<Vec<CaptureResul
             positions: vec![Position::Last],
             f16: false,
             score: true,
+            refusal: None,
             shard_rows: 256,
             slice: None,
             existing: Existing::Overwrite,

@@ -18,10 +18,10 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::model::fetch::sha256_file;
 use crate::model::hooks::BLOCK_HOOKS;
-use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter};
 use crate::progress::Progress;
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
+use crate::score::{score_prompt, RefusalOpenings};
 use crate::store::{
     tensor_name, Existing, Manifest, ModelRecord, NamedTensors, Position, PromptsRecord, Slice,
     StoreWriter, FORMAT,
@@ -37,6 +37,8 @@ pub struct CaptureSpec {
     /// Store activations as f16 instead of f32.
     pub f16: bool,
     pub score: bool,
+    /// Score these refusal openings too (`p_refuse`).
+    pub refusal: Option<RefusalOpenings>,
     pub shard_rows: usize,
     pub slice: Option<Slice>,
     pub existing: Existing,
@@ -169,7 +171,7 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
             check_positions(&r, &spec.positions).map_err(at)?;
             model
                 .transformer
-                .check_length(r.tokens.len() + longest(&r))
+                .check_length(r.tokens.len() + longest(&r, spec.refusal.as_ref()))
                 .map_err(|e| at(e.to_string()))?;
             if spec.score && row.continuations.is_empty() {
                 return Err(at("--score needs `continuations` in every row".into()));
@@ -198,6 +200,7 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
         positions: spec.positions.clone(),
         dtype: if spec.f16 { "f16" } else { "f32" }.into(),
         score: spec.score,
+        refusal_openings: spec.refusal.as_ref().map(|o| o.texts.clone()),
         shard_rows: spec.shard_rows,
         slice: spec.slice,
         row_count: 0,
@@ -255,8 +258,14 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
 }
 
 /// Longest continuation, so scoring cannot overflow the context window.
-fn longest(r: &RenderedPrompt) -> usize {
-    r.continuations.values().map(Vec::len).max().unwrap_or(0)
+fn longest(r: &RenderedPrompt, refusal: Option<&RefusalOpenings>) -> usize {
+    let openings = refusal.iter().flat_map(|o| &o.tokens);
+    r.continuations
+        .values()
+        .chain(openings)
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0)
 }
 
 fn check_positions(r: &RenderedPrompt, positions: &[Position]) -> std::result::Result<(), String> {
@@ -370,37 +379,23 @@ fn capture_row(
     if let Some((a, b)) = r.user_span {
         record.insert("user_span".into(), json!([a, b]));
     }
-    if spec.score {
+    if spec.score || spec.refusal.is_some() {
         let started = Instant::now();
-        let prompt_len = kv.len();
-        let first = row_f32(&log_softmax(&logits)?, 0)?;
-        let mut logprob = BTreeMap::new();
-        for (name, cont) in &r.continuations {
-            // Teacher forcing on the prompt's cache: logits of the prompt's last token
-            // predict cont[0]; running cont[..n-1] gives the rest.
-            let mut total = first[cont[0] as usize] as f64;
-            if cont.len() > 1 {
-                let rest = t.forward(
-                    &cont[..cont.len() - 1],
-                    kv,
-                    &mut Hooks::none(),
-                    &LogitsAt::All,
-                )?;
-                let rest = log_softmax(&rest)?;
-                for (j, &c) in cont[1..].iter().enumerate() {
-                    total += row_f32(&rest, j)?[c as usize] as f64;
-                }
-                computed += cont.len() - 1;
-                kv.truncate(prompt_len)?;
-            }
-            logprob.insert(name.clone(), total);
-        }
-        if let (Some(a), Some(b)) = (logprob.get("accept"), logprob.get("reject")) {
-            record.insert("p_accept".into(), json!(1.0 / (1.0 + (b - a).exp())));
-            // How much the model follows the format at all: P(accept tag) + P(reject tag).
-            record.insert("tag_mass".into(), json!(a.exp() + b.exp()));
-        }
-        record.insert("logprob".into(), json!(logprob));
+        let named = if spec.score {
+            r.continuations.clone()
+        } else {
+            BTreeMap::new()
+        };
+        let (scores, tokens) = score_prompt(
+            t,
+            kv,
+            &mut Hooks::none(),
+            &logits,
+            &named,
+            spec.refusal.as_ref(),
+        )?;
+        scores.write_into(&mut record);
+        computed += tokens;
         stats.score_seconds += started.elapsed().as_secs_f64();
     }
     shard.add_row(

@@ -80,6 +80,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         positions: vec![Position::Last, Position::Cue],
         f16: false,
         score: true,
+        refusal: None,
         shard_rows: 256,
         slice: None,
         // A killed demo picks up where it stopped; other settings start over.

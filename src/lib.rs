@@ -18,6 +18,7 @@ pub mod progress;
 pub mod prompts;
 pub mod refusal;
 pub mod sample;
+pub mod score;
 pub mod setting;
 pub mod store;
 

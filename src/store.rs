@@ -147,6 +147,9 @@ pub struct Manifest {
     /// `f32` or `f16`.
     pub dtype: String,
     pub score: bool,
+    /// The refusal openings scored for `p_refuse` (`capture --p-refuse`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal_openings: Option<Vec<String>>,
     /// Prompt rows per shard block.
     pub shard_rows: usize,
     pub slice: Option<Slice>,
@@ -175,6 +178,10 @@ impl Manifest {
         check("positions", self.positions == other.positions);
         check("dtype", self.dtype == other.dtype);
         check("score", self.score == other.score);
+        check(
+            "refusal openings",
+            self.refusal_openings == other.refusal_openings,
+        );
         check("shard rows", self.shard_rows == other.shard_rows);
         check("slice", self.slice == other.slice);
         diff
@@ -788,11 +795,7 @@ pub fn info(dir: &Path) -> Result<String> {
             .collect::<Vec<_>>()
             .join(", "),
         m.dtype,
-        if m.score {
-            "yes (logprob, p_accept in rows.jsonl)"
-        } else {
-            "no"
-        },
+        score_summary(m),
         m.shards.len(),
         m.shard_rows,
         bytes as f64 / 1e6,
@@ -802,6 +805,25 @@ pub fn info(dir: &Path) -> Result<String> {
         out.push_str(&format!("{field:<10} {}\n", parts.join(", ")));
     }
     Ok(out)
+}
+
+/// What `capture` scored, for `store info`.
+fn score_summary(m: &Manifest) -> String {
+    let tags = m.score.then_some("logprob, p_accept");
+    let refusal = m
+        .refusal_openings
+        .as_ref()
+        .map(|o| format!("p_refuse over {} refusal openings", o.len()));
+    match (tags, refusal) {
+        (None, None) => "no".into(),
+        (a, b) => format!(
+            "yes ({} in rows.jsonl)",
+            a.into_iter()
+                .chain(b.as_deref())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    }
 }
 
 /// `blocks.0..29.hook_resid_post` instead of 30 names.

@@ -59,6 +59,7 @@ fn spec(prompts: &Path, out: &Path, model: &Model, positions: &[Position]) -> Ca
         positions: positions.to_vec(),
         f16: false,
         score: true,
+        refusal: None,
         shard_rows: 4,
         slice: None,
         existing: Existing::Refuse,
@@ -157,6 +158,60 @@ fn capture_matches_the_python_reference_on_the_default_model() {
         let mass = row["tag_mass"].as_f64().unwrap();
         assert!((mass - (a.exp() + r.exp())).abs() < 1e-12 && mass > 0.0 && mass <= 1.0);
     }
+}
+
+/// `capture --p-refuse` against ref_hidden.py (float64 transformers), one run per opening;
+/// the openings share leading tokens, so this also checks the shared forward passes.
+#[test]
+fn p_refuse_matches_the_python_reference_on_the_default_model() {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("refusal_ref.json")).unwrap(),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let openings = tmp.path().join("openings.txt");
+    let list: Vec<&str> = reference["openings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect();
+    std::fs::write(&openings, list.join("\n") + "\n").unwrap();
+    let out = tmp.path().join("store");
+    let prompts = fixtures().join("refusal_prompts.jsonl");
+    let run = afprobe(&[
+        "capture",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--layers",
+        "0",
+        "--refusal-openings",
+        openings.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", common::stderr(&run));
+    let store = Store::open(&out).unwrap();
+    let rows = store.rows();
+    let expected = reference["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), expected.len());
+    for (got, want) in rows.iter().zip(expected) {
+        assert_eq!(got["id"], want["id"]);
+        for opening in &list {
+            let (g, w) = (
+                got["refusal_logprob"][opening].as_f64().unwrap(),
+                want["logprob"][opening].as_f64().unwrap(),
+            );
+            assert!((g - w).abs() < 1e-4, "{opening}: {g} vs reference {w}");
+        }
+        let (g, w) = (
+            got["p_refuse"].as_f64().unwrap(),
+            want["p_refuse"].as_f64().unwrap(),
+        );
+        assert!((g / w - 1.0).abs() < 1e-4, "p_refuse {g} vs reference {w}");
+    }
+    let manifest = store::read_manifest(&out).unwrap();
+    assert_eq!(manifest.refusal_openings.unwrap(), list);
 }
 
 #[test]
@@ -451,6 +506,26 @@ fn bad_capture_input_is_refused_clearly() {
     fails(
         &run(&good, &["--positions", "first"], &out_dir),
         &["first", "last, cue, eoi, mean, all"],
+    );
+    let empty = tmp.path().join("openings.txt");
+    std::fs::write(&empty, "# refusal openings\n\n").unwrap();
+    fails(
+        &run(
+            &good,
+            &["--refusal-openings", empty.to_str().unwrap()],
+            &out_dir,
+        ),
+        &["openings.txt", "empty", "one opening per line"],
+    );
+    let overlapping = tmp.path().join("overlap.txt");
+    std::fs::write(&overlapping, "I can\nI can't help\n").unwrap();
+    fails(
+        &run(
+            &good,
+            &["--refusal-openings", overlapping.to_str().unwrap()],
+            &out_dir,
+        ),
+        &["overlap.txt", "\"I can\"", "count it twice"],
     );
     assert!(!out_dir.exists(), "failed runs must not create a store");
 

@@ -128,6 +128,7 @@ pub fn write_store(
         positions: shape.positions.clone(),
         dtype: "f32".into(),
         score,
+        refusal_openings: None,
         shard_rows: n,
         slice: None,
         row_count: 0,
