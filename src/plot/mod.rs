@@ -72,7 +72,7 @@ pub fn plot(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
         store_figures(spec)
     } else if spec.input.join("gap.json").exists() {
         // A sampling run: no activations, but its gap.
-        save(&gap_figure(&spec.input)?, &spec.out, "gap")
+        gap_figures(&spec.input, &spec.out)
     } else {
         Err(Error::BadInput(format!(
             "{}: neither a probe directory (report.json), an activation store (manifest.json) \
@@ -87,7 +87,7 @@ fn store_figures(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
     let store = Store::open(&spec.input)?;
     let mut files = Vec::new();
     if spec.input.join("gap.json").exists() {
-        files.extend(save(&gap_figure(&spec.input)?, &spec.out, "gap")?);
+        files.extend(gap_figures(&spec.input, &spec.out)?);
     }
     let m = &store.manifest;
     let position = spec
@@ -228,7 +228,7 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     }
     if let Some(store) = &store {
         if store.dir.join("gap.json").exists() {
-            files.extend(save(&gap_figure(&store.dir)?, out, "gap")?);
+            files.extend(gap_figures(&store.dir, out)?);
         }
     }
     Ok(files)
@@ -473,8 +473,10 @@ fn score_figure(
     }))
 }
 
-/// Compliance gap per cue with its bootstrap interval (from `gap.json`).
-fn gap_figure(store_dir: &Path) -> Result<Figure> {
+/// Compliance gap per cue (variations side by side: `xml`, `xml@flipped`, …)
+/// with bootstrap intervals, from `gap.json`: `gap` for p_accept and
+/// `gap_format_free` for 1 − p_refuse, each when present.
+fn gap_figures(store_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let path = store_dir.join("gap.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let gap: Value = serde_json::from_str(&text)
@@ -488,21 +490,41 @@ fn gap_figure(store_dir: &Path) -> Result<Figure> {
             hi: ci.get(1)?.as_f64()?,
         })
     };
-    let mut items: Vec<Interval> = gap["by_cue"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(cue, s)| item(cue, s))
-        .collect();
-    for key in ["overall", "benign"] {
-        items.extend(item(key, &gap[key]));
+    let items = |block: &Value| -> Vec<Interval> {
+        let mut items: Vec<Interval> = block["by_cue"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(cue, s)| item(cue, s))
+            .collect();
+        for key in ["overall", "benign"] {
+            items.extend(item(key, &block[key]));
+        }
+        items
+    };
+    let metrics = [
+        ("gap", &gap, "mean p_accept(free) - p_accept(paid)"),
+        (
+            "gap_format_free",
+            &gap["format_free"],
+            "format-free, mean (1 - p_refuse)(free) - (1 - p_refuse)(paid)",
+        ),
+    ];
+    let mut files = Vec::new();
+    for (name, block, what) in metrics {
+        let items = items(block);
+        if items.is_empty() {
+            continue;
+        }
+        let fig = Figure::Intervals {
+            title: format!("Compliance gap, {what} per request"),
+            y_label: "gap with 95% paired bootstrap CI".into(),
+            items,
+        };
+        files.extend(save(&fig, out, name)?);
     }
-    if items.is_empty() {
+    if files.is_empty() {
         return Err(Error::model_file(&path, "no gap statistics to plot"));
     }
-    Ok(Figure::Intervals {
-        title: "Compliance gap, mean p_accept(free) - p_accept(paid) per request".into(),
-        y_label: "gap with 95% paired bootstrap CI".into(),
-        items,
-    })
+    Ok(files)
 }
