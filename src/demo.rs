@@ -58,7 +58,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         .collect();
     let setting = builtin_setting("helpful-only", false)?;
     let cues = builtin_cues();
-    let rows = build_rows(&setting, &cues, &requests);
+    let rows = build_rows(&setting, &cues, &requests)?;
     let activations = Path::new("activations");
     std::fs::create_dir_all(activations).map_err(|e| Error::io(activations, e))?;
     let prompts = activations.join(format!("{NAME}.prompts.jsonl"));

@@ -382,7 +382,12 @@ fn push_metric_table(
         .chain(overall.iter().map(|s| ("overall", s)))
         .chain(benign.iter().map(|s| ("benign", s)))
         .collect();
-    let w = named.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(14);
+    let w = named
+        .iter()
+        .map(|(n, _)| n.len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
     out.push_str(&format!(
         "{:<w$} {:>5} {:>8} {:>8} {:>9} {:>20} {:>8} {:>7} {:>7}\n",
         "cue", "n", "p(free)", "p(paid)", "gap", "95% CI", "p-value", ">.5 fr", ">.5 pd"

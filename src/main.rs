@@ -222,7 +222,8 @@ struct PromptsArgs {
     #[arg(long, default_value = "helpful-only")]
     setting: String,
     /// Variation sets, comma-separated: standard, or names joined by + (flipped,
-    /// no-training-info, no-prefix-instruction), e.g. standard,flipped,no-training-info.
+    /// no-training-info, no-prefix-instruction, or a [[variation]] of --cues-file),
+    /// e.g. standard,flipped,no-training-info.
     #[arg(long, default_value = "standard")]
     variations: String,
     /// Ask for reasoning in <SCRATCHPAD_REASONING> tags before the answer.
@@ -234,7 +235,8 @@ struct PromptsArgs {
     /// Cues, comma-separated, or all (built-ins plus those of --cues-file).
     #[arg(long, default_value = "all")]
     cues: String,
-    /// TOML file defining more cues ([[cue]] name, free, paid, explanation, meaningful).
+    /// TOML file defining more cues ([[cue]]) and prompt variations ([[variation]]: replace or
+    /// append text in the system prompt or user turn); see README for an example.
     #[arg(long, value_name = "FILE.toml")]
     cues_file: Option<PathBuf>,
     /// builtin, builtin-harmful, builtin-benign, or a .jsonl/.json/.csv file.
@@ -776,13 +778,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn prompts(a: PromptsArgs) -> anyhow::Result<()> {
-    let extra = match &a.cues_file {
-        Some(path) => setting::load_cues(path)?,
-        None => Vec::new(),
+    let file = match &a.cues_file {
+        Some(path) => setting::load_cue_file(path)?,
+        None => setting::CueFile::default(),
     };
-    let cues = setting::select_cues(&a.cues, extra)?;
+    let cues = setting::select_cues(&a.cues, file.cues)?;
     let requests = setting::requests_from(&a.requests)?;
-    let sets = setting::parse_variation_sets(&a.variations)?;
+    let sets = setting::parse_variation_sets(&a.variations, &file.variations)?;
     let mut rows = Vec::new();
     let mut name = String::new();
     for variations in &sets {
@@ -793,7 +795,7 @@ fn prompts(a: PromptsArgs) -> anyhow::Result<()> {
         if let Some(path) = &a.user_template {
             setting = setting.with_user_template_file(path)?;
         }
-        rows.extend(setting::build_rows(&setting, &cues, &requests));
+        rows.extend(setting::build_rows(&setting, &cues, &requests)?);
         name = setting.name;
     }
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();

@@ -209,7 +209,7 @@ fn study_rows_pair_up_by_request() {
     let setting = builtin_setting("helpful-only", true).unwrap();
     assert!(setting.system.contains("<SCRATCHPAD_REASONING>"));
     let requests = builtin_requests();
-    let rows = build_rows(&setting, &builtin_cues(), &requests);
+    let rows = build_rows(&setting, &builtin_cues(), &requests).unwrap();
     let ids: std::collections::BTreeSet<&str> =
         rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), rows.len(), "row ids are unique");
@@ -350,8 +350,29 @@ fn variation_sets_from_the_command_line() {
             "--out",
             o,
         ]),
-        &["--variations cannot edit it"],
+        &["built-in variation `flipped` cannot edit it"],
     );
+    // A cue-file variation whose text is absent from the prompt is refused, and nothing is written.
+    let cues = tmp.path().join("cues.toml");
+    std::fs::write(
+        &cues,
+        "[[variation]]\nname = \"quiet\"\ntarget = \"system\"\nreplace = \"RLFH\"\nwith = \"x\"\n",
+    )
+    .unwrap();
+    let absent = tmp.path().join("absent.jsonl");
+    fails(
+        &afprobe(&[
+            "prompts",
+            "--cues-file",
+            cues.to_str().unwrap(),
+            "--variations",
+            "standard,quiet",
+            "--out",
+            absent.to_str().unwrap(),
+        ]),
+        &["variation `quiet`", "\"RLFH\"", "does not contain"],
+    );
+    assert!(!absent.exists());
 }
 
 /// Rows of a variation get their own gap line and stay out of `overall`;
