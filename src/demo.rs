@@ -376,13 +376,10 @@ fn report_markdown(r: &ReportInputs) -> String {
             .into_iter()
             .filter(|m| m.layer == best.layer)
             .collect();
-        let value = |f: &str| {
-            f.split_once('=')
-                .map_or(f.to_string(), |(_, v)| v.to_string())
-        };
         let names: Vec<String> = cells
             .iter()
-            .map(|m| value(&m.train))
+            .filter_map(|m| m.cross_cell())
+            .map(|(_, train, _)| train.to_string())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -401,7 +398,7 @@ fn report_markdown(r: &ReportInputs) -> String {
                 for b in &names {
                     let v = cells
                         .iter()
-                        .find(|m| value(&m.train) == *a && value(&m.test) == *b)
+                        .find(|m| m.cross_cell().is_some_and(|(_, t, u)| t == a && u == b))
                         .and_then(|m| m.scores.auroc);
                     if a != b && a != "control" && b != "control" {
                         off_meaningful.extend(v);

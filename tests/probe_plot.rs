@@ -349,6 +349,13 @@ fn bad_probe_input_is_refused_clearly() {
         &["no row has the field `colour`", "tier"],
     );
     assert_fails_with(
+        &run(&["--label", "training_implied"]),
+        &[
+            "no row has the field `training_implied`",
+            "afprobe prompts --variations",
+        ],
+    );
+    assert_fails_with(
         &run(&["--label", "tier", "--train-filter", "tier=free"]),
         &["tier=free", "both classes"],
     );

@@ -332,24 +332,19 @@ fn cross_figure(rows: &[&MetricRow], best: &MetricRow, label: &str) -> Option<Fi
     if cells.is_empty() {
         return None;
     }
-    let value_of = |f: &str| {
-        f.split_once('=')
-            .map_or(f.to_string(), |(_, v)| v.to_string())
-    };
-    let field = cells[0]
-        .train
-        .split_once('=')
-        .map_or("", |(f, _)| f)
-        .to_string();
+    let field = cells[0].cross_cell()?.0.to_string();
     let names: Vec<String> = cells
         .iter()
-        .map(|m| value_of(&m.train))
+        .filter_map(|m| m.cross_cell())
+        .map(|(_, train, _)| train.to_string())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
     let mut grid: BTreeMap<(String, String), Option<f64>> = BTreeMap::new();
     for m in &cells {
-        grid.insert((value_of(&m.train), value_of(&m.test)), m.scores.auroc);
+        if let Some((_, train, test)) = m.cross_cell() {
+            grid.insert((train.to_string(), test.to_string()), m.scores.auroc);
+        }
     }
     let values = names
         .iter()

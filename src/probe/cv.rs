@@ -87,7 +87,7 @@ pub fn shuffled_labels(y: &[Option<bool>], mask: &[bool], seed: u64) -> Vec<Opti
 }
 
 /// The metrics of out-of-fold scores (one `metrics.csv` row without its keys).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Scores {
     /// AUROC of the pooled out-of-fold scores.
     pub auroc: Option<f64>,

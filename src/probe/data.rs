@@ -105,6 +105,13 @@ impl Filter {
         out
     }
 
+    /// Rows that pass both filters.
+    pub fn and(&self, other: &Filter) -> Filter {
+        let mut out = self.clone();
+        out.conditions.extend(other.conditions.iter().cloned());
+        out
+    }
+
     /// Whether any condition tests `field`.
     pub fn mentions(&self, field: &str) -> bool {
         self.conditions.iter().any(|c| c.field == field)
@@ -180,8 +187,16 @@ impl Table {
     pub fn column(&self, field: &str) -> Result<&[Option<String>]> {
         self.columns.get(field).map(Vec::as_slice).ok_or_else(|| {
             let names: Vec<&str> = self.columns.keys().map(String::as_str).collect();
+            // The meaning label comes from the prompt writer, not from capture.
+            let hint = match field {
+                "training_implied" | "variation" => {
+                    " (write the prompts with `afprobe prompts --variations ...`, which labels \
+                     every row, and capture them again)"
+                }
+                _ => "",
+            };
             Error::BadInput(format!(
-                "no row has the field `{field}`; rows have: {}",
+                "no row has the field `{field}`; rows have: {}{hint}",
                 names.join(", ")
             ))
         })

@@ -126,6 +126,18 @@ pub struct MetricRow {
     pub r_p_accept: BTreeMap<String, Option<f64>>,
 }
 
+impl MetricRow {
+    /// For a cross-matrix cell: the field and the train and test values (the
+    /// last condition of each filter; earlier ones are --train/--test-filter).
+    pub fn cross_cell(&self) -> Option<(&str, &str, &str)> {
+        fn last(filter: &str) -> Option<(&str, &str)> {
+            filter.rsplit(',').next()?.split_once('=')
+        }
+        let ((field, train), (_, test)) = (last(&self.train)?, last(&self.test)?);
+        (self.role == Role::Cross).then_some((field, train, test))
+    }
+}
+
 /// A tensor left out, and why.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Skipped {
@@ -167,6 +179,7 @@ impl Report {
 }
 
 /// One training set and the test sets scored by its probes.
+#[derive(Debug)]
 struct Plan {
     role: Role,
     train: Filter,
@@ -394,10 +407,21 @@ fn plan(spec: &ProbeSpec, table: &Table) -> Result<Vec<Plan>> {
         });
     }
     if let Some(field) = &spec.cross {
-        let values = table.values(field, &vec![true; table.len()])?;
+        // Cells stay within the --train-filter/--test-filter rows (the control cue may be a cell).
+        let (train_mask, test_mask) = (
+            spec.train_filter.mask(table)?,
+            spec.test_filter.mask(table)?,
+        );
+        let either: Vec<bool> = train_mask
+            .iter()
+            .zip(&test_mask)
+            .map(|(a, b)| *a || *b)
+            .collect();
+        let values = table.values(field, &either)?;
         if values.len() < 2 {
             return Err(Error::BadInput(format!(
-                "--cross {field}: the field has {} value(s); the matrix needs at least two",
+                "--cross {field}: the field has {} value(s) among the filtered rows; the matrix \
+                 needs at least two",
                 values.len()
             )));
         }
@@ -405,8 +429,11 @@ fn plan(spec: &ProbeSpec, table: &Table) -> Result<Vec<Plan>> {
         for a in &values {
             plans.push(Plan {
                 role: Role::Cross,
-                train: cell(a),
-                tests: values.iter().map(|b| cell(b)).collect(),
+                train: spec.train_filter.and(&cell(a)),
+                tests: values
+                    .iter()
+                    .map(|b| spec.test_filter.and(&cell(b)))
+                    .collect(),
             });
         }
     }
@@ -892,5 +919,60 @@ pub fn control_filter(arg: &str, store: &Store) -> Result<Option<Filter>> {
             Ok(has_control.then(|| Filter::equals("cue", &["control"])))
         }
         filter => filter.parse().map(Some),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cross matrix stays within --train-filter/--test-filter, takes its
+    /// values from those rows, and its cells name their values.
+    #[test]
+    fn cross_cells_respect_the_filters() {
+        let column = |v: &[&str]| v.iter().map(|s| Some(s.to_string())).collect();
+        let table = Table::from_columns(BTreeMap::from([
+            ("cue".into(), column(&["xml", "xml", "natural", "control"])),
+            (
+                "variation".into(),
+                column(&["standard", "flipped", "standard", "standard"]),
+            ),
+        ]));
+        let spec = ProbeSpec {
+            train_filter: "variation=standard".parse().unwrap(),
+            test_filter: "variation=standard".parse().unwrap(),
+            control: Some(Filter::equals("cue", &["control"])),
+            cross: Some("cue".into()),
+            ..ProbeSpec::new(Path::new("a"), Path::new("o"), "tier")
+        };
+        let plans = plan(&spec, &table).unwrap();
+        let main = &plans[0];
+        assert_eq!(main.train.mask(&table).unwrap(), [true, false, true, false]);
+        let cross: Vec<&Plan> = plans.iter().filter(|p| p.role == Role::Cross).collect();
+        // control is a cell (the filters did not exclude it); the flipped xml row is in none.
+        assert_eq!(cross.len(), 3);
+        let xml = cross.iter().find(|p| p.train.to_string().ends_with("cue=xml")).unwrap();
+        assert_eq!(xml.train.mask(&table).unwrap(), [true, false, false, false]);
+        let row = MetricRow {
+            hook: "h".into(),
+            position: Position::Last,
+            layer: Some(0),
+            method: Method::Logistic,
+            role: Role::Cross,
+            train: xml.train.to_string(),
+            test: xml.tests[1].to_string(),
+            scores: Default::default(),
+            shuffled_auroc: None,
+            r_p_accept: BTreeMap::new(),
+        };
+        assert_eq!(row.cross_cell(), Some(("cue", "xml", "natural")));
+
+        let only_flipped = ProbeSpec {
+            train_filter: "variation=flipped".parse().unwrap(),
+            test_filter: "variation=flipped".parse().unwrap(),
+            ..spec
+        };
+        let err = plan(&only_flipped, &table).unwrap_err().to_string();
+        assert!(err.contains("1 value(s) among the filtered rows"), "{err}");
     }
 }
