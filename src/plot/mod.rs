@@ -213,6 +213,9 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         if let Some(fig) = cross_figure(&rows, best, &label) {
             files.extend(save(&fig, out, &format!("cross_{suffix}"))?);
         }
+        if let Some(fig) = transfer_figure(&rows, method, &label, &kind, position) {
+            files.extend(save(&fig, out, &format!("transfer_{suffix}"))?);
+        }
         let tensor = store::tensor_name(&best.hook, position);
         if let Some(store) = &store {
             let positive = report.settings["positive"].as_str().unwrap_or("true");
@@ -366,6 +369,63 @@ fn cross_figure(rows: &[&MetricRow], best: &MetricRow, label: &str) -> Option<Fi
         rows: names.clone(),
         cols: names,
         values,
+    })
+}
+
+/// Most train → test pairs the by-layer transfer figure draws (a 3 × 3 matrix has 6).
+const MAX_TRANSFER_CURVES: usize = 6;
+
+/// Off-diagonal cells of the cross matrix as AUROC-by-layer curves with CIs: a
+/// curve below 0.5 means the direction reverses on the test condition (e.g. it
+/// follows the cue token where `flipped` reverses the meaning).
+fn transfer_figure(
+    rows: &[&MetricRow],
+    method: Method,
+    label: &str,
+    kind: &str,
+    position: Position,
+) -> Option<Figure> {
+    let mut by_pair: BTreeMap<(String, String), Vec<LayerPoint>> = BTreeMap::new();
+    let mut field = String::new();
+    for m in rows.iter().filter(|m| m.method == method) {
+        let Some((f, train, test)) = m.cross_cell() else {
+            continue;
+        };
+        if train == test {
+            continue;
+        }
+        field = f.to_string();
+        by_pair
+            .entry((train.to_string(), test.to_string()))
+            .or_default()
+            .push(LayerPoint {
+                layer: m.layer? as f64,
+                value: m.scores.auroc?,
+                interval: m.scores.auroc_lo.zip(m.scores.auroc_hi),
+            });
+    }
+    if by_pair.is_empty() || by_pair.len() > MAX_TRANSFER_CURVES {
+        return None;
+    }
+    let curves = by_pair
+        .into_iter()
+        .enumerate()
+        .map(|(i, ((train, test), mut points))| {
+            points.sort_by(|a, b| a.layer.total_cmp(&b.layer));
+            Curve {
+                label: format!("trained on {train}, tested on {test}"),
+                color: PALETTE[i % PALETTE.len()],
+                dashed: false,
+                points,
+            }
+        })
+        .collect();
+    Some(Figure::Layers {
+        title: format!("{label}: transfer across {field}s, {kind} @{position}"),
+        y_label: "AUROC on held-out requests (< 0.5: reversed)".into(),
+        y_range: (0.0, 1.02),
+        reference: Some(0.5),
+        curves,
     })
 }
 

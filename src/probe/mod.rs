@@ -951,7 +951,10 @@ mod tests {
         let cross: Vec<&Plan> = plans.iter().filter(|p| p.role == Role::Cross).collect();
         // control is a cell (the filters did not exclude it); the flipped xml row is in none.
         assert_eq!(cross.len(), 3);
-        let xml = cross.iter().find(|p| p.train.to_string().ends_with("cue=xml")).unwrap();
+        let xml = cross
+            .iter()
+            .find(|p| p.train.to_string().ends_with("cue=xml"))
+            .unwrap();
         assert_eq!(xml.train.mask(&table).unwrap(), [true, false, false, false]);
         let row = MetricRow {
             hook: "h".into(),
