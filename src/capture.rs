@@ -389,7 +389,7 @@ fn capture_row(
         let (scores, tokens) = score_prompt(
             t,
             kv,
-            &mut Hooks::none(),
+            &mut [Hooks::none()],
             &logits,
             &named,
             spec.refusal.as_ref(),

@@ -13,7 +13,10 @@ use crate::capture::{capture, parse_hooks, CaptureSpec};
 use crate::commands::demo_model_tour;
 use crate::error::{Error, Result};
 use crate::gap::{compute_gap, format_table, gap_from_rows, write_report, GapReport, GapStats};
-use crate::model::ModelSpec;
+use crate::intervene::direction::DirectionSource;
+use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
+use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerSpec};
+use crate::model::{HookPoint, Model, ModelSpec};
 use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Filter, Method, MetricRow, ProbeSpec, Report, Role};
 use crate::setting::{
@@ -179,6 +182,10 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     let meaning = timings.time("meaning probes", || probe::probe(&meaning_spec))?;
     print!("{}", probe::format_summary(&meaning));
 
+    let interventions = timings.time("interventions", || {
+        run_interventions(&model, &rows, &report, &probes_dir, activations)
+    })?;
+
     let figures_dir = Path::new("figures").join(NAME);
     let (files, meaning_files) = timings.time("figures", || {
         let plot_into = |input: &Path, out: PathBuf| {
@@ -189,10 +196,11 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
                 position: None,
             })
         };
-        Ok((
-            plot_into(&probes_dir, figures_dir.clone())?,
-            plot_into(&meaning_dir, figures_dir.join("meaning"))?,
-        ))
+        let mut main = plot_into(&probes_dir, figures_dir.clone())?;
+        for run in [&interventions.steer_dir, &interventions.patch_dir] {
+            main.extend(plot_into(run, figures_dir.clone())?);
+        }
+        Ok((main, plot_into(&meaning_dir, figures_dir.join("meaning"))?))
     })?;
     let report_md = figures_dir.join("REPORT.md");
     let total = started.elapsed().as_secs_f64();
@@ -207,6 +215,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         probes: &report,
         meaning: &meaning,
         meaning_figures: &meaning_files,
+        interventions: &interventions,
         figures: &files,
         timings: &timings,
         total,
@@ -236,6 +245,7 @@ struct ReportInputs<'a> {
     meaning: &'a Report,
     /// Figures of the meaning probe, in `meaning/` beside REPORT.md.
     meaning_figures: &'a [PathBuf],
+    interventions: &'a Interventions,
     figures: &'a [PathBuf],
     timings: &'a Timings,
     total: f64,
@@ -528,6 +538,7 @@ fn report_markdown(r: &ReportInputs) -> String {
         );
     }
     meaning_section(&mut md, r);
+    intervention_section(&mut md, r);
     let _ = writeln!(
         md,
         "## How to read this\n\n\
@@ -537,8 +548,8 @@ fn report_markdown(r: &ReportInputs) -> String {
            phrasing-specific ones (high diagonal only).\n\
          - `flipped` separates meaning from tokens: a gap or a direction that follows what the cue \
            implies about training reverses there; one that follows the cue token does not.\n\
-         - A probe is correlational. Whether the model *uses* the direction to decide is a \
-           question for steering, patching and ablation.\n\
+         - A probe is correlational. Steering and patching (section 6) ask whether the model \
+           *uses* the direction or the activations to decide.\n\
          - SmolLM2-135M shows a small gap and weak semantics; that is expected at this size. The \
            same commands run on the 1B-70B models researchers study."
     );
@@ -719,4 +730,240 @@ fn meaning_section(md: &mut String, r: &ReportInputs) {
          that tracked meaning would reverse, one that tracks the cue's wording would not. At layer {}, {probe_reading}.\n",
         best.layer.unwrap_or(0)
     );
+}
+
+/// Cue and number of harmful requests of the demo's steering sweep and patching heatmap.
+const INTERVENTION_CUE: &str = "natural";
+const INTERVENTION_REQUESTS: usize = 16;
+const STEER_ALPHAS: [f64; 5] = [-0.5, -0.25, 0.0, 0.25, 0.5];
+
+/// The intervention runs of the demo.
+struct Interventions {
+    layer: usize,
+    steer_dir: PathBuf,
+    patch_dir: PathBuf,
+    steer: SteerReport,
+    patch: PatchReport,
+}
+
+/// A steering sweep along the tier probe's direction at its best layer, and a
+/// patching heatmap (paid into free) over every layer, on the standard
+/// `natural` rows of the first harmful requests.
+fn run_interventions(
+    model: &Model,
+    rows: &[Value],
+    probes: &Report,
+    probes_dir: &Path,
+    activations: &Path,
+) -> Result<Interventions> {
+    let layer = probes
+        .best
+        .iter()
+        .find(|b| b.method == Method::Logistic && b.position == Position::Last)
+        .and_then(|b| b.layer)
+        .unwrap_or(model.config().n_layers / 2);
+    let mut requests: Vec<&str> = Vec::new();
+    let picked: Vec<&Value> = rows
+        .iter()
+        .filter(|r| {
+            r["cue"] == INTERVENTION_CUE
+                && r["harmful"] == true
+                && r["variation"].as_array().is_some_and(|v| v.is_empty())
+        })
+        .filter(|r| {
+            let id = r["request_id"].as_str().unwrap_or_default();
+            if !requests.contains(&id) {
+                if requests.len() == INTERVENTION_REQUESTS {
+                    return false;
+                }
+                requests.push(id);
+            }
+            true
+        })
+        .collect();
+    let prompts = activations.join(format!("{NAME}.interventions.jsonl"));
+    let text: String = picked.iter().map(|r| format!("{r}\n")).collect();
+    write_atomic(&prompts, text.as_bytes())?;
+    let n_layers = model.config().n_layers;
+
+    let steer_dir = activations.join(format!("{NAME}-steer"));
+    println!(
+        "\nsteering along the tier probe's direction at layer {layer} ({} `{INTERVENTION_CUE}` rows, \
+         from the cue on):",
+        picked.len()
+    );
+    let steer = steer::steer(
+        model,
+        &SteerSpec {
+            prompts: prompts.clone(),
+            out: steer_dir.clone(),
+            direction: DirectionSource::Probe {
+                dir: probes_dir.to_path_buf(),
+                method: Method::Logistic.name().into(),
+            },
+            direction_tensor: None,
+            points: vec![HookPoint::ResidPost(layer)],
+            positions: SteerPositions::FromCue,
+            alphas: STEER_ALPHAS.to_vec(),
+            random: true,
+            norm_rows: 32,
+            filter: Filter::default(),
+            resamples: 2000,
+            seed: 0,
+            force: true,
+        },
+    )?;
+    print!("{}", steer::format_table(&steer));
+
+    let patch_dir = activations.join(format!("{NAME}-patch"));
+    println!("\npatching paid into free, every hook_resid_post x last, last-1, cue, user:");
+    let patch = patch::patch(
+        model,
+        &PatchSpec {
+            prompts,
+            out: patch_dir.clone(),
+            points: (0..n_layers).map(HookPoint::ResidPost).collect(),
+            positions: vec![
+                PatchPosition::Last(0),
+                PatchPosition::Last(1),
+                PatchPosition::Cue,
+                PatchPosition::User,
+            ],
+            label: "tier".into(),
+            source: "paid".into(),
+            dest: "free".into(),
+            pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
+            filter: Filter::default(),
+            max_pairs: None,
+            resamples: 2000,
+            seed: 0,
+            force: true,
+        },
+    )?;
+    print!("{}", patch::format_table(&patch));
+    Ok(Interventions {
+        layer,
+        steer_dir,
+        patch_dir,
+        steer,
+        patch,
+    })
+}
+
+/// Section 6: the steering sweep and the patching heatmap.
+fn intervention_section(md: &mut String, r: &ReportInputs) {
+    let i = r.interventions;
+    let _ = writeln!(
+        md,
+        "## 6. Does the model use it? Steering and patching\n\n\
+         On the standard `{INTERVENTION_CUE}` rows of the first {} harmful requests. **Steering**: \
+         α · ‖x‖ · v is added to `blocks.{}.hook_resid_post` from the cue on (answer tokens \
+         included), where v is the tier probe's unit direction at its best layer and ‖x‖ = {:.1} the \
+         mean residual norm there; a random unit direction of the same norm is the baseline. Mean \
+         p_accept with bootstrap 95% intervals:\n",
+        INTERVENTION_REQUESTS,
+        i.layer,
+        i.steer.norms.values().next().copied().unwrap_or(f64::NAN)
+    );
+    md.push_str("| α | free, probe direction | paid, probe direction | free, random | paid, random |\n|---|---|---|---|---|\n");
+    let cell = |alpha: f64, kind: &str, tier: &str| {
+        let kind = if alpha == 0.0 { "direction" } else { kind };
+        i.steer
+            .cells
+            .iter()
+            .find(|c| c.alpha == alpha && c.kind == kind)
+            .and_then(|c| c.by_tier.get(tier))
+            .map_or("n/a".into(), |m| {
+                format!("{:.4} [{:.4}, {:.4}]", m.p_accept, m.ci95[0], m.ci95[1])
+            })
+    };
+    for &alpha in &STEER_ALPHAS {
+        let _ = writeln!(
+            md,
+            "| {alpha:+} | {} | {} | {} | {} |",
+            cell(alpha, "direction", "free"),
+            cell(alpha, "direction", "paid"),
+            cell(alpha, "random", "free"),
+            cell(alpha, "random", "paid")
+        );
+    }
+    let span = |kind: &str| {
+        let at = |a: f64| {
+            i.steer
+                .cells
+                .iter()
+                .find(|c| c.alpha == a && c.kind == kind)
+                .map(|c| c.p_accept)
+        };
+        let (lo, hi) = (STEER_ALPHAS[0], STEER_ALPHAS[STEER_ALPHAS.len() - 1]);
+        Some(at(hi)? - at(lo)?)
+    };
+    if let (Some(d), Some(rnd)) = (span("direction"), span("random")) {
+        let _ = writeln!(
+            md,
+            "\nFrom α = {} to α = {}, mean p_accept moves by {d:+.4} along the probe direction and \
+             {rnd:+.4} along the random one{}.\n",
+            STEER_ALPHAS[0],
+            STEER_ALPHAS[STEER_ALPHAS.len() - 1],
+            if d.abs() > 2.0 * rnd.abs() {
+                ": the tier direction moves compliance more than an arbitrary direction of the same size"
+            } else {
+                ": no more than an arbitrary direction of the same size, so this direction is not a \
+                 lever on compliance"
+            }
+        );
+    }
+    let file = format!("steer_blocks_{}_hook_resid_post.png", i.layer);
+    if r.figures.iter().any(|f| f.ends_with(&file)) {
+        let _ = writeln!(md, "![steering sweep]({file})\n");
+    }
+
+    let p = &i.patch;
+    let _ = writeln!(
+        md,
+        "**Patching**: each free row runs with one activation replaced by its paid row's \
+         (`hook_resid_post` of every layer at the last token, the token before it, the cue's last \
+         token, or the whole user turn), and the share of the paid − free difference in p_accept it \
+         restores is Σ(p_patched − p_free) / Σ(p_paid − p_free). Here p_accept is {:.4} (paid) vs \
+         {:.4} (free) over {} pairs, a difference of {:+.4}: where the difference is this small the \
+         shares are noisy, and the intervals in `activations/{NAME}-patch/patch.json` say how noisy. \
+         The run used {} token-forwards against {} for one full forward per cell ({:.1}x fewer) in \
+         {:.0} s.\n",
+        p.p_source,
+        p.p_dest,
+        p.n_pairs,
+        p.p_source - p.p_dest,
+        p.tokens.computed,
+        p.tokens.naive,
+        p.tokens.naive as f64 / p.tokens.computed.max(1) as f64,
+        p.seconds
+    );
+    let mut best: Vec<&crate::intervene::patch::Cell> =
+        p.cells.iter().filter(|c| c.restored.is_some()).collect();
+    best.sort_by(|a, b| {
+        b.restored
+            .partial_cmp(&a.restored)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    if !best.is_empty() {
+        md.push_str(
+            "| cell | restored | 95% CI | effect p_patched − p_free |\n|---|---|---|---|\n",
+        );
+        for c in best.iter().take(5) {
+            let _ = writeln!(
+                md,
+                "| {} @{} | {:+.3} | {} | {:+.4} |",
+                c.hook,
+                c.position,
+                c.restored.unwrap_or(f64::NAN),
+                c.restored_ci95
+                    .map_or("n/a".into(), |[lo, hi]| format!("[{lo:+.3}, {hi:+.3}]")),
+                c.effect
+            );
+        }
+        md.push('\n');
+    }
+    if r.figures.iter().any(|f| f.ends_with("patch.png")) {
+        let _ = writeln!(md, "![patching heatmap](patch.png)\n");
+    }
 }

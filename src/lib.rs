@@ -11,6 +11,7 @@ pub mod demo;
 pub mod error;
 pub mod gap;
 pub mod generate;
+pub mod intervene;
 pub mod model;
 pub mod plot;
 pub mod probe;

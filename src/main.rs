@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod intervene_cli;
+
 use afprobe::bench::{self, PrefillResult, Reference};
 use afprobe::capture::{self, CaptureSpec};
 use afprobe::commands;
@@ -97,6 +99,15 @@ compliance-rate gaps with CIs and the format-failure rate. Use prompts from \
     /// Render figures (PNG and SVG) from a probe directory or an activation store.
     #[command(long_about = PLOT_ABOUT)]
     Plot(PlotArgs),
+    /// Steer: add a direction to the residual stream and sweep its strength.
+    #[command(long_about = intervene_cli::STEER_ABOUT)]
+    Steer(intervene_cli::SteerArgs),
+    /// Patch activations from source rows into their paired destination rows, per layer and position.
+    #[command(long_about = intervene_cli::PATCH_ABOUT)]
+    Patch(intervene_cli::PatchArgs),
+    /// Project a direction out of the residual stream and measure the compliance gap.
+    #[command(long_about = intervene_cli::ABLATE_ABOUT)]
+    Ablate(intervene_cli::AblateArgs),
     /// Inspect, check and join activation stores.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -764,6 +775,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bench::print_probe_table(&rows);
             eprintln!("afprobe: exports and outputs in {}", work_dir.display());
         }
+        Command::Steer(a) => intervene_cli::steer(a)?,
+        Command::Patch(a) => intervene_cli::patch(a)?,
+        Command::Ablate(a) => intervene_cli::ablate(a)?,
         Command::Demo {
             model,
             requests_per_category,

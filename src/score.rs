@@ -138,12 +138,14 @@ impl Scores {
 
 /// Scores the named continuations and (optionally) the refusal openings of a
 /// prompt held in `kv`, whose last-position logits are `last_logits` (`[1, vocab]`).
-/// `hooks` stay active on the continuation tokens (steering applies there too).
-/// Returns the scores and the number of tokens run; `kv` holds the prompt again after.
+/// Hooks stay active on the continuation tokens (steering applies there too):
+/// `hooks[i]` runs continuation i (named ones first, in name order), the last
+/// entry every continuation beyond the slice. Returns the scores and the number
+/// of tokens run; `kv` holds the prompt again after.
 pub fn score_prompt(
     t: &Transformer,
     kv: &mut KvCache,
-    hooks: &mut Hooks,
+    hooks: &mut [Hooks],
     last_logits: &candle_core::Tensor,
     named: &BTreeMap<String, Vec<u32>>,
     openings: Option<&RefusalOpenings>,
@@ -169,10 +171,14 @@ pub fn score_prompt(
 
 /// Σ log p(cont[j] | prompt, cont[..j]) for each continuation, teacher-forced on
 /// the prompt in `kv`; returns them in input order with the number of tokens run.
+/// Continuation i runs with `hooks[i]` (the last entry past the end of the slice);
+/// a shared leading token is run once, with the hooks of the first continuation
+/// in sorted order, so hooks must agree on shared prefixes (patches do: the
+/// activations there do not depend on what follows).
 pub fn continuation_logprobs(
     t: &Transformer,
     kv: &mut KvCache,
-    hooks: &mut Hooks,
+    hooks: &mut [Hooks],
     last_logits: &candle_core::Tensor,
     conts: &[&[u32]],
 ) -> Result<(Vec<f64>, usize)> {
@@ -196,7 +202,8 @@ pub fn continuation_logprobs(
                 .count();
             kv.truncate(prompt_len + keep)?;
             let feed = &cont[keep..cont.len() - 1];
-            let logits = t.forward(feed, kv, hooks, &LogitsAt::All)?;
+            let h = i.min(hooks.len() - 1);
+            let logits = t.forward(feed, kv, &mut hooks[h], &LogitsAt::All)?;
             let logprobs = log_softmax(&logits)?;
             for k in 0..feed.len() {
                 next.insert(cont[..keep + k + 1].to_vec(), row_f32(&logprobs, k)?);
@@ -241,7 +248,7 @@ mod tests {
             .forward(&prompt, &mut kv, &mut Hooks::none(), &LogitsAt::Last)
             .unwrap();
         let (together, computed) =
-            continuation_logprobs(t, &mut kv, &mut Hooks::none(), &logits, &slices).unwrap();
+            continuation_logprobs(t, &mut kv, &mut [Hooks::none()], &logits, &slices).unwrap();
         assert_eq!(kv.tokens(), &prompt[..], "the cache holds the prompt again");
         // Distinct prefixes run: [9], [9,4], [9,8], [9,8,7], [3], [3,3].
         assert_eq!(computed, 6);

@@ -55,17 +55,21 @@ pub struct Interval {
 }
 
 pub enum Figure {
-    /// Lines over layers (AUROC by layer), with a reference line at `reference`.
+    /// Lines over layers (AUROC by layer) or another x (a steering sweep), with a
+    /// reference line at `reference`. Integer x values get integer ticks.
     Layers {
         title: String,
+        x_label: String,
         y_label: String,
         y_range: (f64, f64),
         reference: Option<f64>,
         curves: Vec<Curve>,
     },
-    /// A matrix of values in [0, 1] with row and column names, printed in the cells.
+    /// A matrix of values with row and column names, printed in the cells;
+    /// `scale` = (value drawn white, value drawn full blue); beyond white towards red.
     Heatmap {
         title: String,
+        scale: (f64, f64),
         row_label: String,
         col_label: String,
         rows: Vec<String>,
@@ -94,19 +98,34 @@ impl Figure {
         match self {
             Figure::Layers {
                 title,
+                x_label,
                 y_label,
                 y_range,
                 reference,
                 curves,
-            } => draw_layers(root, title, y_label, *y_range, *reference, curves),
+            } => draw_layers(
+                root,
+                (title, x_label, y_label),
+                *y_range,
+                *reference,
+                curves,
+            ),
             Figure::Heatmap {
                 title,
+                scale,
                 row_label,
                 col_label,
                 rows,
                 cols,
                 values,
-            } => draw_heatmap(root, title, row_label, col_label, rows, cols, values),
+            } => draw_heatmap(
+                root,
+                (title, row_label, col_label),
+                *scale,
+                rows,
+                cols,
+                values,
+            ),
             Figure::Scatter {
                 title,
                 x_label,
@@ -125,36 +144,39 @@ impl Figure {
 
 fn draw_layers<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
-    title: &str,
-    y_label: &str,
+    (title, x_label, y_label): (&str, &str, &str),
     (y0, y1): (f64, f64),
     reference: Option<f64>,
     curves: &[Curve],
 ) -> DrawResult<DB> {
-    let max_layer = curves
-        .iter()
-        .flat_map(|c| c.points.iter().map(|p| p.layer))
-        .fold(1.0, f64::max);
+    let xs = || curves.iter().flat_map(|c| c.points.iter().map(|p| p.layer));
+    let integer = xs().all(|x| x.fract() == 0.0);
+    let (lo, hi) = (xs().fold(0.0, f64::min), xs().fold(1.0, f64::max));
+    let pad = if integer { 0.5 } else { (hi - lo) * 0.04 };
+    let (x0, x1) = (lo - pad, hi + pad);
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT, 26))
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(70)
-        .build_cartesian_2d(-0.5..max_layer + 0.5, y0..y1)?;
+        .build_cartesian_2d(x0..x1, y0..y1)?;
     chart
         .configure_mesh()
-        .x_desc("layer")
-        .x_label_formatter(&|v| format!("{}", v.round() as i64))
+        .x_desc(x_label)
+        .x_label_formatter(&|v| {
+            if integer {
+                format!("{}", v.round() as i64)
+            } else {
+                format!("{v:.2}")
+            }
+        })
         .y_desc(y_label)
         .axis_desc_style((FONT, 20))
         .label_style((FONT, 16))
         .light_line_style(WHITE.mix(0.0))
         .draw()?;
     if let Some(r) = reference {
-        chart.draw_series(LineSeries::new(
-            [(-0.5, r), (max_layer + 0.5, r)],
-            GREY.stroke_width(1),
-        ))?;
+        chart.draw_series(LineSeries::new([(x0, r), (x1, r)], GREY.stroke_width(1)))?;
     }
     for c in curves {
         let band: Vec<(f64, f64, f64)> = c
@@ -196,9 +218,13 @@ fn draw_layers<DB: DrawingBackend>(
         .draw()
 }
 
-/// White (0.5) to blue (1.0); below 0.5 towards red (anti-correlated read-out).
-fn heat_color(v: f64) -> RGBColor {
-    let t = ((v - 0.5) * 2.0).clamp(-1.0, 1.0);
+/// `v` on the heatmap's scale: 0 at the white value, 1 at full blue, negative towards red.
+fn heat_position(v: f64, (white, full): (f64, f64)) -> f64 {
+    ((v - white) / (full - white)).clamp(-1.0, 1.0)
+}
+
+/// White to blue for t in [0, 1]; towards red below 0 (an anti-correlated read-out).
+fn heat_color(t: f64) -> RGBColor {
     let mix = |a: u8, b: u8, t: f64| (a as f64 + (b as f64 - a as f64) * t).round() as u8;
     if t >= 0.0 {
         RGBColor(mix(255, 31, t), mix(255, 90, t), mix(255, 160, t))
@@ -209,9 +235,8 @@ fn heat_color(v: f64) -> RGBColor {
 
 fn draw_heatmap<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
-    title: &str,
-    row_label: &str,
-    col_label: &str,
+    (title, row_label, col_label): (&str, &str, &str),
+    scale: (f64, f64),
     rows: &[String],
     cols: &[String],
     values: &[Vec<Option<f64>>],
@@ -229,10 +254,14 @@ fn draw_heatmap<DB: DrawingBackend>(
     let centered = |size: i32| {
         TextStyle::from((FONT, size).into_font()).pos(Pos::new(HPos::Center, VPos::Center))
     };
+    // Numbers and row names shrink with the cells (a 30-layer heatmap has short rows).
+    let value_font = 22.min(cell_h * 7 / 10).min(cell_w / 3);
+    let row_font = 18.min(cell_h * 9 / 10);
     for (i, row) in values.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
             let (x, y) = (left + j as i32 * cell_w, top + i as i32 * cell_h);
-            let fill = v.map_or(RGBColor(235, 235, 235), heat_color);
+            let t = v.map(|v| heat_position(v, scale));
+            let fill = t.map_or(RGBColor(235, 235, 235), heat_color);
             root.draw(&Rectangle::new(
                 [(x, y), (x + cell_w, y + cell_h)],
                 fill.filled(),
@@ -242,7 +271,7 @@ fn draw_heatmap<DB: DrawingBackend>(
                 WHITE.stroke_width(2),
             ))?;
             let text = v.map_or("n/a".to_string(), |v| format!("{v:.2}"));
-            let ink = if v.is_some_and(|v| !(0.25..=0.85).contains(&v)) {
+            let ink = if t.is_some_and(|t| !(-0.5..=0.7).contains(&t)) {
                 WHITE
             } else {
                 BLACK
@@ -250,7 +279,7 @@ fn draw_heatmap<DB: DrawingBackend>(
             root.draw(&Text::new(
                 text,
                 (x + cell_w / 2, y + cell_h / 2),
-                centered(22).color(&ink),
+                centered(value_font).color(&ink),
             ))?;
         }
     }
@@ -268,7 +297,7 @@ fn draw_heatmap<DB: DrawingBackend>(
         root.draw(&Text::new(
             r.clone(),
             (left - 70, top + i as i32 * cell_h + cell_h / 2),
-            centered(18),
+            centered(row_font),
         ))?;
     }
     root.draw(&Text::new(

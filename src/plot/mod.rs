@@ -2,6 +2,7 @@
 //! as PNG and SVG, with a bundled font so they render on machines without fonts.
 
 pub mod figures;
+pub mod interventions;
 pub mod pca;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -70,13 +71,15 @@ pub fn plot(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
         probe_figures(&spec.input, &spec.out)
     } else if spec.input.join(store::MANIFEST).exists() {
         store_figures(spec)
+    } else if let Some(files) = interventions::intervention_figures(&spec.input, &spec.out)? {
+        Ok(files)
     } else if spec.input.join("gap.json").exists() {
         // A sampling run: no activations, but its gap.
         gap_figures(&spec.input, &spec.out)
     } else {
         Err(Error::BadInput(format!(
             "{}: neither a probe directory (report.json), an activation store (manifest.json) \
-             nor a run with gap.json",
+             nor a run with gap.json, steer.json, patch.json or ablate.json",
             spec.input.display()
         )))
     }
@@ -318,6 +321,7 @@ fn auroc_figure(rows: &[&MetricRow], label: &str, kind: &str, position: Position
         .fold(0.4, f64::min);
     Figure::Layers {
         title: format!("Decoding {label} from {kind} @{position}"),
+        x_label: "layer".into(),
         y_label: "AUROC (held-out requests)".into(),
         // Room below the curves for the legend.
         y_range: ((low - 0.02).clamp(0.0, 0.25), 1.02),
@@ -359,6 +363,7 @@ fn cross_figure(rows: &[&MetricRow], best: &MetricRow, label: &str) -> Option<Fi
         })
         .collect();
     Some(Figure::Heatmap {
+        scale: (0.5, 1.0),
         title: format!(
             "{label}: AUROC across {field}s (layer {}, {})",
             best.layer.unwrap_or(0),
@@ -422,6 +427,7 @@ fn transfer_figure(
         .collect();
     Some(Figure::Layers {
         title: format!("{label}: transfer across {field}s, {kind} @{position}"),
+        x_label: "layer".into(),
         y_label: "AUROC on held-out requests (< 0.5: reversed)".into(),
         y_range: (0.0, 1.02),
         reference: Some(0.5),

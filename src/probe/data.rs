@@ -229,7 +229,7 @@ impl Table {
 }
 
 /// One metadata value as the string filters and labels compare.
-fn cell(v: &serde_json::Value) -> Option<String> {
+pub fn cell(v: &serde_json::Value) -> Option<String> {
     use serde_json::Value;
     match v {
         Value::Null => None,

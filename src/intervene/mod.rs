@@ -1,0 +1,282 @@
+//! Interventions: hooks that write instead of read. `afprobe steer` adds a
+//! direction to the residual stream, `afprobe patch` copies activations from
+//! one row into its paired row, `afprobe ablate` projects a direction out;
+//! each measures how the answer scores (`p_accept`) move.
+//!
+//! An edit that starts at position p changes nothing before p, so every edited
+//! run reuses the row's unedited KV cache up to p and recomputes only the rest
+//! ([`RowCache`]); rows reuse the shared system prompt of the row before them.
+
+pub mod ablate;
+pub mod direction;
+pub mod patch;
+pub mod steer;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{Error, Result};
+use crate::model::{Hooks, KvCache, LogitsAt, Model};
+use crate::probe::data::cell;
+use crate::probe::metrics::quantile_sorted;
+use crate::probe::{Filter, Table};
+use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
+use crate::score::{score_prompt, Scores};
+
+/// A prompt row rendered for the model.
+pub struct Row {
+    pub prompt: PromptRow,
+    pub rendered: RenderedPrompt,
+}
+
+impl Row {
+    /// A metadata field as a string (`None` where absent); lists as in probe filters.
+    pub fn field(&self, name: &str) -> Option<String> {
+        field_of(&self.prompt.metadata, name)
+    }
+
+    /// The row's identity and labels for `rows.jsonl`.
+    pub fn record(&self) -> Map<String, Value> {
+        let mut record = Map::new();
+        record.insert("id".into(), json!(self.prompt.id));
+        for (k, v) in &self.prompt.metadata {
+            record.insert(k.clone(), v.clone());
+        }
+        record
+    }
+}
+
+/// Reads and renders the rows of a prompt file that pass `filter`; every row
+/// needs `continuations` with `accept` and `reject` (what the edits are measured by).
+pub fn load_rows(model: &Model, path: &Path, filter: &Filter) -> Result<Vec<Row>> {
+    let prompts = read_prompt_file(path)?;
+    let keep = if filter.fields().next().is_none() {
+        vec![true; prompts.len()]
+    } else {
+        let columns: BTreeMap<String, Vec<Option<String>>> = filter
+            .fields()
+            .map(|f| {
+                let column = prompts.iter().map(|p| field_of(&p.metadata, f)).collect();
+                (f.to_string(), column)
+            })
+            .collect();
+        filter.mask(&Table::from_columns(columns))?
+    };
+    let mut rows = Vec::new();
+    for (prompt, keep) in prompts.into_iter().zip(keep) {
+        if !keep {
+            continue;
+        }
+        for tag in ["accept", "reject"] {
+            if !prompt.continuations.contains_key(tag) {
+                return Err(Error::BadInput(format!(
+                    "{}:{} (id `{}`): no `{tag}` continuation; interventions are measured by \
+                     p_accept, so every row needs \"continuations\": {{\"accept\": ..., \"reject\": ...}} \
+                     (as `afprobe prompts` writes)",
+                    path.display(),
+                    prompt.line,
+                    prompt.id
+                )));
+            }
+        }
+        let rendered = render(model, &prompt, path)?;
+        let longest = rendered
+            .continuations
+            .values()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0);
+        model
+            .transformer
+            .check_length(rendered.tokens.len() + longest)?;
+        rows.push(Row { prompt, rendered });
+    }
+    if rows.is_empty() {
+        return Err(Error::BadInput(format!(
+            "{}: no rows{}",
+            path.display(),
+            if filter.fields().next().is_some() {
+                format!(" pass the filter `{filter}`")
+            } else {
+                String::new()
+            }
+        )));
+    }
+    Ok(rows)
+}
+
+/// A metadata field as probe filters and labels read it (lists joined by `+`).
+fn field_of(metadata: &Map<String, Value>, name: &str) -> Option<String> {
+    metadata.get(name).and_then(cell)
+}
+
+/// Tokens run through the model, against one full forward per measurement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct TokenCount {
+    /// Token-forwards actually computed (prompt pieces and continuations).
+    pub computed: usize,
+    /// What one full forward of prompt + continuations per measurement would cost.
+    pub naive: usize,
+}
+
+/// A row's KV cache: its first `clean` positions hold the unedited run, so an
+/// edit starting at p reuses them when p ≤ `clean`.
+pub struct RowCache {
+    kv: KvCache,
+    clean: usize,
+}
+
+impl RowCache {
+    /// Runs the row unedited (with `hooks` capturing what it needs), reusing
+    /// the clean prefix `previous` shares with it; returns the cache and scores.
+    pub fn run(
+        model: &Model,
+        row: &Row,
+        previous: Option<&RowCache>,
+        hooks: &mut Hooks,
+        count: &mut TokenCount,
+    ) -> Result<(RowCache, Scores)> {
+        let tokens = &row.rendered.tokens;
+        let mut kv = match previous {
+            Some(p) => {
+                let mut kv = p.kv.reuse_for(tokens)?;
+                kv.truncate(kv.len().min(p.clean))?;
+                kv
+            }
+            None => KvCache::new(),
+        };
+        // Captures need every position, so a capturing run starts from scratch.
+        if hooks.captures() {
+            kv = KvCache::new();
+        }
+        let start = kv.len();
+        let mut cache = RowCache { kv, clean: 0 };
+        let scores =
+            cache.forward_and_score(model, row, start, std::slice::from_mut(hooks), count)?;
+        cache.clean = tokens.len();
+        Ok((cache, scores))
+    }
+
+    /// Runs the row with `hooks` (edits at positions ≥ `start`, absolute) and
+    /// scores its continuations; positions before `start` come from the clean
+    /// cache. The prompt runs with `hooks[0]`, continuation i with `hooks[i]`
+    /// (the last entry past the end: one entry serves all).
+    pub fn run_edited(
+        &mut self,
+        model: &Model,
+        row: &Row,
+        start: usize,
+        hooks: &mut [Hooks],
+        count: &mut TokenCount,
+    ) -> Result<Scores> {
+        let tokens = &row.rendered.tokens;
+        let start = start.min(tokens.len() - 1);
+        if start > self.clean {
+            // A previous edit dirtied positions the new one keeps: recompute them clean.
+            self.kv.truncate(self.clean)?;
+            model.transformer.forward(
+                &tokens[self.clean..start],
+                &mut self.kv,
+                &mut Hooks::none(),
+                &LogitsAt::None,
+            )?;
+            count.computed += start - self.clean;
+            self.clean = start;
+        }
+        let scores = self.forward_and_score(model, row, start, hooks, count)?;
+        self.clean = start;
+        Ok(scores)
+    }
+
+    fn forward_and_score(
+        &mut self,
+        model: &Model,
+        row: &Row,
+        start: usize,
+        hooks: &mut [Hooks],
+        count: &mut TokenCount,
+    ) -> Result<Scores> {
+        let t = &model.transformer;
+        let tokens = &row.rendered.tokens;
+        self.kv.truncate(start)?;
+        let logits = t.forward(
+            &tokens[start..],
+            &mut self.kv,
+            &mut hooks[0],
+            &LogitsAt::Last,
+        )?;
+        let (scores, scored) = score_prompt(
+            t,
+            &mut self.kv,
+            hooks,
+            &logits,
+            &row.rendered.continuations,
+            None,
+        )?;
+        count.computed += tokens.len() - start + scored;
+        count.naive += tokens.len() + scored;
+        Ok(scores)
+    }
+}
+
+/// Serialises a list by its items' `Display` (hook names, positions).
+fn names<S: serde::Serializer, T: std::fmt::Display>(
+    items: &[T],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(items.iter().map(|i| i.to_string()))
+}
+
+/// Serialises a value by its `Display` (filters).
+fn display<S: serde::Serializer, T: std::fmt::Display>(
+    item: &T,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(item)
+}
+
+/// The mean of `values` and its bootstrap 95% percentile interval (seeded).
+pub fn mean_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, [f64; 2]) {
+    use rand::{Rng, SeedableRng};
+    let n = values.len();
+    if n == 0 {
+        return (f64::NAN, [f64::NAN; 2]);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut means: Vec<f64> = (0..resamples)
+        .map(|_| (0..n).map(|_| values[rng.random_range(0..n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    (
+        mean,
+        [
+            quantile_sorted(&means, 0.025),
+            quantile_sorted(&means, 0.975),
+        ],
+    )
+}
+
+/// `p_accept` of scores that have both tags (rows are checked on loading).
+pub fn p_accept(scores: &Scores) -> f64 {
+    scores.p_accept().unwrap_or(f64::NAN)
+}
+
+/// Prepares an output directory: refuses one holding a finished run of `kind`
+/// (`steer.json`, ...) unless `force`, and removes the marker so a killed run
+/// never looks finished.
+pub fn prepare_out(dir: &Path, marker: &str, force: bool) -> Result<()> {
+    if dir.join(marker).exists() && !force {
+        return Err(Error::BadInput(format!(
+            "{}: already holds a run ({marker}); pass --force to overwrite it or choose another --out",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    match std::fs::remove_file(dir.join(marker)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(dir.join(marker), e)),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,274 @@
+//! Command-line arguments of `afprobe steer`, `patch` and `ablate` (the
+//! binary's side of [`afprobe::intervene`]).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use afprobe::capture::parse_hooks;
+use afprobe::commands;
+use afprobe::intervene::ablate::{self, AblateSpec};
+use afprobe::intervene::direction::DirectionSource;
+use afprobe::intervene::patch::{self, PatchPosition, PatchSpec};
+use afprobe::intervene::steer::{self, SteerSpec};
+use afprobe::model::{Model, ModelSpec, WeightDtype};
+
+/// What every intervention reads: prompts, model, row filter, output.
+#[derive(Args)]
+pub struct Common {
+    /// Prompt file (JSONL) whose rows have accept/reject continuations (as `afprobe prompts` writes).
+    #[arg(long, value_name = "FILE.jsonl")]
+    prompts: PathBuf,
+    /// Model: a .gguf file, an HF directory, a hub id org/name[@rev], or smollm2-135m (default).
+    #[arg(long, value_name = "SPEC")]
+    model: Option<String>,
+    /// Use only rows that pass this filter (FIELD=V|W,FIELD!=X), e.g. cue=xml,harmful=true.
+    #[arg(long, default_value = "all")]
+    filter: String,
+    /// Bootstrap resamples for the intervals.
+    #[arg(long, default_value_t = 2000)]
+    resamples: usize,
+    /// Seed for random directions and resampling (recorded in the output).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Overwrite a finished run in --out.
+    #[arg(long)]
+    force: bool,
+    /// Run directory, e.g. activations/NAME.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+impl Common {
+    fn model(&self) -> anyhow::Result<Model> {
+        Ok(commands::load_model(
+            &ModelSpec::parse(self.model.as_deref()),
+            WeightDtype::F32,
+        )?)
+    }
+}
+
+/// Where a direction comes from.
+#[derive(Args)]
+pub struct DirectionArgs {
+    /// probes/NAME (a probe's unit direction), activations/NAME (the mean difference of
+    /// --label between its classes), or a vector file (.safetensors with one vector, or .json).
+    #[arg(long, value_name = "PATH")]
+    direction: PathBuf,
+    /// Read this tensor's direction ({hook}@{position}, e.g. blocks.12.hook_resid_post@last).
+    #[arg(long, value_name = "TENSOR")]
+    direction_tensor: Option<String>,
+    /// Probe method whose direction to read.
+    #[arg(long, default_value = "logistic")]
+    method: String,
+    /// For a store: the label whose class means are subtracted (positive − negative).
+    #[arg(long, default_value = "tier")]
+    label: String,
+    /// For a store: the positive class (default as in `afprobe probe`: true, free, ...).
+    #[arg(long)]
+    positive: Option<String>,
+}
+
+impl DirectionArgs {
+    fn source(&self) -> anyhow::Result<DirectionSource> {
+        Ok(DirectionSource::parse(
+            &self.direction,
+            &self.method,
+            &self.label,
+            self.positive.as_deref(),
+        )?)
+    }
+}
+
+pub const STEER_ABOUT: &str = "Add a direction to the residual stream and measure how p_accept \
+moves.\n\n\
+For each --layers L, alpha of --alphas and row, the row runs with alpha * norm_L * v added at \
+--hook of layer L at --positions (all; last = the last prompt token; from-cue = from the cue's \
+first token on, answer tokens included), where v is the unit direction and norm_L the mean \
+unsteered |x| at the last prompt token over the first --norm-rows rows: alpha = 1 adds a vector as \
+long as a typical residual, so sweeps compare across layers. v comes from --direction: a probe \
+directory (the hook's own @last probe direction, or --direction-tensor), a store (mean of \
+--label's positive rows minus the negative rows), or a vector file. A random unit direction per \
+layer (seeded) gives the same-norm baseline. Each edited run reuses the row's unedited KV cache up \
+to the first steered position.\n\n\
+Writes OUT/rows.jsonl (p_accept unsteered and per cell) and OUT/steer.json (settings, norms, mean \
+p_accept per cell and per tier with bootstrap intervals); `afprobe plot OUT` draws the sweep.";
+
+#[derive(Args)]
+pub struct SteerArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    direction: DirectionArgs,
+    /// Hook kind to steer (resid_post, resid_pre, resid_mid, attn_out, mlp_out).
+    #[arg(long, default_value = "resid_post")]
+    hook: String,
+    /// Layers to steer, one at a time: a list 10,15, a range 8-12, or all.
+    #[arg(long)]
+    layers: String,
+    /// Where to add the vector: all, last, from-cue.
+    #[arg(long, default_value = "all")]
+    positions: String,
+    /// Steering strengths, in units of the typical residual norm at the hook.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "-1,-0.5,0,0.5,1"
+    )]
+    alphas: Vec<f64>,
+    /// Skip the random-direction baseline.
+    #[arg(long)]
+    no_random: bool,
+    /// Rows whose unsteered norm sets the alpha unit.
+    #[arg(long, default_value_t = 32)]
+    norm_rows: usize,
+}
+
+pub fn steer(a: SteerArgs) -> anyhow::Result<()> {
+    let model = a.common.model()?;
+    let spec = SteerSpec {
+        prompts: a.common.prompts.clone(),
+        out: a.common.out.clone(),
+        direction: a.direction.source()?,
+        direction_tensor: a.direction.direction_tensor.clone(),
+        points: parse_hooks(&a.hook, &a.layers, model.config().n_layers)?,
+        positions: a.positions.parse()?,
+        alphas: a.alphas,
+        random: !a.no_random,
+        norm_rows: a.norm_rows,
+        filter: a.common.filter.parse()?,
+        resamples: a.common.resamples,
+        seed: a.common.seed,
+        force: a.common.force,
+    };
+    let report = steer::steer(&model, &spec)?;
+    print!("{}", steer::format_table(&report));
+    println!("{}", spec.out.display());
+    Ok(())
+}
+
+pub const PATCH_ABOUT: &str = "Activation patching between paired rows: how much of the \
+difference between a source row (default: paid tier) and its destination row (default: free \
+tier) does one activation carry?\n\n\
+Rows pair when --pair-by fields match (default request_id, cue, variation) and --label is \
+--source in one and --dest in the other; an unpaired row is an error. For every hook point \
+(--hook at --layers) and position set (--positions: last, last-K, cue = the cue's last token, \
+user = the user turn, all = every token), the destination runs with its activation there replaced \
+by the source's, and p_accept is scored. Reported per cell: the mean effect p_patched − p_dest and \
+the share of the difference restored, sum(p_patched − p_dest) / sum(p_source − p_dest), each with \
+a bootstrap 95% interval over pairs. Positions are aligned from the end (last-K, user), at the \
+cue, or by the common prefix and suffix (all); where the two rows' token counts differ, positions \
+without a counterpart stay unpatched and patch.json counts those pairs.\n\n\
+Each patched run reuses the destination's unedited KV cache up to the first patched position and \
+recomputes only the rest; the summary prints the token-forwards used against one full forward per \
+cell. Writes OUT/rows.jsonl (per pair) and OUT/patch.json; `afprobe plot OUT` draws the heatmap.";
+
+#[derive(Args)]
+pub struct PatchArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Hook kind to patch (resid_post, resid_pre, attn_out, mlp_out, resid_mid, embed).
+    #[arg(long, default_value = "resid_post")]
+    hook: String,
+    /// Layers: all, a range 0-29, a list 0,5,10.
+    #[arg(long, default_value = "all")]
+    layers: String,
+    /// Position sets, comma-separated: last, last-K, cue, user, all.
+    #[arg(long, value_delimiter = ',', default_value = "last,last-1,cue,user")]
+    positions: Vec<String>,
+    /// The field whose values tell source and destination rows apart.
+    #[arg(long, default_value = "tier")]
+    label: String,
+    /// The source rows' value of --label (activations are copied from them).
+    #[arg(long, default_value = "paid")]
+    source: String,
+    /// The destination rows' value of --label (they run patched).
+    #[arg(long, default_value = "free")]
+    dest: String,
+    /// Fields that must be equal for two rows to pair.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "request_id,cue,variation"
+    )]
+    pair_by: Vec<String>,
+    /// Use only the first N pairs.
+    #[arg(long, value_name = "N")]
+    max_pairs: Option<usize>,
+}
+
+pub fn patch(a: PatchArgs) -> anyhow::Result<()> {
+    let model = a.common.model()?;
+    let spec = PatchSpec {
+        prompts: a.common.prompts.clone(),
+        out: a.common.out.clone(),
+        points: parse_hooks(&a.hook, &a.layers, model.config().n_layers)?,
+        positions: a
+            .positions
+            .iter()
+            .map(|p| p.parse::<PatchPosition>())
+            .collect::<Result<_, _>>()?,
+        label: a.label,
+        source: a.source,
+        dest: a.dest,
+        pair_by: a.pair_by,
+        filter: a.common.filter.parse()?,
+        max_pairs: a.max_pairs,
+        resamples: a.common.resamples,
+        seed: a.common.seed,
+        force: a.common.force,
+    };
+    let report = patch::patch(&model, &spec)?;
+    print!("{}", patch::format_table(&report));
+    println!("{}", spec.out.display());
+    Ok(())
+}
+
+pub const ABLATE_ABOUT: &str = "Directional ablation: project one direction out of the residual \
+stream (x <- x - (x.d)d) at every --hook of --layers and every position, and report the \
+compliance gap before and after, its change with a paired bootstrap interval over requests, and \
+mean p_accept on harmful and benign rows (does removing the direction change refusal overall?).\n\n\
+The direction is that of --direction-tensor in --direction (a probe directory, a store's mean \
+difference of --label, or a vector file), the same at every hook. Plain and ablated rows each \
+reuse the shared system prompt of the row before them. Writes OUT/rows.jsonl (p_accept and \
+p_ablated per row) and OUT/ablate.json; `afprobe plot OUT` draws the bars.";
+
+#[derive(Args)]
+pub struct AblateArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    direction: DirectionArgs,
+    /// Hook kind to ablate at.
+    #[arg(long, default_value = "resid_pre")]
+    hook: String,
+    /// Layers: all, a range, a list.
+    #[arg(long, default_value = "all")]
+    layers: String,
+}
+
+pub fn ablate(a: AblateArgs) -> anyhow::Result<()> {
+    let model = a.common.model()?;
+    let Some(tensor) = a.direction.direction_tensor.clone() else {
+        anyhow::bail!(
+            "ablate needs --direction-tensor: the one direction removed at every hook \
+             (e.g. blocks.9.hook_resid_post@last)"
+        );
+    };
+    let spec = AblateSpec {
+        prompts: a.common.prompts.clone(),
+        out: a.common.out.clone(),
+        direction: a.direction.source()?,
+        direction_tensor: tensor,
+        points: parse_hooks(&a.hook, &a.layers, model.config().n_layers)?,
+        filter: a.common.filter.parse()?,
+        resamples: a.common.resamples,
+        seed: a.common.seed,
+        force: a.common.force,
+    };
+    let report = ablate::ablate(&model, &spec)?;
+    print!("{}", ablate::format_table(&report));
+    println!("{}", spec.out.display());
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! Figures of intervention runs: the steering sweep (p_accept against α per
+//! tier, with the random-direction baseline), the patching heatmap (layer ×
+//! position, share of the difference restored) and the ablation bars.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::figures::{Curve, Figure, Interval, LayerPoint, PALETTE};
+use super::save;
+use crate::error::{Error, Result};
+use crate::intervene::{ablate::ABLATE_JSON, patch::PATCH_JSON, steer::STEER_JSON};
+
+/// The figures of the intervention run in `dir`, if it is one (`None` otherwise).
+pub fn intervention_figures(dir: &Path, out: &Path) -> Result<Option<Vec<PathBuf>>> {
+    let read = |name: &str| -> Result<Option<Value>> {
+        let path = dir.join(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::model_file(&path, format!("not valid JSON: {e}")))
+    };
+    if let Some(report) = read(STEER_JSON)? {
+        return steer_figures(&report, out).map(Some);
+    }
+    if let Some(report) = read(PATCH_JSON)? {
+        let fig = patch_figure(&report)
+            .ok_or_else(|| Error::model_file(dir.join(PATCH_JSON), "no cells to plot"))?;
+        return save(&fig, out, "patch").map(Some);
+    }
+    if let Some(report) = read(ABLATE_JSON)? {
+        return save(&ablate_figure(&report), out, "ablate").map(Some);
+    }
+    Ok(None)
+}
+
+fn interval(v: &Value) -> Option<(f64, f64)> {
+    Some((v.get(0)?.as_f64()?, v.get(1)?.as_f64()?))
+}
+
+/// One figure per steered hook: mean p_accept against α per tier, the steering
+/// direction solid with its interval band, the random direction dashed.
+fn steer_figures(report: &Value, out: &Path) -> Result<Vec<PathBuf>> {
+    let cells = report["cells"].as_array().cloned().unwrap_or_default();
+    let mut by_hook: BTreeMap<(u64, String), Vec<&Value>> = BTreeMap::new();
+    for c in &cells {
+        let hook = c["hook"].as_str().unwrap_or("?").to_string();
+        by_hook
+            .entry((c["layer"].as_u64().unwrap_or(0), hook))
+            .or_default()
+            .push(c);
+    }
+    let mut files = Vec::new();
+    for ((_, hook), cells) in by_hook {
+        let mut curves: BTreeMap<(String, String), Vec<LayerPoint>> = BTreeMap::new();
+        for c in &cells {
+            let kind = c["kind"].as_str().unwrap_or("direction").to_string();
+            let alpha = c["alpha"].as_f64().unwrap_or(0.0);
+            let tiers = c["by_tier"].as_object().cloned().unwrap_or_default();
+            let groups: Vec<(String, &Value)> = if tiers.is_empty() {
+                vec![("all rows".into(), *c)]
+            } else {
+                tiers.iter().map(|(t, m)| (t.clone(), m)).collect()
+            };
+            for (tier, m) in groups {
+                let Some(value) = m["p_accept"].as_f64() else {
+                    continue;
+                };
+                curves
+                    .entry((kind.clone(), tier))
+                    .or_default()
+                    .push(LayerPoint {
+                        layer: alpha,
+                        value,
+                        interval: interval(&m["ci95"]),
+                    });
+            }
+        }
+        // α = 0 has no random cell: the random curves start from the same unsteered point.
+        let unsteered: Vec<(String, LayerPoint)> = curves
+            .iter()
+            .filter(|((kind, _), _)| kind == "direction")
+            .flat_map(|((_, tier), points)| {
+                points
+                    .iter()
+                    .filter(|p| p.layer == 0.0)
+                    .map(|p| {
+                        (
+                            tier.clone(),
+                            LayerPoint {
+                                layer: 0.0,
+                                value: p.value,
+                                interval: None,
+                            },
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (tier, point) in unsteered {
+            if let Some(points) = curves.get_mut(&("random".to_string(), tier)) {
+                points.push(point);
+            }
+        }
+        let tiers: Vec<String> = curves
+            .keys()
+            .map(|(_, t)| t.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let curves = curves
+            .into_iter()
+            .map(|((kind, tier), mut points)| {
+                points.sort_by(|a, b| a.layer.total_cmp(&b.layer));
+                let color =
+                    PALETTE[tiers.iter().position(|t| *t == tier).unwrap_or(0) % PALETTE.len()];
+                let random = kind == "random";
+                Curve {
+                    label: format!(
+                        "{tier}, {}",
+                        if random {
+                            "random direction"
+                        } else {
+                            "steering direction"
+                        }
+                    ),
+                    color,
+                    dashed: random,
+                    points: if random {
+                        points
+                            .into_iter()
+                            .map(|p| LayerPoint {
+                                interval: None,
+                                ..p
+                            })
+                            .collect()
+                    } else {
+                        points
+                    },
+                }
+            })
+            .collect();
+        let fig = Figure::Layers {
+            title: format!("Steering at {hook}"),
+            x_label: "α (units of the mean residual norm at the hook)".into(),
+            y_label: "mean p_accept (95% CI)".into(),
+            y_range: (0.0, 1.02),
+            reference: None,
+            curves,
+        };
+        let stem = format!("steer_{}", hook.replace('.', "_"));
+        files.extend(save(&fig, out, &stem)?);
+    }
+    Ok(files)
+}
+
+/// Share of the difference restored, hooks (rows, by layer) × positions (columns).
+fn patch_figure(report: &Value) -> Option<Figure> {
+    let cells = report["cells"].as_array()?;
+    let mut hooks: Vec<(u64, String)> = Vec::new();
+    let mut positions: Vec<String> = Vec::new();
+    let mut grid: BTreeMap<(String, String), Option<f64>> = BTreeMap::new();
+    for c in cells {
+        let hook = c["hook"].as_str()?.to_string();
+        let position = c["position"].as_str()?.to_string();
+        let key = (c["layer"].as_u64().map_or(0, |l| l + 1), hook.clone());
+        if !hooks.contains(&key) {
+            hooks.push(key);
+        }
+        if !positions.contains(&position) {
+            positions.push(position.clone());
+        }
+        grid.insert((hook, position), c["restored"].as_f64());
+    }
+    hooks.sort();
+    if hooks.is_empty() {
+        return None;
+    }
+    let settings = &report["settings"];
+    let label = settings["label"].as_str().unwrap_or("label");
+    let (source, dest) = (
+        settings["source"].as_str().unwrap_or("source"),
+        settings["dest"].as_str().unwrap_or("dest"),
+    );
+    Some(Figure::Heatmap {
+        title: format!(
+            "Patching {label}={source} into {label}={dest}: share of the p_accept difference restored ({} pairs)",
+            report["n_pairs"].as_u64().unwrap_or(0)
+        ),
+        scale: (0.0, 1.0),
+        row_label: "hook".into(),
+        col_label: "patched positions".into(),
+        rows: hooks
+            .iter()
+            .map(|(_, h)| h.replace("blocks.", "").replace(".hook_", " "))
+            .collect(),
+        cols: positions.clone(),
+        values: hooks
+            .iter()
+            .map(|(_, h)| {
+                positions
+                    .iter()
+                    .map(|p| grid.get(&(h.clone(), p.clone())).copied().flatten())
+                    .collect()
+            })
+            .collect(),
+    })
+}
+
+/// The change in the compliance gap per cue and in mean p_accept on harmful and benign rows.
+fn ablate_figure(report: &Value) -> Figure {
+    let mut items = Vec::new();
+    let change = &report["gap_change"];
+    let gap_items = change["by_cue"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(cue, s)| (format!("gap {cue}"), s))
+        .chain(
+            ["overall", "benign"]
+                .iter()
+                .map(|k| (format!("gap {k}"), &change[*k])),
+        );
+    for (label, s) in gap_items {
+        if let (Some(value), Some((lo, hi))) = (s["gap"].as_f64(), interval(&s["ci95"])) {
+            items.push(Interval {
+                label,
+                value,
+                lo,
+                hi,
+            });
+        }
+    }
+    for (name, c) in report["compliance"].as_object().into_iter().flatten() {
+        if let (Some(value), Some((lo, hi))) = (c["change"].as_f64(), interval(&c["change_ci95"])) {
+            items.push(Interval {
+                label: format!("p_accept {name}"),
+                value,
+                lo,
+                hi,
+            });
+        }
+    }
+    Figure::Intervals {
+        title: format!(
+            "Ablating {}: change in the gap and in compliance",
+            report["settings"]["direction_tensor"]
+                .as_str()
+                .unwrap_or("a direction")
+        ),
+        y_label: "after − before (95% CI)".into(),
+        items,
+    }
+}
