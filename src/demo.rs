@@ -702,9 +702,20 @@ fn meaning_section(md: &mut String, r: &ReportInputs) {
         .filter_map(|c| {
             let standard = r.matched_gap.by_cue.get(*c)?;
             let flipped = r.matched_gap.by_cue.get(&format!("{c}@flipped"))?;
-            Some((c.as_str(), sign_of(standard), sign_of(flipped)))
+            Some((c.as_str(), standard, flipped))
         })
-        .map(|(c, a, b)| format!("`{c}` {a} → {b}"))
+        .map(|(c, standard, flipped)| {
+            let what = match (sign_of(standard), sign_of(flipped)) {
+                ("positive", "negative") => "reverses, as meaning predicts",
+                ("positive", "positive") => "stays, as the cue's wording predicts",
+                ("positive", _) => {
+                    "vanishes without reversing: it depends on the training \
+                                    paragraph, but not as its meaning predicts"
+                }
+                _ => "has no clear standard gap to compare",
+            };
+            format!("`{c}` {:+.4} → {:+.4} ({what})", standard.gap, flipped.gap)
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let probe_reading = match transfer
@@ -726,15 +737,17 @@ fn meaning_section(md: &mut String, r: &ReportInputs) {
     };
     let _ = writeln!(
         md,
-        "**Reading.** The gap's sign from standard to flipped for the tier cues: {flips} — a gap \
-         that tracked meaning would reverse, one that tracks the cue's wording would not. At layer {}, {probe_reading}.\n",
+        "**Reading.** From standard to flipped, the gap of the tier cues: {flips}. At layer {}, \
+         {probe_reading}.\n",
         best.layer.unwrap_or(0)
     );
 }
 
-/// Cue and number of harmful requests of the demo's steering sweep and patching heatmap.
+/// Cue and number of harmful requests of the demo's steering sweep and patching
+/// heatmap. Small: every edited run is a few forward calls, and on a CPU a
+/// forward call costs about a full read of the weights however few tokens it has.
 const INTERVENTION_CUE: &str = "natural";
-const INTERVENTION_REQUESTS: usize = 16;
+const INTERVENTION_REQUESTS: usize = 8;
 const STEER_ALPHAS: [f64; 5] = [-0.5, -0.25, 0.0, 0.25, 0.5];
 
 /// The intervention runs of the demo.
@@ -816,16 +829,19 @@ fn run_interventions(
     print!("{}", steer::format_table(&steer));
 
     let patch_dir = activations.join(format!("{NAME}-patch"));
-    println!("\npatching paid into free, every hook_resid_post x last, last-1, cue, user:");
+    // Every other layer (and the last) at three position sets keeps the heatmap to ~2 minutes.
+    let patch_layers: Vec<usize> = (0..n_layers)
+        .filter(|l| l % 2 == 0 || *l == n_layers - 1)
+        .collect();
+    println!("\npatching paid into free, hook_resid_post of every other layer x last, cue, user:");
     let patch = patch::patch(
         model,
         &PatchSpec {
             prompts,
             out: patch_dir.clone(),
-            points: (0..n_layers).map(HookPoint::ResidPost).collect(),
+            points: patch_layers.into_iter().map(HookPoint::ResidPost).collect(),
             positions: vec![
                 PatchPosition::Last(0),
-                PatchPosition::Last(1),
                 PatchPosition::Cue,
                 PatchPosition::User,
             ],
@@ -922,8 +938,8 @@ fn intervention_section(md: &mut String, r: &ReportInputs) {
     let _ = writeln!(
         md,
         "**Patching**: each free row runs with one activation replaced by its paid row's \
-         (`hook_resid_post` of every layer at the last token, the token before it, the cue's last \
-         token, or the whole user turn), and the share of the paid − free difference in p_accept it \
+         (`hook_resid_post` of every other layer at the last token, the cue's last token, or the \
+         whole user turn), and the share of the paid − free difference in p_accept it \
          restores is Σ(p_patched − p_free) / Σ(p_paid − p_free). Here p_accept is {:.4} (paid) vs \
          {:.4} (free) over {} pairs, a difference of {:+.4}: where the difference is this small the \
          shares are noisy, and the intervals in `activations/{NAME}-patch/patch.json` say how noisy. \

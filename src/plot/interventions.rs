@@ -181,14 +181,13 @@ fn patch_figure(report: &Value) -> Option<Figure> {
         return None;
     }
     let settings = &report["settings"];
-    let label = settings["label"].as_str().unwrap_or("label");
     let (source, dest) = (
         settings["source"].as_str().unwrap_or("source"),
         settings["dest"].as_str().unwrap_or("dest"),
     );
     Some(Figure::Heatmap {
         title: format!(
-            "Patching {label}={source} into {label}={dest}: share of the p_accept difference restored ({} pairs)",
+            "Patching {source} into {dest}: share of the p_accept difference restored ({} pairs)",
             report["n_pairs"].as_u64().unwrap_or(0)
         ),
         scale: (0.0, 1.0),
