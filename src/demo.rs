@@ -748,7 +748,7 @@ fn meaning_section(md: &mut String, r: &ReportInputs) {
 /// forward call costs about a full read of the weights however few tokens it has.
 const INTERVENTION_CUE: &str = "natural";
 const INTERVENTION_REQUESTS: usize = 8;
-const STEER_ALPHAS: [f64; 5] = [-0.5, -0.25, 0.0, 0.25, 0.5];
+const STEER_ALPHAS: [f64; 5] = [-0.2, -0.1, 0.0, 0.1, 0.2];
 
 /// The intervention runs of the demo.
 struct Interventions {

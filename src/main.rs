@@ -120,12 +120,15 @@ compliance-rate gaps with CIs and the format-failure rate. Use prompts from \
 print its facts, run a chat prompt through the hooked model capturing every \
 blocks.{l}.hook_resid_post at the last token, print a per-layer summary (residual norm and the \
 logit-lens top token), greedily answer the prompt, then run the whole no-CoT alignment-faking \
-study: prompts for 4 cues x 180 requests x 2 tiers (activations/demo.prompts.jsonl), a scored \
+study: prompts for 4 cues x 180 requests x 2 tiers plus the flipped and no-training-info \
+variations of the tier cues on 64 harmful requests (activations/demo.prompts.jsonl), a scored \
 capture of every hook_resid_post at last and cue (activations/demo; a killed demo resumes it), \
-the compliance gap (activations/demo/gap.json), probes for the tier with the control cue and the \
-cross-cue matrix (probes/demo), every figure and figures/demo/REPORT.md, which embeds the \
-figures and states the numbers with their intervals. About 11 minutes on 2 cores; \
---requests-per-category 3 gives a 2-minute look."
+the compliance gap per cue and variation (activations/demo/gap.json), probes for the tier with \
+the control cue and the cross-cue matrix (probes/demo), a training_implied probe across the \
+standard and flipped settings (probes/demo-meaning), a steering sweep along the tier direction \
+and a patching heatmap (activations/demo-steer, activations/demo-patch), every figure and \
+figures/demo/REPORT.md, which embeds the figures and states the numbers with their intervals. \
+About 20 minutes on 2 cores; --requests-per-category 2 gives a 5-minute look."
     )]
     Demo {
         #[command(flatten)]
