@@ -12,13 +12,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::direction::DirectionSource;
-use super::{load_rows, mean_ci, p_accept, prepare_out, RowCache, TokenCount};
+use super::{load_rows, mean_ci, p_accept, prepare_out, write_run, RowCache, TokenCount};
 use crate::error::{Error, Result};
 use crate::gap::{gap_from_rows, GapReport};
 use crate::model::{Edit, HookPoint, Hooks, Model, Positions};
 use crate::probe::Filter;
 use crate::progress::Progress;
-use crate::store::write_atomic;
 
 /// The file that marks a finished ablation run.
 pub const ABLATE_JSON: &str = "ablate.json";
@@ -182,14 +181,7 @@ pub fn ablate(model: &Model, spec: &AblateSpec) -> Result<AblateReport> {
         tokens: count,
         seconds: started.elapsed().as_secs_f64(),
     };
-    write_atomic(&spec.out.join("rows.jsonl"), records.as_bytes())?;
-    // Written last: a directory with ablate.json holds a finished run.
-    write_atomic(
-        &spec.out.join(ABLATE_JSON),
-        serde_json::to_string_pretty(&report)
-            .expect("json")
-            .as_bytes(),
-    )?;
+    write_run(&spec.out, ABLATE_JSON, &records, &report)?;
     Ok(report)
 }
 

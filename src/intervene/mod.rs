@@ -24,6 +24,7 @@ use crate::probe::metrics::quantile_sorted;
 use crate::probe::{Filter, Table};
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::score::{score_prompt, Scores};
+use crate::store::write_atomic;
 
 /// A prompt row rendered for the model.
 pub struct Row {
@@ -262,6 +263,19 @@ pub fn mean_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, [f64; 2]) {
 /// `p_accept` of scores that have both tags (rows are checked on loading).
 pub fn p_accept(scores: &Scores) -> f64 {
     scores.p_accept().unwrap_or(f64::NAN)
+}
+
+/// Writes a finished run: `rows.jsonl`, then the report under `marker`, last,
+/// so a directory with the marker always holds a complete run.
+pub fn write_run(
+    dir: &Path,
+    marker: &str,
+    records: &str,
+    report: &impl serde::Serialize,
+) -> Result<()> {
+    write_atomic(&dir.join("rows.jsonl"), records.as_bytes())?;
+    let json = serde_json::to_string_pretty(report).expect("reports serialise");
+    write_atomic(&dir.join(marker), json.as_bytes())
 }
 
 /// Prepares an output directory: refuses one holding a finished run of `kind`

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{load_rows, p_accept, prepare_out, Row, RowCache, TokenCount};
+use super::{load_rows, p_accept, prepare_out, write_run, Row, RowCache, TokenCount};
 use crate::error::{Error, Result};
 use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{
@@ -27,7 +27,6 @@ use crate::probe::Filter;
 use crate::progress::Progress;
 use crate::prompts::RenderedPrompt;
 use crate::score::Scores;
-use crate::store::write_atomic;
 
 /// The file that marks a finished patching run.
 pub const PATCH_JSON: &str = "patch.json";
@@ -521,14 +520,7 @@ pub fn patch(model: &Model, spec: &PatchSpec) -> Result<PatchReport> {
         tokens: count,
         seconds: started.elapsed().as_secs_f64(),
     };
-    write_atomic(&spec.out.join("rows.jsonl"), records.as_bytes())?;
-    // Written last: a directory with patch.json holds a finished run.
-    write_atomic(
-        &spec.out.join(PATCH_JSON),
-        serde_json::to_string_pretty(&report)
-            .expect("json")
-            .as_bytes(),
-    )?;
+    write_run(&spec.out, PATCH_JSON, &records, &report)?;
     Ok(report)
 }
 

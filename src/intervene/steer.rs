@@ -19,12 +19,11 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::direction::{random_unit, DirectionSource};
-use super::{load_rows, mean_ci, p_accept, prepare_out, Row, RowCache, TokenCount};
+use super::{load_rows, mean_ci, p_accept, prepare_out, write_run, Row, RowCache, TokenCount};
 use crate::error::{Error, Result};
 use crate::model::{CaptureRows, Edit, HookPoint, Hooks, Model, NamesFilter, Positions};
 use crate::probe::Filter;
 use crate::progress::Progress;
-use crate::store::write_atomic;
 
 /// The file that marks a finished steering run.
 pub const STEER_JSON: &str = "steer.json";
@@ -300,14 +299,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
         tokens: count,
         seconds: started.elapsed().as_secs_f64(),
     };
-    write_atomic(&spec.out.join("rows.jsonl"), records.as_bytes())?;
-    // Written last: a directory with steer.json holds a finished run.
-    write_atomic(
-        &spec.out.join(STEER_JSON),
-        serde_json::to_string_pretty(&report)
-            .expect("json")
-            .as_bytes(),
-    )?;
+    write_run(&spec.out, STEER_JSON, &records, &report)?;
     Ok(report)
 }
 
