@@ -122,9 +122,14 @@ pub fn prompt_tokens(
 }
 
 /// `afprobe generate`: streams the completion to stdout.
-pub fn generate_to_stdout(model: &Model, tokens: &[u32], sampling: &Sampling) -> Result<()> {
+pub fn generate_to_stdout(
+    model: &Model,
+    tokens: &[u32],
+    sampling: &Sampling,
+    hooks: &mut Hooks,
+) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    generate(model, tokens, sampling, &mut Hooks::none(), |piece| {
+    generate(model, tokens, sampling, hooks, |piece| {
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();
     })?;
@@ -178,6 +183,7 @@ pub fn demo_model_tour(spec: &ModelSpec) -> Result<Model> {
             max_new_tokens: 32,
             ..Sampling::default()
         },
+        &mut Hooks::none(),
     )?;
     Ok(model)
 }

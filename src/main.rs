@@ -11,7 +11,9 @@ use afprobe::bench::{self, PrefillResult, Reference};
 use afprobe::capture::{self, CaptureSpec};
 use afprobe::commands;
 use afprobe::generate::Sampling;
-use afprobe::model::{fetch, ModelSpec, WeightDtype};
+use afprobe::intervene::direction::DirectionSource;
+use afprobe::intervene::steer;
+use afprobe::model::{fetch, HookPoint, Hooks, ModelSpec, WeightDtype};
 use afprobe::probe::{self, FitSettings, Method, ProbeSpec};
 use afprobe::score::RefusalOpenings;
 use afprobe::store::{self, Existing, Position, Slice};
@@ -213,6 +215,23 @@ struct GenerateArgs {
     /// Seed for sampling (recorded so draws are reproducible).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Steer the generation: add alpha * |x| * v at --steer-hook of --steer-layer at every
+    /// position, v from a probe directory, a store (mean difference of tier) or a vector file,
+    /// |x| the prompt's residual norm at its last token there (see `afprobe steer --help`).
+    #[arg(long, value_name = "PATH", requires = "steer_layer")]
+    steer: Option<PathBuf>,
+    /// The layer to steer.
+    #[arg(long, value_name = "L")]
+    steer_layer: Option<usize>,
+    /// Steering strength, in units of the residual norm.
+    #[arg(long, default_value_t = 0.1, allow_hyphen_values = true)]
+    steer_alpha: f64,
+    /// Hook kind to steer.
+    #[arg(long, default_value = "resid_post")]
+    steer_hook: String,
+    /// Read this tensor's direction ({hook}@{position}) instead of the steered hook's @last.
+    #[arg(long, value_name = "TENSOR")]
+    steer_tensor: Option<String>,
     /// The prompt text.
     prompt: String,
 }
@@ -704,7 +723,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed: a.seed,
                 max_new_tokens: a.max_new_tokens,
             };
-            commands::generate_to_stdout(&model, &tokens, &sampling)?;
+            let mut hooks = match (&a.steer, a.steer_layer) {
+                (Some(path), Some(layer)) => {
+                    let source = DirectionSource::parse(path, "logistic", "tier", None)?;
+                    let point = HookPoint::block(&a.steer_hook, layer)?;
+                    let (hooks, norm) = steer::steering_hooks(
+                        &model,
+                        &tokens,
+                        &source,
+                        a.steer_tensor.as_deref(),
+                        point,
+                        a.steer_alpha,
+                    )?;
+                    eprintln!(
+                        "afprobe: steering {point} by {} x {norm:.1} (the prompt's residual norm) along {source}",
+                        a.steer_alpha
+                    );
+                    hooks
+                }
+                _ => Hooks::none(),
+            };
+            commands::generate_to_stdout(&model, &tokens, &sampling, &mut hooks)?;
         }
         Command::Prompts(a) => prompts(a)?,
         Command::Sample(a) => {

@@ -544,6 +544,39 @@ fn bad_intervention_input_is_refused_clearly() {
     assert!(!out.join("patch.json").exists() && !out.join("steer.json").exists());
 }
 
+/// `generate --steer`: α = 0 writes what plain generation writes; a strong push changes it.
+#[test]
+fn generate_can_be_steered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny_llama3");
+    let m = model.to_str().unwrap();
+    let v = vector_file(
+        tmp.path(),
+        &(0..64).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<_>>(),
+    );
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", m, "--max-new-tokens", "12"];
+        args.extend_from_slice(extra);
+        args.push("Tell me a story.");
+        let out = afprobe(&args);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plain = run(&[]);
+    let steer = |alpha: &str| {
+        run(&[
+            "--steer",
+            v.to_str().unwrap(),
+            "--steer-layer",
+            "1",
+            "--steer-alpha",
+            alpha,
+        ])
+    };
+    assert_eq!(steer("0"), plain);
+    assert_ne!(steer("3"), plain);
+}
+
 /// The default model: a patch of the last layer's residual at every position makes a
 /// free row score what its paid row scores; α = 0 reproduces the scores.
 #[test]

@@ -303,6 +303,38 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
     Ok(report)
 }
 
+/// Hooks that steer free text (`afprobe generate --steer`): α · ‖x‖ · v added at
+/// `point` at every position, prompt and generated tokens, where ‖x‖ is the
+/// prompt's own residual norm at its last token there. Returns the hooks and ‖x‖.
+pub fn steering_hooks(
+    model: &Model,
+    prompt: &[u32],
+    direction: &DirectionSource,
+    tensor: Option<&str>,
+    point: HookPoint,
+    alpha: f64,
+) -> Result<(Hooks, f64)> {
+    point.check_layer(model.config().n_layers)?;
+    let d = model.config().d_model;
+    let tensor = tensor.map_or_else(|| format!("{point}@last"), String::from);
+    let unit = direction.unit(&tensor, d)?;
+    let (_, cache) =
+        model.run_with_cache(prompt, NamesFilter::Only(vec![point]), CaptureRows::Last)?;
+    let x: Vec<f32> = cache.require(point)?.flatten_all()?.to_vec1()?;
+    let norm = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let scale = (alpha * norm) as f32;
+    let vector: Vec<f32> = unit.iter().map(|v| v * scale).collect();
+    let mut hooks = Hooks::none();
+    hooks.add_edit(
+        point,
+        Edit::Add {
+            vector: Tensor::from_vec(vector, d, &candle_core::Device::Cpu)?,
+            positions: Positions::All,
+        },
+    );
+    Ok((hooks, norm))
+}
+
 /// `blocks.12.hook_resid_post@a+4` (`/random` for the baseline).
 fn cell_name(point: HookPoint, alpha: f64, kind: usize) -> String {
     format!(
