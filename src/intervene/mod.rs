@@ -130,8 +130,10 @@ pub struct RowCache {
 }
 
 impl RowCache {
-    /// Runs the row unedited (with `hooks` capturing what it needs), reusing
-    /// the clean prefix `previous` shares with it; returns the cache and scores.
+    /// Runs the whole row with `hooks` (none; captures; or edits every row
+    /// shares, such as an ablation, whose runs then chain their own caches),
+    /// reusing the clean prefix `previous` shares with it; returns the cache
+    /// (clean = run with these hooks) and the scores.
     pub fn run(
         model: &Model,
         row: &Row,
