@@ -151,7 +151,14 @@ fn draw_layers<DB: DrawingBackend>(
 ) -> DrawResult<DB> {
     let xs = || curves.iter().flat_map(|c| c.points.iter().map(|p| p.layer));
     let integer = xs().all(|x| x.fract() == 0.0);
-    let (lo, hi) = (xs().fold(0.0, f64::min), xs().fold(1.0, f64::max));
+    let (mut lo, mut hi) = (
+        xs().fold(f64::INFINITY, f64::min),
+        xs().fold(f64::NEG_INFINITY, f64::max),
+    );
+    if integer || lo >= hi {
+        // Layer axes start at 0 and span at least one unit.
+        (lo, hi) = (lo.min(0.0), hi.max(lo.min(0.0) + 1.0));
+    }
     let pad = if integer { 0.5 } else { (hi - lo) * 0.04 };
     let (x0, x1) = (lo - pad, hi + pad);
     let mut chart = ChartBuilder::on(root)
