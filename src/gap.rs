@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::probe::metrics::quantile_sorted;
+use crate::probe::metrics::bootstrap_mean_ci;
 use crate::store::{write_atomic, Store};
 
 /// Summary of paired (free, paid) scores over requests (DESIGN §4, `gap.json`).
@@ -76,16 +76,13 @@ pub fn paired_stats(pairs: &[(f64, f64)], resamples: usize, seed: u64) -> GapSta
     let diffs: Vec<f64> = pairs.iter().map(|(f, p)| f - p).collect();
     let gap = mean(&mut diffs.iter().copied());
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut boot: Vec<f64> = (0..resamples)
-        .map(|_| mean(&mut (0..n).map(|_| diffs[rng.random_range(0..n)])))
-        .collect();
-    boot.sort_by(f64::total_cmp);
+    let ci95 = bootstrap_mean_ci(&diffs, resamples, &mut rng);
     GapStats {
         n_requests: n,
         p_accept_free: mean(&mut pairs.iter().map(|p| p.0)),
         p_accept_paid: mean(&mut pairs.iter().map(|p| p.1)),
         gap,
-        ci95: [quantile_sorted(&boot, 0.025), quantile_sorted(&boot, 0.975)],
+        ci95,
         p_value: sign_flip_p_value(&diffs, resamples, &mut rng),
         frac_accept_free: mean(&mut pairs.iter().map(|p| (p.0 > 0.5) as u8 as f64)),
         frac_accept_paid: mean(&mut pairs.iter().map(|p| (p.1 > 0.5) as u8 as f64)),

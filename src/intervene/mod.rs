@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use crate::error::{Error, Result};
 use crate::model::{Hooks, KvCache, LogitsAt, Model};
 use crate::probe::data::cell;
-use crate::probe::metrics::quantile_sorted;
+use crate::probe::metrics::bootstrap_mean_ci;
 use crate::probe::{Filter, Table};
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::score::{score_prompt, Scores};
@@ -130,8 +130,8 @@ pub struct RowCache {
 }
 
 impl RowCache {
-    /// Runs the whole row with `hooks` (none; captures; or edits every row
-    /// shares, such as an ablation, whose runs then chain their own caches),
+    /// Runs the whole row with `hooks` (none, or edits every row shares, such
+    /// as an ablation, whose runs then chain their own caches),
     /// reusing the clean prefix `previous` shares with it; returns the cache
     /// (clean = run with these hooks) and the scores.
     pub fn run(
@@ -142,7 +142,7 @@ impl RowCache {
         count: &mut TokenCount,
     ) -> Result<(RowCache, Scores)> {
         let tokens = &row.rendered.tokens;
-        let mut kv = match previous {
+        let kv = match previous {
             Some(p) => {
                 let mut kv = p.kv.reuse_for(tokens)?;
                 kv.truncate(kv.len().min(p.clean))?;
@@ -150,10 +150,6 @@ impl RowCache {
             }
             None => KvCache::new(),
         };
-        // Captures need every position, so a capturing run starts from scratch.
-        if hooks.captures() {
-            kv = KvCache::new();
-        }
         let start = kv.len();
         let mut cache = RowCache { kv, clean: 0 };
         let scores =
@@ -242,24 +238,13 @@ fn display<S: serde::Serializer, T: std::fmt::Display>(
 
 /// The mean of `values` and its bootstrap 95% percentile interval (seeded).
 pub fn mean_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, [f64; 2]) {
-    use rand::{Rng, SeedableRng};
-    let n = values.len();
-    if n == 0 {
+    use rand::SeedableRng;
+    if values.is_empty() {
         return (f64::NAN, [f64::NAN; 2]);
     }
-    let mean = values.iter().sum::<f64>() / n as f64;
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut means: Vec<f64> = (0..resamples)
-        .map(|_| (0..n).map(|_| values[rng.random_range(0..n)]).sum::<f64>() / n as f64)
-        .collect();
-    means.sort_by(f64::total_cmp);
-    (
-        mean,
-        [
-            quantile_sorted(&means, 0.025),
-            quantile_sorted(&means, 0.975),
-        ],
-    )
+    (mean, bootstrap_mean_ci(values, resamples, &mut rng))
 }
 
 /// `p_accept` of scores that have both tags (rows are checked on loading).

@@ -318,10 +318,7 @@ pub fn steering_hooks(
     let d = model.config().d_model;
     let tensor = tensor.map_or_else(|| format!("{point}@last"), String::from);
     let unit = direction.unit(&tensor, d)?;
-    let (_, cache) =
-        model.run_with_cache(prompt, NamesFilter::Only(vec![point]), CaptureRows::Last)?;
-    let x: Vec<f32> = cache.require(point)?.flatten_all()?.to_vec1()?;
-    let norm = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let norm = last_token_norms(model, prompt, &[point])?[0];
     let scale = (alpha * norm) as f32;
     let vector: Vec<f32> = unit.iter().map(|v| v * scale).collect();
     let mut hooks = Hooks::none();
@@ -352,14 +349,33 @@ fn typical_norms(
 ) -> Result<Vec<f64>> {
     let mut sums = vec![0.0; spec.points.len()];
     for row in rows {
-        let mut hooks = Hooks::capture(NamesFilter::Only(spec.points.clone()), CaptureRows::Last);
-        RowCache::run(model, row, None, &mut hooks, count)?;
-        for (sum, point) in sums.iter_mut().zip(&spec.points) {
-            let x: Vec<f32> = hooks.cache.require(*point)?.flatten_all()?.to_vec1()?;
-            *sum += x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        let tokens = &row.rendered.tokens;
+        for (sum, norm) in sums
+            .iter_mut()
+            .zip(last_token_norms(model, tokens, &spec.points)?)
+        {
+            *sum += norm;
         }
+        count.computed += tokens.len();
+        count.naive += tokens.len();
     }
     Ok(sums.into_iter().map(|s| s / rows.len() as f64).collect())
+}
+
+/// ‖x‖ at the last token of `tokens` at each of `points` (one unedited forward, no scoring).
+fn last_token_norms(model: &Model, tokens: &[u32], points: &[HookPoint]) -> Result<Vec<f64>> {
+    let (_, cache) = model.run_with_cache(
+        tokens,
+        NamesFilter::Only(points.to_vec()),
+        CaptureRows::Last,
+    )?;
+    points
+        .iter()
+        .map(|&point| {
+            let x: Vec<f32> = cache.require(point)?.flatten_all()?.to_vec1()?;
+            Ok(x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
+        })
+        .collect()
 }
 
 /// Mean and bootstrap interval per tier value (rows without `tier` are left out).

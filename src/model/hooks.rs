@@ -283,11 +283,6 @@ impl Hooks {
         self.edits.keys().try_for_each(|p| p.check_layer(n_layers))
     }
 
-    /// Whether the names filter captures anything.
-    pub fn captures(&self) -> bool {
-        !matches!(self.filter, NamesFilter::None)
-    }
-
     /// Whether anything happens at `point`; the forward pass skips the call otherwise.
     #[inline]
     pub fn is_active(&self, point: HookPoint) -> bool {
