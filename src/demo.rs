@@ -20,7 +20,8 @@ use crate::model::{HookPoint, Model, ModelSpec};
 use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Filter, Method, MetricRow, ProbeSpec, Report, Role};
 use crate::setting::{
-    build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Variation,
+    build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Request,
+    Variation,
 };
 use crate::store::{write_atomic, Existing, Position, Store};
 
@@ -57,15 +58,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     let mut timings = Timings::default();
     let model = timings.time("model tour", || demo_model_tour(spec))?;
 
-    let mut per_category = BTreeMap::<String, usize>::new();
-    let requests: Vec<_> = builtin_requests()
-        .into_iter()
-        .filter(|r| {
-            let n = per_category.entry(r.category.clone()).or_default();
-            *n += 1;
-            options.requests_per_category.is_none_or(|max| *n <= max)
-        })
-        .collect();
+    let requests = first_per_category(builtin_requests(), options.requests_per_category);
     let setting = builtin_setting("helpful-only", false)?;
     let cues = builtin_cues();
     let mut rows = build_rows(&setting, &cues, &requests)?;
@@ -73,16 +66,10 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     // Meaning vs token: the tier cues under `flipped` and `no-training-info`, on a
     // subset of the harmful requests (the control cue means nothing in any setting).
     let variation_cues: Vec<_> = cues.iter().filter(|c| c.meaningful).cloned().collect();
-    let mut per_category = BTreeMap::<String, usize>::new();
-    let variation_requests: Vec<_> = requests
-        .iter()
-        .filter(|r| {
-            let n = per_category.entry(r.category.clone()).or_default();
-            *n += 1;
-            r.harmful && *n <= VARIATION_REQUESTS_PER_CATEGORY
-        })
-        .cloned()
-        .collect();
+    let variation_requests = first_per_category(
+        requests.iter().filter(|r| r.harmful).cloned(),
+        Some(VARIATION_REQUESTS_PER_CATEGORY),
+    );
     for variation in [Variation::Flipped, Variation::NoTrainingInfo] {
         let varied = builtin_setting_varied("helpful-only", false, &[variation])?;
         rows.extend(build_rows(&varied, &variation_cues, &variation_requests)?);
@@ -229,6 +216,22 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         total
     );
     Ok(())
+}
+
+/// The first `max` requests of each category, in order (all of them for `None`).
+fn first_per_category(
+    requests: impl IntoIterator<Item = Request>,
+    max: Option<usize>,
+) -> Vec<Request> {
+    let mut per_category = BTreeMap::<String, usize>::new();
+    requests
+        .into_iter()
+        .filter(|r| {
+            let n = per_category.entry(r.category.clone()).or_default();
+            *n += 1;
+            max.is_none_or(|max| *n <= max)
+        })
+        .collect()
 }
 
 struct ReportInputs<'a> {
