@@ -16,7 +16,7 @@ use afprobe::intervene::steer::{steer, SteerPositions, SteerSpec};
 use afprobe::model::{HookPoint, LogitsAt, Model, ModelSpec, WeightDtype};
 use afprobe::probe::Filter;
 use candle_core::{DType, Device, Tensor};
-use common::{afprobe, assert_fails_with, fixtures};
+use common::{afprobe, assert_fails_with, f64_vec as to_f64, fixtures};
 use serde_json::{json, Value};
 
 fn load(dir: &Path) -> Model {
@@ -269,14 +269,6 @@ fn steering_with_alpha_zero_is_exact_and_steering_matches_a_hand_computation() {
         &Device::Cpu,
     )
     .unwrap();
-    let to_f64 = |t: &Tensor| -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
     let gamma = to_f64(&weights["model.norm.weight"]);
     let w_u = to_f64(&weights["lm_head.weight"]);
     let norm = report.norms["blocks.2.hook_resid_post"];

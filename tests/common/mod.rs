@@ -23,7 +23,8 @@ pub fn load_fixture(path: &Path) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
 
-fn f64_vec(t: &Tensor) -> Vec<f64> {
+/// Every element of a tensor as f64, flattened.
+pub fn f64_vec(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
