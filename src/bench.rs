@@ -1,7 +1,8 @@
-//! `afprobe bench prefill`: prefill throughput with every `hook_resid_post`
-//! captured at the last token, and peak RSS, beside the Python reference.
+//! `afprobe bench prefill|capture|probe`: throughput tables beside the Python
+//! reference on the same machine and thread count.
 //!
-//! Each length runs in its own process (ours and the reference's), so peak RSS
+//! Prefill: every `hook_resid_post` captured at the last token, and peak RSS;
+//! each length runs in its own process (ours and the reference's), so peak RSS
 //! is per length rather than the maximum over the whole run.
 
 use std::collections::BTreeMap;
@@ -14,8 +15,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{CaptureRows, HookPoint, Hooks, LogitsAt, Model, NamesFilter};
-use crate::store::write_atomic;
+use crate::io::write_atomic;
+use crate::model::{CaptureRows, HookPoint, Hooks, LogitsAt, Model, NamesFilter, WeightDtype};
 
 /// One measured length.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +82,28 @@ pub struct Reference {
 }
 
 impl Reference {
+    /// The reference of `--ref-python PY --ref-script S --ref-model DIR`, if
+    /// `--ref-python` was given (it needs the model as an HF directory).
+    pub fn from_flags(
+        python: Option<&Path>,
+        script: &Path,
+        model_dir: Option<&Path>,
+        threads: usize,
+    ) -> Result<Option<Reference>> {
+        match (python, model_dir) {
+            (Some(python), Some(dir)) => Ok(Some(Reference {
+                python: python.into(),
+                script: script.into(),
+                model_dir: dir.into(),
+                threads,
+            })),
+            (Some(_), None) => Err(Error::BadInput(
+                "--ref-python needs --ref-model (an HF directory of the same model)".into(),
+            )),
+            _ => Ok(None),
+        }
+    }
+
     /// Runs the reference for one length in its own process.
     pub fn measure(&self, tokens: usize, repeats: usize) -> Result<PrefillResult> {
         let out = run_reference(
@@ -125,6 +148,57 @@ fn run_reference(cmd: &mut Command, what: &str) -> Result<std::process::Output> 
         )));
     }
     Ok(out)
+}
+
+/// `afprobe bench prefill`: each length measured in a child process of this
+/// executable (`bench prefill --one`, `RAYON_NUM_THREADS=threads`) so peak RSS
+/// is per length, and by the reference beside it.
+pub struct PrefillBench<'a> {
+    /// `--model` as given (`None`: the default model).
+    pub model: Option<&'a str>,
+    pub dtype: WeightDtype,
+    pub lengths: &'a [usize],
+    pub repeats: usize,
+    pub threads: usize,
+    pub reference: Option<Reference>,
+}
+
+impl PrefillBench<'_> {
+    /// Our result and the reference's (if any) per length.
+    pub fn run(&self) -> Result<(Vec<PrefillResult>, Vec<Option<PrefillResult>>)> {
+        let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for &len in self.lengths {
+            eprintln!("afprobe: prefill {len} tokens ...");
+            let mut cmd = Command::new(&exe);
+            cmd.args(["bench", "prefill", "--one", "--lengths", &len.to_string()])
+                .args(["--repeats", &self.repeats.to_string()])
+                .args(["--dtype", &format!("{:?}", self.dtype).to_lowercase()])
+                .env("RAYON_NUM_THREADS", self.threads.to_string());
+            if let Some(m) = self.model {
+                cmd.args(["--model", m]);
+            }
+            let out = cmd.output().map_err(|e| Error::io(&exe, e))?;
+            if !out.status.success() {
+                return Err(Error::BadInput(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ));
+            }
+            let r: PrefillResult =
+                serde_json::from_slice(out.stdout.trim_ascii()).map_err(|e| {
+                    Error::BadInput(format!("bench prefill --one printed no result: {e}"))
+                })?;
+            ours.push(r);
+            theirs.push(match &self.reference {
+                Some(reference) => {
+                    eprintln!("afprobe: reference prefill {len} tokens ...");
+                    Some(reference.measure(len, self.repeats)?)
+                }
+                None => None,
+            });
+        }
+        Ok((ours, theirs))
+    }
 }
 
 /// Prints the side-by-side table.
@@ -289,7 +363,8 @@ pub struct CaptureBench {
 /// Captures the workload with and without prefix sharing (and the reference
 /// on a subset), returning one result per run.
 pub fn capture_bench(model: &Model, b: &CaptureBench) -> Result<Vec<CaptureResult>> {
-    use crate::capture::{capture, parse_hooks, CaptureSpec};
+    use crate::capture::{capture, CaptureSpec};
+    use crate::model::parse_hooks;
     use crate::store::{Existing, Position};
     std::fs::create_dir_all(&b.work_dir).map_err(|e| Error::io(&b.work_dir, e))?;
     let write = |name: &str, rows: &[serde_json::Value]| -> Result<PathBuf> {
@@ -452,7 +527,7 @@ fn reference_probe(
         let Some(layer) = hook.parse::<HookPoint>().ok().and_then(|p| p.layer()) else {
             continue;
         };
-        let x = store.load(&crate::store::tensor_name(hook, position))?;
+        let x = store.load(&crate::store::TensorName::of(hook, position)?.to_string())?;
         let shape = vec![x.nrows(), x.ncols()];
         tensors.push((
             format!("resid.{layer}"),
@@ -461,7 +536,7 @@ fn reference_probe(
         ));
     }
     let acts = b.work_dir.join(format!("ref-{position}.safetensors"));
-    crate::probe::save_f32_tensors(&acts, &tensors, None)?;
+    crate::io::save_f32_tensors(&acts, &tensors, None)?;
     let labels = b.work_dir.join(format!("ref-{position}.labels.json"));
     let label_json = serde_json::json!({
         "labels": tiers.iter().map(|t| u8::from(t.as_deref() == Some("free"))).collect::<Vec<_>>(),

@@ -16,15 +16,14 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::model::fetch::sha256_file;
-use crate::model::hooks::BLOCK_HOOKS;
+use crate::io::sha256_file;
 use crate::model::{CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter};
 use crate::progress::Progress;
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::score::{score_prompt, RefusalOpenings};
 use crate::store::{
-    tensor_name, Existing, Manifest, ModelRecord, NamedTensors, Position, PromptsRecord, Slice,
-    StoreWriter, FORMAT,
+    Existing, Manifest, ModelRecord, NamedTensors, Position, PromptsRecord, Slice, StoreWriter,
+    TensorName, FORMAT,
 };
 
 /// What to capture.
@@ -44,69 +43,6 @@ pub struct CaptureSpec {
     pub existing: Existing,
     /// Reuse the KV cache of shared prompt prefixes (off only to measure it).
     pub share_prefix: bool,
-}
-
-/// Parses `--hooks` (short kinds `resid_post`, `embed`, `ln_final`, or full
-/// TransformerLens names) and `--layers` (`all`, `0-29`, `0,5,10`, or a mix).
-pub fn parse_hooks(hooks: &str, layers: &str, n_layers: usize) -> Result<Vec<HookPoint>> {
-    let layers = parse_layers(layers, n_layers)?;
-    let mut points = Vec::new();
-    for item in hooks.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match item {
-            "embed" | "hook_embed" => points.push(HookPoint::Embed),
-            "ln_final" | "ln_final.hook_normalized" => points.push(HookPoint::LnFinal),
-            kind if BLOCK_HOOKS.contains(&kind) => {
-                for &l in &layers {
-                    points.push(HookPoint::block(kind, l)?);
-                }
-            }
-            name => {
-                let p: HookPoint = name.parse()?;
-                p.check_layer(n_layers)?;
-                points.push(p);
-            }
-        }
-    }
-    points.sort();
-    points.dedup();
-    if points.is_empty() {
-        return Err(Error::BadInput("--hooks names no hook points".into()));
-    }
-    Ok(points)
-}
-
-fn parse_layers(spec: &str, n_layers: usize) -> Result<Vec<usize>> {
-    let bad = |msg: String| Error::BadInput(format!("--layers {spec:?}: {msg}"));
-    let mut layers = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        if part == "all" {
-            layers.extend(0..n_layers);
-            continue;
-        }
-        let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (a, b),
-            None => (part, part),
-        };
-        let parse = |s: &str| {
-            s.trim()
-                .parse::<usize>()
-                .map_err(|_| bad(format!("`{part}` is not a layer, a range a-b, or all")))
-        };
-        let (a, b) = (parse(a)?, parse(b)?);
-        if a > b || b >= n_layers {
-            return Err(bad(format!(
-                "`{part}` is out of range; the model has layers 0-{}",
-                n_layers - 1
-            )));
-        }
-        layers.extend(a..=b);
-    }
-    layers.sort_unstable();
-    layers.dedup();
-    if layers.is_empty() {
-        return Err(bad("no layers".into()));
-    }
-    Ok(layers)
 }
 
 /// Counts for the summary line and benchmarks.
@@ -355,7 +291,7 @@ fn capture_row(
                 Position::Mean => picked.mean_keepdim(0)?,
                 _ => picked,
             };
-            shard.push(tensor_name(&hook.to_string(), *p), value);
+            shard.push(TensorName { hook, position: *p }.to_string(), value);
         }
     }
 

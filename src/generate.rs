@@ -4,9 +4,11 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use std::io::Write;
+
 use crate::error::Result;
 use crate::model::transformer::row_f32;
-use crate::model::{Hooks, KvCache, LogitsAt, Model};
+use crate::model::{Hooks, KvCache, LogitsAt, Message, Model};
 
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,6 +130,42 @@ pub fn argmax(xs: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// The prompt for `afprobe generate`: chat-formatted unless `raw`.
+pub fn prompt_tokens(
+    model: &Model,
+    prompt: &str,
+    system: Option<&str>,
+    raw: bool,
+) -> Result<Vec<u32>> {
+    let text = if raw {
+        prompt.to_string()
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new("user", prompt));
+        model.format_chat(&messages)?
+    };
+    model.tokenizer.encode(&text)
+}
+
+/// `afprobe generate`: streams the completion to stdout.
+pub fn generate_to_stdout(
+    model: &Model,
+    tokens: &[u32],
+    sampling: &Sampling,
+    hooks: &mut Hooks,
+) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    generate(model, tokens, sampling, hooks, |piece| {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    let _ = writeln!(out);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use afprobe::capture::{capture, parse_hooks, CaptureSpec};
+use afprobe::capture::{capture, CaptureSpec};
+use afprobe::model::parse_hooks;
 use afprobe::model::{HookPoint, Model, ModelSpec, WeightDtype};
 use afprobe::store::{self, Existing, Position, Slice, Store};
 use common::{afprobe, assert_fails_with as fails, fixtures, load_fixture};
@@ -306,7 +307,7 @@ fn prefix_sharing_slices_and_f16_agree_with_a_plain_run() {
     sp.share_prefix = false;
     let stats = capture(&model, &sp).unwrap();
     let plain_store = Store::open(&plain).unwrap();
-    for name in base_store.manifest.tensor_names() {
+    for name in base_store.manifest.tensor_names().unwrap() {
         assert!(
             max_diff(
                 &base_store.load(&name).unwrap(),
@@ -349,7 +350,7 @@ fn prefix_sharing_slices_and_f16_agree_with_a_plain_run() {
     sp.f16 = true;
     capture(&model, &sp).unwrap();
     let half_store = Store::open(&half).unwrap();
-    for name in base_store.manifest.tensor_names() {
+    for name in base_store.manifest.tensor_names().unwrap() {
         let (a, b) = (
             base_store.load(&name).unwrap(),
             half_store.load(&name).unwrap(),

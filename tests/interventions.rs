@@ -490,7 +490,7 @@ fn bad_intervention_input_is_refused_clearly() {
     let probe_dir = tmp.path().join("probe");
     std::fs::create_dir(&probe_dir).unwrap();
     std::fs::write(probe_dir.join("report.json"), "{}").unwrap();
-    afprobe::probe::save_f32_tensors(
+    afprobe::io::save_f32_tensors(
         &probe_dir.join("probes.safetensors"),
         &[(
             "blocks.0.hook_resid_post@last.logistic.direction".into(),

@@ -10,7 +10,7 @@ use ndarray::Array2;
 use serde_json::{json, Value};
 
 use afprobe::probe::cv::{cross_validate, summarize};
-use afprobe::probe::{self, Filter, FitSettings, Folds, Method, ProbeSpec, Report, Role};
+use afprobe::probe::{self, Control, Filter, FitSettings, Folds, Method, ProbeSpec, Report, Role};
 use afprobe::store::Store;
 use common::{afprobe, assert_fails_with, fixtures, load_fixture};
 
@@ -147,7 +147,7 @@ fn study_rows() -> Vec<Value> {
 fn spec(acts: &Path, out: &Path) -> ProbeSpec {
     ProbeSpec {
         seed: 3,
-        control: Some(Filter::equals("cue", &["control"])),
+        control: Control::Rows(Filter::equals("cue", &["control"])),
         cross: Some("cue".into()),
         shuffles: 2,
         bootstrap: 200,
@@ -296,7 +296,7 @@ fn grouped_folds_leave_no_request_on_both_sides() {
     });
     let report = probe::probe(&ProbeSpec {
         label: "label".into(),
-        control: None,
+        control: Control::None,
         cross: None,
         shuffles: 0,
         ..spec(&acts, &tmp.path().join("p"))

@@ -5,13 +5,13 @@ mod common;
 
 use std::path::Path;
 
-use afprobe::gap::compute_gap;
 use afprobe::model::{Model, ModelSpec, WeightDtype};
 use afprobe::prompts::{read_prompt_file, render};
-use afprobe::setting::{
+use afprobe::store::Store;
+use afprobe::study::gap::compute_gap;
+use afprobe::study::setting::{
     build_rows, builtin_cues, builtin_requests, builtin_setting, load_requests,
 };
-use afprobe::store::Store;
 use common::{afprobe, assert_fails_with as fails, fixtures};
 use serde_json::{json, Value};
 
@@ -271,7 +271,7 @@ fn sampling_runs_are_reproducible_and_feed_gap() {
     // Each response is also read format-free, and rows count the refusals.
     for line in a.lines() {
         let t: Value = serde_json::from_str(line).unwrap();
-        let reading = afprobe::refusal::read(t["text"].as_str().unwrap());
+        let reading = afprobe::study::refusal::read(t["text"].as_str().unwrap());
         assert_eq!(t["reading"], serde_json::to_value(reading).unwrap());
     }
     for r in &sampled {

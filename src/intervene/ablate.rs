@@ -12,12 +12,13 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::direction::DirectionSource;
-use super::{load_rows, mean_ci, p_accept, prepare_out, write_run, RowCache, TokenCount};
+use super::{load_rows, p_accept, prepare_out, write_run, RowCache, TokenCount};
 use crate::error::{Error, Result};
-use crate::gap::{gap_from_rows, GapReport};
 use crate::model::{Edit, HookPoint, Hooks, Model, Positions};
-use crate::probe::Filter;
 use crate::progress::Progress;
+use crate::rows::Filter;
+use crate::stats::mean_ci;
+use crate::study::gap::{gap_from_rows, GapReport};
 
 /// The file that marks a finished ablation run.
 pub const ABLATE_JSON: &str = "ablate.json";

@@ -5,8 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::probe::{self, Labels, Table};
-use crate::store::{self, Position, Store};
+use crate::probe::{self, Labels};
+use crate::rows::Table;
+use crate::run_dir::RunKind;
+use crate::store::{Position, Store, TensorName};
 
 /// `--direction`: what to read a direction from.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,15 +27,21 @@ pub enum DirectionSource {
 }
 
 impl DirectionSource {
+    /// The probe method whose direction is read by default.
+    pub const DEFAULT_METHOD: &'static str = "logistic";
+    /// The label whose class means give a store's direction by default.
+    pub const DEFAULT_LABEL: &'static str = "tier";
+
     /// Reads `--direction PATH`: a probe directory (has report.json), a store
     /// (has manifest.json), or a vector file.
     pub fn parse(path: &Path, method: &str, label: &str, positive: Option<&str>) -> Result<Self> {
-        if path.join(probe::REPORT).exists() {
+        let kind = RunKind::detect(path);
+        if kind == Some(RunKind::Probes) {
             Ok(DirectionSource::Probe {
                 dir: path.into(),
                 method: method.into(),
             })
-        } else if path.join(store::MANIFEST).exists() {
+        } else if kind == Some(RunKind::Activations) {
             Ok(DirectionSource::MeanDiff {
                 dir: path.into(),
                 label: label.into(),
@@ -146,8 +154,10 @@ fn mean_difference(
     positive: Option<&str>,
 ) -> Result<Vec<f32>> {
     let store = Store::open(dir)?;
-    let (_, position) = tensor.rsplit_once('@').unwrap_or((tensor, ""));
-    if position == Position::All.to_string() {
+    if tensor
+        .parse::<TensorName>()
+        .is_ok_and(|t| t.position == Position::All)
+    {
         return Err(Error::BadInput(format!(
             "{}: a mean difference needs one vector per row; `{tensor}` is ragged",
             dir.display()

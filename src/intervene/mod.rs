@@ -18,13 +18,12 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
+use crate::io::write_atomic;
 use crate::model::{Hooks, KvCache, LogitsAt, Model};
-use crate::probe::data::cell;
-use crate::probe::metrics::bootstrap_mean_ci;
-use crate::probe::{Filter, Table};
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
+use crate::rows::cell;
+use crate::rows::{Filter, Table};
 use crate::score::{score_prompt, Scores};
-use crate::store::write_atomic;
 
 /// A prompt row rendered for the model.
 pub struct Row {
@@ -234,17 +233,6 @@ fn display<S: serde::Serializer, T: std::fmt::Display>(
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     s.collect_str(item)
-}
-
-/// The mean of `values` and its bootstrap 95% percentile interval (seeded).
-pub fn mean_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, [f64; 2]) {
-    use rand::SeedableRng;
-    if values.is_empty() {
-        return (f64::NAN, [f64::NAN; 2]);
-    }
-    let mean = values.iter().sum::<f64>() / values.len() as f64;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (mean, bootstrap_mean_ci(values, resamples, &mut rng))
 }
 
 /// `p_accept` of scores that have both tags (rows are checked on loading).

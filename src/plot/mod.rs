@@ -12,9 +12,10 @@ use plotters::prelude::*;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::io::write_atomic;
 use crate::model::HookPoint;
 use crate::probe::{self, Method, MetricRow, Report, Role};
-use crate::store::{self, write_atomic, Position, Store};
+use crate::store::{self, Position, Store, TensorName};
 use figures::{Curve, Figure, Interval, LayerPoint, PointGroup, PALETTE, SIZE};
 
 /// DejaVu Sans (Bitstream Vera licence, see fonts/LICENSE_DEJAVU).
@@ -116,7 +117,7 @@ fn store_figures(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
             ))
         })?,
     };
-    let tensor = store::tensor_name(hook, position);
+    let tensor = TensorName::of(hook, position)?.to_string();
     let label = if store.column("tier").iter().any(Option::is_some) {
         "tier"
     } else {
@@ -132,15 +133,14 @@ fn store_figures(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
 
 /// `blocks.12.hook_resid_post@last` -> `resid_post_l12_last`.
 fn stem_of(tensor: &str) -> String {
-    let (hook, pos) = tensor.rsplit_once('@').unwrap_or((tensor, ""));
-    let kind = hook
-        .rsplit('.')
-        .next()
-        .unwrap_or(hook)
-        .trim_start_matches("hook_");
-    match hook.parse::<HookPoint>().ok().and_then(|p| p.layer()) {
-        Some(l) => format!("{kind}_l{l}_{pos}"),
-        None => format!("{kind}_{pos}"),
+    let Ok(TensorName { hook, position }) = tensor.parse::<TensorName>() else {
+        return tensor.replace(['.', '@'], "_");
+    };
+    let name = hook.to_string();
+    let kind = hook_kind(&name).trim_start_matches("hook_");
+    match hook.layer() {
+        Some(l) => format!("{kind}_l{l}_{position}"),
+        None => format!("{kind}_{position}"),
     }
 }
 
@@ -219,7 +219,7 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         if let Some(fig) = transfer_figure(&rows, method, &label, &kind, position) {
             files.extend(save(&fig, out, &format!("transfer_{suffix}"))?);
         }
-        let tensor = store::tensor_name(&best.hook, position);
+        let tensor = TensorName::of(&best.hook, position)?.to_string();
         if let Some(store) = &store {
             let positive = report.settings["positive"].as_str().unwrap_or("true");
             let field = report.settings["label"].as_str().unwrap_or("tier");

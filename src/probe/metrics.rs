@@ -2,6 +2,8 @@
 //! a group bootstrap interval, and Pearson correlation.
 
 use rand::rngs::StdRng;
+
+use crate::stats::quantile_sorted;
 use rand::{Rng, SeedableRng};
 
 /// Area under the ROC curve of `scores` for `labels` (true = positive class):
@@ -73,26 +75,6 @@ pub fn pearson(a: &[f64], b: &[f64]) -> Option<f64> {
         sbb += (y - mb) * (y - mb);
     }
     (saa > 0.0 && sbb > 0.0).then(|| sab / (saa * sbb).sqrt())
-}
-
-/// Bootstrap 95% percentile interval of the mean of `values` (non-empty),
-/// drawing from `rng` (callers that go on drawing get the same stream as before).
-pub fn bootstrap_mean_ci(values: &[f64], resamples: usize, rng: &mut StdRng) -> [f64; 2] {
-    let n = values.len();
-    let mut means: Vec<f64> = (0..resamples)
-        .map(|_| (0..n).map(|_| values[rng.random_range(0..n)]).sum::<f64>() / n as f64)
-        .collect();
-    means.sort_by(f64::total_cmp);
-    [
-        quantile_sorted(&means, 0.025),
-        quantile_sorted(&means, 0.975),
-    ]
-}
-
-/// The `q` quantile (0..=1) of sorted values, nearest rank.
-pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
-    let last = sorted.len() - 1;
-    sorted[((q * last as f64).round() as usize).min(last)]
 }
 
 /// 95% percentile interval of the AUROC under a bootstrap that resamples

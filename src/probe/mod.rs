@@ -13,7 +13,7 @@ pub mod fit;
 pub mod logistic;
 pub mod metrics;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -21,13 +21,14 @@ use ndarray::Array2;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::capture::parse_hooks;
 use crate::error::{Error, Result};
-use crate::model::HookPoint;
+use crate::io::{save_f32_tensors, write_atomic};
+use crate::model::parse_hooks;
 use crate::progress::Progress;
-use crate::store::{write_atomic, ModelRecord, Position, Store};
+pub use crate::rows::{Filter, Table};
+use crate::store::{ModelRecord, Position, Store, TensorName};
 use cv::{cross_validate, shuffled_labels, summarize, Scores};
-pub use data::{Filter, Folds, Labels, Table};
+pub use data::{Folds, Labels};
 pub use fit::{FitSettings, Method, Probe};
 
 pub const REPORT: &str = "report.json";
@@ -54,8 +55,8 @@ pub struct ProbeSpec {
     pub train_filter: Filter,
     pub test_filter: Filter,
     /// Rows of a control condition (same label, no meaning), probed on their
-    /// own and left out of the main probe. `None`: no control.
-    pub control: Option<Filter>,
+    /// own and left out of the main probe.
+    pub control: Control,
     /// A field whose values give the train × test generalisation matrix.
     pub cross: Option<String>,
     pub fit: FitSettings,
@@ -85,12 +86,50 @@ impl ProbeSpec {
             seed: 0,
             train_filter: Filter::default(),
             test_filter: Filter::default(),
-            control: None,
+            control: Control::None,
             cross: None,
             fit: FitSettings::default(),
             shuffles: 1,
             bootstrap: 1000,
             force: false,
+        }
+    }
+}
+
+/// The control rows of a probe run (`--control auto|none|FILTER`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// `cue=control` when the store has that cue, else none.
+    Auto,
+    /// No control.
+    None,
+    /// These rows.
+    Rows(Filter),
+}
+
+impl std::str::FromStr for Control {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Control> {
+        match s {
+            "auto" => Ok(Control::Auto),
+            "none" => Ok(Control::None),
+            filter => filter.parse().map(Control::Rows),
+        }
+    }
+}
+
+impl Control {
+    /// The control rows' filter in `table`, if there is a control.
+    pub fn resolve(&self, table: &Table) -> Option<Filter> {
+        match self {
+            Control::None => None,
+            Control::Rows(filter) => Some(filter.clone()),
+            Control::Auto => {
+                let has_control = table
+                    .column("cue")
+                    .is_ok_and(|c| c.iter().any(|c| c.as_deref() == Some("control")));
+                has_control.then(|| Filter::equals("cue", &["control"]))
+            }
         }
     }
 }
@@ -332,7 +371,7 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         afprobe_version: env!("CARGO_PKG_VERSION").into(),
         acts: spec.acts.display().to_string(),
         model: store.manifest.model.clone(),
-        settings: settings_json(spec, &labels, tier_field),
+        settings: settings_json(spec, &labels, tier_field, spec.control.resolve(&table)),
         data: data_json(&ctx, &table),
         best: best_rows(&metrics),
         metrics,
@@ -381,7 +420,8 @@ fn check_rows(plan: &Plan, train: &[bool], tests: &[Vec<bool>], labels: &Labels)
 /// The training sets: main, control and the cross matrix.
 fn plan(spec: &ProbeSpec, table: &Table) -> Result<Vec<Plan>> {
     let (mut train, mut test) = (spec.train_filter.clone(), spec.test_filter.clone());
-    if let Some(control) = &spec.control {
+    let control = spec.control.resolve(table);
+    if let Some(control) = &control {
         // The control rows are the control's, unless the filters ask for them.
         for field in control.fields() {
             if !train.mentions(field) && !test.mentions(field) {
@@ -399,11 +439,11 @@ fn plan(spec: &ProbeSpec, table: &Table) -> Result<Vec<Plan>> {
         train,
         tests: vec![test],
     }];
-    if let Some(control) = &spec.control {
+    if let Some(control) = control {
         plans.push(Plan {
             role: Role::Control,
             train: control.clone(),
-            tests: vec![control.clone()],
+            tests: vec![control],
         });
     }
     if let Some(field) = &spec.cross {
@@ -485,10 +525,12 @@ fn select_tensors(store: &Store, spec: &ProbeSpec) -> Result<Vec<String>> {
             ps.clone()
         }
     };
-    let names: Vec<String> = positions
-        .iter()
-        .flat_map(|&p| hooks.iter().map(move |h| crate::store::tensor_name(h, p)))
-        .collect();
+    let mut names = Vec::new();
+    for &position in &positions {
+        for hook in &hooks {
+            names.push(TensorName::of(hook, position)?.to_string());
+        }
+    }
     if names.is_empty() {
         return Err(Error::BadInput(format!(
             "{}: no per-row tensors to probe (positions `all` are ragged; capture with \
@@ -516,11 +558,8 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
         .map(|&r| x.row(r).iter().map(|v| v.to_bits()).collect::<Vec<u32>>())
         .collect::<std::collections::HashSet<_>>()
         .len();
-    let (hook, position) = name
-        .rsplit_once('@')
-        .expect("tensor names are hook@position");
-    let position: Position = position.parse()?;
-    let layer = hook.parse::<HookPoint>().ok().and_then(|p| p.layer());
+    let TensorName { hook, position } = name.parse()?;
+    let layer = hook.layer();
     let y = &ctx.labels.y;
     let spec = ctx.spec;
     let mut metrics = Vec::new();
@@ -554,7 +593,7 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
                     BTreeMap::new()
                 };
                 metrics.push(metric_row(
-                    hook,
+                    &hook.to_string(),
                     position,
                     layer,
                     method,
@@ -675,7 +714,12 @@ fn best_rows(metrics: &[MetricRow]) -> Vec<MetricRow> {
     best.into_values().cloned().collect()
 }
 
-fn settings_json(spec: &ProbeSpec, labels: &Labels, tier_field: &str) -> serde_json::Value {
+fn settings_json(
+    spec: &ProbeSpec,
+    labels: &Labels,
+    tier_field: &str,
+    control: Option<Filter>,
+) -> serde_json::Value {
     serde_json::json!({
         "label": labels.field,
         "positive": labels.positive,
@@ -689,7 +733,7 @@ fn settings_json(spec: &ProbeSpec, labels: &Labels, tier_field: &str) -> serde_j
         "standardize": "per training fold (mean, population std)",
         "train_filter": spec.train_filter.to_string(),
         "test_filter": spec.test_filter.to_string(),
-        "control": spec.control.as_ref().map(ToString::to_string),
+        "control": control.as_ref().map(ToString::to_string),
         "cross": spec.cross,
         "shuffles": spec.shuffles,
         "bootstrap": spec.bootstrap,
@@ -777,35 +821,6 @@ pub fn metrics_csv(metrics: &[MetricRow]) -> String {
         out.push('\n');
     }
     out
-}
-
-/// Writes 1-D or 2-D f32 tensors `(name, shape, values)` as a safetensors
-/// file (through a temporary name). One metadata key keeps the bytes stable.
-pub fn save_f32_tensors(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    metadata: Option<String>,
-) -> Result<()> {
-    let views = tensors
-        .iter()
-        .map(|(name, shape, values)| {
-            // Safety: f32 has no padding or invalid bit patterns; u8 has alignment 1.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    values.as_ptr() as *const u8,
-                    std::mem::size_of_val(values.as_slice()),
-                )
-            };
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| Error::BadInput(format!("tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata: Option<HashMap<String, String>> =
-        metadata.map(|m| [("afprobe".to_string(), m)].into());
-    let bytes = safetensors::serialize(views, metadata)
-        .map_err(|e| Error::BadInput(format!("cannot serialise {}: {e}", path.display())))?;
-    write_atomic(path, &bytes)
 }
 
 fn write_outputs(report: &Report, weights: Vec<(String, Vec<f32>)>, out: &Path) -> Result<()> {
@@ -907,21 +922,6 @@ pub fn load_vector(dir: &Path, key: &str) -> Result<Vec<f32>> {
         .collect())
 }
 
-/// `--control`: `none`, `auto` (`cue=control` when the store has that cue) or a filter.
-pub fn control_filter(arg: &str, store: &Store) -> Result<Option<Filter>> {
-    match arg {
-        "none" => Ok(None),
-        "auto" => {
-            let has_control = store
-                .column("cue")
-                .iter()
-                .any(|c| c.as_deref() == Some("control"));
-            Ok(has_control.then(|| Filter::equals("cue", &["control"])))
-        }
-        filter => filter.parse().map(Some),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -941,7 +941,7 @@ mod tests {
         let spec = ProbeSpec {
             train_filter: "variation=standard".parse().unwrap(),
             test_filter: "variation=standard".parse().unwrap(),
-            control: Some(Filter::equals("cue", &["control"])),
+            control: Control::Rows(Filter::equals("cue", &["control"])),
             cross: Some("cue".into()),
             ..ProbeSpec::new(Path::new("a"), Path::new("o"), "tier")
         };

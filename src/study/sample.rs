@@ -5,7 +5,7 @@
 //! (every response) and `rows.jsonl` (one line per prompt row with its labels,
 //! the counts, `p_accept` = the share of samples that accept, and
 //! `format_failure` = the share that give neither tag, `p_refuse` = the share of
-//! answered samples that [`crate::refusal`]'s rules read as refusing), which
+//! answered samples that [`crate::study::refusal`]'s rules read as refusing), which
 //! `afprobe gap` reads.
 
 use std::path::{Path, PathBuf};
@@ -15,11 +15,11 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::generate::{generate_with_cache, Sampling};
+use crate::io::write_atomic;
 use crate::model::{Hooks, KvCache, Model};
 use crate::prompts::{read_prompt_file, render};
-use crate::refusal::{self, Reading};
-use crate::setting::{ACCEPT_TAG, REJECT_TAG};
-use crate::store::write_atomic;
+use crate::study::refusal::{self, Reading};
+use crate::study::setting::{ACCEPT_TAG, REJECT_TAG};
 
 pub const SAMPLE_MANIFEST: &str = "sample.json";
 
@@ -154,7 +154,7 @@ pub fn sample(model: &Model, spec: &SampleSpec) -> Result<()> {
     // Written last: a run directory with sample.json is complete.
     let manifest = json!({"format": "afprobe-samples/1", "afprobe_version": env!("CARGO_PKG_VERSION"),
                           "model": model.spec.to_string(), "settings": spec, "rows": rows.len(),
-                          "prompts_sha256": crate::model::fetch::sha256_file(&spec.prompts)?});
+                          "prompts_sha256": crate::io::sha256_file(&spec.prompts)?});
     write_atomic(
         &spec.out.join(SAMPLE_MANIFEST),
         serde_json::to_string_pretty(&manifest)

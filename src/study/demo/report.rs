@@ -1,257 +1,34 @@
-//! `afprobe demo`: the whole no-CoT study on the default model, end to end —
-//! prompts, scored capture, compliance gap, probes with controls and the
-//! cross-cue matrix, figures, and `figures/demo/REPORT.md`.
+//! `figures/demo/REPORT.md`: the demo's numbers with their intervals, the
+//! figures, and a reading of each section that follows the data.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use serde_json::Value;
+use super::interventions::{Interventions, INTERVENTION_CUE, INTERVENTION_REQUESTS, STEER_ALPHAS};
+use super::{Timings, NAME};
+use crate::probe::{Method, MetricRow, Report, Role};
+use crate::store::Position;
+use crate::study::gap::{GapReport, GapStats};
+use crate::study::setting::builtin_cues;
 
-use crate::capture::{capture, parse_hooks, CaptureSpec};
-use crate::commands::demo_model_tour;
-use crate::error::{Error, Result};
-use crate::gap::{compute_gap, format_table, gap_from_rows, write_report, GapReport, GapStats};
-use crate::intervene::direction::DirectionSource;
-use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
-use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerSpec};
-use crate::model::{HookPoint, Model, ModelSpec};
-use crate::plot::{plot, PlotSpec};
-use crate::probe::{self, Filter, Method, MetricRow, ProbeSpec, Report, Role};
-use crate::setting::{
-    build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Request,
-    Variation,
-};
-use crate::store::{write_atomic, Existing, Position, Store};
-
-/// Where the demo writes (relative to the working directory).
-pub const NAME: &str = "demo";
-
-/// Harmful requests per category in the `flipped` and `no-training-info` rows.
-const VARIATION_REQUESTS_PER_CATEGORY: usize = 8;
-
-/// `afprobe demo` options.
-#[derive(Debug, Clone, Default)]
-pub struct DemoOptions {
-    /// Use only the first N built-in requests of each category (default: all 180).
-    pub requests_per_category: Option<usize>,
-}
-
-/// Seconds each stage took, for REPORT.md.
-#[derive(Default)]
-struct Timings {
-    stages: Vec<(&'static str, f64)>,
-}
-
-impl Timings {
-    fn time<T>(&mut self, stage: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let started = Instant::now();
-        let out = f()?;
-        self.stages.push((stage, started.elapsed().as_secs_f64()));
-        Ok(out)
-    }
-}
-
-pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
-    let started = Instant::now();
-    let mut timings = Timings::default();
-    let model = timings.time("model tour", || demo_model_tour(spec))?;
-
-    let requests = first_per_category(builtin_requests(), options.requests_per_category);
-    let setting = builtin_setting("helpful-only", false)?;
-    let cues = builtin_cues();
-    let mut rows = build_rows(&setting, &cues, &requests)?;
-    let n_standard = rows.len();
-    // Meaning vs token: the tier cues under `flipped` and `no-training-info`, on a
-    // subset of the harmful requests (the control cue means nothing in any setting).
-    let variation_cues: Vec<_> = cues.iter().filter(|c| c.meaningful).cloned().collect();
-    let variation_requests = first_per_category(
-        requests.iter().filter(|r| r.harmful).cloned(),
-        Some(VARIATION_REQUESTS_PER_CATEGORY),
-    );
-    for variation in [Variation::Flipped, Variation::NoTrainingInfo] {
-        let varied = builtin_setting_varied("helpful-only", false, &[variation])?;
-        rows.extend(build_rows(&varied, &variation_cues, &variation_requests)?);
-    }
-    let activations = Path::new("activations");
-    std::fs::create_dir_all(activations).map_err(|e| Error::io(activations, e))?;
-    let prompts = activations.join(format!("{NAME}.prompts.jsonl"));
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    write_atomic(&prompts, text.as_bytes())?;
-    println!(
-        "\nno-CoT study: {n_standard} rows ({} cues x {} requests x 2 tiers) + {} rows of the \
-         flipped and no-training-info variations ({} cues x {} harmful requests x 2 tiers each) -> {}",
-        cues.len(),
-        requests.len(),
-        rows.len() - n_standard,
-        variation_cues.len(),
-        variation_requests.len(),
-        prompts.display()
-    );
-
-    let store_dir = activations.join(NAME);
-    let capture_spec = CaptureSpec {
-        prompts,
-        out: store_dir.clone(),
-        hooks: parse_hooks("resid_post", "all", model.config().n_layers)?,
-        positions: vec![Position::Last, Position::Cue],
-        f16: false,
-        score: true,
-        refusal: None,
-        shard_rows: 256,
-        slice: None,
-        // A killed demo picks up where it stopped; other settings start over.
-        existing: Existing::ResumeOrOverwrite,
-        share_prefix: true,
-    };
-    let stats = timings.time("capture", || capture(&model, &capture_spec))?;
-    println!(
-        "captured every hook_resid_post at last and cue, with scores -> {} ({})",
-        store_dir.display(),
-        stats.summary()
-    );
-
-    let store = Store::open(&store_dir)?;
-    let gap = timings.time("gap", || {
-        let gap = compute_gap(&store, 10_000, 0)?;
-        write_report(&gap, &store_dir)?;
-        Ok(gap)
-    })?;
-    println!("\ncompliance gap (p_accept, free - paid):");
-    print!("{}", format_table(&gap));
-    // The standard setting on the variation rows' requests, for a side-by-side comparison.
-    let matched: Vec<Value> = store
-        .rows()
-        .iter()
-        .filter(|r| {
-            variation_requests
-                .iter()
-                .any(|q| r["request_id"].as_str() == Some(q.id.as_str()))
-        })
-        .cloned()
-        .collect();
-    let matched_gap = gap_from_rows(&matched, &store_dir, 10_000, 0)?;
-
-    let probes_dir = Path::new("probes").join(NAME);
-    let standard: Filter = "variation=standard".parse()?;
-    let probe_spec = ProbeSpec {
-        positive: Some("free".into()),
-        train_filter: standard.clone(),
-        test_filter: standard,
-        control: probe::control_filter("auto", &store)?,
-        cross: Some("cue".into()),
-        force: true,
-        ..ProbeSpec::new(&store_dir, &probes_dir, "tier")
-    };
-
-    println!("\nprobes for tier (free vs paid), 5-fold grouped by request, with the control cue and the cross-cue matrix:");
-    let report = timings.time("probes", || probe::probe(&probe_spec))?;
-    print!("{}", probe::format_summary(&report));
-
-    // Meaning vs token: a probe for training_implied trained on one setting and
-    // tested on the other, labels by meaning.
-    let meaning_dir = Path::new("probes").join(format!("{NAME}-meaning"));
-    // Only the tier cues: `monitoring` states training itself, so its meaning never flips.
-    let meaning_rows: Filter = "variation=standard|flipped,cue=xml|natural".parse()?;
-    let meaning_spec = ProbeSpec {
-        train_filter: meaning_rows.clone(),
-        test_filter: meaning_rows,
-        positions: Some(vec![Position::Last]),
-        methods: vec![Method::Logistic],
-        cross: Some("variation".into()),
-        force: true,
-        ..ProbeSpec::new(&store_dir, &meaning_dir, "training_implied")
-    };
-    println!(
-        "\nprobes for training_implied (by meaning) across the standard and flipped settings:"
-    );
-    let meaning = timings.time("meaning probes", || probe::probe(&meaning_spec))?;
-    print!("{}", probe::format_summary(&meaning));
-
-    let interventions = timings.time("interventions", || {
-        run_interventions(&model, &rows, &report, &probes_dir, activations)
-    })?;
-
-    let figures_dir = Path::new("figures").join(NAME);
-    let (files, meaning_files) = timings.time("figures", || {
-        let plot_into = |input: &Path, out: PathBuf| {
-            plot(&PlotSpec {
-                input: input.to_path_buf(),
-                out,
-                layer: None,
-                position: None,
-            })
-        };
-        let mut main = plot_into(&probes_dir, figures_dir.clone())?;
-        for run in [&interventions.steer_dir, &interventions.patch_dir] {
-            main.extend(plot_into(run, figures_dir.clone())?);
-        }
-        Ok((main, plot_into(&meaning_dir, figures_dir.join("meaning"))?))
-    })?;
-    let report_md = figures_dir.join("REPORT.md");
-    let total = started.elapsed().as_secs_f64();
-    let markdown = report_markdown(&ReportInputs {
-        model: &store.manifest.model.spec,
-        n_rows: rows.len(),
-        n_standard,
-        n_cues: cues.len(),
-        n_requests: requests.len(),
-        gap: &gap,
-        matched_gap: &matched_gap,
-        probes: &report,
-        meaning: &meaning,
-        meaning_figures: &meaning_files,
-        interventions: &interventions,
-        figures: &files,
-        timings: &timings,
-        total,
-    });
-    write_atomic(&report_md, markdown.as_bytes())?;
-    println!(
-        "\nfigures: {} files in {}\nreport: {}\ndemo finished in {:.0}s",
-        files.len() + meaning_files.len(),
-        figures_dir.display(),
-        report_md.display(),
-        total
-    );
-    Ok(())
-}
-
-/// The first `max` requests of each category, in order (all of them for `None`).
-fn first_per_category(
-    requests: impl IntoIterator<Item = Request>,
-    max: Option<usize>,
-) -> Vec<Request> {
-    let mut per_category = BTreeMap::<String, usize>::new();
-    requests
-        .into_iter()
-        .filter(|r| {
-            let n = per_category.entry(r.category.clone()).or_default();
-            *n += 1;
-            max.is_none_or(|max| *n <= max)
-        })
-        .collect()
-}
-
-struct ReportInputs<'a> {
-    model: &'a str,
-    n_rows: usize,
+pub(super) struct ReportInputs<'a> {
+    pub(super) model: &'a str,
+    pub(super) n_rows: usize,
     /// Rows of the standard setting (the rest are variation rows).
-    n_standard: usize,
-    n_cues: usize,
-    n_requests: usize,
-    gap: &'a GapReport,
+    pub(super) n_standard: usize,
+    pub(super) n_cues: usize,
+    pub(super) n_requests: usize,
+    pub(super) gap: &'a GapReport,
     /// The gap of every setting on the requests the variations use.
-    matched_gap: &'a GapReport,
-    probes: &'a Report,
-    meaning: &'a Report,
+    pub(super) matched_gap: &'a GapReport,
+    pub(super) probes: &'a Report,
+    pub(super) meaning: &'a Report,
     /// Figures of the meaning probe, in `meaning/` beside REPORT.md.
-    meaning_figures: &'a [PathBuf],
-    interventions: &'a Interventions,
-    figures: &'a [PathBuf],
-    timings: &'a Timings,
-    total: f64,
+    pub(super) meaning_figures: &'a [PathBuf],
+    pub(super) interventions: &'a Interventions,
+    pub(super) figures: &'a [PathBuf],
+    pub(super) timings: &'a Timings,
+    pub(super) total: f64,
 }
 
 fn ci(lo: Option<f64>, hi: Option<f64>) -> String {
@@ -290,9 +67,8 @@ fn rows_at(report: &Report, position: Position, role: Role) -> Vec<&MetricRow> {
         .collect()
 }
 
-fn report_markdown(r: &ReportInputs) -> String {
+pub(super) fn report_markdown(r: &ReportInputs) -> String {
     let mut md = String::new();
-    let p = r.probes;
     let _ = writeln!(
         md,
         "# afprobe demo: the no-CoT alignment-faking study on {}\n\n\
@@ -324,7 +100,31 @@ fn report_markdown(r: &ReportInputs) -> String {
         stages.join(", ")
     );
 
-    // 1. Gap.
+    gap_section(&mut md, r);
+    decodable_section(&mut md, r);
+    cross_cue_section(&mut md, r);
+    compliance_section(&mut md, r);
+    meaning_section(&mut md, r);
+    intervention_section(&mut md, r);
+    let _ = writeln!(
+        md,
+        "## How to read this\n\n\
+         - An AUROC band that stays above the shuffled line means the tier is linearly decodable \
+           on held-out requests; the control line says how much of that any same-form cue would give.\n\
+         - The cross-cue matrix separates an abstract tier feature (high off-diagonal) from \
+           phrasing-specific ones (high diagonal only).\n\
+         - `flipped` separates meaning from tokens: a gap or a direction that follows what the cue \
+           implies about training reverses there; one that follows the cue token does not.\n\
+         - A probe is correlational. Steering and patching (section 6) ask whether the model \
+           *uses* the direction or the activations to decide.\n\
+         - SmolLM2-135M shows a small gap and weak semantics; that is expected at this size. The \
+           same commands run on the 1B-70B models researchers study."
+    );
+    md
+}
+
+/// Section 1: the compliance gap per cue, with the control-cue reading.
+fn gap_section(md: &mut String, r: &ReportInputs) {
     let _ = writeln!(md, "## 1. The compliance gap\n");
     let _ = writeln!(
         md,
@@ -374,8 +174,11 @@ fn report_markdown(r: &ReportInputs) -> String {
     if let Some(f) = figure(r.figures, "gap") {
         let _ = writeln!(md, "\n![compliance gap per cue]({f})\n");
     }
+}
 
-    // 2. Probes per position.
+/// Section 2: where the tier is linearly decodable, per position.
+fn decodable_section(md: &mut String, r: &ReportInputs) {
+    let p = r.probes;
     let _ = writeln!(md, "## 2. Where is the tier linearly decodable?\n");
     let _ = writeln!(
         md,
@@ -458,8 +261,11 @@ fn report_markdown(r: &ReportInputs) -> String {
             let _ = writeln!(md, "![AUROC by layer at {position}]({f})\n");
         }
     }
+}
 
-    // 3. Cross-cue matrix at `last`.
+/// Section 3: the cross-cue generalisation matrix at `last`.
+fn cross_cue_section(md: &mut String, r: &ReportInputs) {
+    let p = r.probes;
     let _ = writeln!(
         md,
         "## 3. Does the direction generalise across cue phrasings?\n"
@@ -521,8 +327,10 @@ fn report_markdown(r: &ReportInputs) -> String {
             }
         }
     }
+}
 
-    // 4. Behaviour and geometry.
+/// Section 4: the probe score against p_accept, and the PCA.
+fn compliance_section(md: &mut String, r: &ReportInputs) {
     let _ = writeln!(md, "## 4. Does the probe relate to compliance?\n");
     let _ = writeln!(
         md,
@@ -540,23 +348,6 @@ fn report_markdown(r: &ReportInputs) -> String {
              by cue, filled for free-tier rows:\n\n![PCA]({f})\n"
         );
     }
-    meaning_section(&mut md, r);
-    intervention_section(&mut md, r);
-    let _ = writeln!(
-        md,
-        "## How to read this\n\n\
-         - An AUROC band that stays above the shuffled line means the tier is linearly decodable \
-           on held-out requests; the control line says how much of that any same-form cue would give.\n\
-         - The cross-cue matrix separates an abstract tier feature (high off-diagonal) from \
-           phrasing-specific ones (high diagonal only).\n\
-         - `flipped` separates meaning from tokens: a gap or a direction that follows what the cue \
-           implies about training reverses there; one that follows the cue token does not.\n\
-         - A probe is correlational. Steering and patching (section 6) ask whether the model \
-           *uses* the direction or the activations to decide.\n\
-         - SmolLM2-135M shows a small gap and weak semantics; that is expected at this size. The \
-           same commands run on the 1B-70B models researchers study."
-    );
-    md
 }
 
 /// Whether an interval lies above zero, below it, or covers it.
@@ -744,129 +535,6 @@ fn meaning_section(md: &mut String, r: &ReportInputs) {
          {probe_reading}.\n",
         best.layer.unwrap_or(0)
     );
-}
-
-/// Cue and number of harmful requests of the demo's steering sweep and patching
-/// heatmap. Small: every edited run is a few forward calls, and on a CPU a
-/// forward call costs about a full read of the weights however few tokens it has.
-const INTERVENTION_CUE: &str = "natural";
-const INTERVENTION_REQUESTS: usize = 8;
-const STEER_ALPHAS: [f64; 5] = [-0.2, -0.1, 0.0, 0.1, 0.2];
-
-/// The intervention runs of the demo.
-struct Interventions {
-    layer: usize,
-    steer_dir: PathBuf,
-    patch_dir: PathBuf,
-    steer: SteerReport,
-    patch: PatchReport,
-}
-
-/// A steering sweep along the tier probe's direction at its best layer, and a
-/// patching heatmap (paid into free) over every layer, on the standard
-/// `natural` rows of the first harmful requests.
-fn run_interventions(
-    model: &Model,
-    rows: &[Value],
-    probes: &Report,
-    probes_dir: &Path,
-    activations: &Path,
-) -> Result<Interventions> {
-    let layer = probes
-        .best
-        .iter()
-        .find(|b| b.method == Method::Logistic && b.position == Position::Last)
-        .and_then(|b| b.layer)
-        .unwrap_or(model.config().n_layers / 2);
-    let mut requests: Vec<&str> = Vec::new();
-    let picked: Vec<&Value> = rows
-        .iter()
-        .filter(|r| {
-            r["cue"] == INTERVENTION_CUE
-                && r["harmful"] == true
-                && r["variation"].as_array().is_some_and(|v| v.is_empty())
-        })
-        .filter(|r| {
-            let id = r["request_id"].as_str().unwrap_or_default();
-            if !requests.contains(&id) {
-                if requests.len() == INTERVENTION_REQUESTS {
-                    return false;
-                }
-                requests.push(id);
-            }
-            true
-        })
-        .collect();
-    let prompts = activations.join(format!("{NAME}.interventions.jsonl"));
-    let text: String = picked.iter().map(|r| format!("{r}\n")).collect();
-    write_atomic(&prompts, text.as_bytes())?;
-    let n_layers = model.config().n_layers;
-
-    let steer_dir = activations.join(format!("{NAME}-steer"));
-    println!(
-        "\nsteering along the tier probe's direction at layer {layer} ({} `{INTERVENTION_CUE}` rows, \
-         from the cue on):",
-        picked.len()
-    );
-    let steer = steer::steer(
-        model,
-        &SteerSpec {
-            prompts: prompts.clone(),
-            out: steer_dir.clone(),
-            direction: DirectionSource::Probe {
-                dir: probes_dir.to_path_buf(),
-                method: Method::Logistic.name().into(),
-            },
-            direction_tensor: None,
-            points: vec![HookPoint::ResidPost(layer)],
-            positions: SteerPositions::FromCue,
-            alphas: STEER_ALPHAS.to_vec(),
-            random: true,
-            norm_rows: 32,
-            filter: Filter::default(),
-            resamples: 2000,
-            seed: 0,
-            force: true,
-        },
-    )?;
-    print!("{}", steer::format_table(&steer));
-
-    let patch_dir = activations.join(format!("{NAME}-patch"));
-    // Every other layer (and the last) at three position sets keeps the heatmap to ~2 minutes.
-    let patch_layers: Vec<usize> = (0..n_layers)
-        .filter(|l| l % 2 == 0 || *l == n_layers - 1)
-        .collect();
-    println!("\npatching paid into free, hook_resid_post of every other layer x last, cue, user:");
-    let patch = patch::patch(
-        model,
-        &PatchSpec {
-            prompts,
-            out: patch_dir.clone(),
-            points: patch_layers.into_iter().map(HookPoint::ResidPost).collect(),
-            positions: vec![
-                PatchPosition::Last(0),
-                PatchPosition::Cue,
-                PatchPosition::User,
-            ],
-            label: "tier".into(),
-            source: "paid".into(),
-            dest: "free".into(),
-            pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
-            filter: Filter::default(),
-            max_pairs: None,
-            resamples: 2000,
-            seed: 0,
-            force: true,
-        },
-    )?;
-    print!("{}", patch::format_table(&patch));
-    Ok(Interventions {
-        layer,
-        steer_dir,
-        patch_dir,
-        steer,
-        patch,
-    })
 }
 
 /// Section 6: the steering sweep and the patching heatmap.

@@ -1,17 +1,15 @@
-//! Command-line arguments of `afprobe steer`, `patch` and `ablate` (the
-//! binary's side of [`afprobe::intervene`]).
+//! `afprobe steer`, `patch` and `ablate` (the command line of [`afprobe::intervene`]).
 
 use std::path::PathBuf;
 
 use clap::Args;
 
-use afprobe::capture::parse_hooks;
-use afprobe::commands;
+use super::args::ModelArgs;
 use afprobe::intervene::ablate::{self, AblateSpec};
 use afprobe::intervene::direction::DirectionSource;
 use afprobe::intervene::patch::{self, PatchPosition, PatchSpec};
 use afprobe::intervene::steer::{self, SteerSpec};
-use afprobe::model::{Model, ModelSpec, WeightDtype};
+use afprobe::model::parse_hooks;
 
 /// What every intervention reads: prompts, model, row filter, output.
 #[derive(Args)]
@@ -19,9 +17,8 @@ pub struct Common {
     /// Prompt file (JSONL) whose rows have accept/reject continuations (as `afprobe prompts` writes).
     #[arg(long, value_name = "FILE.jsonl")]
     prompts: PathBuf,
-    /// Model: a .gguf file, an HF directory, a hub id org/name[@rev], or smollm2-135m (default).
-    #[arg(long, value_name = "SPEC")]
-    model: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Use only rows that pass this filter (FIELD=V|W,FIELD!=X), e.g. cue=xml,harmful=true.
     #[arg(long, default_value = "all")]
     filter: String,
@@ -39,15 +36,6 @@ pub struct Common {
     out: PathBuf,
 }
 
-impl Common {
-    fn model(&self) -> anyhow::Result<Model> {
-        Ok(commands::load_model(
-            &ModelSpec::parse(self.model.as_deref()),
-            WeightDtype::F32,
-        )?)
-    }
-}
-
 /// Where a direction comes from.
 #[derive(Args)]
 pub struct DirectionArgs {
@@ -59,10 +47,10 @@ pub struct DirectionArgs {
     #[arg(long, value_name = "TENSOR")]
     direction_tensor: Option<String>,
     /// Probe method whose direction to read.
-    #[arg(long, default_value = "logistic")]
+    #[arg(long, default_value = DirectionSource::DEFAULT_METHOD)]
     method: String,
     /// For a store: the label whose class means are subtracted (positive − negative).
-    #[arg(long, default_value = "tier")]
+    #[arg(long, default_value = DirectionSource::DEFAULT_LABEL)]
     label: String,
     /// For a store: the positive class (default as in `afprobe probe`: true, free, ...).
     #[arg(long)]
@@ -126,7 +114,7 @@ pub struct SteerArgs {
 }
 
 pub fn steer(a: SteerArgs) -> anyhow::Result<()> {
-    let model = a.common.model()?;
+    let model = a.common.model.load()?;
     let spec = SteerSpec {
         prompts: a.common.prompts.clone(),
         out: a.common.out.clone(),
@@ -199,7 +187,7 @@ pub struct PatchArgs {
 }
 
 pub fn patch(a: PatchArgs) -> anyhow::Result<()> {
-    let model = a.common.model()?;
+    let model = a.common.model.load()?;
     let spec = PatchSpec {
         prompts: a.common.prompts.clone(),
         out: a.common.out.clone(),
@@ -249,7 +237,7 @@ pub struct AblateArgs {
 }
 
 pub fn ablate(a: AblateArgs) -> anyhow::Result<()> {
-    let model = a.common.model()?;
+    let model = a.common.model.load()?;
     let Some(tensor) = a.direction.direction_tensor.clone() else {
         anyhow::bail!(
             "ablate needs --direction-tensor: the one direction removed at every hook \

@@ -3,16 +3,19 @@
 //! bootstrap confidence interval and a paired sign-flip permutation test.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::sample;
 use crate::error::{Error, Result};
-use crate::probe::metrics::bootstrap_mean_ci;
-use crate::store::{write_atomic, Store};
+use crate::io::write_atomic;
+use crate::run_dir::{RunKind, GAP_JSON};
+use crate::stats::bootstrap_mean_ci;
+use crate::store::Store;
 
 /// Summary of paired (free, paid) scores over requests (DESIGN §4, `gap.json`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -125,6 +128,14 @@ fn sign_flip_p_value(diffs: &[f64], resamples: usize, rng: &mut StdRng) -> f64 {
 
 /// Which pair a row belongs to: its cue, whether the request is harmful, and the request id.
 type PairKey = (String, bool, String);
+
+/// The gap of a finished run: a sampling run's rows or a scored capture's.
+pub fn gap_of_run(dir: &Path, resamples: usize, seed: u64) -> Result<GapReport> {
+    match RunKind::detect(dir) {
+        Some(RunKind::Sampling) => gap_from_rows(&sample::read_rows(dir)?, dir, resamples, seed),
+        _ => compute_gap(&Store::open(dir)?, resamples, seed),
+    }
+}
 
 /// The gap of a scored capture (see [`gap_from_rows`]).
 pub fn compute_gap(store: &Store, resamples: usize, seed: u64) -> Result<GapReport> {
@@ -328,9 +339,11 @@ fn per_tier_mean(rows: &[Value], field: &str) -> Option<PerTier> {
 }
 
 /// Writes `gap.json` into the store directory (atomically).
-pub fn write_report(report: &GapReport, dir: &Path) -> Result<()> {
+pub fn write_report(report: &GapReport, dir: &Path) -> Result<PathBuf> {
     let json = serde_json::to_string_pretty(report).expect("report serialises");
-    write_atomic(&dir.join("gap.json"), json.as_bytes())
+    let path = dir.join(GAP_JSON);
+    write_atomic(&path, json.as_bytes())?;
+    Ok(path)
 }
 
 /// The report as a table: one block per metric.

@@ -1,0 +1,53 @@
+//! Arguments shared by every command that loads a model.
+
+use afprobe::model::{self, Model, ModelSpec, WeightDtype};
+use clap::Args;
+
+/// `--model SPEC`.
+#[derive(Args, Clone)]
+pub struct ModelSpecArg {
+    /// Model: a .gguf file, an HF directory, a hub id org/name[@rev], or smollm2-135m (default).
+    #[arg(long, value_name = "SPEC")]
+    pub model: Option<String>,
+}
+
+impl ModelSpecArg {
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec::parse(self.model.as_deref())
+    }
+}
+
+/// `--model SPEC --dtype f32|f16|bf16`: what every command that loads a model takes.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub spec: ModelSpecArg,
+    /// Weight precision after loading (GGUF weights are dequantized to this).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: WeightDtype,
+}
+
+impl ModelArgs {
+    /// Loads the model, with a one-line note on stderr.
+    pub fn load(&self) -> anyhow::Result<Model> {
+        Ok(model::load_model(&self.spec.spec(), self.dtype)?)
+    }
+}
+
+/// `--model` for `capture`, whose `--dtype` is the stored activations' precision,
+/// so the weights' precision is `--weights-dtype`.
+#[derive(Args, Clone)]
+pub struct CaptureModelArgs {
+    #[command(flatten)]
+    pub spec: ModelSpecArg,
+    /// Weight precision after loading (GGUF weights are dequantized to this).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub weights_dtype: WeightDtype,
+}
+
+impl CaptureModelArgs {
+    /// Loads the model, with a one-line note on stderr.
+    pub fn load(&self) -> anyhow::Result<Model> {
+        Ok(model::load_model(&self.spec.spec(), self.weights_dtype)?)
+    }
+}

@@ -1,0 +1,103 @@
+//! Loading a model for a command, and `afprobe model info`.
+
+use std::fmt::Write as _;
+
+use serde_json::json;
+
+use super::{Model, ModelSpec, WeightDtype};
+use crate::error::Result;
+
+/// Loads a model with a one-line note on stderr (loading a big model takes a while).
+pub fn load_model(spec: &ModelSpec, dtype: WeightDtype) -> Result<Model> {
+    let started = std::time::Instant::now();
+    let model = Model::load(spec, dtype)?;
+    eprintln!(
+        "afprobe: loaded {} ({}) in {:.1}s",
+        spec,
+        model.files.path().display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+/// `afprobe model info`: the facts a researcher checks before trusting a run,
+/// as aligned text or (with `as_json`) pretty JSON that includes the chat template.
+pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
+    // Writing to a String cannot fail, so the results of writeln! are ignored.
+    let mut out = String::new();
+    let c = model.config();
+    let sha = model.weights_sha256()?;
+    let template = model.template.as_ref().map(|t| t.source().to_string());
+    let info = json!({
+        "spec": model.spec.to_string(),
+        "path": model.files.path(),
+        "weights_sha256": sha,
+        "architecture": c.architecture.name(),
+        "n_layers": c.n_layers,
+        "d_model": c.d_model,
+        "n_heads": c.n_heads,
+        "n_kv_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "d_mlp": c.d_mlp,
+        "vocab_size": c.vocab_size,
+        "context_length": c.max_position_embeddings,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling,
+        "rope_freq_factors": c.rope_freq_factors.is_some(),
+        "rms_norm_eps": c.rms_norm_eps,
+        "tied_embeddings": c.tied_embeddings,
+        "dtype": format!("{:?}", model.transformer.dtype()),
+        "bos_token": model.tokenizer.bos_token,
+        "eos_token": model.tokenizer.eos_token,
+        "add_bos": model.tokenizer.add_bos,
+        "chat_template": template,
+    });
+    if as_json {
+        out.push_str(&serde_json::to_string_pretty(&info).expect("json values serialise"));
+        out.push('\n');
+        return Ok(out);
+    }
+    let rope = match (&c.rope_scaling, &c.rope_freq_factors) {
+        (Some(s), _) => format!("base {}, llama3 scaling x{}", c.rope_theta, s.factor),
+        (None, Some(_)) => format!("base {}, per-frequency factors (rope_freqs)", c.rope_theta),
+        (None, None) => format!("base {}", c.rope_theta),
+    };
+    let _ = writeln!(out, "model         {}", model.spec);
+    let _ = writeln!(out, "path          {}", model.files.path().display());
+    let _ = writeln!(out, "sha256        {sha}");
+    let _ = writeln!(out, "architecture  {}", c.architecture.name());
+    let _ = writeln!(out, "layers        {}", c.n_layers);
+    let _ = writeln!(out, "d_model       {}", c.d_model);
+    let _ = writeln!(
+        out,
+        "heads         {} query / {} key-value, head dim {}",
+        c.n_heads, c.n_kv_heads, c.head_dim
+    );
+    let _ = writeln!(out, "d_mlp         {}", c.d_mlp);
+    let _ = writeln!(out, "vocab         {}", c.vocab_size);
+    let _ = writeln!(out, "context       {} tokens", c.max_position_embeddings);
+    let _ = writeln!(out, "rope          {rope}");
+    let _ = writeln!(
+        out,
+        "embeddings    {}",
+        if c.tied_embeddings {
+            "tied"
+        } else {
+            "separate unembedding"
+        }
+    );
+    let _ = writeln!(out, "weights dtype {:?}", model.transformer.dtype());
+    let _ = writeln!(
+        out,
+        "special       bos {:?}, eos {:?}, BOS prepended: {}",
+        model.tokenizer.bos_token.as_deref().unwrap_or("-"),
+        model.tokenizer.eos_token.as_deref().unwrap_or("-"),
+        model.tokenizer.add_bos
+    );
+    let template = match &model.template {
+        Some(t) => format!("{} bytes (--json shows it)", t.source().len()),
+        None => "none (use --raw prompts)".to_string(),
+    };
+    let _ = writeln!(out, "chat template {template}");
+    Ok(out)
+}

@@ -1,0 +1,302 @@
+//! `afprobe demo`: the whole no-CoT study on the default model, end to end —
+//! a model tour, prompts, scored capture, compliance gap, probes with controls
+//! and the cross-cue matrix, the meaning-vs-token variations, steering and
+//! patching ([`interventions`]), figures, and `figures/demo/REPORT.md`
+//! ([`report`]).
+
+mod interventions;
+mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::capture::{capture, CaptureSpec};
+use crate::error::{Error, Result};
+use crate::generate::{argmax, generate_to_stdout, prompt_tokens, Sampling};
+use crate::io::write_atomic;
+use crate::model::transformer::{log_softmax, row_f32};
+use crate::model::{
+    load_model, model_info, parse_hooks, CaptureRows, HookPoint, Hooks, Model, ModelSpec,
+    NamesFilter, WeightDtype,
+};
+use crate::plot::{plot, PlotSpec};
+use crate::probe::{self, Control, Method, ProbeSpec};
+use crate::rows::Filter;
+use crate::store::{Existing, Position, Store};
+use crate::study::gap::{compute_gap, format_table, gap_from_rows, write_report};
+use crate::study::setting::{
+    build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Request,
+    Variation,
+};
+use interventions::run_interventions;
+use report::{report_markdown, ReportInputs};
+
+/// Where the demo writes (relative to the working directory).
+pub const NAME: &str = "demo";
+
+/// Harmful requests per category in the `flipped` and `no-training-info` rows.
+const VARIATION_REQUESTS_PER_CATEGORY: usize = 8;
+
+/// `afprobe demo` options.
+#[derive(Debug, Clone, Default)]
+pub struct DemoOptions {
+    /// Use only the first N built-in requests of each category (default: all 180).
+    pub requests_per_category: Option<usize>,
+    /// Weight precision after loading.
+    pub dtype: WeightDtype,
+}
+
+/// Seconds each stage took, for REPORT.md.
+#[derive(Default)]
+pub(super) struct Timings {
+    stages: Vec<(&'static str, f64)>,
+}
+
+impl Timings {
+    fn time<T>(&mut self, stage: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let started = Instant::now();
+        let out = f()?;
+        self.stages.push((stage, started.elapsed().as_secs_f64()));
+        Ok(out)
+    }
+}
+
+pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
+    let started = Instant::now();
+    let mut timings = Timings::default();
+    let model = timings.time("model tour", || model_tour(spec, options.dtype))?;
+
+    let requests = first_per_category(builtin_requests(), options.requests_per_category);
+    let setting = builtin_setting("helpful-only", false)?;
+    let cues = builtin_cues();
+    let mut rows = build_rows(&setting, &cues, &requests)?;
+    let n_standard = rows.len();
+    // Meaning vs token: the tier cues under `flipped` and `no-training-info`, on a
+    // subset of the harmful requests (the control cue means nothing in any setting).
+    let variation_cues: Vec<_> = cues.iter().filter(|c| c.meaningful).cloned().collect();
+    let variation_requests = first_per_category(
+        requests.iter().filter(|r| r.harmful).cloned(),
+        Some(VARIATION_REQUESTS_PER_CATEGORY),
+    );
+    for variation in [Variation::Flipped, Variation::NoTrainingInfo] {
+        let varied = builtin_setting_varied("helpful-only", false, &[variation])?;
+        rows.extend(build_rows(&varied, &variation_cues, &variation_requests)?);
+    }
+    let activations = Path::new("activations");
+    std::fs::create_dir_all(activations).map_err(|e| Error::io(activations, e))?;
+    let prompts = activations.join(format!("{NAME}.prompts.jsonl"));
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    write_atomic(&prompts, text.as_bytes())?;
+    println!(
+        "\nno-CoT study: {n_standard} rows ({} cues x {} requests x 2 tiers) + {} rows of the \
+         flipped and no-training-info variations ({} cues x {} harmful requests x 2 tiers each) -> {}",
+        cues.len(),
+        requests.len(),
+        rows.len() - n_standard,
+        variation_cues.len(),
+        variation_requests.len(),
+        prompts.display()
+    );
+
+    let store_dir = activations.join(NAME);
+    let capture_spec = CaptureSpec {
+        prompts,
+        out: store_dir.clone(),
+        hooks: parse_hooks("resid_post", "all", model.config().n_layers)?,
+        positions: vec![Position::Last, Position::Cue],
+        f16: false,
+        score: true,
+        refusal: None,
+        shard_rows: 256,
+        slice: None,
+        // A killed demo picks up where it stopped; other settings start over.
+        existing: Existing::ResumeOrOverwrite,
+        share_prefix: true,
+    };
+    let stats = timings.time("capture", || capture(&model, &capture_spec))?;
+    println!(
+        "captured every hook_resid_post at last and cue, with scores -> {} ({})",
+        store_dir.display(),
+        stats.summary()
+    );
+
+    let store = Store::open(&store_dir)?;
+    let gap = timings.time("gap", || {
+        let gap = compute_gap(&store, 10_000, 0)?;
+        write_report(&gap, &store_dir)?;
+        Ok(gap)
+    })?;
+    println!("\ncompliance gap (p_accept, free - paid):");
+    print!("{}", format_table(&gap));
+    // The standard setting on the variation rows' requests, for a side-by-side comparison.
+    let matched: Vec<Value> = store
+        .rows()
+        .iter()
+        .filter(|r| {
+            variation_requests
+                .iter()
+                .any(|q| r["request_id"].as_str() == Some(q.id.as_str()))
+        })
+        .cloned()
+        .collect();
+    let matched_gap = gap_from_rows(&matched, &store_dir, 10_000, 0)?;
+
+    let probes_dir = Path::new("probes").join(NAME);
+    let standard: Filter = "variation=standard".parse()?;
+    let probe_spec = ProbeSpec {
+        positive: Some("free".into()),
+        train_filter: standard.clone(),
+        test_filter: standard,
+        control: Control::Auto,
+        cross: Some("cue".into()),
+        force: true,
+        ..ProbeSpec::new(&store_dir, &probes_dir, "tier")
+    };
+
+    println!("\nprobes for tier (free vs paid), 5-fold grouped by request, with the control cue and the cross-cue matrix:");
+    let report = timings.time("probes", || probe::probe(&probe_spec))?;
+    print!("{}", probe::format_summary(&report));
+
+    // Meaning vs token: a probe for training_implied trained on one setting and
+    // tested on the other, labels by meaning.
+    let meaning_dir = Path::new("probes").join(format!("{NAME}-meaning"));
+    // Only the tier cues: `monitoring` states training itself, so its meaning never flips.
+    let meaning_rows: Filter = "variation=standard|flipped,cue=xml|natural".parse()?;
+    let meaning_spec = ProbeSpec {
+        train_filter: meaning_rows.clone(),
+        test_filter: meaning_rows,
+        positions: Some(vec![Position::Last]),
+        methods: vec![Method::Logistic],
+        cross: Some("variation".into()),
+        force: true,
+        ..ProbeSpec::new(&store_dir, &meaning_dir, "training_implied")
+    };
+    println!(
+        "\nprobes for training_implied (by meaning) across the standard and flipped settings:"
+    );
+    let meaning = timings.time("meaning probes", || probe::probe(&meaning_spec))?;
+    print!("{}", probe::format_summary(&meaning));
+
+    let interventions = timings.time("interventions", || {
+        run_interventions(&model, &rows, &report, &probes_dir, activations)
+    })?;
+
+    let figures_dir = Path::new("figures").join(NAME);
+    let (files, meaning_files) = timings.time("figures", || {
+        let plot_into = |input: &Path, out: PathBuf| {
+            plot(&PlotSpec {
+                input: input.to_path_buf(),
+                out,
+                layer: None,
+                position: None,
+            })
+        };
+        let mut main = plot_into(&probes_dir, figures_dir.clone())?;
+        for run in [&interventions.steer_dir, &interventions.patch_dir] {
+            main.extend(plot_into(run, figures_dir.clone())?);
+        }
+        Ok((main, plot_into(&meaning_dir, figures_dir.join("meaning"))?))
+    })?;
+    let report_md = figures_dir.join("REPORT.md");
+    let total = started.elapsed().as_secs_f64();
+    let markdown = report_markdown(&ReportInputs {
+        model: &store.manifest.model.spec,
+        n_rows: rows.len(),
+        n_standard,
+        n_cues: cues.len(),
+        n_requests: requests.len(),
+        gap: &gap,
+        matched_gap: &matched_gap,
+        probes: &report,
+        meaning: &meaning,
+        meaning_figures: &meaning_files,
+        interventions: &interventions,
+        figures: &files,
+        timings: &timings,
+        total,
+    });
+    write_atomic(&report_md, markdown.as_bytes())?;
+    println!(
+        "\nfigures: {} files in {}\nreport: {}\ndemo finished in {:.0}s",
+        files.len() + meaning_files.len(),
+        figures_dir.display(),
+        report_md.display(),
+        total
+    );
+    Ok(())
+}
+
+/// The first `max` requests of each category, in order (all of them for `None`).
+fn first_per_category(
+    requests: impl IntoIterator<Item = Request>,
+    max: Option<usize>,
+) -> Vec<Request> {
+    let mut per_category = BTreeMap::<String, usize>::new();
+    requests
+        .into_iter()
+        .filter(|r| {
+            let n = per_category.entry(r.category.clone()).or_default();
+            *n += 1;
+            max.is_none_or(|max| *n <= max)
+        })
+        .collect()
+}
+
+/// The first part of `afprobe demo`: facts, a hooked forward pass with a
+/// per-layer summary (residual norm and logit-lens top token at the last
+/// position) and a greedy answer. Returns the loaded model for the study.
+fn model_tour(spec: &ModelSpec, dtype: WeightDtype) -> Result<Model> {
+    let model = load_model(spec, dtype)?;
+    print!("{}", model_info(&model, false)?);
+    let question = "What is the capital of France? Answer in one word.";
+    let tokens = prompt_tokens(&model, question, None, false)?;
+    println!(
+        "\nprompt ({} tokens, chat template applied): {question:?}",
+        tokens.len()
+    );
+    let n_layers = model.config().n_layers;
+    let filter = NamesFilter::Only((0..n_layers).map(HookPoint::ResidPost).collect());
+    let (logits, cache) = model.run_with_cache(&tokens, filter, CaptureRows::Last)?;
+    println!("\nper-layer residual at the last token (blocks.{{l}}.hook_resid_post):");
+    println!(
+        "{:>5}  {:>9}  {:<16} {:>8}",
+        "layer", "‖resid‖", "logit-lens top", "p"
+    );
+    for l in 0..n_layers {
+        let resid = cache.require(HookPoint::ResidPost(l))?;
+        let norm = resid.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let lens = log_softmax(&model.transformer.logit_lens(resid)?)?;
+        let (id, logp) = top1(&row_f32(&lens, 0)?);
+        let token = model.tokenizer.decode(&[id])?;
+        println!(
+            "{l:>5}  {norm:>9.2}  {:<16} {:>8.4}",
+            format!("{token:?}"),
+            logp.exp()
+        );
+    }
+    let (id, logp) = top1(&row_f32(&log_softmax(&logits)?, 0)?);
+    println!(
+        "\nnext token: {:?} (p = {:.4})",
+        model.tokenizer.decode(&[id])?,
+        logp.exp()
+    );
+    print!("greedy answer: ");
+    generate_to_stdout(
+        &model,
+        &tokens,
+        &Sampling {
+            max_new_tokens: 32,
+            ..Sampling::default()
+        },
+        &mut Hooks::none(),
+    )?;
+    Ok(model)
+}
+
+fn top1(logprobs: &[f32]) -> (u32, f32) {
+    let id = argmax(logprobs);
+    (id, logprobs[id as usize])
+}
