@@ -1,4 +1,4 @@
-//! Prompt files (DESIGN §3): JSONL rows, rendered to token ids with the token
+//! Prompt files (README, "The activation store"): JSONL rows, rendered to token ids with the token
 //! positions that capture needs.
 //!
 //! A row is `{"id", "text"}` (verbatim) or `{"id", "messages"}` (chat template

@@ -21,7 +21,7 @@ use crate::stats::mean_ci;
 use crate::study::gap::{gap_from_rows, GapReport};
 
 /// The file that marks a finished ablation run.
-pub const ABLATE_JSON: &str = "ablate.json";
+pub const ABLATE_JSON: &str = crate::run_dir::RunKind::Ablate.marker();
 
 /// Settings of one ablation run.
 #[derive(Debug, Clone, Serialize)]

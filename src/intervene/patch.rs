@@ -29,7 +29,7 @@ use crate::score::Scores;
 use crate::stats::quantile_sorted;
 
 /// The file that marks a finished patching run.
-pub const PATCH_JSON: &str = "patch.json";
+pub const PATCH_JSON: &str = crate::run_dir::RunKind::Patch.marker();
 
 /// Which destination positions a patch replaces (with the aligned source positions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

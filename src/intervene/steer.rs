@@ -28,7 +28,7 @@ use crate::stats::mean_ci;
 use crate::store::{Position, TensorName};
 
 /// The file that marks a finished steering run.
-pub const STEER_JSON: &str = "steer.json";
+pub const STEER_JSON: &str = crate::run_dir::RunKind::Steer.marker();
 
 /// Which positions the steering vector is added at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,14 +130,32 @@ pub struct SteerReport {
     pub seconds: f64,
 }
 
-/// The sweep: (point index, α, kind), with `kind` 0 = direction, 1 = random.
-fn sweep(spec: &SteerSpec) -> Vec<(usize, f64, usize)> {
+/// Which vector a sweep cell adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Along {
+    /// The direction under test.
+    Direction,
+    /// The same-norm random baseline.
+    Random,
+}
+
+impl Along {
+    fn name(self) -> &'static str {
+        match self {
+            Along::Direction => "direction",
+            Along::Random => "random",
+        }
+    }
+}
+
+/// The sweep: (point index, α, what is added).
+fn sweep(spec: &SteerSpec) -> Vec<(usize, f64, Along)> {
     let mut cells = Vec::new();
     for p in 0..spec.points.len() {
         for &alpha in &spec.alphas {
-            cells.push((p, alpha, 0));
+            cells.push((p, alpha, Along::Direction));
             if spec.random && alpha != 0.0 {
-                cells.push((p, alpha, 1));
+                cells.push((p, alpha, Along::Random));
             }
         }
     }
@@ -230,10 +248,9 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
         let mut by_cell = serde_json::Map::new();
         for (c, &(p, alpha, kind)) in cells.iter().enumerate() {
             let point = spec.points[p];
-            let unit = if kind == 0 {
-                &directions[p]
-            } else {
-                &random[p]
+            let unit = match kind {
+                Along::Direction => &directions[p],
+                Along::Random => &random[p],
             };
             let scale = (alpha * norms[p]) as f32;
             let vector: Vec<f32> = unit.iter().map(|x| x * scale).collect();
@@ -277,7 +294,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
                 hook: spec.points[p].to_string(),
                 layer: spec.points[p].layer(),
                 alpha,
-                kind: if kind == 0 { "direction" } else { "random" }.into(),
+                kind: kind.name().into(),
                 p_accept: mean,
                 ci95,
                 by_tier: summary(values, spec.seed ^ c as u64),
@@ -361,10 +378,14 @@ impl TextSteering {
 }
 
 /// `blocks.12.hook_resid_post@a+4` (`/random` for the baseline).
-fn cell_name(point: HookPoint, alpha: f64, kind: usize) -> String {
+fn cell_name(point: HookPoint, alpha: f64, kind: Along) -> String {
     format!(
         "{point}@a{alpha:+}{}",
-        if kind == 0 { "" } else { "/random" }
+        if kind == Along::Direction {
+            ""
+        } else {
+            "/random"
+        }
     )
 }
 
@@ -454,7 +475,7 @@ pub fn format_table(report: &SteerReport) -> String {
     }
     out.push('\n');
     for point in &report.settings.points {
-        for kind in ["direction", "random"] {
+        for kind in [Along::Direction, Along::Random].map(Along::name) {
             let row: Vec<&SteerCell> = report
                 .cells
                 .iter()

@@ -416,9 +416,10 @@ impl LayerKv {
 
 /// The key/value cache of one sequence, with the tokens it was computed from.
 ///
-/// Cloning is cheap (tensors are reference-counted), so a shared prompt prefix
-/// is computed once and each prompt continues from a clone truncated to the
-/// longest run of token ids it shares with the prefix.
+/// Cloning copies every layer's keys and values (plain `Vec<f32>` buffers), so
+/// a caller that reuses a shared prompt prefix keeps one cache and truncates it
+/// to the longest run of token ids the next prompt shares with it, cloning only
+/// where two continuations must branch from the same prefix.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<LayerKv>,

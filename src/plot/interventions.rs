@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::figures::{Curve, Figure, Interval, LayerPoint, PALETTE};
 use super::save;
 use crate::error::{Error, Result};
-use crate::intervene::{ablate::ABLATE_JSON, patch::PATCH_JSON, steer::STEER_JSON};
+use crate::run_dir::RunKind;
 
 /// The figures of the intervention run in `dir`, if it is one (`None` otherwise).
 pub fn intervention_figures(dir: &Path, out: &Path) -> Result<Option<Vec<PathBuf>>> {
@@ -24,18 +24,22 @@ pub fn intervention_figures(dir: &Path, out: &Path) -> Result<Option<Vec<PathBuf
             .map(Some)
             .map_err(|e| Error::model_file(&path, format!("not valid JSON: {e}")))
     };
-    if let Some(report) = read(STEER_JSON)? {
-        return steer_figures(&report, out).map(Some);
+    let Some(kind) = RunKind::detect(dir) else {
+        return Ok(None);
+    };
+    let Some(report) = read(kind.marker())? else {
+        return Ok(None);
+    };
+    match kind {
+        RunKind::Steer => steer_figures(&report, out).map(Some),
+        RunKind::Patch => {
+            let fig = patch_figure(&report)
+                .ok_or_else(|| Error::model_file(dir.join(kind.marker()), "no cells to plot"))?;
+            save(&fig, out, "patch").map(Some)
+        }
+        RunKind::Ablate => save(&ablate_figure(&report), out, "ablate").map(Some),
+        _ => Ok(None),
     }
-    if let Some(report) = read(PATCH_JSON)? {
-        let fig = patch_figure(&report)
-            .ok_or_else(|| Error::model_file(dir.join(PATCH_JSON), "no cells to plot"))?;
-        return save(&fig, out, "patch").map(Some);
-    }
-    if let Some(report) = read(ABLATE_JSON)? {
-        return save(&ablate_figure(&report), out, "ablate").map(Some);
-    }
-    Ok(None)
 }
 
 fn interval(v: &Value) -> Option<(f64, f64)> {

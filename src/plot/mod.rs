@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::HookPoint;
 use crate::probe::{self, Method, MetricRow, Report, Role};
-use crate::store::{self, Position, Store, TensorName};
+use crate::run_dir::{has_gap, RunKind, GAP_JSON};
+use crate::store::{Position, Store, TensorName};
 use figures::{Curve, Figure, Interval, LayerPoint, PointGroup, PALETTE, SIZE};
 
 /// DejaVu Sans (Bitstream Vera licence, see fonts/LICENSE_DEJAVU).
@@ -68,13 +69,14 @@ pub struct PlotSpec {
 
 /// Renders every figure the input supports; returns the files written.
 pub fn plot(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
-    if spec.input.join(probe::REPORT).exists() {
+    let kind = RunKind::detect(&spec.input);
+    if kind == Some(RunKind::Probes) {
         probe_figures(&spec.input, &spec.out)
-    } else if spec.input.join(store::MANIFEST).exists() {
+    } else if kind == Some(RunKind::Activations) {
         store_figures(spec)
     } else if let Some(files) = interventions::intervention_figures(&spec.input, &spec.out)? {
         Ok(files)
-    } else if spec.input.join("gap.json").exists() {
+    } else if has_gap(&spec.input) {
         // A sampling run: no activations, but its gap.
         gap_figures(&spec.input, &spec.out)
     } else {
@@ -90,7 +92,7 @@ pub fn plot(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
 fn store_figures(spec: &PlotSpec) -> Result<Vec<PathBuf>> {
     let store = Store::open(&spec.input)?;
     let mut files = Vec::new();
-    if spec.input.join("gap.json").exists() {
+    if has_gap(&spec.input) {
         files.extend(gap_figures(&spec.input, &spec.out)?);
     }
     let m = &store.manifest;
@@ -233,7 +235,7 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     if let Some(store) = &store {
-        if store.dir.join("gap.json").exists() {
+        if has_gap(&store.dir) {
             files.extend(gap_figures(&store.dir, out)?);
         }
     }
@@ -538,7 +540,7 @@ fn score_figure(
 /// with bootstrap intervals, from `gap.json`: `gap` for p_accept and
 /// `gap_format_free` for 1 − p_refuse, each when present.
 fn gap_figures(store_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
-    let path = store_dir.join("gap.json");
+    let path = store_dir.join(GAP_JSON);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let gap: Value = serde_json::from_str(&text)
         .map_err(|e| Error::model_file(&path, format!("not valid JSON: {e}")))?;

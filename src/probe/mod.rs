@@ -1,6 +1,6 @@
 //! `afprobe probe`: linear probes per hook, position and layer of a store,
 //! with grouped cross-validation, baselines, a control cue, cross-condition
-//! generalisation and the relation to compliance (DESIGN §4, `probes/NAME`).
+//! generalisation and the relation to compliance (README, "Probes and figures": `probes/NAME`).
 //!
 //! Every evaluation is "train on the rows of one filter, test on the rows of
 //! another", inside grouped K-fold: a probe for fold f is fitted on the
@@ -31,7 +31,7 @@ use cv::{cross_validate, shuffled_labels, summarize, Scores};
 pub use data::{Folds, Labels};
 pub use fit::{FitSettings, Method, Probe};
 
-pub const REPORT: &str = "report.json";
+pub const REPORT: &str = crate::run_dir::RunKind::Probes.marker();
 pub const METRICS: &str = "metrics.csv";
 pub const PROBES: &str = "probes.safetensors";
 

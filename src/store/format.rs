@@ -16,10 +16,10 @@ use crate::model::HookPoint;
 pub type NamedTensors = Vec<(String, Tensor)>;
 
 pub const FORMAT: &str = "afprobe-activations/1";
-pub const MANIFEST: &str = "manifest.json";
+pub const MANIFEST: &str = crate::run_dir::RunKind::Activations.marker();
 pub const ROWS: &str = "rows.jsonl";
 
-/// Where in a prompt an activation is read (DESIGN §2).
+/// Where in a prompt an activation is read (`--positions`; README, "Commands").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Position {

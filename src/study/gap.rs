@@ -17,7 +17,7 @@ use crate::run_dir::{RunKind, GAP_JSON};
 use crate::stats::bootstrap_mean_ci;
 use crate::store::Store;
 
-/// Summary of paired (free, paid) scores over requests (DESIGN §4, `gap.json`).
+/// Summary of paired (free, paid) scores over requests (`gap.json`; README, "The alignment-faking study").
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GapStats {
     pub n_requests: usize,
@@ -33,8 +33,8 @@ pub struct GapStats {
     pub frac_accept_paid: f64,
 }
 
-/// `gap.json`: the gap in `p_accept` (answer tags) at the top level, as in
-/// DESIGN §4, and the format-free gap (compliance = 1 − `p_refuse`) beside it.
+/// `gap.json`: the gap in `p_accept` (answer tags) at the top level, as
+/// documented in README, and the format-free gap (compliance = 1 − `p_refuse`) beside it.
 #[derive(Debug, Clone, Serialize)]
 pub struct GapReport {
     pub by_cue: BTreeMap<String, GapStats>,

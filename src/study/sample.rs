@@ -21,7 +21,7 @@ use crate::prompts::{read_prompt_file, render};
 use crate::study::refusal::{self, Reading};
 use crate::study::setting::{ACCEPT_TAG, REJECT_TAG};
 
-pub const SAMPLE_MANIFEST: &str = "sample.json";
+pub const SAMPLE_MANIFEST: &str = crate::run_dir::RunKind::Sampling.marker();
 
 /// What a response answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

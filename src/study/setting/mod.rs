@@ -1,4 +1,4 @@
-//! Alignment-faking settings (DESIGN §1–§2): system prompts, tier cues,
+//! Alignment-faking settings (README, "The alignment-faking study"): system prompts, tier cues,
 //! requests, and the prompt rows `afprobe prompts` writes.
 //!
 //! The prompts are written for afprobe in our own words. The cue explanation
