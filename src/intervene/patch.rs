@@ -355,56 +355,18 @@ pub fn align(
 
 /// Runs the patching sweep and writes `rows.jsonl` and `patch.json` into `spec.out`.
 pub fn patch(model: &Model, spec: &PatchSpec) -> Result<PatchReport> {
-    let n_layers = model.config().n_layers;
-    spec.points
-        .iter()
-        .try_for_each(|p| p.check_layer(n_layers))?;
-    if spec.points.is_empty() || spec.positions.is_empty() {
-        return Err(Error::BadInput(
-            "patch needs at least one hook point and one position".into(),
-        ));
-    }
-    if spec.resamples < 100 {
-        return Err(Error::BadInput("--resamples must be at least 100".into()));
-    }
+    validate(spec, model.config().n_layers)?;
     let rows = load_rows(model, &spec.prompts, &spec.filter)?;
     let mut pairs = pair_rows(&rows, spec)?;
     if let Some(max) = spec.max_pairs {
         pairs.truncate(max);
     }
-    for pair in &pairs {
-        for &position in &spec.positions {
-            let needs = match position {
-                PatchPosition::Cue => ("cue", "a `cue_text` field"),
-                PatchPosition::User => ("user", "a user turn (messages, or user_text)"),
-                _ => continue,
-            };
-            for i in [pair.source, pair.dest] {
-                let r = &rows[i].rendered;
-                let missing = match position {
-                    PatchPosition::Cue => r.cue_span.is_none(),
-                    _ => r.user_span.is_none(),
-                };
-                if missing {
-                    return Err(Error::BadInput(format!(
-                        "{}:{} (id `{}`): --positions {} needs {}",
-                        spec.prompts.display(),
-                        rows[i].prompt.line,
-                        rows[i].prompt.id,
-                        needs.0,
-                        needs.1
-                    )));
-                }
-            }
-        }
-    }
+    check_spans(&rows, &pairs, spec)?;
     prepare_out(&spec.out, PATCH_JSON, spec.force)?;
 
     let started = Instant::now();
     let mut count = TokenCount::default();
     let progress = Progress::new("patch", "pairs", pairs.len());
-    // Cells in order: positions with later first positions first, so the
-    // destination's clean cache shrinks monotonically within a pair.
     let cells: Vec<(HookPoint, PatchPosition)> = spec
         .points
         .iter()
@@ -415,86 +377,9 @@ pub fn patch(model: &Model, spec: &PatchSpec) -> Result<PatchReport> {
     let mut records = String::new();
     for pair in &pairs {
         let (src, dst) = (&rows[pair.source], &rows[pair.dest]);
-        let (src_acts, p_source) = run_source(model, src, &spec.points, &mut count)?;
-        let (mut dst_cache, dst_scores) = RowCache::run(
-            model,
-            dst,
-            previous.as_ref(),
-            &mut Hooks::none(),
-            &mut count,
-        )?;
-        let mut patched = vec![f64::NAN; cells.len()];
-        let mut dest_at = vec![f64::NAN; cells.len()];
-        let mut partly = vec![false; cells.len()];
-        // (cell, aligned destination ↔ source positions, positions without a counterpart)
-        let mut plan: Vec<(usize, Aligned, usize)> = cells
-            .iter()
-            .enumerate()
-            .map(|(c, &(_, position))| {
-                let (aligned, unaligned) = align(position, &dst.rendered, &src.rendered);
-                (c, aligned, unaligned)
-            })
-            .collect();
-        // Later first positions first: the clean part of the cache only shrinks.
-        let first = |aligned: &[(usize, usize)]| aligned.iter().map(|a| a.0).min().unwrap_or(0);
-        plan.sort_by_key(|(_, aligned, _)| std::cmp::Reverse(first(aligned)));
-        // The unpatched destination at each start, computed on the same split as
-        // the patched runs, so a patch that changes nothing gives the same bits.
-        let mut unpatched: BTreeMap<usize, f64> = BTreeMap::new();
-        for (c, aligned, unaligned) in plan {
-            partly[c] = unaligned > 0;
-            if aligned.is_empty() {
-                continue;
-            }
-            let start = first(&aligned);
-            dest_at[c] = match unpatched.entry(start) {
-                std::collections::btree_map::Entry::Occupied(e) => *e.get(),
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    let scores = dst_cache.run_edited(
-                        model,
-                        dst,
-                        start,
-                        &mut [Hooks::none()],
-                        &mut count,
-                    )?;
-                    *e.insert(p_accept(&scores))
-                }
-            };
-            let (point, position) = cells[c];
-            let mut hooks = patch_hooks(point, position, &aligned, dst, src, &src_acts)?;
-            let scores = dst_cache.run_edited(model, dst, start, &mut hooks, &mut count)?;
-            patched[c] = p_accept(&scores);
-        }
-        let result = PairResult {
-            p_source,
-            p_dest: p_accept(&dst_scores),
-            dest_at,
-            patched,
-            partly,
-        };
-        let mut record = serde_json::Map::new();
-        record.insert("source".into(), json!(src.prompt.id));
-        record.insert("dest".into(), json!(dst.prompt.id));
-        for f in &spec.pair_by {
-            if let Some(v) = dst.prompt.metadata.get(f) {
-                record.insert(f.clone(), v.clone());
-            }
-        }
-        record.insert("p_source".into(), json!(result.p_source));
-        record.insert("p_dest".into(), json!(result.p_dest));
-        let by_cell = |values: &[f64]| -> Value {
-            let map: serde_json::Map<String, Value> = cells
-                .iter()
-                .zip(values)
-                .filter(|(_, p)| p.is_finite())
-                .map(|((point, position), p)| (format!("{point}@{position}"), json!(p)))
-                .collect();
-            Value::Object(map)
-        };
-        record.insert("p_patched".into(), by_cell(&result.patched));
-        // The destination unpatched on each cell's split (equal to p_dest up to float noise).
-        record.insert("p_unpatched".into(), by_cell(&result.dest_at));
-        records.push_str(&format!("{}\n", Value::Object(record)));
+        let (result, dst_cache) =
+            patch_pair(model, src, dst, previous.as_ref(), &cells, spec, &mut count)?;
+        records.push_str(&pair_record(src, dst, &result, &cells, spec));
         results.push(result);
         previous = Some(dst_cache);
         progress.advance(1, None);
@@ -522,6 +407,150 @@ pub fn patch(model: &Model, spec: &PatchSpec) -> Result<PatchReport> {
     };
     write_run(&spec.out, PATCH_JSON, &records, &report)?;
     Ok(report)
+}
+
+/// Refuses a run that cannot give a result: no cells, too few resamples, a layer
+/// outside the model.
+fn validate(spec: &PatchSpec, n_layers: usize) -> Result<()> {
+    spec.points
+        .iter()
+        .try_for_each(|p| p.check_layer(n_layers))?;
+    if spec.points.is_empty() || spec.positions.is_empty() {
+        return Err(Error::BadInput(
+            "patch needs at least one hook point and one position".into(),
+        ));
+    }
+    if spec.resamples < 100 {
+        return Err(Error::BadInput("--resamples must be at least 100".into()));
+    }
+    Ok(())
+}
+
+/// Every paired row has the spans its positions need (`cue`: a cue, `user`: a
+/// user turn); the error names the row.
+fn check_spans(rows: &[Row], pairs: &[Pair], spec: &PatchSpec) -> Result<()> {
+    for pair in pairs {
+        for &position in &spec.positions {
+            let needs = match position {
+                PatchPosition::Cue => ("cue", "a `cue_text` field"),
+                PatchPosition::User => ("user", "a user turn (messages, or user_text)"),
+                _ => continue,
+            };
+            for i in [pair.source, pair.dest] {
+                let r = &rows[i].rendered;
+                let missing = match position {
+                    PatchPosition::Cue => r.cue_span.is_none(),
+                    _ => r.user_span.is_none(),
+                };
+                if missing {
+                    return Err(Error::BadInput(format!(
+                        "{}:{} (id `{}`): --positions {} needs {}",
+                        spec.prompts.display(),
+                        rows[i].prompt.line,
+                        rows[i].prompt.id,
+                        needs.0,
+                        needs.1
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One pair: the source's activations, the clean destination, and every cell
+/// patched, each reusing the destination's clean cache up to its first patched
+/// position. Returns the scores and the destination's cache (the next pair's prefix).
+fn patch_pair(
+    model: &Model,
+    src: &Row,
+    dst: &Row,
+    previous: Option<&RowCache>,
+    cells: &[(HookPoint, PatchPosition)],
+    spec: &PatchSpec,
+    count: &mut TokenCount,
+) -> Result<(PairResult, RowCache)> {
+    let (src_acts, p_source) = run_source(model, src, &spec.points, count)?;
+    let (mut dst_cache, dst_scores) =
+        RowCache::run(model, dst, previous, &mut Hooks::none(), count)?;
+    let mut patched = vec![f64::NAN; cells.len()];
+    let mut dest_at = vec![f64::NAN; cells.len()];
+    let mut partly = vec![false; cells.len()];
+    // (cell, aligned destination ↔ source positions, positions without a counterpart)
+    let mut plan: Vec<(usize, Aligned, usize)> = cells
+        .iter()
+        .enumerate()
+        .map(|(c, &(_, position))| {
+            let (aligned, unaligned) = align(position, &dst.rendered, &src.rendered);
+            (c, aligned, unaligned)
+        })
+        .collect();
+    // Later first positions first: the clean part of the cache only shrinks.
+    let first = |aligned: &[(usize, usize)]| aligned.iter().map(|a| a.0).min().unwrap_or(0);
+    plan.sort_by_key(|(_, aligned, _)| std::cmp::Reverse(first(aligned)));
+    // The unpatched destination at each start, computed on the same split as
+    // the patched runs, so a patch that changes nothing gives the same bits.
+    let mut unpatched: BTreeMap<usize, f64> = BTreeMap::new();
+    for (c, aligned, unaligned) in plan {
+        partly[c] = unaligned > 0;
+        if aligned.is_empty() {
+            continue;
+        }
+        let start = first(&aligned);
+        dest_at[c] = match unpatched.entry(start) {
+            std::collections::btree_map::Entry::Occupied(e) => *e.get(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let scores =
+                    dst_cache.run_edited(model, dst, start, &mut [Hooks::none()], count)?;
+                *e.insert(p_accept(&scores))
+            }
+        };
+        let (point, position) = cells[c];
+        let mut hooks = patch_hooks(point, position, &aligned, dst, src, &src_acts)?;
+        let scores = dst_cache.run_edited(model, dst, start, &mut hooks, count)?;
+        patched[c] = p_accept(&scores);
+    }
+    let result = PairResult {
+        p_source,
+        p_dest: p_accept(&dst_scores),
+        dest_at,
+        patched,
+        partly,
+    };
+    Ok((result, dst_cache))
+}
+
+/// The pair's line of `rows.jsonl`.
+fn pair_record(
+    src: &Row,
+    dst: &Row,
+    result: &PairResult,
+    cells: &[(HookPoint, PatchPosition)],
+    spec: &PatchSpec,
+) -> String {
+    let mut record = serde_json::Map::new();
+    record.insert("source".into(), json!(src.prompt.id));
+    record.insert("dest".into(), json!(dst.prompt.id));
+    for f in &spec.pair_by {
+        if let Some(v) = dst.prompt.metadata.get(f) {
+            record.insert(f.clone(), v.clone());
+        }
+    }
+    record.insert("p_source".into(), json!(result.p_source));
+    record.insert("p_dest".into(), json!(result.p_dest));
+    let by_cell = |values: &[f64]| -> Value {
+        let map: serde_json::Map<String, Value> = cells
+            .iter()
+            .zip(values)
+            .filter(|(_, p)| p.is_finite())
+            .map(|((point, position), p)| (format!("{point}@{position}"), json!(p)))
+            .collect();
+        Value::Object(map)
+    };
+    record.insert("p_patched".into(), by_cell(&result.patched));
+    // The destination unpatched on each cell's split (equal to p_dest up to float noise).
+    record.insert("p_unpatched".into(), by_cell(&result.dest_at));
+    format!("{}\n", Value::Object(record))
 }
 
 /// One pair's scores: unpatched source and destination, and each cell's

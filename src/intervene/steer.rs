@@ -130,6 +130,69 @@ pub struct SteerReport {
     pub seconds: f64,
 }
 
+/// Refuses a sweep that cannot give a result.
+fn validate(spec: &SteerSpec, n_layers: usize) -> Result<()> {
+    spec.points
+        .iter()
+        .try_for_each(|p| p.check_layer(n_layers))?;
+    if spec.points.is_empty() || spec.alphas.is_empty() {
+        return Err(Error::BadInput(
+            "steer needs at least one layer and one α".into(),
+        ));
+    }
+    if spec.alphas.iter().any(|a| !a.is_finite()) {
+        return Err(Error::BadInput("--alphas must be finite numbers".into()));
+    }
+    if spec.resamples < 100 {
+        return Err(Error::BadInput("--resamples must be at least 100".into()));
+    }
+    Ok(())
+}
+
+/// The unit vectors of a sweep, per steered point: the direction under test
+/// and the seeded random baseline.
+struct Units {
+    direction: Vec<Vec<f32>>,
+    random: Vec<Vec<f32>>,
+}
+
+impl Units {
+    fn new(spec: &SteerSpec, d: usize) -> Result<Units> {
+        let direction = spec
+            .points
+            .iter()
+            .map(|&hook| {
+                let tensor = spec.direction_tensor.clone().unwrap_or_else(|| {
+                    TensorName {
+                        hook,
+                        position: Position::Last,
+                    }
+                    .to_string()
+                });
+                spec.direction.unit(&tensor, d)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut rng = StdRng::seed_from_u64(spec.seed);
+        let random = spec
+            .points
+            .iter()
+            .map(|_| random_unit(d, &mut rng))
+            .collect();
+        Ok(Units { direction, random })
+    }
+
+    /// The vector point `p` adds along `kind`, scaled to length `scale`.
+    fn scaled(&self, p: usize, kind: Along, scale: f64) -> Result<Tensor> {
+        let unit = match kind {
+            Along::Direction => &self.direction[p],
+            Along::Random => &self.random[p],
+        };
+        let vector: Vec<f32> = unit.iter().map(|x| x * scale as f32).collect();
+        let d = vector.len();
+        Ok(Tensor::from_vec(vector, d, &candle_core::Device::Cpu)?)
+    }
+}
+
 /// Which vector a sweep cell adds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Along {
@@ -164,21 +227,7 @@ fn sweep(spec: &SteerSpec) -> Vec<(usize, f64, Along)> {
 
 /// Runs the sweep and writes `rows.jsonl` and `steer.json` into `spec.out`.
 pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
-    let config = model.config();
-    spec.points
-        .iter()
-        .try_for_each(|p| p.check_layer(config.n_layers))?;
-    if spec.points.is_empty() || spec.alphas.is_empty() {
-        return Err(Error::BadInput(
-            "steer needs at least one layer and one α".into(),
-        ));
-    }
-    if spec.alphas.iter().any(|a| !a.is_finite()) {
-        return Err(Error::BadInput("--alphas must be finite numbers".into()));
-    }
-    if spec.resamples < 100 {
-        return Err(Error::BadInput("--resamples must be at least 100".into()));
-    }
+    validate(spec, model.config().n_layers)?;
     let rows = load_rows(model, &spec.prompts, &spec.filter)?;
     if spec.positions == SteerPositions::FromCue {
         if let Some(r) = rows.iter().find(|r| r.rendered.cue_span.is_none()) {
@@ -190,24 +239,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
             )));
         }
     }
-    let d = config.d_model;
-    let directions = spec
-        .points
-        .iter()
-        .map(|p| {
-            let tensor = spec
-                .direction_tensor
-                .clone()
-                .unwrap_or_else(|| format!("{p}@last"));
-            spec.direction.unit(&tensor, d)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut rng = StdRng::seed_from_u64(spec.seed);
-    let random: Vec<Vec<f32>> = spec
-        .points
-        .iter()
-        .map(|_| random_unit(d, &mut rng))
-        .collect();
+    let units = Units::new(spec, model.config().d_model)?;
     prepare_out(&spec.out, STEER_JSON, spec.force)?;
 
     let started = Instant::now();
@@ -224,7 +256,6 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
     let mut steered = vec![Vec::with_capacity(rows.len()); cells.len()];
     let mut previous: Option<RowCache> = None;
     let mut records = String::new();
-    let dev = candle_core::Device::Cpu;
     for row in &rows {
         let (mut cache, _) = RowCache::run(
             model,
@@ -234,13 +265,10 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
             &mut count,
         )?;
         let last = row.rendered.tokens.len() - 1;
-        let (start, positions) = match spec.positions {
-            SteerPositions::All => (0, Positions::All),
-            SteerPositions::Last => (last, Positions::At(vec![last])),
-            SteerPositions::FromCue => {
-                let cue = row.rendered.cue_span.expect("checked").0;
-                (cue, Positions::From(cue))
-            }
+        let (start, positions) = match (spec.positions, row.rendered.cue_span) {
+            (SteerPositions::FromCue, Some((cue, _))) => (cue, Positions::From(cue)),
+            (SteerPositions::Last, _) => (last, Positions::At(vec![last])),
+            _ => (0, Positions::All),
         };
         // Unsteered on the same split as the steered runs, so α = 0 gives the same bits.
         let unsteered =
@@ -248,17 +276,11 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
         let mut by_cell = serde_json::Map::new();
         for (c, &(p, alpha, kind)) in cells.iter().enumerate() {
             let point = spec.points[p];
-            let unit = match kind {
-                Along::Direction => &directions[p],
-                Along::Random => &random[p],
-            };
-            let scale = (alpha * norms[p]) as f32;
-            let vector: Vec<f32> = unit.iter().map(|x| x * scale).collect();
             let mut hooks = Hooks::none();
             hooks.add_edit(
                 point,
                 Edit::Add {
-                    vector: Tensor::from_vec(vector, d, &dev)?,
+                    vector: units.scaled(p, kind, alpha * norms[p])?,
                     positions: positions.clone(),
                 },
             );
