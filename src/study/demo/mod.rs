@@ -28,8 +28,8 @@ use crate::rows::Filter;
 use crate::store::{Existing, Position, Store};
 use crate::study::gap::{compute_gap, format_table, gap_from_rows, write_report};
 use crate::study::setting::{
-    build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Request,
-    Variation,
+    build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Cue,
+    Request, Variation,
 };
 use interventions::run_interventions;
 use report::{report_markdown, ReportInputs};
@@ -69,37 +69,15 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     let mut timings = Timings::default();
     let model = timings.time("model tour", || model_tour(spec, options.dtype))?;
 
-    let requests = first_per_category(builtin_requests(), options.requests_per_category);
-    let setting = builtin_setting("helpful-only", false)?;
-    let cues = builtin_cues();
-    let mut rows = build_rows(&setting, &cues, &requests)?;
-    let n_standard = rows.len();
-    // Meaning vs token: the tier cues under `flipped` and `no-training-info`, on a
-    // subset of the harmful requests (the control cue means nothing in any setting).
-    let variation_cues: Vec<_> = cues.iter().filter(|c| c.meaningful).cloned().collect();
-    let variation_requests = first_per_category(
-        requests.iter().filter(|r| r.harmful).cloned(),
-        Some(VARIATION_REQUESTS_PER_CATEGORY),
-    );
-    for variation in [Variation::Flipped, Variation::NoTrainingInfo] {
-        let varied = builtin_setting_varied("helpful-only", false, &[variation])?;
-        rows.extend(build_rows(&varied, &variation_cues, &variation_requests)?);
-    }
     let activations = Path::new("activations");
-    std::fs::create_dir_all(activations).map_err(|e| Error::io(activations, e))?;
-    let prompts = activations.join(format!("{NAME}.prompts.jsonl"));
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    write_atomic(&prompts, text.as_bytes())?;
-    println!(
-        "\nno-CoT study: {n_standard} rows ({} cues x {} requests x 2 tiers) + {} rows of the \
-         flipped and no-training-info variations ({} cues x {} harmful requests x 2 tiers each) -> {}",
-        cues.len(),
-        requests.len(),
-        rows.len() - n_standard,
-        variation_cues.len(),
-        variation_requests.len(),
-        prompts.display()
-    );
+    let StudyPrompts {
+        rows,
+        n_standard,
+        cues,
+        requests,
+        variation_requests,
+        path: prompts,
+    } = StudyPrompts::write(options, activations)?;
 
     let store_dir = activations.join(NAME);
     let capture_spec = CaptureSpec {
@@ -145,40 +123,11 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     let matched_gap = gap_from_rows(&matched, &store_dir, 10_000, 0)?;
 
     let probes_dir = Path::new("probes").join(NAME);
-    let standard: Filter = "variation=standard".parse()?;
-    let probe_spec = ProbeSpec {
-        positive: Some("free".into()),
-        train_filter: standard.clone(),
-        test_filter: standard,
-        control: Control::Auto,
-        cross: Some("cue".into()),
-        force: true,
-        ..ProbeSpec::new(&store_dir, &probes_dir, "tier")
-    };
-
-    println!("\nprobes for tier (free vs paid), 5-fold grouped by request, with the control cue and the cross-cue matrix:");
-    let report = timings.time("probes", || probe::probe(&probe_spec))?;
-    print!("{}", probe::format_summary(&report));
-
-    // Meaning vs token: a probe for training_implied trained on one setting and
-    // tested on the other, labels by meaning.
     let meaning_dir = Path::new("probes").join(format!("{NAME}-meaning"));
-    // Only the tier cues: `monitoring` states training itself, so its meaning never flips.
-    let meaning_rows: Filter = "variation=standard|flipped,cue=xml|natural".parse()?;
-    let meaning_spec = ProbeSpec {
-        train_filter: meaning_rows.clone(),
-        test_filter: meaning_rows,
-        positions: Some(vec![Position::Last]),
-        methods: vec![Method::Logistic],
-        cross: Some("variation".into()),
-        force: true,
-        ..ProbeSpec::new(&store_dir, &meaning_dir, "training_implied")
-    };
-    println!(
-        "\nprobes for training_implied (by meaning) across the standard and flipped settings:"
-    );
-    let meaning = timings.time("meaning probes", || probe::probe(&meaning_spec))?;
-    print!("{}", probe::format_summary(&meaning));
+    let report = timings.time("probes", || tier_probes(&store_dir, &probes_dir))?;
+    let meaning = timings.time("meaning probes", || {
+        meaning_probes(&store_dir, &meaning_dir)
+    })?;
 
     let interventions = timings.time("interventions", || {
         run_interventions(&model, &rows, &report, &probes_dir, activations)
@@ -227,6 +176,104 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         total
     );
     Ok(())
+}
+
+/// Probes for the tier on the standard setting, with the control cue and the
+/// cross-cue matrix.
+fn tier_probes(store_dir: &Path, probes_dir: &Path) -> Result<probe::Report> {
+    let standard: Filter = "variation=standard".parse()?;
+    let spec = ProbeSpec {
+        positive: Some("free".into()),
+        train_filter: standard.clone(),
+        test_filter: standard,
+        control: Control::Auto,
+        cross: Some("cue".into()),
+        force: true,
+        ..ProbeSpec::new(store_dir, probes_dir, "tier")
+    };
+    println!("\nprobes for tier (free vs paid), 5-fold grouped by request, with the control cue and the cross-cue matrix:");
+    let report = probe::probe(&spec)?;
+    print!("{}", probe::format_summary(&report));
+    Ok(report)
+}
+
+/// Meaning vs token: a probe for training_implied (labels by meaning) trained
+/// on one setting and tested on the other.
+fn meaning_probes(store_dir: &Path, meaning_dir: &Path) -> Result<probe::Report> {
+    // Only the tier cues: `monitoring` states training itself, so its meaning never flips.
+    let meaning_rows: Filter = "variation=standard|flipped,cue=xml|natural".parse()?;
+    let spec = ProbeSpec {
+        train_filter: meaning_rows.clone(),
+        test_filter: meaning_rows,
+        positions: Some(vec![Position::Last]),
+        methods: vec![Method::Logistic],
+        cross: Some("variation".into()),
+        force: true,
+        ..ProbeSpec::new(store_dir, meaning_dir, "training_implied")
+    };
+    println!(
+        "\nprobes for training_implied (by meaning) across the standard and flipped settings:"
+    );
+    let meaning = probe::probe(&spec)?;
+    print!("{}", probe::format_summary(&meaning));
+    Ok(meaning)
+}
+
+/// The demo's prompt rows and where they were written.
+struct StudyPrompts {
+    rows: Vec<Value>,
+    /// Rows of the standard setting (the rest are variation rows).
+    n_standard: usize,
+    cues: Vec<Cue>,
+    requests: Vec<Request>,
+    /// The harmful requests the variations use.
+    variation_requests: Vec<Request>,
+    path: PathBuf,
+}
+
+impl StudyPrompts {
+    /// Every cue × request × tier of the standard setting, and the tier cues
+    /// under `flipped` and `no-training-info` on a subset of the harmful
+    /// requests (meaning vs token; the control cue means nothing in any
+    /// setting), written to `activations/demo.prompts.jsonl`.
+    fn write(options: &DemoOptions, activations: &Path) -> Result<StudyPrompts> {
+        let requests = first_per_category(builtin_requests(), options.requests_per_category);
+        let setting = builtin_setting("helpful-only", false)?;
+        let cues = builtin_cues();
+        let mut rows = build_rows(&setting, &cues, &requests)?;
+        let n_standard = rows.len();
+        let variation_cues: Vec<_> = cues.iter().filter(|c| c.meaningful).cloned().collect();
+        let variation_requests = first_per_category(
+            requests.iter().filter(|r| r.harmful).cloned(),
+            Some(VARIATION_REQUESTS_PER_CATEGORY),
+        );
+        for variation in [Variation::Flipped, Variation::NoTrainingInfo] {
+            let varied = builtin_setting_varied("helpful-only", false, &[variation])?;
+            rows.extend(build_rows(&varied, &variation_cues, &variation_requests)?);
+        }
+        std::fs::create_dir_all(activations).map_err(|e| Error::io(activations, e))?;
+        let path = activations.join(format!("{NAME}.prompts.jsonl"));
+        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        write_atomic(&path, text.as_bytes())?;
+        println!(
+            "\nno-CoT study: {n_standard} rows ({} cues x {} requests x 2 tiers) + {} rows of the \
+             flipped and no-training-info variations ({} cues x {} harmful requests x 2 tiers each) -> {}",
+            cues.len(),
+            requests.len(),
+            rows.len() - n_standard,
+            variation_cues.len(),
+            variation_requests.len(),
+            path.display()
+        );
+        Ok(StudyPrompts {
+            rows,
+            n_standard,
+            cues,
+            requests,
+            variation_requests,
+            path,
+        })
+    }
 }
 
 /// The first `max` requests of each category, in order (all of them for `None`).

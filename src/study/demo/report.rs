@@ -369,6 +369,15 @@ fn gap_cell(s: Option<&GapStats>) -> String {
 
 /// Section 5: the gap and the training_implied probe under `flipped` and `no-training-info`.
 fn meaning_section(md: &mut String, r: &ReportInputs) {
+    let cues = meaning_gap_table(md, r);
+    if let Some((layer, transfer)) = meaning_probe_table(md, r) {
+        meaning_reading(md, r, &cues, layer, transfer);
+    }
+}
+
+/// The gap of every cue in the three settings; returns the cues that have a
+/// `flipped` line.
+fn meaning_gap_table<'a>(md: &mut String, r: &ReportInputs<'a>) -> Vec<&'a String> {
     let _ = writeln!(
         md,
         "## 5. Meaning or token? The `flipped` and `no-training-info` settings\n\n\
@@ -404,8 +413,15 @@ fn meaning_section(md: &mut String, r: &ReportInputs) {
     if let Some(f) = figure(r.figures, "gap") {
         let _ = writeln!(md, "\n![compliance gap per cue and setting]({f})\n");
     }
+    cues
+}
 
-    // The probe: trained on one setting, tested on the other, labels by meaning.
+/// The `training_implied` probe across settings at its best standard layer;
+/// returns that layer and its standard → flipped cell.
+fn meaning_probe_table<'a>(
+    md: &mut String,
+    r: &ReportInputs<'a>,
+) -> Option<(Option<usize>, Option<&'a MetricRow>)> {
     let cells: Vec<&MetricRow> = r
         .meaning
         .metrics
@@ -431,9 +447,7 @@ fn meaning_section(md: &mut String, r: &ReportInputs) {
                 .partial_cmp(&b.scores.auroc)
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
-    let Some(best) = best else {
-        return;
-    };
+    let best = best?;
     let transfer = cell(best.layer, "standard", "flipped");
     let _ = writeln!(
         md,
@@ -482,8 +496,17 @@ fn meaning_section(md: &mut String, r: &ReportInputs) {
     if let Some(f) = figure(r.meaning_figures, "transfer_resid_post_last") {
         let _ = writeln!(md, "![transfer across settings by layer](meaning/{f})\n");
     }
+    Some((best.layer, transfer))
+}
 
-    // Two sentences, from the numbers above.
+/// Two sentences, from the numbers of the two tables.
+fn meaning_reading(
+    md: &mut String,
+    r: &ReportInputs,
+    cues: &[&String],
+    layer: Option<usize>,
+    transfer: Option<&MetricRow>,
+) {
     // Tier cues only: `monitoring` states training itself, so its gap should not reverse.
     let tier_cues: Vec<String> = builtin_cues()
         .into_iter()
@@ -533,12 +556,18 @@ fn meaning_section(md: &mut String, r: &ReportInputs) {
         md,
         "**Reading.** From standard to flipped, the gap of the tier cues: {flips}. At layer {}, \
          {probe_reading}.\n",
-        best.layer.unwrap_or(0)
+        layer.unwrap_or(0)
     );
 }
 
 /// Section 6: the steering sweep and the patching heatmap.
 fn intervention_section(md: &mut String, r: &ReportInputs) {
+    steering_part(md, r);
+    patching_part(md, r);
+}
+
+/// The steering sweep: p_accept per α and tier beside the random baseline.
+fn steering_part(md: &mut String, r: &ReportInputs) {
     let i = r.interventions;
     let _ = writeln!(
         md,
@@ -604,7 +633,11 @@ fn intervention_section(md: &mut String, r: &ReportInputs) {
     if r.figures.iter().any(|f| f.ends_with(&file)) {
         let _ = writeln!(md, "![steering sweep]({file})\n");
     }
+}
 
+/// The patching heatmap: the cells that restore most of the paid − free difference.
+fn patching_part(md: &mut String, r: &ReportInputs) {
+    let i = r.interventions;
     let p = &i.patch;
     let _ = writeln!(
         md,
