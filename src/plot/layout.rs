@@ -578,3 +578,55 @@ pub fn segment_footprint(a: (i32, i32), b: (i32, i32), width: i32, out: &mut Vec
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_font_measures_text() {
+        let (w, h) = text_size("monitoring@no-training-info", 16);
+        assert!((150..300).contains(&w), "{w}");
+        assert_eq!(h, 16);
+        assert!(text_width("iii", 16) < text_width("WWW", 16));
+        assert_eq!(text_width("", 16), 0);
+    }
+
+    #[test]
+    fn legends_go_where_no_data_is() {
+        let plot = Rect::new(100, 50, 900, 550);
+        let legend = (200, 100);
+        // Points along the top: a lower corner.
+        let top: Vec<Rect> = (100..900)
+            .step_by(5)
+            .map(|x| Rect::centered((x, 70), (6, 6)))
+            .collect();
+        let c = free_corner(plot, legend, &top).unwrap();
+        assert_eq!(c, Corner::LowerRight);
+        assert!(!top.iter().any(|p| p.overlaps(&corner_box(plot, legend, c))));
+        // Data everywhere: no corner, the legend goes outside.
+        let everywhere: Vec<Rect> = (100..900)
+            .step_by(20)
+            .flat_map(|x| {
+                (50..550)
+                    .step_by(20)
+                    .map(move |y| Rect::centered((x, y), (4, 4)))
+            })
+            .collect();
+        assert_eq!(free_corner(plot, legend, &everywhere), None);
+        // A line through the middle leaves the upper right.
+        let mut line = Vec::new();
+        segment_footprint((100, 300), (900, 300), 3, &mut line);
+        assert_eq!(free_corner(plot, legend, &line), Some(Corner::UpperRight));
+    }
+
+    #[test]
+    fn titles_shrink_to_fit() {
+        let long = "a very long title ".repeat(8);
+        let t = title(&long, (960, 600));
+        assert!(t.size < TITLE_SIZE);
+        let short = title("Steering", (960, 600));
+        assert_eq!(short.size, TITLE_SIZE);
+        assert!(short.rect.x0 > 0 && short.rect.x1 < 960);
+    }
+}
