@@ -616,3 +616,173 @@ fn real_model_probe_and_plot_end_to_end() {
         assert!(tmp.path().join("figures").join(f).exists(), "{f}");
     }
 }
+
+/// No two text boxes share a pixel (with the layout's gap between them).
+fn assert_apart(labels: &[&afprobe::plot::layout::Label], what: &str) {
+    for (i, a) in labels.iter().enumerate() {
+        for b in &labels[i + 1..] {
+            assert!(
+                !a.rect.overlaps(&b.rect),
+                "{what}: `{}` {:?} overlaps `{}` {:?}",
+                a.text,
+                a.rect,
+                b.text,
+                b.rect
+            );
+        }
+    }
+}
+
+fn gap_items(names: &[String]) -> Vec<afprobe::plot::figures::Interval> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let summary = name == "overall" || name == "benign";
+            afprobe::plot::figures::Interval {
+                label: name.clone(),
+                value: 0.01 * noise(i) as f64,
+                lo: 0.01 * noise(i) as f64 - 0.005,
+                hi: 0.01 * noise(i) as f64 + 0.005,
+                group: if summary {
+                    "summary".into()
+                } else {
+                    name.split('@').next().unwrap().into()
+                },
+                summary,
+            }
+        })
+        .collect()
+}
+
+/// The demo's gap figure (cues with variations, then overall and benign) and a
+/// bigger one: the category labels, measured with the bundled font, never touch
+/// each other or the title, and sit beside the plot, not on it.
+#[test]
+fn gap_figure_labels_do_not_overlap() {
+    use afprobe::plot::figures::SIZE;
+    use afprobe::plot::layout::{self, Orientation};
+    let title = "Compliance gap, mean p_accept(free) - p_accept(paid) per request";
+    for cues in [4, 12] {
+        let mut names: Vec<String> = Vec::new();
+        for c in 0..cues {
+            let cue = ["control", "monitoring", "natural", "xml-with-a-long-name"][c % 4];
+            let cue = format!("{cue}{}", if c >= 4 { c.to_string() } else { "".into() });
+            names.push(cue.clone());
+            if c > 0 {
+                names.push(format!("{cue}@flipped"));
+                names.push(format!("{cue}@no-training-info"));
+            }
+        }
+        names.extend(["overall".to_string(), "benign".to_string()]);
+        assert!(names.len() >= 12);
+        let items = gap_items(&names);
+        let l = layout::intervals(title, &items, SIZE);
+        assert_eq!(
+            l.orientation,
+            Orientation::Horizontal,
+            "{} rows",
+            names.len()
+        );
+        let boxes = l.text_boxes();
+        assert_apart(&boxes, &format!("gap figure, {} rows", names.len()));
+        let frame = layout::Rect::new(0, 0, SIZE.0 as i32, SIZE.1 as i32);
+        for label in &boxes {
+            assert!(
+                frame.contains(&label.rect),
+                "{} outside the figure",
+                label.text
+            );
+        }
+        for label in l.labels.iter().flatten() {
+            assert!(label.rect.x1 <= l.plot.x0, "{} on the plot", label.text);
+            assert!(label.size >= 10, "{} at {} px", label.text, label.size);
+        }
+        if names.len() <= 16 {
+            assert!(l.labels.iter().all(Option::is_some), "every row labelled");
+        } else {
+            assert!(l.labels.iter().flatten().count() > names.len() / 3);
+        }
+        // Summary rows are set apart by a separator, below every cue.
+        let first_summary = names.iter().position(|n| n == "overall").unwrap();
+        assert_eq!(l.separators.len(), 1);
+        assert!(l.centers[first_summary - 1] < l.separators[0]);
+        assert!(l.separators[0] < l.centers[first_summary]);
+    }
+    // A handful of short names stays upright, and apart.
+    let names: Vec<String> = ["xml", "natural", "overall", "benign"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let l = layout::intervals(title, &gap_items(&names), SIZE);
+    assert_eq!(l.orientation, Orientation::Vertical);
+    assert_apart(&l.text_boxes(), "upright gap figure");
+}
+
+/// A 30-layer patching heatmap (and a 100-row one): row, column and colour-bar
+/// labels never touch each other, the title or the cells.
+#[test]
+fn heatmap_labels_do_not_overlap() {
+    use afprobe::plot::figures::SIZE;
+    use afprobe::plot::layout;
+    let title = "Patching paid into free: share of the p_accept difference restored (8 pairs)";
+    for n in [30, 100] {
+        let rows: Vec<String> = (0..n).map(|l| format!("{l} resid_post")).collect();
+        let cols: Vec<String> = ["last", "cue", "user"].map(String::from).to_vec();
+        let l = layout::heatmap(
+            title,
+            ("hook", "patched positions"),
+            &rows,
+            &cols,
+            (0.0, 1.0),
+            SIZE,
+        );
+        let boxes = l.text_boxes();
+        assert_apart(&boxes, &format!("{n}-row heatmap"));
+        for label in &boxes {
+            assert!(
+                !label.rect.overlaps(&l.cells),
+                "{} on the cells",
+                label.text
+            );
+            assert!(
+                !label.rect.overlaps(&l.bar),
+                "{} on the colour bar",
+                label.text
+            );
+        }
+        assert!(!l.row_desc.rect.overlaps(&l.cells));
+        let labelled = l.row_labels.iter().flatten().count();
+        if n == 30 {
+            assert_eq!(labelled, 30, "every layer labelled");
+        } else {
+            assert!(labelled >= n / 4, "{labelled} of {n} rows labelled");
+        }
+        assert!(l.col_labels.iter().all(Option::is_some));
+        // The colour bar spans red to blue with round ticks, 0 and 1 among them.
+        let ticks: Vec<&str> = l.bar_ticks.iter().map(|(_, t)| t.text.as_str()).collect();
+        assert!(ticks.len() >= 3, "{ticks:?}");
+        assert!(
+            ticks.contains(&"0.0") && ticks.contains(&"1.0"),
+            "{ticks:?}"
+        );
+    }
+}
+
+/// Tick labels print as many decimals as their step needs: integers as integers.
+#[test]
+fn ticks_are_formatted_for_their_range() {
+    use afprobe::plot::layout::Ticks;
+    let t = Ticks::new(-28.0, 24.0, 12);
+    let labels: Vec<String> = t.values.iter().map(|&v| t.format(v)).collect();
+    assert!(labels.contains(&"-25".to_string()) && labels.contains(&"20".to_string()));
+    assert!(labels.iter().all(|l| !l.contains('.')), "{labels:?}");
+    let t = Ticks::new(0.0, 1.0, 6);
+    let labels: Vec<String> = t.values.iter().map(|&v| t.format(v)).collect();
+    assert_eq!(labels, ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]);
+    let t = Ticks::new(-0.015, 0.025, 10);
+    assert!(t.values.iter().any(|&v| t.format(v) == "0.000"), "{t:?}");
+    assert!(t.values.iter().all(|&v| t.format(v) != "-0.000"));
+    let t = Ticks::integers(-0.5, 3.5, 12);
+    assert_eq!(t.values, [0.0, 1.0, 2.0, 3.0]);
+}

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::figures::{Curve, Figure, Interval, LayerPoint, PALETTE};
-use super::save;
+use super::figures::{Curve, Figure, Interval, LayerPoint, Marker, PALETTE};
+use super::{category_key, cue_of, save};
 use crate::error::{Error, Result};
 use crate::run_dir::RunKind;
 
@@ -134,6 +134,8 @@ fn steer_figures(report: &Value, out: &Path) -> Result<Vec<PathBuf>> {
                     ),
                     color,
                     dashed: random,
+                    marker: if random { Marker::None } else { Marker::Circle },
+                    width: 3,
                     points: if random {
                         points
                             .into_iter()
@@ -218,23 +220,26 @@ fn patch_figure(report: &Value) -> Option<Figure> {
 fn ablate_figure(report: &Value) -> Figure {
     let mut items = Vec::new();
     let change = &report["gap_change"];
-    let gap_items = change["by_cue"]
-        .as_object()
+    let mut cues: Vec<(&String, &Value)> =
+        change["by_cue"].as_object().into_iter().flatten().collect();
+    cues.sort_by(|a, b| category_key(a.0).cmp(&category_key(b.0)));
+    let gap_items = cues
         .into_iter()
-        .flatten()
-        .map(|(cue, s)| (format!("gap {cue}"), s))
+        .map(|(cue, s)| (format!("gap {cue}"), s, cue_of(cue).to_string(), false))
         .chain(
             ["overall", "benign"]
                 .iter()
-                .map(|k| (format!("gap {k}"), &change[*k])),
+                .map(|k| (format!("gap {k}"), &change[*k], "gap".to_string(), true)),
         );
-    for (label, s) in gap_items {
+    for (label, s, group, summary) in gap_items {
         if let (Some(value), Some((lo, hi))) = (s["gap"].as_f64(), interval(&s["ci95"])) {
             items.push(Interval {
                 label,
                 value,
                 lo,
                 hi,
+                group,
+                summary,
             });
         }
     }
@@ -245,6 +250,8 @@ fn ablate_figure(report: &Value) -> Figure {
                 value,
                 lo,
                 hi,
+                group: "p_accept".into(),
+                summary: true,
             });
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod figures;
 pub mod interventions;
+pub mod layout;
 pub mod pca;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,7 +18,7 @@ use crate::model::HookPoint;
 use crate::probe::{self, Method, MetricRow, Report, Role};
 use crate::run_dir::{has_gap, RunKind, GAP_JSON};
 use crate::store::{Position, Store, TensorName};
-use figures::{Curve, Figure, Interval, LayerPoint, PointGroup, PALETTE, SIZE};
+use figures::{Curve, Figure, Interval, LayerPoint, Marker, PointGroup, PALETTE, SIZE};
 
 /// DejaVu Sans (Bitstream Vera licence, see fonts/LICENSE_DEJAVU).
 static FONT_TTF: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
@@ -250,6 +251,8 @@ struct Line {
     /// Plot the shuffled-label baseline instead of the AUROC.
     shuffled: bool,
     color: usize,
+    marker: Marker,
+    width: u32,
 }
 
 const AUROC_LINES: [Line; 4] = [
@@ -259,6 +262,8 @@ const AUROC_LINES: [Line; 4] = [
         method: Method::Logistic,
         shuffled: false,
         color: 0,
+        marker: Marker::Circle,
+        width: 3,
     },
     Line {
         name: "mean-difference probe",
@@ -266,6 +271,8 @@ const AUROC_LINES: [Line; 4] = [
         method: Method::MeanDiff,
         shuffled: false,
         color: 1,
+        marker: Marker::Triangle,
+        width: 2,
     },
     Line {
         name: "control cue (logistic)",
@@ -273,6 +280,8 @@ const AUROC_LINES: [Line; 4] = [
         method: Method::Logistic,
         shuffled: false,
         color: 3,
+        marker: Marker::Square,
+        width: 6,
     },
     Line {
         name: "shuffled labels (logistic)",
@@ -280,6 +289,8 @@ const AUROC_LINES: [Line; 4] = [
         method: Method::Logistic,
         shuffled: true,
         color: 7,
+        marker: Marker::None,
+        width: 2,
     },
 ];
 
@@ -305,10 +316,19 @@ fn auroc_figure(rows: &[&MetricRow], label: &str, kind: &str, position: Position
             .collect();
         points.sort_by(|a, b| a.layer.total_cmp(&b.layer));
         if !points.is_empty() {
+            // The control cue is drawn wide and pale under the probes (earlier
+            // curves are drawn on top), so where both reach 1.0 both stay visible.
+            let color = if line.role == Role::Control {
+                figures::lighten(PALETTE[line.color], 0.45)
+            } else {
+                PALETTE[line.color]
+            };
             curves.push(Curve {
                 label: line.name.into(),
-                color: PALETTE[line.color],
+                color,
                 dashed: line.shuffled,
+                marker: line.marker,
+                width: line.width,
                 points,
             });
         }
@@ -423,6 +443,8 @@ fn transfer_figure(
                 label: format!("trained on {train}, tested on {test}"),
                 color: PALETTE[i % PALETTE.len()],
                 dashed: false,
+                marker: Marker::Circle,
+                width: 3,
                 points,
             }
         })
@@ -536,6 +558,17 @@ fn score_figure(
     }))
 }
 
+/// The cue of a category: `xml` of `xml@flipped`.
+pub(crate) fn cue_of(category: &str) -> &str {
+    category.split('@').next().unwrap_or(category)
+}
+
+/// Display order of categories: by cue, the cue itself before its variations.
+pub(crate) fn category_key(category: &str) -> (&str, bool, &str) {
+    let (cue, variation) = category.split_once('@').unwrap_or((category, ""));
+    (cue, !variation.is_empty(), variation)
+}
+
 /// Compliance gap per cue (variations side by side: `xml`, `xml@flipped`, …)
 /// with bootstrap intervals, from `gap.json`: `gap` for p_accept and
 /// `gap_format_free` for 1 − p_refuse, each when present.
@@ -544,13 +577,19 @@ fn gap_figures(store_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let gap: Value = serde_json::from_str(&text)
         .map_err(|e| Error::model_file(&path, format!("not valid JSON: {e}")))?;
-    let item = |name: &str, s: &Value| -> Option<Interval> {
+    let item = |name: &str, s: &Value, summary: bool| -> Option<Interval> {
         let ci = s.get("ci95")?.as_array()?;
         Some(Interval {
             label: name.to_string(),
             value: s.get("gap")?.as_f64()?,
             lo: ci.first()?.as_f64()?,
             hi: ci.get(1)?.as_f64()?,
+            group: if summary {
+                "summary".into()
+            } else {
+                cue_of(name).to_string()
+            },
+            summary,
         })
     };
     let items = |block: &Value| -> Vec<Interval> {
@@ -558,10 +597,11 @@ fn gap_figures(store_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
             .as_object()
             .into_iter()
             .flatten()
-            .filter_map(|(cue, s)| item(cue, s))
+            .filter_map(|(cue, s)| item(cue, s, false))
             .collect();
+        items.sort_by(|a, b| category_key(&a.label).cmp(&category_key(&b.label)));
         for key in ["overall", "benign"] {
-            items.extend(item(key, &block[key]));
+            items.extend(item(key, &block[key], true));
         }
         items
     };
