@@ -12,6 +12,7 @@ pub mod data;
 pub mod fit;
 pub mod logistic;
 pub mod metrics;
+mod report;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,6 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::io::{save_f32_tensors, write_atomic};
 use crate::model::parse_hooks;
 use crate::progress::Progress;
 pub use crate::rows::{Filter, Table};
@@ -30,6 +30,8 @@ use crate::store::{ModelRecord, Position, Store, TensorName};
 use cv::{cross_validate, shuffled_labels, summarize, Scores};
 pub use data::{Folds, Labels};
 pub use fit::{FitSettings, Method, Probe};
+use report::{best_rows, data_json, settings_json, write_outputs};
+pub use report::{format_summary, load_vector, metrics_csv};
 
 pub const REPORT: &str = crate::run_dir::RunKind::Probes.marker();
 pub const METRICS: &str = "metrics.csv";
@@ -225,13 +227,16 @@ struct Plan {
     tests: Vec<Filter>,
 }
 
+/// A training set with its row masks: (plan, train rows, rows of each test).
+type PlanRows = (Plan, Vec<bool>, Vec<Vec<bool>>);
+
 /// Everything the per-tensor work shares.
 struct Context<'a> {
     spec: &'a ProbeSpec,
     labels: &'a Labels,
     groups: Vec<usize>,
     folds: Folds,
-    plans: Vec<(Plan, Vec<bool>, Vec<Vec<bool>>)>,
+    plans: Vec<PlanRows>,
     p_accept: Vec<Option<f64>>,
     /// Within-tier correlation: the tier value of each row.
     tier: Vec<Option<String>>,
@@ -268,22 +273,7 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
     let groups = data::groups(&table, &spec.group)?;
     let tensors = select_tensors(&store, spec)?;
 
-    let plans = plan(spec, &table)?;
-    let mut masks = Vec::new();
-    let mut used = vec![false; table.len()];
-    for plan in plans {
-        let train = labelled(plan.train.mask(&table)?, &labels);
-        let tests: Vec<Vec<bool>> = plan
-            .tests
-            .iter()
-            .map(|t| Ok(labelled(t.mask(&table)?, &labels)))
-            .collect::<Result<_>>()?;
-        check_rows(&plan, &train, &tests, &labels)?;
-        for m in std::iter::once(&train).chain(&tests) {
-            used.iter_mut().zip(m).for_each(|(u, &m)| *u |= m);
-        }
-        masks.push((plan, train, tests));
-    }
+    let (masks, used) = training_sets(spec, &table, &labels)?;
     let folds = Folds::grouped(&groups, &used, spec.folds, spec.seed)?;
     let tier_field = if table.column("tier").is_ok() {
         "tier"
@@ -324,30 +314,12 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         .collect();
     progress.finish();
 
-    let mut metrics = Vec::new();
-    let mut skipped = Vec::new();
-    let mut few_distinct = BTreeMap::new();
-    let mut weights: Vec<(String, Vec<f32>)> = Vec::new();
-    for (i, r) in results {
-        match r {
-            Ok(t) => {
-                // Fewer distinct vectors than half the rows: the position sees a
-                // prefix shared by many rows (e.g. `cue` precedes the request).
-                if 2 * t.distinct < t.used {
-                    few_distinct.insert(tensors[i].clone(), [t.distinct, t.used]);
-                }
-                metrics.extend(t.metrics);
-                weights.extend(t.weights);
-            }
-            Err(e) => {
-                eprintln!("afprobe: skipping {}: {e}", tensors[i]);
-                skipped.push(Skipped {
-                    tensor: tensors[i].clone(),
-                    reason: e.to_string(),
-                });
-            }
-        }
-    }
+    let Gathered {
+        metrics,
+        skipped,
+        few_distinct,
+        weights,
+    } = gather(&tensors, results);
     if metrics.is_empty() {
         let reasons: Vec<String> = skipped
             .iter()
@@ -381,6 +353,71 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
     };
     write_outputs(&report, weights, &spec.out)?;
     Ok(report)
+}
+
+/// Every training set's row masks (train, tests), checked, and the rows any of them uses.
+fn training_sets(
+    spec: &ProbeSpec,
+    table: &Table,
+    labels: &Labels,
+) -> Result<(Vec<PlanRows>, Vec<bool>)> {
+    let mut masks = Vec::new();
+    let mut used = vec![false; table.len()];
+    for plan in plan(spec, table)? {
+        let train = labelled(plan.train.mask(table)?, labels);
+        let tests: Vec<Vec<bool>> = plan
+            .tests
+            .iter()
+            .map(|t| Ok(labelled(t.mask(table)?, labels)))
+            .collect::<Result<_>>()?;
+        check_rows(&plan, &train, &tests, labels)?;
+        for m in std::iter::once(&train).chain(&tests) {
+            used.iter_mut().zip(m).for_each(|(u, &m)| *u |= m);
+        }
+        masks.push((plan, train, tests));
+    }
+    Ok((masks, used))
+}
+
+/// The per-tensor results in store order: metrics and weights of the probed
+/// tensors, the skipped ones with their reason.
+struct Gathered {
+    metrics: Vec<MetricRow>,
+    skipped: Vec<Skipped>,
+    /// Tensors with fewer distinct vectors than half their rows: [distinct, rows].
+    few_distinct: BTreeMap<String, [usize; 2]>,
+    weights: Vec<(String, Vec<f32>)>,
+}
+
+fn gather(tensors: &[String], results: Vec<(usize, Result<TensorResult>)>) -> Gathered {
+    let mut g = Gathered {
+        metrics: Vec::new(),
+        skipped: Vec::new(),
+        few_distinct: BTreeMap::new(),
+        weights: Vec::new(),
+    };
+    for (i, r) in results {
+        match r {
+            Ok(t) => {
+                // Fewer distinct vectors than half the rows: the position sees a
+                // prefix shared by many rows (e.g. `cue` precedes the request).
+                if 2 * t.distinct < t.used {
+                    g.few_distinct
+                        .insert(tensors[i].clone(), [t.distinct, t.used]);
+                }
+                g.metrics.extend(t.metrics);
+                g.weights.extend(t.weights);
+            }
+            Err(e) => {
+                eprintln!("afprobe: skipping {}: {e}", tensors[i]);
+                g.skipped.push(Skipped {
+                    tensor: tensors[i].clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    g
 }
 
 /// Keeps only rows with a label.
@@ -697,229 +734,6 @@ fn probe_tensors(tensor: &str, method: Method, probe: &Probe) -> Vec<(String, Ve
         (key("mean"), f32s(&probe.mean)),
         (key("scale"), f32s(&probe.scale)),
     ]
-}
-
-fn best_rows(metrics: &[MetricRow]) -> Vec<MetricRow> {
-    let mut best: BTreeMap<(Method, Position), &MetricRow> = BTreeMap::new();
-    for m in metrics.iter().filter(|m| m.role == Role::Main) {
-        let key = (m.method, m.position);
-        let better = match best.get(&key) {
-            None => true,
-            Some(b) => m.scores.auroc.unwrap_or(0.0) > b.scores.auroc.unwrap_or(0.0),
-        };
-        if better {
-            best.insert(key, m);
-        }
-    }
-    best.into_values().cloned().collect()
-}
-
-fn settings_json(
-    spec: &ProbeSpec,
-    labels: &Labels,
-    tier_field: &str,
-    control: Option<Filter>,
-) -> serde_json::Value {
-    serde_json::json!({
-        "label": labels.field,
-        "positive": labels.positive,
-        "negative": labels.negative,
-        "group": spec.group,
-        "folds": spec.folds,
-        "fold_assignment": "grouped: largest groups first (ties in seeded order) to the lightest fold",
-        "seed": spec.seed,
-        "methods": spec.methods,
-        "logistic": spec.fit,
-        "standardize": "per training fold (mean, population std)",
-        "train_filter": spec.train_filter.to_string(),
-        "test_filter": spec.test_filter.to_string(),
-        "control": control.as_ref().map(ToString::to_string),
-        "cross": spec.cross,
-        "shuffles": spec.shuffles,
-        "bootstrap": spec.bootstrap,
-        "bootstrap_unit": spec.group,
-        "threshold": "score 0 (probability 0.5; mean-diff: midpoint of the class means)",
-        "p_accept_correlation_within": tier_field,
-    })
-}
-
-fn data_json(ctx: &Context, table: &Table) -> serde_json::Value {
-    let count = |mask: &[bool]| mask.iter().filter(|&&m| m).count();
-    let plans: Vec<serde_json::Value> = ctx
-        .plans
-        .iter()
-        .map(|(plan, train, tests)| {
-            serde_json::json!({
-                "role": plan.role,
-                "train": plan.train.to_string(),
-                "train_rows": count(train),
-                "tests": plan.tests.iter().zip(tests).map(|(t, m)| serde_json::json!({
-                    "test": t.to_string(), "rows": count(m)})).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let n_groups = ctx.groups.iter().copied().max().map_or(0, |m| m + 1);
-    serde_json::json!({
-        "rows": table.len(),
-        "labelled": ctx.labels.y.iter().filter(|l| l.is_some()).count(),
-        "positive": ctx.labels.y.iter().filter(|l| **l == Some(true)).count(),
-        "groups": n_groups,
-        "evaluations": plans,
-    })
-}
-
-/// The fixed `metrics.csv` columns, then one `r_p_accept_{tier}` per tier value.
-const CSV_COLUMNS: &str = "hook,position,layer,method,role,train,test,auroc,auroc_mean,auroc_std,\
-auroc_lo,auroc_hi,accuracy,accuracy_std,balanced_accuracy,majority_accuracy,shuffled_auroc,n";
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
-/// `metrics.csv` text.
-pub fn metrics_csv(metrics: &[MetricRow]) -> String {
-    let tiers: std::collections::BTreeSet<&String> =
-        metrics.iter().flat_map(|m| m.r_p_accept.keys()).collect();
-    let mut out = String::from(CSV_COLUMNS);
-    for t in &tiers {
-        out.push_str(&format!(",r_p_accept_{t}"));
-    }
-    out.push('\n');
-    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
-    for m in metrics {
-        let mut fields = vec![
-            csv_field(&m.hook),
-            m.position.to_string(),
-            m.layer.map_or(String::new(), |l| l.to_string()),
-            m.method.name().into(),
-            serde_json::to_value(m.role)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
-            csv_field(&m.train),
-            csv_field(&m.test),
-            opt(m.scores.auroc),
-            opt(m.scores.auroc_mean),
-            opt(m.scores.auroc_std),
-            opt(m.scores.auroc_lo),
-            opt(m.scores.auroc_hi),
-            format!("{:.6}", m.scores.accuracy),
-            format!("{:.6}", m.scores.accuracy_std),
-            format!("{:.6}", m.scores.balanced_accuracy),
-            format!("{:.6}", m.scores.majority_accuracy),
-            opt(m.shuffled_auroc),
-            m.scores.n.to_string(),
-        ];
-        for t in &tiers {
-            fields.push(opt(m.r_p_accept.get(*t).copied().flatten()));
-        }
-        out.push_str(&fields.join(","));
-        out.push('\n');
-    }
-    out
-}
-
-fn write_outputs(report: &Report, weights: Vec<(String, Vec<f32>)>, out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = weights
-        .into_iter()
-        .map(|(name, values)| (name, vec![values.len()], values))
-        .collect();
-    let metadata = serde_json::json!({
-        "label": report.settings["label"],
-        "positive": report.settings["positive"],
-        "score": "norm * (x . direction) + bias; > 0 favours the positive class",
-    });
-    save_f32_tensors(&out.join(PROBES), &tensors, Some(metadata.to_string()))?;
-    write_atomic(&out.join(METRICS), metrics_csv(&report.metrics).as_bytes())?;
-    let json = serde_json::to_string_pretty(report).expect("report serialises");
-    // The report last: its presence marks a complete probe directory.
-    write_atomic(&out.join(REPORT), json.as_bytes())
-}
-
-/// A text table of the main probes: one line per hook, with AUROC and its
-/// interval, the shuffled baseline and the control per position and method.
-pub fn format_summary(report: &Report) -> String {
-    let f = |v: Option<f64>| v.map_or("  -  ".into(), |v| format!("{v:.3}"));
-    let find = |role: Role, hook: &str, pos: Position, method: Method| {
-        report
-            .metrics
-            .iter()
-            .find(|m| m.role == role && m.hook == hook && m.position == pos && m.method == method)
-    };
-    let mut panels: Vec<(Position, Method)> = report
-        .metrics
-        .iter()
-        .filter(|m| m.role == Role::Main)
-        .map(|m| (m.position, m.method))
-        .collect();
-    panels.sort();
-    panels.dedup();
-    let mut hooks: Vec<&str> = Vec::new();
-    for m in &report.metrics {
-        if !hooks.contains(&m.hook.as_str()) {
-            hooks.push(&m.hook);
-        }
-    }
-    let mut out = format!("{:<28}", "AUROC [95% CI] shuffled ctrl");
-    for (pos, method) in &panels {
-        out.push_str(&format!("  {:<32}", format!("@{pos} {}", method.name())));
-    }
-    out.push('\n');
-    for hook in hooks {
-        out.push_str(&format!("{hook:<28}"));
-        for &(pos, method) in &panels {
-            let cell = match find(Role::Main, hook, pos, method) {
-                Some(m) => format!(
-                    "{} [{},{}] {} {}",
-                    f(m.scores.auroc),
-                    f(m.scores.auroc_lo),
-                    f(m.scores.auroc_hi),
-                    f(m.shuffled_auroc),
-                    f(find(Role::Control, hook, pos, method).and_then(|c| c.scores.auroc))
-                ),
-                None => "-".into(),
-            };
-            out.push_str(&format!("  {cell:<32}"));
-        }
-        out.push('\n');
-    }
-    for b in &report.best {
-        out.push_str(&format!(
-            "best {} @{}: {} AUROC {} [{}, {}]\n",
-            b.method.name(),
-            b.position,
-            b.hook,
-            f(b.scores.auroc),
-            f(b.scores.auroc_lo),
-            f(b.scores.auroc_hi)
-        ));
-    }
-    out
-}
-
-/// One vector of `probes.safetensors` by name, e.g.
-/// `blocks.12.hook_resid_post@last.logistic.direction`.
-pub fn load_vector(dir: &Path, key: &str) -> Result<Vec<f32>> {
-    let path = dir.join(PROBES);
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::model_file(&path, format!("not a safetensors file: {e}")))?;
-    let view = st.tensor(key).map_err(|_| {
-        Error::model_file(
-            &path,
-            format!("no tensor `{key}` (report.json lists what was probed)"),
-        )
-    })?;
-    Ok(view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
 }
 
 #[cfg(test)]
