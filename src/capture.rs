@@ -84,64 +84,18 @@ impl CaptureStats {
 /// Runs a capture into `spec.out`.
 pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
     let rows = read_prompt_file(&spec.prompts)?;
-    let n_layers = model.config().n_layers;
     spec.hooks
         .iter()
-        .try_for_each(|h| h.check_layer(n_layers))?;
+        .try_for_each(|h| h.check_layer(model.config().n_layers))?;
     if spec.shard_rows == 0 {
         return Err(Error::BadInput("--shard-rows must be at least 1".into()));
     }
     // Render and check every row before any compute, so bad input fails fast.
     let rendered = rows
         .iter()
-        .map(|row| {
-            let r = render(model, row, &spec.prompts)?;
-            let at = |msg: String| {
-                Error::BadInput(format!(
-                    "{}:{} (id `{}`): {msg}",
-                    spec.prompts.display(),
-                    row.line,
-                    row.id
-                ))
-            };
-            check_positions(&r, &spec.positions).map_err(at)?;
-            model
-                .transformer
-                .check_length(r.tokens.len() + longest(&r, spec.refusal.as_ref()))
-                .map_err(|e| at(e.to_string()))?;
-            if spec.score && row.continuations.is_empty() {
-                return Err(at("--score needs `continuations` in every row".into()));
-            }
-            Ok(r)
-        })
+        .map(|row| render_checked(model, spec, row))
         .collect::<Result<Vec<_>>>()?;
-
-    let fresh = Manifest {
-        format: FORMAT.into(),
-        afprobe_version: env!("CARGO_PKG_VERSION").into(),
-        complete: false,
-        model: ModelRecord {
-            spec: model.spec.to_string(),
-            sha256: model.weights_sha256()?,
-            architecture: model.config().architecture.name().into(),
-            d_model: model.config().d_model,
-            n_layers,
-        },
-        prompts: PromptsRecord {
-            file: spec.prompts.display().to_string(),
-            sha256: sha256_file(&spec.prompts)?,
-            rows: rows.len(),
-        },
-        hooks: spec.hooks.iter().map(|h| h.to_string()).collect(),
-        positions: spec.positions.clone(),
-        dtype: if spec.f16 { "f16" } else { "f32" }.into(),
-        score: spec.score,
-        refusal_openings: spec.refusal.as_ref().map(|o| o.texts.clone()),
-        shard_rows: spec.shard_rows,
-        slice: spec.slice,
-        row_count: 0,
-        shards: Vec::new(),
-    };
+    let fresh = manifest(model, spec, rows.len())?;
     let mut writer = StoreWriter::open(&spec.out, fresh, spec.existing)?;
     let done = writer.done_blocks();
     let todo: Vec<usize> = writer
@@ -191,6 +145,59 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
     progress.finish();
     writer.finish()?;
     Ok(stats)
+}
+
+/// A row rendered to tokens, with the positions, length and continuations
+/// the capture needs checked; errors name the row.
+fn render_checked(model: &Model, spec: &CaptureSpec, row: &PromptRow) -> Result<RenderedPrompt> {
+    let r = render(model, row, &spec.prompts)?;
+    let at = |msg: String| {
+        Error::BadInput(format!(
+            "{}:{} (id `{}`): {msg}",
+            spec.prompts.display(),
+            row.line,
+            row.id
+        ))
+    };
+    check_positions(&r, &spec.positions).map_err(at)?;
+    model
+        .transformer
+        .check_length(r.tokens.len() + longest(&r, spec.refusal.as_ref()))
+        .map_err(|e| at(e.to_string()))?;
+    if spec.score && row.continuations.is_empty() {
+        return Err(at("--score needs `continuations` in every row".into()));
+    }
+    Ok(r)
+}
+
+/// The manifest of a fresh run of `spec` over a prompt file of `n_rows` rows.
+fn manifest(model: &Model, spec: &CaptureSpec, n_rows: usize) -> Result<Manifest> {
+    Ok(Manifest {
+        format: FORMAT.into(),
+        afprobe_version: env!("CARGO_PKG_VERSION").into(),
+        complete: false,
+        model: ModelRecord {
+            spec: model.spec.to_string(),
+            sha256: model.weights_sha256()?,
+            architecture: model.config().architecture.name().into(),
+            d_model: model.config().d_model,
+            n_layers: model.config().n_layers,
+        },
+        prompts: PromptsRecord {
+            file: spec.prompts.display().to_string(),
+            sha256: sha256_file(&spec.prompts)?,
+            rows: n_rows,
+        },
+        hooks: spec.hooks.iter().map(|h| h.to_string()).collect(),
+        positions: spec.positions.clone(),
+        dtype: if spec.f16 { "f16" } else { "f32" }.into(),
+        score: spec.score,
+        refusal_openings: spec.refusal.as_ref().map(|o| o.texts.clone()),
+        shard_rows: spec.shard_rows,
+        slice: spec.slice,
+        row_count: 0,
+        shards: Vec::new(),
+    })
 }
 
 /// Longest continuation, so scoring cannot overflow the context window.
@@ -295,26 +302,7 @@ fn capture_row(
         }
     }
 
-    let mut record = serde_json::Map::new();
-    record.insert("id".into(), json!(row.id));
-    record.insert("row".into(), json!(index));
-    for (k, v) in &row.metadata {
-        record.insert(k.clone(), v.clone());
-    }
-    record.insert("n_tokens".into(), json!(r.tokens.len()));
-    let mut positions = serde_json::Map::new();
-    for &p in &spec.positions {
-        if p != Position::All && p != Position::Mean {
-            positions.insert(p.to_string(), json!(token_positions(r, p)[0]));
-        }
-    }
-    record.insert("positions".into(), Value::Object(positions));
-    if let Some((a, b)) = r.cue_span {
-        record.insert("cue_span".into(), json!([a, b]));
-    }
-    if let Some((a, b)) = r.user_span {
-        record.insert("user_span".into(), json!([a, b]));
-    }
+    let mut record = row_record(spec, row, r, index);
     if spec.score || spec.refusal.is_some() {
         let started = Instant::now();
         let named = if spec.score {
@@ -340,6 +328,37 @@ fn capture_row(
         spec.positions.contains(&Position::All),
     );
     Ok(computed)
+}
+
+/// The row's line of `rows.jsonl` before its scores: id, index, metadata,
+/// token count, the token index of each single-token position, and the spans.
+fn row_record(
+    spec: &CaptureSpec,
+    row: &PromptRow,
+    r: &RenderedPrompt,
+    index: usize,
+) -> serde_json::Map<String, Value> {
+    let mut record = serde_json::Map::new();
+    record.insert("id".into(), json!(row.id));
+    record.insert("row".into(), json!(index));
+    for (k, v) in &row.metadata {
+        record.insert(k.clone(), v.clone());
+    }
+    record.insert("n_tokens".into(), json!(r.tokens.len()));
+    let mut positions = serde_json::Map::new();
+    for &p in &spec.positions {
+        if p != Position::All && p != Position::Mean {
+            positions.insert(p.to_string(), json!(token_positions(r, p)[0]));
+        }
+    }
+    record.insert("positions".into(), Value::Object(positions));
+    if let Some((a, b)) = r.cue_span {
+        record.insert("cue_span".into(), json!([a, b]));
+    }
+    if let Some((a, b)) = r.user_span {
+        record.insert("user_span".into(), json!([a, b]));
+    }
+    record
 }
 
 /// The state of one shard block: the KV cache rows share, and the shard being built.

@@ -145,30 +145,7 @@ pub fn ablate(model: &Model, spec: &AblateSpec) -> Result<AblateReport> {
     progress.finish();
 
     let gap = |rows: &[Value]| gap_from_rows(rows, &spec.out, spec.resamples, spec.seed);
-    let mut compliance = BTreeMap::new();
-    for (name, harmful) in [("harmful", true), ("benign", false)] {
-        let pick = |rows: &[Value]| -> Vec<f64> {
-            rows.iter()
-                .filter(|r| r.get("harmful").and_then(Value::as_bool).unwrap_or(true) == harmful)
-                .filter_map(|r| r["p_accept"].as_f64())
-                .collect()
-        };
-        let (b, a, c) = (pick(&before_rows), pick(&after_rows), pick(&change_rows));
-        if c.is_empty() {
-            continue;
-        }
-        let (change, change_ci95) = mean_ci(&c, spec.resamples, spec.seed);
-        compliance.insert(
-            name.to_string(),
-            Change {
-                n: c.len(),
-                before: b.iter().sum::<f64>() / b.len() as f64,
-                after: a.iter().sum::<f64>() / a.len() as f64,
-                change,
-                change_ci95,
-            },
-        );
-    }
+    let compliance = compliance_change(&before_rows, &after_rows, &change_rows, spec);
     let report = AblateReport {
         format: "afprobe-ablate/1".into(),
         afprobe_version: env!("CARGO_PKG_VERSION").into(),
@@ -184,6 +161,41 @@ pub fn ablate(model: &Model, spec: &AblateSpec) -> Result<AblateReport> {
     };
     write_run(&spec.out, ABLATE_JSON, &records, &report)?;
     Ok(report)
+}
+
+/// Mean p_accept before and after on harmful and on benign rows, and the mean
+/// change with its bootstrap interval (rows without `harmful` count as harmful).
+fn compliance_change(
+    before_rows: &[Value],
+    after_rows: &[Value],
+    change_rows: &[Value],
+    spec: &AblateSpec,
+) -> BTreeMap<String, Change> {
+    let mut compliance = BTreeMap::new();
+    for (name, harmful) in [("harmful", true), ("benign", false)] {
+        let pick = |rows: &[Value]| -> Vec<f64> {
+            rows.iter()
+                .filter(|r| r.get("harmful").and_then(Value::as_bool).unwrap_or(true) == harmful)
+                .filter_map(|r| r["p_accept"].as_f64())
+                .collect()
+        };
+        let (b, a, c) = (pick(before_rows), pick(after_rows), pick(change_rows));
+        if c.is_empty() {
+            continue;
+        }
+        let (change, change_ci95) = mean_ci(&c, spec.resamples, spec.seed);
+        compliance.insert(
+            name.to_string(),
+            Change {
+                n: c.len(),
+                before: b.iter().sum::<f64>() / b.len() as f64,
+                after: a.iter().sum::<f64>() / a.len() as f64,
+                change,
+                change_ci95,
+            },
+        );
+    }
+    compliance
 }
 
 /// The report as a short table: the gap before, after and its change per cue.
