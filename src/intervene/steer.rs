@@ -130,6 +130,34 @@ pub struct SteerReport {
     pub seconds: f64,
 }
 
+/// Each cell's mean p_accept over rows and per tier, with bootstrap intervals
+/// (cell `c` resamples with seed `seed ^ c`).
+fn summarize_cells(
+    spec: &SteerSpec,
+    cells: &[(usize, f64, Along)],
+    steered: &[Vec<f64>],
+    tiers: &[Option<String>],
+) -> Vec<SteerCell> {
+    cells
+        .iter()
+        .zip(steered)
+        .enumerate()
+        .map(|(c, (&(p, alpha, kind), values))| {
+            let seed = spec.seed ^ c as u64;
+            let (mean, ci95) = mean_ci(values, spec.resamples, seed);
+            SteerCell {
+                hook: spec.points[p].to_string(),
+                layer: spec.points[p].layer(),
+                alpha,
+                kind: kind.name().into(),
+                p_accept: mean,
+                ci95,
+                by_tier: by_tier(values, tiers, spec.resamples, seed),
+            }
+        })
+        .collect()
+}
+
 /// Refuses a sweep that cannot give a result.
 fn validate(spec: &SteerSpec, n_layers: usize) -> Result<()> {
     spec.points
@@ -305,24 +333,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
     progress.finish();
 
     let tiers: Vec<Option<String>> = rows.iter().map(|r| r.field("tier")).collect();
-    let summary = |values: &[f64], seed: u64| by_tier(values, &tiers, spec.resamples, seed);
-    let cells = cells
-        .iter()
-        .zip(&steered)
-        .enumerate()
-        .map(|(c, (&(p, alpha, kind), values))| {
-            let (mean, ci95) = mean_ci(values, spec.resamples, spec.seed ^ c as u64);
-            SteerCell {
-                hook: spec.points[p].to_string(),
-                layer: spec.points[p].layer(),
-                alpha,
-                kind: kind.name().into(),
-                p_accept: mean,
-                ci95,
-                by_tier: summary(values, spec.seed ^ c as u64),
-            }
-        })
-        .collect();
+    let cells = summarize_cells(spec, &cells, &steered, &tiers);
     let report = SteerReport {
         format: "afprobe-steer/1".into(),
         afprobe_version: env!("CARGO_PKG_VERSION").into(),
@@ -335,7 +346,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
             .zip(&norms)
             .map(|(p, n)| (p.to_string(), *n))
             .collect(),
-        baseline: summary(&base, spec.seed),
+        baseline: by_tier(&base, &tiers, spec.resamples, spec.seed),
         cells,
         tokens: count,
         seconds: started.elapsed().as_secs_f64(),

@@ -31,7 +31,7 @@ use crate::study::setting::{
     build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Cue,
     Request, Variation,
 };
-use interventions::run_interventions;
+use interventions::{run_interventions, Interventions};
 use report::{report_markdown, ReportInputs};
 
 /// Where the demo writes (relative to the working directory).
@@ -135,19 +135,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
 
     let figures_dir = Path::new("figures").join(NAME);
     let (files, meaning_files) = timings.time("figures", || {
-        let plot_into = |input: &Path, out: PathBuf| {
-            plot(&PlotSpec {
-                input: input.to_path_buf(),
-                out,
-                layer: None,
-                position: None,
-            })
-        };
-        let mut main = plot_into(&probes_dir, figures_dir.clone())?;
-        for run in [&interventions.steer_dir, &interventions.patch_dir] {
-            main.extend(plot_into(run, figures_dir.clone())?);
-        }
-        Ok((main, plot_into(&meaning_dir, figures_dir.join("meaning"))?))
+        render_figures(&probes_dir, &meaning_dir, &interventions, &figures_dir)
     })?;
     let report_md = figures_dir.join("REPORT.md");
     let total = started.elapsed().as_secs_f64();
@@ -217,6 +205,29 @@ fn meaning_probes(store_dir: &Path, meaning_dir: &Path) -> Result<probe::Report>
     let meaning = probe::probe(&spec)?;
     print!("{}", probe::format_summary(&meaning));
     Ok(meaning)
+}
+
+/// Every figure of the demo: probes, steering and patching into `figures/demo`,
+/// the meaning probe into `figures/demo/meaning`.
+fn render_figures(
+    probes_dir: &Path,
+    meaning_dir: &Path,
+    interventions: &Interventions,
+    figures_dir: &Path,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let plot_into = |input: &Path, out: PathBuf| {
+        plot(&PlotSpec {
+            input: input.to_path_buf(),
+            out,
+            layer: None,
+            position: None,
+        })
+    };
+    let mut main = plot_into(probes_dir, figures_dir.to_path_buf())?;
+    for run in [&interventions.steer_dir, &interventions.patch_dir] {
+        main.extend(plot_into(run, figures_dir.to_path_buf())?);
+    }
+    Ok((main, plot_into(meaning_dir, figures_dir.join("meaning"))?))
 }
 
 /// The demo's prompt rows and where they were written.
