@@ -1,6 +1,10 @@
 //! The figure kinds, drawn on any plotters backend (PNG and SVG share code).
 //! Where text and legends go is computed by [`super::layout`], with the font's
 //! own metrics; this module draws what it computed.
+//!
+//! Over 700 lines on purpose: the four drawers (layers, heatmap, scatter,
+//! intervals) share the private frame, tick, marker and legend helpers here,
+//! and splitting them would make those helpers part of the module's interface.
 
 use plotters::coord::ranged1d::{AsRangedCoord, DefaultFormatting, KeyPointHint, Ranged};
 use plotters::coord::types::RangedCoordf64;
