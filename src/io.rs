@@ -1,7 +1,8 @@
 //! File I/O shared by every writer: streamed sha256, atomic writes (temporary
 //! file + rename, so a reader never sees half a file) and f32 safetensors.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -68,4 +69,86 @@ pub fn save_f32_tensors(
     let bytes = safetensors::serialize(views, metadata)
         .map_err(|e| Error::BadInput(format!("cannot serialise {}: {e}", path.display())))?;
     write_atomic(path, &bytes)
+}
+
+/// One tensor of a safetensors header: dtype name (`F32`, ...) and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorHeader {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// The largest safetensors header read (the format's own reader caps it at 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Reads and checks a safetensors file's header before any library maps the
+/// file: the 8-byte little-endian header length, the JSON header, and for
+/// every tensor a known dtype, a shape whose byte size does not overflow, and
+/// `data_offsets` `[begin, end)` inside the data section with `end - begin`
+/// equal to that size. Format: the safetensors README ("Format"). Returns
+/// the tensors by name; errors name the file and the tensor.
+pub fn check_safetensors(path: &Path) -> Result<BTreeMap<String, TensorHeader>> {
+    let bad = |msg: String| Error::model_file(path, format!("not a valid safetensors file: {msg}"));
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(|_| {
+        bad(format!(
+            "{len} bytes is shorter than the 8-byte header length"
+        ))
+    })?;
+    let n = u64::from_le_bytes(n);
+    if n > len - 8 || n > MAX_HEADER {
+        return Err(bad(format!(
+            "header length {n} does not fit the file ({len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let data_len = len - 8 - n;
+    let mut tensors = BTreeMap::new();
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let at = |msg: &str| bad(format!("tensor `{name}`: {msg}"));
+        let dtype = entry["dtype"]
+            .as_str()
+            .ok_or_else(|| at("no dtype"))?
+            .to_string();
+        let size: u64 = match dtype.as_str() {
+            "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+            "U16" | "I16" | "F16" | "BF16" => 2,
+            "U32" | "I32" | "F32" => 4,
+            "U64" | "I64" | "F64" => 8,
+            other => return Err(at(&format!("unknown dtype `{other}`"))),
+        };
+        let shape = entry["shape"]
+            .as_array()
+            .and_then(|dims| {
+                dims.iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect::<Option<Vec<usize>>>()
+            })
+            .ok_or_else(|| at("shape is not a list of sizes"))?;
+        let bytes = shape
+            .iter()
+            .try_fold(size, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| at("shape overflows"))?;
+        let offsets = entry["data_offsets"]
+            .as_array()
+            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)))
+            .ok_or_else(|| at("data_offsets is not [begin, end]"))?;
+        if offsets.0 > offsets.1 || offsets.1 > data_len || offsets.1 - offsets.0 != bytes {
+            return Err(at(&format!(
+                "data_offsets [{}, {}) do not hold {bytes} bytes inside the {data_len}-byte data section",
+                offsets.0, offsets.1
+            )));
+        }
+        tensors.insert(name, TensorHeader { dtype, shape });
+    }
+    Ok(tensors)
 }

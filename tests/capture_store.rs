@@ -245,7 +245,9 @@ fn positions_agree_with_each_other() {
     let cue = store.load(&format!("{hook}@cue")).unwrap();
     let mut row = 0;
     for shard in store.shards() {
-        let all = shard.load(&format!("{hook}@all")).unwrap();
+        let all = shard
+            .load(&format!("{hook}@all"), store.manifest.model.d_model)
+            .unwrap();
         let offsets = shard.tensors().unwrap()["row_offsets"]
             .to_vec1::<i64>()
             .unwrap();

@@ -209,6 +209,125 @@ impl Manifest {
         diff
     }
 
+    /// Checks every field a reader or writer will index with, against each
+    /// other: format, model sizes, hooks (TransformerLens names inside the
+    /// model), positions, dtype, slice, and that the shards are the store's
+    /// planned blocks, in order, each a file inside the store directory
+    /// holding exactly its block's rows. `path` names the manifest in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |what: String| {
+            Error::model_file(path, format!("{what}; the store is damaged or not from this afprobe (rerun `afprobe capture`)"))
+        };
+        if self.format != FORMAT {
+            return Err(bad(format!(
+                "format is `{}`, expected `{FORMAT}`",
+                self.format
+            )));
+        }
+        let m = &self.model;
+        if m.d_model == 0 || m.d_model > 1 << 20 || m.n_layers == 0 || m.n_layers > 1 << 12 {
+            return Err(bad(format!(
+                "model.d_model {} and model.n_layers {} must be positive and plausible",
+                m.d_model, m.n_layers
+            )));
+        }
+        if self.hooks.is_empty() || self.positions.is_empty() {
+            return Err(bad("`hooks` and `positions` must not be empty".into()));
+        }
+        for (i, hook) in self.hooks.iter().enumerate() {
+            let point: HookPoint = hook.parse().map_err(|e| bad(format!("hooks[{i}]: {e}")))?;
+            if point.layer().is_some_and(|l| l >= m.n_layers) {
+                return Err(bad(format!(
+                    "hooks[{i}] `{hook}` is outside the model's {} layers",
+                    m.n_layers
+                )));
+            }
+            if self.hooks[..i].contains(hook) {
+                return Err(bad(format!("hooks[{i}] `{hook}` is listed twice")));
+            }
+        }
+        for (i, p) in self.positions.iter().enumerate() {
+            if self.positions[..i].contains(p) {
+                return Err(bad(format!("positions[{i}] `{p}` is listed twice")));
+            }
+        }
+        if self.dtype != "f32" && self.dtype != "f16" {
+            return Err(bad(format!(
+                "dtype is `{}`, expected f32 or f16",
+                self.dtype
+            )));
+        }
+        if self.shard_rows == 0 {
+            return Err(bad("shard_rows must be at least 1".into()));
+        }
+        if let Some(s) = self.slice {
+            if s.count == 0 || s.index >= s.count {
+                return Err(bad(format!(
+                    "slice {}/{} is not I/N with 0 <= I < N",
+                    s.index, s.count
+                )));
+            }
+        }
+        // Bounds what planning the blocks allocates (16M blocks).
+        if self.prompts.rows.div_ceil(self.shard_rows) > 1 << 24 {
+            return Err(bad(format!(
+                "prompts.rows {} in blocks of {} is not a plausible store",
+                self.prompts.rows, self.shard_rows
+            )));
+        }
+        self.validate_shards().map_err(bad)
+    }
+
+    /// The shards are the first planned blocks, in order (a run writes them so),
+    /// each with its block's rows.
+    fn validate_shards(&self) -> std::result::Result<(), String> {
+        let planned = self.planned_blocks();
+        if self.shards.len() > planned.len() {
+            return Err(format!(
+                "{} shards listed, but the run has {} shard blocks",
+                self.shards.len(),
+                planned.len()
+            ));
+        }
+        let mut rows = 0usize;
+        for (i, (shard, &block)) in self.shards.iter().zip(&planned).enumerate() {
+            let mut parts = Path::new(&shard.file).components();
+            let plain = matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            );
+            if !plain || shard.file.contains(['/', '\\']) {
+                return Err(format!(
+                    "shards[{i}].file `{}` is not a file name inside the store directory",
+                    shard.file
+                ));
+            }
+            let start = block * self.shard_rows;
+            let end = start.saturating_add(self.shard_rows).min(self.prompts.rows);
+            if shard.rows != [start, end] {
+                return Err(format!(
+                    "shards[{i}] rows [{}, {}) are not its block's rows [{start}, {end})",
+                    shard.rows[0], shard.rows[1]
+                ));
+            }
+            rows += end - start;
+        }
+        if rows != self.row_count {
+            return Err(format!(
+                "row_count is {} but the shards hold {rows} rows",
+                self.row_count
+            ));
+        }
+        if self.complete && self.shards.len() != planned.len() {
+            return Err(format!(
+                "the store is marked complete but holds {} of its {} shard blocks",
+                self.shards.len(),
+                planned.len()
+            ));
+        }
+        Ok(())
+    }
+
     /// Shard blocks this store is meant to hold, in order.
     pub fn planned_blocks(&self) -> Vec<usize> {
         let n_blocks = self.prompts.rows.div_ceil(self.shard_rows);
@@ -233,6 +352,7 @@ pub fn shard_file(block: usize) -> String {
     format!("shard-{block:05}.safetensors")
 }
 
+/// Reads and validates `dir/manifest.json` (see [`Manifest::validate`]).
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
     let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -242,6 +362,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             dir.display()
         ))
     })?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::model_file(&path, format!("not a valid afprobe manifest: {e}")))
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| Error::model_file(&path, format!("not a valid afprobe manifest: {e}")))?;
+    manifest.validate(&path)?;
+    Ok(manifest)
 }

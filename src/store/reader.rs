@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::format::{read_manifest, Manifest, ROWS};
 use crate::error::{Error, Result};
+use crate::io::check_safetensors;
 
 /// A store opened for reading.
 #[derive(Debug, Clone)]
@@ -97,7 +98,7 @@ impl Store {
         self.check_name(name)?;
         let mut parts = Vec::new();
         for shard in self.shards() {
-            parts.push(shard.load(name)?);
+            parts.push(shard.load(name, self.manifest.model.d_model)?);
         }
         let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
         ndarray::concatenate(ndarray::Axis(0), &views)
@@ -150,13 +151,42 @@ pub struct Shard {
 impl Shard {
     /// Every tensor of the shard.
     pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        check_safetensors(&self.path)?;
         let map = candle_core::safetensors::load(&self.path, &Device::Cpu)
             .map_err(|e| Error::model_file(&self.path, format!("cannot read shard: {e}")))?;
         Ok(map.into_iter().collect())
     }
 
-    /// One 2-D tensor of the shard as f32.
-    pub fn load(&self, name: &str) -> Result<Array2<f32>> {
+    /// One 2-D tensor of the shard as f32: `[rows, d_model]` with the block's
+    /// rows, or one row per token for `@all` (errors name the shard and tensor).
+    pub fn load(&self, name: &str, d_model: usize) -> Result<Array2<f32>> {
+        let header = check_safetensors(&self.path)?;
+        let rows = self.rows[1] - self.rows[0];
+        let ragged = name.ends_with("@all");
+        let fits = |shape: &[usize]| match shape {
+            [r, c] => *c == d_model && (ragged || *r == rows),
+            _ => false,
+        };
+        let Some(h) = header.get(name) else {
+            return Err(Error::model_file(
+                &self.path,
+                format!("missing tensor `{name}`"),
+            ));
+        };
+        if !fits(&h.shape) || !matches!(h.dtype.as_str(), "F32" | "F16") {
+            let want = if ragged {
+                "tokens".to_string()
+            } else {
+                rows.to_string()
+            };
+            return Err(Error::model_file(
+                &self.path,
+                format!(
+                    "tensor `{name}` is {} {:?}, expected F32 or F16 [{want}, {d_model}]",
+                    h.dtype, h.shape
+                ),
+            ));
+        }
         // Safety: the shard is mapped read-only; afprobe never rewrites a finished shard in place.
         let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::new(&self.path) }
             .map_err(|e| Error::model_file(&self.path, format!("cannot read shard: {e}")))?;
