@@ -497,7 +497,7 @@ fn figures_render_as_png_and_svg() {
     );
     // A store without activations says so instead of panicking.
     let rows_only = tmp.path().join("rows-only");
-    common::write_store(
+    common::write_store_files(
         &rows_only,
         &rows,
         &common::StoreShape::default(),

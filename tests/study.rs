@@ -116,9 +116,28 @@ fn request_files_load_and_bad_ones_are_named() {
     );
 }
 
-/// A store with only rows (no activations), as `capture --score` would leave them.
+/// A store of `rows` with scores, as `capture --score` would leave them (one
+/// zero activation per row: the gap reads only the rows).
 fn store_with_rows(dir: &Path, rows: &[Value], score: bool) -> Store {
-    common::write_store(dir, rows, &common::StoreShape::default(), score, vec![])
+    let shape = common::StoreShape {
+        hooks: vec!["blocks.0.hook_resid_post".into()],
+        positions: vec![afprobe::store::Position::Last],
+        d_model: 1,
+        n_layers: 1,
+    };
+    let zeros = candle_core::Tensor::zeros(
+        (rows.len(), 1),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    common::write_store(
+        dir,
+        rows,
+        &shape,
+        score,
+        vec![("blocks.0.hook_resid_post@last".into(), zeros)],
+    )
 }
 
 #[test]
@@ -408,5 +427,99 @@ fn gap_keeps_variations_apart() {
     assert!(
         err.contains("a second free row") && err.contains("rows.jsonl:3"),
         "{err}"
+    );
+}
+
+#[test]
+fn a_killed_sampling_run_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 6 blocks of 32 rows sharing a system prompt, as a study's rows do.
+    let rows: Vec<Value> = (0..192)
+        .map(|i| {
+            json!({"id": format!("r{i}"), "messages": [
+                {"role": "system", "content": "Shared system prompt for every row."},
+                {"role": "user", "content": format!("request {i}")}],
+                "tier": if i % 2 == 0 { "free" } else { "paid" }, "request_id": format!("q{}", i / 2)})
+        })
+        .collect();
+    let prompts = tmp.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        rows.iter().map(|r| format!("{r}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let model = fixtures().join("tiny_qwen2");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "sample",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+            "-n",
+            "4",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |a: Vec<String>| {
+        let out = afprobe(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let whole = tmp.path().join("whole");
+    run(args(&whole));
+
+    let killed = tmp.path().join("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_afprobe"))
+        .args(args(&killed))
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let first_block = killed.join(".sample-block-00001.rows.jsonl");
+    while !first_block.exists() && started.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !killed.join("sample.json").exists(),
+        "the run finished before it could be killed; make it longer"
+    );
+    // Without --resume the interrupted run is refused; with it the run completes.
+    fails(
+        &afprobe(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>()),
+        &["interrupted sampling run", "--resume"],
+    );
+    let mut resume = args(&killed);
+    resume.push("--resume".into());
+    run(resume);
+    for file in ["transcripts.jsonl", "rows.jsonl"] {
+        assert_eq!(
+            std::fs::read_to_string(whole.join(file)).unwrap(),
+            std::fs::read_to_string(killed.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // A resume with other settings is refused.
+    let other = tmp.path().join("other");
+    run(args(&other));
+    std::fs::remove_file(other.join("sample.json")).unwrap();
+    std::fs::write(other.join(".sample-run.json"), "{}").unwrap();
+    let mut resume = args(&other);
+    resume.push("--resume".into());
+    fails(
+        &afprobe(&resume.iter().map(String::as_str).collect::<Vec<_>>()),
+        &["other settings"],
     );
 }

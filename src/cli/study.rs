@@ -81,8 +81,11 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Overwrite a sampling run already in --out.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     force: bool,
+    /// Continue a killed run with the same settings in --out (finished blocks of 32 rows are kept).
+    #[arg(long)]
+    resume: bool,
     /// Run directory, e.g. activations/NAME.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -158,6 +161,7 @@ pub fn sample(a: SampleArgs) -> anyhow::Result<()> {
             seed: a.seed,
             max_new_tokens: a.max_new_tokens,
             force: a.force,
+            resume: a.resume,
         },
     )?;
     println!("{}", a.out.display());

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::generate::{generate_with_cache, Sampling};
 use crate::io::write_atomic;
 use crate::model::{Hooks, KvCache, Model};
-use crate::prompts::{read_prompt_file, render};
+use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::study::refusal::{self, Reading};
 use crate::study::setting::{ACCEPT_TAG, REJECT_TAG};
 
@@ -58,6 +58,26 @@ pub struct SampleSpec {
     pub seed: u64,
     pub max_new_tokens: usize,
     pub force: bool,
+    /// Continue a killed run with the same settings in `out`.
+    #[serde(skip)]
+    pub resume: bool,
+}
+
+/// Prompt rows per block. Each block starts from an empty KV cache (rows
+/// within it reuse the shared system prompt), so a block's samples do not
+/// depend on the blocks before it, and a resumed run equals an uninterrupted one.
+pub const BLOCK_ROWS: usize = 32;
+
+/// The settings of a run in progress (written first, removed when it finishes).
+const RUN_STATE: &str = ".sample-run.json";
+
+/// A finished block's files: its transcripts, then its rows (written last, so
+/// a block with a rows file is complete).
+fn block_files(dir: &Path, block: usize) -> [PathBuf; 2] {
+    [
+        dir.join(format!(".sample-block-{block:05}.transcripts.jsonl")),
+        dir.join(format!(".sample-block-{block:05}.rows.jsonl")),
+    ]
 }
 
 /// The seed of sample `k` of row `row`: independent of run order, so a row's
@@ -68,7 +88,8 @@ fn sample_seed(base: u64, row: usize, k: usize) -> u64 {
         .wrapping_add(k as u64)
 }
 
-/// Runs the sampling and writes the run directory.
+/// Runs the sampling and writes the run directory. Blocks of [`BLOCK_ROWS`]
+/// rows are written as they finish; `spec.resume` continues after the last one.
 pub fn sample(model: &Model, spec: &SampleSpec) -> Result<()> {
     if spec.n == 0 {
         return Err(Error::BadInput("-n must be at least 1".into()));
@@ -78,101 +99,176 @@ pub fn sample(model: &Model, spec: &SampleSpec) -> Result<()> {
         .iter()
         .map(|r| render(model, r, &spec.prompts))
         .collect::<Result<Vec<_>>>()?;
-    prepare_dir(&spec.out, spec.force)?;
-    let mut transcripts = String::new();
-    let mut records = String::new();
-    let mut kv = KvCache::new();
+    let settings = json!({"model": model.spec.to_string(), "weights_sha256": model.weights_sha256()?,
+                          "prompts_sha256": crate::io::sha256_file(&spec.prompts)?, "rows": rows.len(),
+                          "n": spec.n, "temperature": spec.temperature, "top_p": spec.top_p,
+                          "seed": spec.seed, "max_new_tokens": spec.max_new_tokens});
+    prepare_dir(spec, &settings)?;
+    let n_blocks = rows.len().div_ceil(BLOCK_ROWS);
     let started = std::time::Instant::now();
-    for (i, (row, r)) in rows.iter().zip(&rendered).enumerate() {
-        let (mut accept, mut reject, mut neither) = (0usize, 0usize, 0usize);
-        let (mut refuses, mut answered) = (0usize, 0usize);
-        // Keep the longest common token prefix with the previous row (the system prompt).
-        kv.truncate(kv.shared_prefix_len(&r.tokens))?;
-        for k in 0..spec.n {
-            let sampling = Sampling {
-                temperature: spec.temperature,
-                top_p: spec.top_p,
-                seed: sample_seed(spec.seed, i, k),
-                max_new_tokens: spec.max_new_tokens,
-            };
-            let ids = generate_with_cache(
-                model,
-                &mut kv,
-                &r.tokens,
-                &sampling,
-                &mut Hooks::none(),
-                |_| {},
-            )?;
-            kv.truncate(r.tokens.len())?;
-            let text = model.tokenizer.decode(&ids)?;
-            let answer = classify(&text);
-            match answer {
-                Answer::Accept => accept += 1,
-                Answer::Reject => reject += 1,
-                Answer::Neither => neither += 1,
+    let mut sampled = 0usize;
+    for block in 0..n_blocks {
+        let [transcripts_path, rows_path] = block_files(&spec.out, block);
+        if rows_path.is_file() {
+            continue; // finished before the run was interrupted
+        }
+        let (mut transcripts, mut records) = (String::new(), String::new());
+        let mut kv = KvCache::new();
+        let range = block * BLOCK_ROWS..((block + 1) * BLOCK_ROWS).min(rows.len());
+        for i in range {
+            let (t, record) = sample_row(model, spec, &rows[i], &rendered[i], i, &mut kv)?;
+            transcripts.push_str(&t);
+            records.push_str(&record);
+            sampled += 1;
+            if sampled.is_multiple_of(10) || i + 1 == rows.len() {
+                eprintln!(
+                    "afprobe: sampled {}/{} rows x {} ({:.1} s per row)",
+                    i + 1,
+                    rows.len(),
+                    spec.n,
+                    started.elapsed().as_secs_f64() / sampled as f64
+                );
             }
-            let reading = refusal::read(&text);
-            answered += usize::from(reading != Reading::NoAnswer);
-            refuses += usize::from(reading == Reading::Refuses);
-            transcripts.push_str(&format!(
-                "{}\n",
-                json!({"id": row.id, "row": i, "sample": k, "seed": sampling.seed,
-                       "answer": answer, "reading": reading, "n_tokens": ids.len(), "text": text})
-            ));
         }
-        let mut record = serde_json::Map::new();
-        record.insert("id".into(), json!(row.id));
-        record.insert("row".into(), json!(i));
-        for (key, v) in &row.metadata {
-            record.insert(key.clone(), v.clone());
+        write_atomic(&transcripts_path, transcripts.as_bytes())?;
+        write_atomic(&rows_path, records.as_bytes())?;
+    }
+    finish(spec, n_blocks, rows.len(), &settings)
+}
+
+/// Samples one row `spec.n` times on `kv` (reusing its prefix shared with the
+/// row before); returns the row's transcript lines and its `rows.jsonl` line.
+fn sample_row(
+    model: &Model,
+    spec: &SampleSpec,
+    row: &PromptRow,
+    r: &RenderedPrompt,
+    i: usize,
+    kv: &mut KvCache,
+) -> Result<(String, String)> {
+    let (mut accept, mut reject, mut neither) = (0usize, 0usize, 0usize);
+    let (mut refuses, mut answered) = (0usize, 0usize);
+    let mut transcripts = String::new();
+    // Keep the longest common token prefix with the previous row (the system prompt).
+    kv.truncate(kv.shared_prefix_len(&r.tokens))?;
+    for k in 0..spec.n {
+        let sampling = Sampling {
+            temperature: spec.temperature,
+            top_p: spec.top_p,
+            seed: sample_seed(spec.seed, i, k),
+            max_new_tokens: spec.max_new_tokens,
+        };
+        let ids = generate_with_cache(model, kv, &r.tokens, &sampling, &mut Hooks::none(), |_| {})?;
+        kv.truncate(r.tokens.len())?;
+        let text = model.tokenizer.decode(&ids)?;
+        let answer = classify(&text);
+        match answer {
+            Answer::Accept => accept += 1,
+            Answer::Reject => reject += 1,
+            Answer::Neither => neither += 1,
         }
-        let n = spec.n as f64;
-        record.insert(
-            "samples".into(),
-            json!({"accept": accept, "reject": reject, "neither": neither}),
-        );
-        record.insert("p_accept".into(), json!(accept as f64 / n));
-        record.insert("format_failure".into(), json!(neither as f64 / n));
-        // Format-free: the share of answered samples the refusal rules read as refusing.
-        if answered > 0 {
-            record.insert("p_refuse".into(), json!(refuses as f64 / answered as f64));
-        }
-        records.push_str(&format!("{}\n", Value::Object(record)));
-        if (i + 1) % 10 == 0 || i + 1 == rows.len() {
-            let secs = started.elapsed().as_secs_f64();
-            eprintln!(
-                "afprobe: sampled {}/{} rows x {} ({:.1} s per row)",
-                i + 1,
-                rows.len(),
-                spec.n,
-                secs / (i + 1) as f64
-            );
-        }
+        let reading = refusal::read(&text);
+        answered += usize::from(reading != Reading::NoAnswer);
+        refuses += usize::from(reading == Reading::Refuses);
+        transcripts.push_str(&format!(
+            "{}\n",
+            json!({"id": row.id, "row": i, "sample": k, "seed": sampling.seed,
+                   "answer": answer, "reading": reading, "n_tokens": ids.len(), "text": text})
+        ));
+    }
+    let mut record = serde_json::Map::new();
+    record.insert("id".into(), json!(row.id));
+    record.insert("row".into(), json!(i));
+    for (key, v) in &row.metadata {
+        record.insert(key.clone(), v.clone());
+    }
+    let n = spec.n as f64;
+    record.insert(
+        "samples".into(),
+        json!({"accept": accept, "reject": reject, "neither": neither}),
+    );
+    record.insert("p_accept".into(), json!(accept as f64 / n));
+    record.insert("format_failure".into(), json!(neither as f64 / n));
+    // Format-free: the share of answered samples the refusal rules read as refusing.
+    if answered > 0 {
+        record.insert("p_refuse".into(), json!(refuses as f64 / answered as f64));
+    }
+    Ok((transcripts, format!("{}\n", Value::Object(record))))
+}
+
+/// Joins the blocks into `transcripts.jsonl` and `rows.jsonl`, writes
+/// `sample.json` last, and removes the blocks and the run state.
+fn finish(spec: &SampleSpec, n_blocks: usize, n_rows: usize, settings: &Value) -> Result<()> {
+    let (mut transcripts, mut records) = (String::new(), String::new());
+    for block in 0..n_blocks {
+        let [t, r] = block_files(&spec.out, block);
+        transcripts.push_str(&std::fs::read_to_string(&t).map_err(|e| Error::io(&t, e))?);
+        records.push_str(&std::fs::read_to_string(&r).map_err(|e| Error::io(&r, e))?);
     }
     write_atomic(&spec.out.join("transcripts.jsonl"), transcripts.as_bytes())?;
     write_atomic(&spec.out.join("rows.jsonl"), records.as_bytes())?;
     // Written last: a run directory with sample.json is complete.
     let manifest = json!({"format": "afprobe-samples/1", "afprobe_version": env!("CARGO_PKG_VERSION"),
-                          "model": model.spec.to_string(), "settings": spec, "rows": rows.len(),
-                          "prompts_sha256": crate::io::sha256_file(&spec.prompts)?});
+                          "model": settings["model"], "settings": spec, "rows": n_rows,
+                          "prompts_sha256": settings["prompts_sha256"]});
     write_atomic(
         &spec.out.join(SAMPLE_MANIFEST),
         serde_json::to_string_pretty(&manifest)
             .expect("json")
             .as_bytes(),
-    )
+    )?;
+    remove_run_files(&spec.out)
 }
 
-fn prepare_dir(dir: &Path, force: bool) -> Result<()> {
-    if dir.join(SAMPLE_MANIFEST).exists() && !force {
+/// Removes the blocks and the run state of an unfinished run.
+fn remove_run_files(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name == RUN_STATE || name.starts_with(".sample-block-") {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Readies `spec.out`: refuses a finished run without --force and a killed run
+/// without --resume (or --force); a resume must have the same settings.
+fn prepare_dir(spec: &SampleSpec, settings: &Value) -> Result<()> {
+    let dir = &spec.out;
+    if dir.join(SAMPLE_MANIFEST).exists() && !spec.force {
         return Err(Error::BadInput(format!(
             "{}: already holds a sampling run; pass --force to overwrite it or choose another --out",
             dir.display()
         )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let state = dir.join(RUN_STATE);
+    let previous = std::fs::read_to_string(&state).ok();
+    match previous {
+        Some(text) if spec.resume => {
+            let old: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if &old != settings {
+                return Err(Error::BadInput(format!(
+                    "{}: the interrupted run had other settings (model, prompts, -n, sampling or \
+                     seed); pass --force to start over or choose another --out",
+                    dir.display()
+                )));
+            }
+            return Ok(());
+        }
+        Some(_) if !spec.force => {
+            return Err(Error::BadInput(format!(
+                "{}: holds an interrupted sampling run; pass --resume to continue it, --force to \
+                 start over, or choose another --out",
+                dir.display()
+            )))
+        }
+        _ => {}
+    }
     let _ = std::fs::remove_file(dir.join(SAMPLE_MANIFEST));
-    Ok(())
+    remove_run_files(dir)?;
+    write_atomic(&state, settings.to_string().as_bytes())
 }
 
 /// The rows of a finished sampling run, for `afprobe gap`.

@@ -100,14 +100,27 @@ pub struct StoreShape {
 }
 
 /// A complete one-shard store of `rows` (each given `n_tokens: 1` and one
-/// token) holding `tensors`, as `afprobe capture` would leave it.
+/// token) holding `tensors`, as `afprobe capture` would leave it, opened.
 pub fn write_store(
     dir: &Path,
     rows: &[Value],
     shape: &StoreShape,
     score: bool,
-    mut tensors: Vec<(String, Tensor)>,
+    tensors: Vec<(String, Tensor)>,
 ) -> Store {
+    write_store_files(dir, rows, shape, score, tensors);
+    Store::open(dir).unwrap()
+}
+
+/// The files of [`write_store`], without opening them (for stores that a
+/// reader must refuse).
+pub fn write_store_files(
+    dir: &Path,
+    rows: &[Value],
+    shape: &StoreShape,
+    score: bool,
+    mut tensors: Vec<(String, Tensor)>,
+) {
     let n = rows.len();
     let manifest = Manifest {
         format: FORMAT.into(),
@@ -154,5 +167,4 @@ pub fn write_store(
         .collect();
     writer.write_shard(0, [0, n], &records, tensors).unwrap();
     writer.finish().unwrap();
-    Store::open(dir).unwrap()
 }
