@@ -307,6 +307,20 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .and_then(Value::as_object)
             .ok_or_else(|| Error::model_file(&index, "no `weight_map` object"))?;
         let names: HashSet<&str> = map.values().filter_map(Value::as_str).collect();
+        // A shard must be a file of this directory: a path elsewhere is refused.
+        if let Some(bad) = names.iter().find(|n| {
+            let p = Path::new(n);
+            p.components().count() != 1
+                || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+        }) {
+            return Err(Error::model_file(
+                &index,
+                format!(
+                    "`weight_map` names the file `{bad}`, which is not a file name inside the \
+                     model directory"
+                ),
+            ));
+        }
         names.into_iter().map(|n| dir.join(n)).collect()
     } else {
         std::fs::read_dir(dir)
