@@ -584,7 +584,10 @@ fn tensor_bytes(dims: &[u64], dtype: GgmlDType) -> std::result::Result<u64, Stri
             })?;
     }
     let block = dtype.block_size() as u64;
-    if dims.first().is_some_and(|inner| !inner.is_multiple_of(block)) {
+    if dims
+        .first()
+        .is_some_and(|inner| !inner.is_multiple_of(block))
+    {
         return Err(format!(
             "has dimensions {dims:?}: the innermost is not a multiple of the {dtype:?} block \
              size {block}"
@@ -772,5 +775,86 @@ impl<R: Read> HeaderReader<'_, R> {
             12 => Value::F64(f64::from_bits(self.u64(what)?)),
             t => return Err(self.err(format!("{what}: unknown value type {t}"))),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version-3 GGUF: `kvs` as (key, u32 value), tensors as (name, dims, offset), F32.
+    fn gguf(kvs: &[(&str, u32)], tensors: &[(&str, &[u64], u64)], data: usize) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend((kvs.len() as u64 + 1).to_le_bytes());
+        let string = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        string(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        string(&mut b, "llama");
+        for (k, v) in kvs {
+            string(&mut b, k);
+            b.extend(4u32.to_le_bytes());
+            b.extend(v.to_le_bytes());
+        }
+        for (name, dims, offset) in tensors {
+            string(&mut b, name);
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(0u32.to_le_bytes());
+            b.extend(offset.to_le_bytes());
+        }
+        b.resize(b.len().div_ceil(32) * 32 + data, 0);
+        b
+    }
+
+    fn open(bytes: &[u8]) -> Result<GgufFile> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        GgufFile::open(&path)
+    }
+
+    #[test]
+    fn a_zero_dimension_token_embedding_is_an_error_not_a_panic() {
+        let kvs = [
+            ("llama.embedding_length", 8),
+            ("llama.attention.head_count", 2),
+        ];
+        let f = open(&gguf(&kvs, &[("token_embd.weight", &[], 0)], 4)).unwrap();
+        let err = f.config().unwrap_err().to_string();
+        assert!(
+            err.contains("token_embd.weight") && err.contains("2 dimensions"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn alignment_offsets_and_sizes_are_checked() {
+        let err = open(&gguf(&[("general.alignment", 0)], &[], 0))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("general.alignment"), "{err}");
+        let err = open(&gguf(&[("general.alignment", 48)], &[], 0))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("power of two"), "{err}");
+        let err = open(&gguf(&[], &[("w", &[4], 8)], 16)).err().unwrap();
+        assert!(
+            err.to_string().contains("not a multiple of the alignment"),
+            "{err}"
+        );
+        let err = open(&gguf(&[], &[("w", &[8], 0)], 16)).err().unwrap();
+        assert!(err.to_string().contains("past the end"), "{err}");
+        let err = open(&gguf(&[], &[("w", &[1 << 62, 4], 0)], 16))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("2^63"), "{err}");
+        assert!(open(&gguf(&[], &[("w", &[4], 0)], 16)).is_ok());
     }
 }
