@@ -115,14 +115,55 @@ impl ModelConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::model_file(path, format!("not valid JSON: {e}")))?;
+        if !json.is_object() {
+            return Err(Error::model_file(path, "expected a JSON object"));
+        }
         let field = |name: &str| json.get(name).filter(|v| !v.is_null());
+        // Present fields must be valid: a bad value is an error, never a silent default.
+        let opt_usize = |name: &str| -> Result<Option<usize>> {
+            match field(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|x| usize::try_from(x).ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        Error::model_file(
+                            path,
+                            format!("field `{name}` is {v}; it must be a non-negative integer"),
+                        )
+                    }),
+            }
+        };
         let usize_field = |name: &str| -> Result<usize> {
-            field(name)
-                .and_then(Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| {
-                    Error::model_file(path, format!("missing or non-integer field `{name}`"))
-                })
+            opt_usize(name)?
+                .ok_or_else(|| Error::model_file(path, format!("missing field `{name}`")))
+        };
+        let opt_f64 = |name: &str| -> Result<Option<f64>> {
+            match field(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        Error::model_file(
+                            path,
+                            format!("field `{name}` is {v}; it must be a finite number"),
+                        )
+                    }),
+            }
+        };
+        let opt_bool = |name: &str| -> Result<Option<bool>> {
+            match field(name) {
+                None => Ok(None),
+                Some(v) => v.as_bool().map(Some).ok_or_else(|| {
+                    Error::model_file(
+                        path,
+                        format!("field `{name}` is {v}; it must be true or false"),
+                    )
+                }),
+            }
         };
         let model_type = field("model_type")
             .and_then(Value::as_str)
@@ -130,18 +171,44 @@ impl ModelConfig {
         let architecture = Architecture::parse(model_type, path)?;
         let d_model = usize_field("hidden_size")?;
         let n_heads = usize_field("num_attention_heads")?;
-        let n_kv_heads = usize_field("num_key_value_heads").unwrap_or(n_heads);
-        let head_dim = usize_field("head_dim").unwrap_or(d_model / n_heads);
+        let n_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+        let head_dim = match opt_usize("head_dim")? {
+            Some(hd) => hd,
+            None => derived_head_dim(
+                d_model,
+                n_heads,
+                path,
+                ("hidden_size", "num_attention_heads"),
+            )?,
+        };
         // Newer configs nest rope settings under `rope_parameters`.
         let rope = field("rope_parameters").or_else(|| field("rope_scaling"));
-        let rope_theta = field("rope_theta")
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")))
-            .and_then(Value::as_f64)
-            .unwrap_or(10_000.0);
+        let rope_theta = match opt_f64("rope_theta")? {
+            Some(t) => t,
+            None => match rope.and_then(|r| r.get("rope_theta")) {
+                Some(v) => v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                    Error::model_file(
+                        path,
+                        format!("field `rope_theta` is {v}; it must be a finite number"),
+                    )
+                })?,
+                None => 10_000.0,
+            },
+        };
         let rope_scaling = match rope {
             Some(r) => parse_rope_scaling(r, path)?,
             None => None,
         };
+        // afprobe's attention has no sliding window. Within the window, windowed and
+        // full attention agree, so the context is cut to the window: longer prompts
+        // are refused instead of silently computed with full attention.
+        // (Qwen2 configs carry a window that only applies with `use_sliding_window`.)
+        let mut context = usize_field("max_position_embeddings")?;
+        let window_on =
+            opt_bool("use_sliding_window")?.unwrap_or(architecture != Architecture::Qwen2);
+        if let Some(window) = opt_usize("sliding_window")?.filter(|w| *w > 0 && window_on) {
+            context = context.min(window);
+        }
         Ok(ModelConfig {
             architecture,
             n_layers: usize_field("num_hidden_layers")?,
@@ -151,25 +218,72 @@ impl ModelConfig {
             head_dim,
             d_mlp: usize_field("intermediate_size")?,
             vocab_size: usize_field("vocab_size")?,
-            rms_norm_eps: field("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
+            rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             rope_freq_factors: None,
-            max_position_embeddings: usize_field("max_position_embeddings")?,
-            tied_embeddings: field("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            max_position_embeddings: context,
+            tied_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
         })
         .and_then(|c| c.validated(path))
     }
 
-    /// Checks the shapes fit together, so a bad config fails here and not mid-forward.
+    /// Checks every size is positive and plausible and the shapes fit together,
+    /// so a bad config fails here, naming the file and the field, and not in a
+    /// kernel or an allocation. The weights are checked against the config later
+    /// (`validate::check_weights`).
     pub fn validated(self, source: &Path) -> Result<ModelConfig> {
         let bad = |msg: String| Err(Error::model_file(source, msg));
-        if self.n_layers == 0 || self.d_model == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
-            return bad(format!("degenerate model dimensions: {self:?}"));
+        // Each size with its GGUF key / config.json field, so the message names it.
+        let limits: [(&str, usize, usize); 8] = [
+            (
+                "layer count (block_count / num_hidden_layers)",
+                self.n_layers,
+                MAX_LAYERS,
+            ),
+            (
+                "hidden size (embedding_length / hidden_size)",
+                self.d_model,
+                MAX_WIDTH,
+            ),
+            (
+                "attention head count (attention.head_count / num_attention_heads)",
+                self.n_heads,
+                MAX_HEADS,
+            ),
+            (
+                "key/value head count (attention.head_count_kv / num_key_value_heads)",
+                self.n_kv_heads,
+                MAX_HEADS,
+            ),
+            (
+                "head size (attention.key_length / head_dim)",
+                self.head_dim,
+                MAX_HEAD_DIM,
+            ),
+            (
+                "MLP size (feed_forward_length / intermediate_size)",
+                self.d_mlp,
+                MAX_WIDTH * 16,
+            ),
+            (
+                "vocabulary size (token_embd.weight rows / vocab_size)",
+                self.vocab_size,
+                MAX_VOCAB,
+            ),
+            (
+                "context length (context_length / max_position_embeddings)",
+                self.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
+        ];
+        for (what, value, max) in limits {
+            if value == 0 || value > max {
+                return bad(format!(
+                    "{what} is {value}; it must be between 1 and {max} (the config is corrupt \
+                     or not a supported model)"
+                ));
+            }
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
@@ -180,8 +294,75 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for rope", self.head_dim));
         }
+        if self.n_heads * self.head_dim > MAX_WIDTH {
+            return bad(format!(
+                "{} heads x head_dim {} = {} is wider than {MAX_WIDTH}",
+                self.n_heads,
+                self.head_dim,
+                self.n_heads * self.head_dim
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return bad(format!(
+                "rms_norm_eps is {}; it must be a small positive number",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!(
+                "rope_theta is {}; it must be a positive number",
+                self.rope_theta
+            ));
+        }
+        if let Some(s) = &self.rope_scaling {
+            let ok = [
+                s.factor,
+                s.low_freq_factor,
+                s.high_freq_factor,
+                s.original_max_position_embeddings,
+            ]
+            .iter()
+            .all(|x| x.is_finite() && *x > 0.0);
+            if !ok || s.high_freq_factor <= s.low_freq_factor {
+                return bad(format!(
+                    "llama3 rope scaling {s:?}: factors must be positive and high_freq_factor \
+                     greater than low_freq_factor"
+                ));
+            }
+        }
         Ok(self)
     }
+}
+
+/// Upper bounds on config sizes: far above any released model, low enough that
+/// products of them cannot overflow and a corrupt value is caught before it
+/// sizes an allocation. The memory the weights need is checked separately.
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_WIDTH: usize = 1 << 18;
+pub const MAX_HEADS: usize = 1 << 12;
+pub const MAX_HEAD_DIM: usize = 1 << 12;
+pub const MAX_VOCAB: usize = 1 << 23;
+pub const MAX_CONTEXT: usize = 1 << 27;
+
+/// `d_model / n_heads`, which must divide exactly when the head size is not
+/// given; `keys` names the two fields (hidden size, head count) for the message.
+pub(crate) fn derived_head_dim(
+    d_model: usize,
+    n_heads: usize,
+    path: &Path,
+    keys: (&str, &str),
+) -> Result<usize> {
+    if n_heads == 0 || !d_model.is_multiple_of(n_heads) {
+        return Err(Error::model_file(
+            path,
+            format!(
+                "`{}` {d_model} is not divisible by `{}` {n_heads}, and no head size is given; \
+                 the head count does not fit the model",
+                keys.0, keys.1
+            ),
+        ));
+    }
+    Ok(d_model / n_heads)
 }
 
 fn parse_rope_scaling(rope: &Value, path: &Path) -> Result<Option<Llama3RopeScaling>> {

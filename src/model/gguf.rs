@@ -4,14 +4,16 @@
 //! are un-permuted here into the half-split layout of HF checkpoints, so one
 //! forward pass serves both formats. Qwen2 GGUFs keep the HF layout.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use super::config::{Architecture, ModelConfig};
+use super::config::{derived_head_dim, Architecture, ModelConfig};
 use super::tokenizer::GgufTokenizerMeta;
 use crate::error::{Error, Result};
 
@@ -24,30 +26,32 @@ pub struct GgufFile {
 }
 
 impl GgufFile {
+    /// Opens and validates `path`: the header is read by [`read_header`] (every
+    /// count, length, type, dimension, offset and size checked against the file),
+    /// so candle's reader and kernels only ever see a consistent file.
     pub fn open(path: &Path) -> Result<GgufFile> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = BufReader::new(file);
-        let mut magic = [0u8; 4];
-        if reader.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
-            return Err(Error::model_file(
-                path,
-                "not a GGUF file (it does not start with the bytes `GGUF`); pass a .gguf file or \
-                 a directory with config.json + *.safetensors",
-            ));
-        }
-        reader.rewind().map_err(|e| Error::io(path, e))?;
-        let content = Content::read(&mut reader).map_err(|e| {
-            Error::model_file(
-                path,
-                format!("cannot read the GGUF header (truncated or corrupt?): {e}"),
-            )
-        })?;
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .ok_or_else(|| Error::model_file(path, "GGUF metadata lacks general.architecture"))?;
+        let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut reader = BufReader::with_capacity(1 << 16, file);
+        let content = read_header(&mut reader, file_size, path)?;
+        let arch = match content.metadata.get("general.architecture") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => {
+                return Err(Error::model_file(
+                    path,
+                    format!(
+                        "GGUF key `general.architecture` is a {:?}, not a string",
+                        other.value_type()
+                    ),
+                ))
+            }
+            None => {
+                return Err(Error::model_file(
+                    path,
+                    "GGUF metadata lacks general.architecture",
+                ))
+            }
+        };
         let architecture = Architecture::parse(&arch, path)?;
         Ok(GgufFile {
             path: path.to_path_buf(),
@@ -55,6 +59,20 @@ impl GgufFile {
             reader,
             architecture,
         })
+    }
+
+    /// The shape (outermost dimension first, as candle and HF order them) of
+    /// the tensor named `gguf_name`, if the file has it.
+    pub fn tensor_shape(&self, gguf_name: &str) -> Option<&[usize]> {
+        self.content
+            .tensor_infos
+            .get(gguf_name)
+            .map(|t| t.shape.dims())
+    }
+
+    /// Number of tensors in the file.
+    pub fn tensor_count(&self) -> usize {
+        self.content.tensor_infos.len()
     }
 
     fn meta(&self, key: &str) -> Option<&Value> {
@@ -65,16 +83,49 @@ impl GgufFile {
         format!("{}.{key}", self.architecture.name())
     }
 
-    fn meta_usize(&self, key: &str) -> Result<usize> {
+    /// An optional `{arch}.{key}` that must be a non-negative integer when present.
+    fn meta_int(&self, key: &str) -> Result<Option<usize>> {
         let full = self.arch_key(key);
-        self.meta(&full)
-            .and_then(value_as_f64)
-            .map(|v| v as usize)
-            .ok_or_else(|| Error::model_file(&self.path, format!("GGUF metadata lacks `{full}`")))
+        match self.meta(&full) {
+            None => Ok(None),
+            Some(v) => value_as_usize(v).map(Some).ok_or_else(|| {
+                Error::model_file(
+                    &self.path,
+                    format!(
+                        "GGUF key `{full}` is {}; it must be a non-negative integer \
+                         (the file is corrupt or was written by a broken converter)",
+                        describe(v)
+                    ),
+                )
+            }),
+        }
     }
 
-    fn meta_f64(&self, key: &str) -> Option<f64> {
-        self.meta(&self.arch_key(key)).and_then(value_as_f64)
+    fn meta_usize(&self, key: &str) -> Result<usize> {
+        self.meta_int(key)?.ok_or_else(|| {
+            Error::model_file(
+                &self.path,
+                format!("GGUF metadata lacks `{}`", self.arch_key(key)),
+            )
+        })
+    }
+
+    /// An optional `{arch}.{key}` that must be a finite number when present.
+    fn meta_f64(&self, key: &str) -> Result<Option<f64>> {
+        let full = self.arch_key(key);
+        match self.meta(&full) {
+            None => Ok(None),
+            Some(v) => match value_as_f64(v) {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => Err(Error::model_file(
+                    &self.path,
+                    format!(
+                        "GGUF key `{full}` is {}; it must be a finite number",
+                        describe(v)
+                    ),
+                )),
+            },
+        }
     }
 
     fn meta_string_array(&self, key: &str) -> Vec<String> {
@@ -90,14 +141,30 @@ impl GgufFile {
     pub fn config(&self) -> Result<ModelConfig> {
         let d_model = self.meta_usize("embedding_length")?;
         let n_heads = self.meta_usize("attention.head_count")?;
-        let n_kv_heads = self
-            .meta_usize("attention.head_count_kv")
-            .unwrap_or(n_heads);
-        let head_dim = self
-            .meta_usize("attention.key_length")
-            .unwrap_or(d_model / n_heads.max(1));
-        let vocab_size = match self.content.tensor_infos.get("token_embd.weight") {
-            Some(info) => info.shape.dims()[0],
+        let n_kv_heads = self.meta_int("attention.head_count_kv")?.unwrap_or(n_heads);
+        let head_dim = match self.meta_int("attention.key_length")? {
+            Some(hd) => hd,
+            None => derived_head_dim(
+                d_model,
+                n_heads,
+                &self.path,
+                (
+                    &self.arch_key("embedding_length"),
+                    &self.arch_key("attention.head_count"),
+                ),
+            )?,
+        };
+        let vocab_size = match self.tensor_shape("token_embd.weight") {
+            Some(&[vocab, _]) => vocab,
+            Some(dims) => {
+                return Err(Error::model_file(
+                    &self.path,
+                    format!(
+                        "tensor `token_embd.weight` has shape {dims:?}; it must have 2 \
+                         dimensions [vocab, embedding_length]"
+                    ),
+                ))
+            }
             None => {
                 return Err(Error::model_file(
                     &self.path,
@@ -105,6 +172,31 @@ impl GgufFile {
                 ))
             }
         };
+        // A rope scaling type this loader does not apply would silently change every
+        // position's rotation: refuse it rather than ignore it.
+        let scaling_key = self.arch_key("rope.scaling.type");
+        match self.meta(&scaling_key) {
+            None => {}
+            Some(Value::String(t)) if t == "none" => {}
+            Some(v) => {
+                return Err(Error::model_file(
+                    &self.path,
+                    format!(
+                        "GGUF key `{scaling_key}` is {}: afprobe applies no rope scaling from \
+                         GGUF keys (only `rope_freqs.weight`, llama.cpp's form of Llama-3 \
+                         scaling), and running without it would compute wrong activations; \
+                         use the HF directory of the model instead",
+                        describe(v)
+                    ),
+                ))
+            }
+        }
+        let mut context = self.meta_usize("context_length")?;
+        if let Some(window) = self.meta_int("attention.sliding_window")? {
+            if window > 0 {
+                context = context.min(window);
+            }
+        }
         ModelConfig {
             architecture: self.architecture,
             n_layers: self.meta_usize("block_count")?,
@@ -115,12 +207,12 @@ impl GgufFile {
             d_mlp: self.meta_usize("feed_forward_length")?,
             vocab_size,
             rms_norm_eps: self
-                .meta_f64("attention.layer_norm_rms_epsilon")
+                .meta_f64("attention.layer_norm_rms_epsilon")?
                 .unwrap_or(1e-5),
-            rope_theta: self.meta_f64("rope.freq_base").unwrap_or(10_000.0),
+            rope_theta: self.meta_f64("rope.freq_base")?.unwrap_or(10_000.0),
             rope_scaling: None,
             rope_freq_factors: None,
-            max_position_embeddings: self.meta_usize("context_length")?,
+            max_position_embeddings: context,
             tied_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
         }
         .validated(&self.path)
@@ -129,11 +221,31 @@ impl GgufFile {
     /// Reads the `rope_freqs.weight` tensor (Llama 3.1+ scaling, stored as
     /// per-frequency divisors) into the config, if the file has one.
     pub fn read_rope_freq_factors(&mut self, config: &mut ModelConfig) -> Result<()> {
-        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let t = self.dequantize("rope_freqs.weight")?;
-            let factors: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            config.rope_freq_factors = Some(factors.into_iter().map(f64::from).collect());
+        let Some(dims) = self.tensor_shape("rope_freqs.weight") else {
+            return Ok(());
+        };
+        if dims != [config.head_dim / 2] {
+            return Err(Error::model_file(
+                &self.path,
+                format!(
+                    "tensor `rope_freqs.weight` has shape {dims:?}; head_dim {} needs [{}]",
+                    config.head_dim,
+                    config.head_dim / 2
+                ),
+            ));
         }
+        let t = self.dequantize("rope_freqs.weight")?;
+        let factors: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return Err(Error::model_file(
+                &self.path,
+                format!(
+                    "tensor `rope_freqs.weight` holds {bad}; rope frequency divisors must be \
+                     finite and positive"
+                ),
+            ));
+        }
+        config.rope_freq_factors = Some(factors.into_iter().map(f64::from).collect());
         Ok(())
     }
 
@@ -150,7 +262,11 @@ impl GgufFile {
                 .cloned()
                 .unwrap_or_default()
         };
-        let id_of = |key: &str| self.meta(key).and_then(value_as_f64).map(|v| v as u32);
+        let id_of = |key: &str| {
+            self.meta(key)
+                .and_then(value_as_usize)
+                .and_then(|v| u32::try_from(v).ok())
+        };
         let token_types = match self
             .meta("tokenizer.ggml.token_type")
             .and_then(|v| v.to_vec().ok())
@@ -209,6 +325,33 @@ impl GgufFile {
     }
 }
 
+/// An integer-typed metadata value that is non-negative (floats are refused:
+/// a `-1.0` must not become a size).
+fn value_as_usize(v: &Value) -> Option<usize> {
+    let x: u64 = match v {
+        Value::U8(x) => u64::from(*x),
+        Value::U16(x) => u64::from(*x),
+        Value::U32(x) => u64::from(*x),
+        Value::U64(x) => *x,
+        Value::I8(x) => u64::try_from(*x).ok()?,
+        Value::I16(x) => u64::try_from(*x).ok()?,
+        Value::I32(x) => u64::try_from(*x).ok()?,
+        Value::I64(x) => u64::try_from(*x).ok()?,
+        _ => return None,
+    };
+    usize::try_from(x).ok()
+}
+
+/// A metadata value for an error message: its type and, for scalars, the value.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Array(items) => format!("an array of {} values", items.len()),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Bool(b) => format!("the bool {b}"),
+        other => format!("{other:?}"),
+    }
+}
+
 fn value_as_f64(v: &Value) -> Option<f64> {
     Some(match v {
         Value::U8(x) => *x as f64,
@@ -263,15 +406,6 @@ pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
-/// Half-split (HF) → interleaved (llama.cpp): the permutation llama.cpp's converter applies.
-pub fn permute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    let hd = rows / n_heads;
-    Ok(w.reshape((n_heads, 2, hd / 2, cols))?
-        .transpose(1, 2)?
-        .reshape((rows, cols))?)
-}
-
 /// Whether `path` starts with the GGUF magic (used to tell files apart).
 pub fn looks_like_gguf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
@@ -279,4 +413,448 @@ pub fn looks_like_gguf(path: &Path) -> bool {
         .and_then(|mut f| f.read_exact(&mut magic))
         .map(|_| &magic == b"GGUF")
         .unwrap_or(false)
+}
+
+/// Most metadata array elements a header may hold in all (a 256k vocabulary,
+/// its merges, scores and types fit many times over); bounds the memory a
+/// header can make the reader allocate, whatever the file claims.
+const MAX_ARRAY_ELEMENTS: u64 = 1 << 25;
+/// Deepest nesting of arrays in a metadata value.
+const MAX_VALUE_DEPTH: usize = 4;
+/// Most tensors and metadata entries a header may declare.
+const MAX_ENTRIES: u64 = 1 << 20;
+/// ggml's `GGML_MAX_DIMS`.
+const MAX_TENSOR_DIMS: u32 = 4;
+
+/// Reads and validates a GGUF header (spec: ggml's docs/gguf.md, versions 1-3)
+/// without handing the bytes to candle: header counts, string and array
+/// lengths against the bytes left, value types, `general.alignment` (uint32, a
+/// power of two), tensor dimensions (at most 4, product within `i64`), ggml
+/// types, and each tensor's offset (aligned) and size (inside the file).
+/// Every error names the file and the key or tensor.
+pub fn read_header<R: Read>(reader: R, file_size: u64, path: &Path) -> Result<Content> {
+    let mut r = HeaderReader {
+        reader,
+        pos: 0,
+        file_size,
+        path,
+        wide: true,
+        array_budget: MAX_ARRAY_ELEMENTS,
+    };
+    let mut magic = [0u8; 4];
+    r.bytes(&mut magic, "the magic number")?;
+    if &magic != b"GGUF" {
+        return Err(Error::model_file(
+            path,
+            "not a GGUF file (it does not start with the bytes `GGUF`); pass a .gguf file or a \
+             directory with config.json + *.safetensors",
+        ));
+    }
+    let version = r.u32("the version")?;
+    let magic = match version {
+        1 => VersionedMagic::GgufV1,
+        2 => VersionedMagic::GgufV2,
+        3 => VersionedMagic::GgufV3,
+        v => {
+            return Err(Error::model_file(
+                path,
+                format!("GGUF version {v} is not supported (versions 1 to 3 are)"),
+            ))
+        }
+    };
+    r.wide = version > 1;
+    let tensor_count = r.len("the tensor count")?;
+    let kv_count = r.len("the metadata entry count")?;
+    // Smallest possible entries: a key (length prefix + 1 byte), a type, 1 byte of value;
+    // a tensor name, n_dims, type and offset.
+    let prefix = if r.wide { 8 } else { 4 };
+    let needed = kv_count
+        .saturating_mul(prefix + 1 + 4 + 1)
+        .saturating_add(tensor_count.saturating_mul(prefix + 1 + 4 + 4 + 8));
+    if tensor_count > MAX_ENTRIES || kv_count > MAX_ENTRIES || needed > r.remaining() {
+        return Err(Error::model_file(
+            path,
+            format!(
+                "GGUF header declares {tensor_count} tensors and {kv_count} metadata entries, \
+                 more than its {file_size} bytes can hold (truncated or corrupt file)"
+            ),
+        ));
+    }
+
+    let mut metadata = HashMap::new();
+    for i in 0..kv_count {
+        let key = r.string(&format!("the key of metadata entry {i}"))?;
+        let what = format!("metadata key `{key}`");
+        let ty = r.u32(&what)?;
+        let value = r.value(ty, 0, &what)?;
+        if metadata.insert(key.clone(), value).is_some() {
+            return Err(r.err(format!("metadata key `{key}` appears twice")));
+        }
+    }
+    let alignment = match metadata.get("general.alignment") {
+        None => candle_core::quantized::gguf_file::DEFAULT_ALIGNMENT,
+        Some(Value::U32(a)) if a.is_power_of_two() => u64::from(*a),
+        Some(v) => {
+            return Err(r.err(format!(
+                "GGUF key `general.alignment` is {}; it must be a uint32 power of two (the \
+                 default is 32)",
+                describe(v)
+            )))
+        }
+    };
+
+    let mut infos = Vec::new();
+    for i in 0..tensor_count {
+        let name = r.string(&format!("the name of tensor {i}"))?;
+        let what = format!("tensor `{name}`");
+        let n_dims = r.u32(&what)?;
+        if n_dims > MAX_TENSOR_DIMS {
+            return Err(r.err(format!(
+                "{what} has {n_dims} dimensions; GGUF tensors have at most {MAX_TENSOR_DIMS}"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(if r.wide {
+                r.u64(&what)?
+            } else {
+                u64::from(r.u32(&what)?)
+            });
+        }
+        let dtype = ggml_dtype(r.u32(&what)?)
+            .ok_or_else(|| r.err(format!("{what} has an unknown or unsupported ggml type")))?;
+        let offset = r.u64(&what)?;
+        let bytes = tensor_bytes(&dims, dtype).map_err(|m| r.err(format!("{what} {m}")))?;
+        infos.push((name, dims, dtype, offset, bytes));
+    }
+    // Tensor data starts at the next multiple of the alignment after the header.
+    let data_start = r
+        .pos
+        .div_ceil(alignment)
+        .checked_mul(alignment)
+        .ok_or_else(|| r.err("the tensor data offset overflows".into()))?;
+
+    let mut tensor_infos = HashMap::new();
+    for (name, dims, dtype, offset, bytes) in infos {
+        if !offset.is_multiple_of(alignment) {
+            return Err(r.err(format!(
+                "tensor `{name}` starts at data offset {offset}, which is not a multiple of the \
+                 alignment {alignment}"
+            )));
+        }
+        let end = data_start
+            .checked_add(offset)
+            .and_then(|s| s.checked_add(bytes));
+        // (An empty tensor may sit at the very end, where the data would start.)
+        if bytes > 0 && end.is_none_or(|e| e > file_size) {
+            return Err(r.err(format!(
+                "tensor `{name}` needs {bytes} bytes at data offset {offset}, past the end of the \
+                 {file_size}-byte file (truncated or corrupt)"
+            )));
+        }
+        // GGUF lists the innermost dimension first; candle (and HF) the outermost.
+        let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
+        let info = TensorInfo {
+            ggml_dtype: dtype,
+            shape: candle_core::Shape::from(shape),
+            offset,
+        };
+        if tensor_infos.insert(name.clone(), info).is_some() {
+            return Err(r.err(format!("tensor `{name}` appears twice")));
+        }
+    }
+    Ok(Content {
+        magic,
+        metadata,
+        tensor_infos,
+        tensor_data_offset: data_start,
+    })
+}
+
+/// Bytes of a tensor with GGUF dims (innermost first), or what is wrong with them.
+fn tensor_bytes(dims: &[u64], dtype: GgmlDType) -> std::result::Result<u64, String> {
+    // ggml keeps element counts in int64_t.
+    let mut elems: u64 = 1;
+    for &d in dims {
+        elems = elems
+            .checked_mul(d)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or_else(|| {
+                format!("has dimensions {dims:?}: more elements than ggml can address (2^63 - 1)")
+            })?;
+    }
+    let block = dtype.block_size() as u64;
+    if dims
+        .first()
+        .is_some_and(|inner| !inner.is_multiple_of(block))
+    {
+        return Err(format!(
+            "has dimensions {dims:?}: the innermost is not a multiple of the {dtype:?} block \
+             size {block}"
+        ));
+    }
+    if !elems.is_multiple_of(block) {
+        return Err(format!(
+            "has {elems} elements, not a multiple of the {dtype:?} block size {block}"
+        ));
+    }
+    (elems / block)
+        .checked_mul(dtype.type_size() as u64)
+        .ok_or_else(|| format!("has dimensions {dims:?}, whose byte size overflows"))
+}
+
+/// The ggml type codes candle reads (ggml.h's `ggml_type`).
+fn ggml_dtype(code: u32) -> Option<GgmlDType> {
+    Some(match code {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// A bounds-checked little-endian reader over a GGUF header.
+struct HeaderReader<'p, R> {
+    reader: R,
+    pos: u64,
+    file_size: u64,
+    path: &'p Path,
+    /// Version 2+ lengths are u64; version 1 lengths are u32.
+    wide: bool,
+    /// Array elements the rest of the header may still hold.
+    array_budget: u64,
+}
+
+impl<R: Read> HeaderReader<'_, R> {
+    fn err(&self, message: String) -> Error {
+        Error::model_file(self.path, format!("GGUF header: {message}"))
+    }
+
+    fn remaining(&self) -> u64 {
+        self.file_size.saturating_sub(self.pos)
+    }
+
+    fn bytes(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
+        self.reader.read_exact(buf).map_err(|_| {
+            self.err(format!(
+                "the file ends inside {what} at byte {} (truncated or corrupt)",
+                self.pos
+            ))
+        })?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8> {
+        let mut b = [0u8; 1];
+        self.bytes(&mut b, what)?;
+        Ok(b[0])
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16> {
+        let mut b = [0u8; 2];
+        self.bytes(&mut b, what)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        let mut b = [0u8; 4];
+        self.bytes(&mut b, what)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.bytes(&mut b, what)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn len(&mut self, what: &str) -> Result<u64> {
+        if self.wide {
+            self.u64(what)
+        } else {
+            self.u32(what).map(u64::from)
+        }
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let len = self.len(what)?;
+        if len > self.remaining() {
+            return Err(self.err(format!(
+                "{what}: a string of {len} bytes at byte {}, past the end of the {}-byte file",
+                self.pos, self.file_size
+            )));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.bytes(&mut buf, what)?;
+        // Writers sometimes include a terminating NUL; strings are UTF-8 but
+        // not always valid (candle reads them the same way).
+        while buf.last() == Some(&0) {
+            buf.pop();
+        }
+        Ok(match String::from_utf8(buf) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })
+    }
+
+    /// Smallest encoding of one value of GGUF type `ty`, or `None` if unknown.
+    fn min_size(&self, ty: u32) -> Option<u64> {
+        let prefix = if self.wide { 8 } else { 4 };
+        Some(match ty {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            8 => prefix,
+            9 => 4 + prefix,
+            _ => return None,
+        })
+    }
+
+    fn value(&mut self, ty: u32, depth: usize, what: &str) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::U8(self.u8(what)?),
+            1 => Value::I8(self.u8(what)? as i8),
+            2 => Value::U16(self.u16(what)?),
+            3 => Value::I16(self.u16(what)? as i16),
+            4 => Value::U32(self.u32(what)?),
+            5 => Value::I32(self.u32(what)? as i32),
+            6 => Value::F32(f32::from_bits(self.u32(what)?)),
+            7 => match self.u8(what)? {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(self.err(format!("{what}: bool byte {b} is neither 0 nor 1"))),
+            },
+            8 => Value::String(self.string(what)?),
+            9 => {
+                if depth >= MAX_VALUE_DEPTH {
+                    return Err(self.err(format!(
+                        "{what}: arrays nested more than {MAX_VALUE_DEPTH} deep"
+                    )));
+                }
+                let elem_ty = self.u32(what)?;
+                let Some(min) = self.min_size(elem_ty) else {
+                    return Err(self.err(format!("{what}: unknown array element type {elem_ty}")));
+                };
+                let len = self.len(what)?;
+                if len.saturating_mul(min) > self.remaining() {
+                    return Err(self.err(format!(
+                        "{what}: an array of {len} elements, more than the {} bytes left in the \
+                         file can hold (truncated or corrupt)",
+                        self.remaining()
+                    )));
+                }
+                if len > self.array_budget {
+                    return Err(self.err(format!(
+                        "{what}: an array of {len} elements; a header may hold at most \
+                         {MAX_ARRAY_ELEMENTS} array elements in all"
+                    )));
+                }
+                self.array_budget -= len;
+                let mut items = Vec::with_capacity(len as usize);
+                for _ in 0..len {
+                    items.push(self.value(elem_ty, depth + 1, what)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64(what)?),
+            11 => Value::I64(self.u64(what)? as i64),
+            12 => Value::F64(f64::from_bits(self.u64(what)?)),
+            t => return Err(self.err(format!("{what}: unknown value type {t}"))),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version-3 GGUF: `kvs` as (key, u32 value), tensors as (name, dims, offset), F32.
+    fn gguf(kvs: &[(&str, u32)], tensors: &[(&str, &[u64], u64)], data: usize) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend((kvs.len() as u64 + 1).to_le_bytes());
+        let string = |b: &mut Vec<u8>, s: &str| {
+            b.extend((s.len() as u64).to_le_bytes());
+            b.extend(s.as_bytes());
+        };
+        string(&mut b, "general.architecture");
+        b.extend(8u32.to_le_bytes());
+        string(&mut b, "llama");
+        for (k, v) in kvs {
+            string(&mut b, k);
+            b.extend(4u32.to_le_bytes());
+            b.extend(v.to_le_bytes());
+        }
+        for (name, dims, offset) in tensors {
+            string(&mut b, name);
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in *dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(0u32.to_le_bytes());
+            b.extend(offset.to_le_bytes());
+        }
+        b.resize(b.len().div_ceil(32) * 32 + data, 0);
+        b
+    }
+
+    fn open(bytes: &[u8]) -> Result<GgufFile> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        GgufFile::open(&path)
+    }
+
+    #[test]
+    fn a_zero_dimension_token_embedding_is_an_error_not_a_panic() {
+        let kvs = [
+            ("llama.embedding_length", 8),
+            ("llama.attention.head_count", 2),
+        ];
+        let f = open(&gguf(&kvs, &[("token_embd.weight", &[], 0)], 4)).unwrap();
+        let err = f.config().unwrap_err().to_string();
+        assert!(
+            err.contains("token_embd.weight") && err.contains("2 dimensions"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn alignment_offsets_and_sizes_are_checked() {
+        let err = open(&gguf(&[("general.alignment", 0)], &[], 0))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("general.alignment"), "{err}");
+        let err = open(&gguf(&[("general.alignment", 48)], &[], 0))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("power of two"), "{err}");
+        let err = open(&gguf(&[], &[("w", &[4], 8)], 16)).err().unwrap();
+        assert!(
+            err.to_string().contains("not a multiple of the alignment"),
+            "{err}"
+        );
+        let err = open(&gguf(&[], &[("w", &[8], 0)], 16)).err().unwrap();
+        assert!(err.to_string().contains("past the end"), "{err}");
+        let err = open(&gguf(&[], &[("w", &[1 << 62, 4], 0)], 16))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("2^63"), "{err}");
+        assert!(open(&gguf(&[], &[("w", &[4], 0)], 16)).is_ok());
+    }
 }

@@ -11,8 +11,9 @@ pub mod spec;
 pub mod template;
 pub mod tokenizer;
 pub mod transformer;
+pub mod validate;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -144,6 +145,19 @@ impl Model {
 fn load_gguf(path: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Option<ChatTemplate>)> {
     let mut file = gguf::GgufFile::open(path)?;
     let mut config = file.config()?;
+    // Shapes and memory are checked before any tensor data is read.
+    let layers_key = format!("{}.block_count", file.architecture.name());
+    let expected =
+        validate::check_weights(&config, file.tensor_count(), path, &layers_key, |hf| {
+            let name = gguf::gguf_name(hf)?;
+            let shape = file.tensor_shape(&name)?;
+            Some((name, shape))
+        })?;
+    validate::check_memory(
+        validate::estimate_bytes(&expected, dtype.size_in_bytes()),
+        0,
+        path,
+    )?;
     file.read_rope_freq_factors(&mut config)?;
     // A tokenizer.json beside the file wins: it covers tokenizers GGUF cannot describe.
     let sidecar = path.with_file_name("tokenizer.json");
@@ -154,16 +168,14 @@ fn load_gguf(path: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Optio
     } else {
         Tokenizer::from_gguf(&meta, path)?
     };
-    let template = file
-        .chat_template()
-        .map(|src| {
-            ChatTemplate::new(
-                &src,
-                tokenizer.bos_token.as_deref(),
-                tokenizer.eos_token.as_deref(),
-            )
-        })
-        .transpose()?;
+    let template = file.chat_template().map(|src| {
+        ChatTemplate::new(
+            &src,
+            &format!("{} (tokenizer.chat_template)", path.display()),
+            tokenizer.bos_token.as_deref(),
+            tokenizer.eos_token.as_deref(),
+        )
+    });
     let cfg = config.clone();
     let transformer = Transformer::new(config, &mut |name| file.weight(name, &cfg), dtype)?;
     Ok((transformer, tokenizer, template))
@@ -171,7 +183,40 @@ fn load_gguf(path: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Optio
 
 fn load_hf_dir(dir: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Option<ChatTemplate>)> {
     let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
-    let tok_config = read_tokenizer_config(dir)?;
+    let files = safetensors_files(dir)?;
+    // Safety: the files are memory-mapped read-only; afprobe never writes them.
+    let st = unsafe { MmapedSafetensors::multi(&files) }
+        .map_err(|e| Error::model_file(dir, format!("cannot map the safetensors files: {e}")))?;
+    let shapes: HashMap<String, Vec<usize>> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, view)| (n, view.shape().to_vec()))
+        .collect();
+    // Shapes and memory are checked before any tensor data is read.
+    let expected = validate::check_weights(
+        &config,
+        shapes.len(),
+        &dir.join("config.json"),
+        "num_hidden_layers",
+        |name| {
+            shapes
+                .get_key_value(name)
+                .map(|(n, s)| (n.clone(), s.as_slice()))
+        },
+    )?;
+    let mapped: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    validate::check_memory(
+        validate::estimate_bytes(&expected, dtype.size_in_bytes()),
+        mapped,
+        dir,
+    )?;
+
+    let tok_config_path = dir.join("tokenizer_config.json");
+    let tok_config = read_tokenizer_config(&tok_config_path)?;
     let special = |name: &str| -> Option<String> {
         match tok_config.get(name)? {
             Value::String(s) => Some(s.clone()),
@@ -192,31 +237,47 @@ fn load_hf_dir(dir: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Opti
         ));
     }
     let tokenizer = Tokenizer::from_file(&tok_path, bos.clone(), eos.clone(), add_bos)?;
-    let template_src = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
-        Ok(src) => Some(src),
-        Err(_) => match tok_config.get("chat_template") {
-            Some(Value::String(s)) => Some(s.clone()),
-            // A list of named templates: use the one called "default".
-            Some(Value::Array(items)) => items
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
-            _ => None,
-        },
+    // A template that does not parse is reported when a chat prompt is rendered,
+    // so raw prompts and `model info` still work.
+    let jinja_path = dir.join("chat_template.jinja");
+    let template = match std::fs::read(&jinja_path) {
+        Ok(bytes) => Some(ChatTemplate::new(
+            &String::from_utf8_lossy(&bytes),
+            &jinja_path.display().to_string(),
+            bos.as_deref(),
+            eos.as_deref(),
+        )),
+        Err(_) => {
+            let origin = |what: &str| format!("{} ({what})", tok_config_path.display());
+            match tok_config.get("chat_template") {
+                Some(Value::String(s)) => Some(ChatTemplate::new(
+                    s,
+                    &origin("chat_template"),
+                    bos.as_deref(),
+                    eos.as_deref(),
+                )),
+                // A list of named templates: use the one called "default".
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str())
+                    .map(|src| {
+                        ChatTemplate::new(
+                            src,
+                            &origin("chat_template, \"default\""),
+                            bos.as_deref(),
+                            eos.as_deref(),
+                        )
+                    }),
+                _ => None,
+            }
+        }
     };
-    let template = template_src
-        .map(|src| ChatTemplate::new(&src, bos.as_deref(), eos.as_deref()))
-        .transpose()?;
 
-    let files = safetensors_files(dir)?;
-    // Safety: the files are memory-mapped read-only; afprobe never writes them.
-    let st = unsafe { MmapedSafetensors::multi(&files) }
-        .map_err(|e| Error::model_file(dir, format!("cannot map the safetensors files: {e}")))?;
-    let names: HashSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
     let transformer = Transformer::new(
         config,
         &mut |name| {
-            if !names.contains(name) {
+            if !shapes.contains_key(name) {
                 return Ok(None);
             }
             st.load(name, &Device::Cpu)
@@ -228,13 +289,12 @@ fn load_hf_dir(dir: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Opti
     Ok((transformer, tokenizer, template))
 }
 
-fn read_tokenizer_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
-    let path = dir.join("tokenizer_config.json");
-    match std::fs::read_to_string(&path) {
+fn read_tokenizer_config(path: &Path) -> Result<serde_json::Map<String, Value>> {
+    match std::fs::read_to_string(path) {
         Ok(text) => match serde_json::from_str(&text) {
             Ok(Value::Object(map)) => Ok(map),
-            Ok(_) => Err(Error::model_file(&path, "expected a JSON object")),
-            Err(e) => Err(Error::model_file(&path, format!("not valid JSON: {e}"))),
+            Ok(_) => Err(Error::model_file(path, "expected a JSON object")),
+            Err(e) => Err(Error::model_file(path, format!("not valid JSON: {e}"))),
         },
         Err(_) => Ok(Default::default()),
     }
@@ -252,6 +312,20 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .and_then(Value::as_object)
             .ok_or_else(|| Error::model_file(&index, "no `weight_map` object"))?;
         let names: HashSet<&str> = map.values().filter_map(Value::as_str).collect();
+        // A shard must be a file of this directory: a path elsewhere is refused.
+        if let Some(bad) = names.iter().find(|n| {
+            let p = Path::new(n);
+            p.components().count() != 1
+                || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+        }) {
+            return Err(Error::model_file(
+                &index,
+                format!(
+                    "`weight_map` names the file `{bad}`, which is not a file name inside the \
+                     model directory"
+                ),
+            ));
+        }
         names.into_iter().map(|n| dir.join(n)).collect()
     } else {
         std::fs::read_dir(dir)

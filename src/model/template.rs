@@ -1,11 +1,30 @@
-//! Chat templates, rendered with minijinja the way transformers renders them
-//! (`trim_blocks`, `lstrip_blocks`, Python string methods, `raise_exception`),
-//! so the text equals `apply_chat_template(..., add_generation_prompt=True)`.
+//! Chat templates, rendered with minijinja in the environment transformers
+//! gives templates (`transformers.utils.chat_template_utils`): `trim_blocks`,
+//! `lstrip_blocks`, the `loopcontrols` extension (`{% break %}`,
+//! `{% continue %}`), the `{% generation %}` block of its `AssistantTracker`
+//! (rendered as its content), a `tojson` filter with Python `json.dumps`
+//! semantics, the globals `raise_exception` and `strftime_now`, Python string
+//! methods, and `messages`, `tools`, `documents`, `add_generation_prompt`,
+//! `bos_token`, `eos_token` in the context. So the text equals
+//! `apply_chat_template(..., add_generation_prompt=True)`.
+//!
+//! A template that does not parse is not an error at load: it is reported,
+//! naming the file it came from, when a chat prompt is rendered, so raw
+//! prompts and `model info` still work. Resources are bounded: a render has a
+//! fixed instruction budget (minijinja fuel), `tojson` output and `indent`
+//! widths are capped.
 
-use minijinja::{Environment, ErrorKind, Value};
+use minijinja::value::{from_args, ArgType, Kwargs, Rest, StringInput};
+use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+/// Instructions one render may execute (a chat template needs thousands).
+const RENDER_FUEL: u64 = 50_000_000;
+/// Largest `tojson` output, and the widest `indent`, a template may ask for.
+const MAX_JSON_BYTES: usize = 16 << 20;
+const MAX_INDENT_WIDTH: usize = 4096;
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,10 +42,12 @@ impl Message {
     }
 }
 
-/// A compiled chat template and the special tokens it may refer to.
+/// A chat template (compiled, or the reason it does not compile), where it
+/// came from, and the special tokens it may refer to.
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    compiled: std::result::Result<Environment<'static>, String>,
     source: String,
+    origin: String,
     bos_token: String,
     eos_token: String,
 }
@@ -34,39 +55,34 @@ pub struct ChatTemplate {
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTemplate")
+            .field("origin", &self.origin)
             .field("source", &self.source)
             .finish()
     }
 }
 
 impl ChatTemplate {
-    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
-        let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<Value, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
-        env.add_function("strftime_now", |fmt: String| {
-            // Templates use it for "today's date" lines; a fixed date keeps runs reproducible.
-            fmt.replace("%Y", "2026")
-                .replace("%m", "01")
-                .replace("%d", "01")
-                .replace("%b", "Jan")
-                .replace("%B", "January")
-        });
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| Error::Template(format!("cannot parse the template: {e:#}")))?;
-        Ok(ChatTemplate {
-            env,
+    /// Compiles `source`; `origin` names where it came from (a file, and the key
+    /// inside it) for error messages. Never fails: a parse error is kept and
+    /// reported by [`ChatTemplate::render`].
+    pub fn new(
+        source: &str,
+        origin: &str,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> ChatTemplate {
+        let mut env = environment();
+        let compiled = match env.add_template_owned("chat", rewrite_generation_tags(source)) {
+            Ok(()) => Ok(env),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        ChatTemplate {
+            compiled,
             source: source.to_string(),
+            origin: origin.to_string(),
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
-        })
+        }
     }
 
     /// The template text, as stored in the model files.
@@ -74,41 +90,602 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Where the template came from (file, and key), as errors name it.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The parse error, if the template does not compile.
+    pub fn parse_error(&self) -> Option<&str> {
+        self.compiled.as_ref().err().map(String::as_str)
+    }
+
     /// Renders `messages`, ending with the assistant header when `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self.env.get_template("chat").expect("added in new()");
+        let env = self.compiled.as_ref().map_err(|e| {
+            Error::Template(format!(
+                "{}: the chat template does not parse: {e}; fix the template, or use raw \
+                 prompts (--raw, or `text` prompt rows)",
+                self.origin
+            ))
+        })?;
+        let fail = |e: JinjaError| {
+            Error::Template(format!(
+                "{}: cannot render the chat template: {e:#}",
+                self.origin
+            ))
+        };
+        let template = env.get_template("chat").map_err(fail)?;
         template
             .render(minijinja::context! {
                 messages => messages,
+                tools => Value::from(()),
+                documents => Value::from(()),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
-            .map_err(|e| Error::Template(format!("cannot render the template: {e:#}")))
+            .map_err(fail)
     }
+}
+
+/// transformers' template environment, on minijinja.
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_fuel(Some(RENDER_FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<Value, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_function("strftime_now", |fmt: String| strftime_fixed(&fmt));
+    env.add_filter("tojson", tojson);
+    env.add_filter(
+        "indent",
+        |value: Value,
+         width: Option<usize>,
+         first: Option<bool>,
+         blank: Option<bool>,
+         kwargs: Kwargs|
+         -> std::result::Result<Value, JinjaError> {
+            let w = width.or(kwargs.get::<Option<usize>>("width")?);
+            if w.is_some_and(|w| w > MAX_INDENT_WIDTH) {
+                return Err(JinjaError::new(
+                    ErrorKind::InvalidOperation,
+                    format!("indent width above {MAX_INDENT_WIDTH}"),
+                ));
+            }
+            let input = <StringInput as ArgType>::from_value(Some(&value))?;
+            minijinja::filters::indent(input, width, first, blank, kwargs)
+        },
+    );
+    env
+}
+
+/// `{% generation %}` / `{% endgeneration %}` (transformers' `AssistantTracker`
+/// marks the assistant's tokens with it; the text is the block's content) become
+/// `{% if true %}` / `{% endif %}`, keeping whitespace-control markers.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let replaced = generation_tag(tag);
+        match replaced {
+            Some((text, len)) => {
+                out.push_str(&text);
+                rest = &tag[len..];
+            }
+            None => {
+                out.push_str("{%");
+                rest = &tag[2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// If `tag` (starting at `{%`) is a generation tag: its replacement and length.
+fn generation_tag(tag: &str) -> Option<(String, usize)> {
+    let body_start = 2;
+    let end = tag.find("%}")?;
+    let inner = tag.get(body_start..end)?;
+    let (open, inner) = match inner.strip_prefix(['-', '+']) {
+        Some(r) => (&inner[..1], r),
+        None => ("", inner),
+    };
+    let (inner, close) = match inner.strip_suffix(['-', '+']) {
+        Some(r) => (r, &inner[inner.len() - 1..]),
+        None => (inner, ""),
+    };
+    let word = match inner.trim() {
+        "generation" => "if true",
+        "endgeneration" => "endif",
+        _ => return None,
+    };
+    Some((format!("{{%{open} {word} {close}%}}"), end + 2))
+}
+
+/// `strftime_now(format)`: transformers gives the current local time; afprobe
+/// renders a fixed date, 2026-01-01 00:00:00 (a Thursday), so a study's
+/// prompts are the same on every run. The C/glibc directives are supported.
+fn strftime_fixed(fmt: &str) -> String {
+    let mut out = String::new();
+    let mut chars = fmt.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        // glibc's `%-d` (no padding) and friends.
+        let no_pad = chars.peek() == Some(&'-');
+        if no_pad {
+            chars.next();
+        }
+        let Some(d) = chars.next() else {
+            out.push('%');
+            break;
+        };
+        let padded = |s: &'static str, bare: &'static str| if no_pad { bare } else { s };
+        out.push_str(match d {
+            'Y' | 'G' => "2026",
+            'y' | 'g' => "26",
+            'C' => "20",
+            'm' => padded("01", "1"),
+            'd' => padded("01", "1"),
+            'e' => padded(" 1", "1"),
+            'j' => padded("001", "1"),
+            'H' | 'M' | 'S' => padded("00", "0"),
+            'I' | 'l' => padded("12", "12"),
+            'p' => "AM",
+            'P' => "am",
+            'a' => "Thu",
+            'A' => "Thursday",
+            'b' | 'h' => "Jan",
+            'B' => "January",
+            'u' | 'w' => "4",
+            'U' | 'W' => "00",
+            'V' => "01",
+            'c' => "Thu Jan  1 00:00:00 2026",
+            'x' | 'D' => "01/01/26",
+            'F' => "2026-01-01",
+            'X' | 'T' => "00:00:00",
+            'R' => "00:00",
+            'r' => "12:00:00 AM",
+            'z' => "+0000",
+            'Z' => "UTC",
+            's' => "1767225600",
+            'f' => "000000",
+            'n' => "\n",
+            't' => "\t",
+            '%' => "%",
+            other => {
+                out.push('%');
+                if no_pad {
+                    out.push('-');
+                }
+                out.push(other);
+                continue;
+            }
+        });
+    }
+    out
+}
+
+/// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)`, positional arguments in that order.
+/// Unlike minijinja's built-in, nothing is HTML-escaped and the separators
+/// are Python's (`", "`, `": "`; `","` between items when indenting).
+fn tojson(value: Value, args: Rest<Value>) -> std::result::Result<Value, JinjaError> {
+    type Args = (
+        Option<Value>,
+        Option<Value>,
+        Option<Value>,
+        Option<Value>,
+        Kwargs,
+    );
+    let (ensure_ascii, indent, separators, sort_keys, kwargs): Args = from_args(&args)?;
+    let arg = |pos: Option<Value>, name: &str| -> std::result::Result<Option<Value>, JinjaError> {
+        Ok(match pos {
+            Some(v) => Some(v),
+            None => kwargs.get::<Option<Value>>(name)?,
+        })
+    };
+    let ensure_ascii = arg(ensure_ascii, "ensure_ascii")?.is_some_and(|v| v.is_true());
+    let indent = arg(indent, "indent")?.filter(|v| !v.is_none() && !v.is_undefined());
+    let separators = arg(separators, "separators")?.filter(|v| !v.is_none() && !v.is_undefined());
+    let sort_keys = arg(sort_keys, "sort_keys")?.is_some_and(|v| v.is_true());
+    kwargs.assert_all_used()?;
+    let bad = |msg: String| JinjaError::new(ErrorKind::InvalidOperation, msg);
+
+    // Python: an int indent is that many spaces (negative: none), a str is used as is.
+    let indent: Option<String> = match indent {
+        None => None,
+        Some(v) if v.kind() == minijinja::value::ValueKind::Bool => {
+            Some(if v.is_true() { " " } else { "" }.to_string())
+        }
+        Some(v) if v.as_str().is_some() => Some(v.as_str().unwrap_or_default().to_string()),
+        Some(v) => {
+            let n = i64::try_from(v.clone())
+                .map_err(|_| bad(format!("tojson: indent must be an int or a str, not {v}")))?;
+            let n = usize::try_from(n.max(0)).unwrap_or(usize::MAX);
+            if n > MAX_INDENT_WIDTH {
+                return Err(bad(format!(
+                    "tojson: indent {n} is wider than {MAX_INDENT_WIDTH}"
+                )));
+            }
+            Some(" ".repeat(n))
+        }
+    };
+    if indent.as_ref().is_some_and(|i| i.len() > MAX_INDENT_WIDTH) {
+        return Err(bad(format!(
+            "tojson: indent is wider than {MAX_INDENT_WIDTH}"
+        )));
+    }
+    let (item_sep, key_sep) = match separators {
+        None => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
+        Some(v) => {
+            let parts: Vec<Value> = v
+                .try_iter()
+                .map_err(|_| bad("tojson: separators must be a pair of strings".into()))?
+                .collect();
+            match parts.as_slice() {
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (
+                    a.as_str().unwrap_or_default().to_string(),
+                    b.as_str().unwrap_or_default().to_string(),
+                ),
+                _ => return Err(bad("tojson: separators must be a pair of strings".into())),
+            }
+        }
+    };
+    let mut w = JsonWriter {
+        out: String::new(),
+        ensure_ascii,
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+    };
+    w.value(&value, 0)?;
+    Ok(Value::from_safe_string(w.out))
+}
+
+struct JsonWriter {
+    out: String,
+    ensure_ascii: bool,
+    indent: Option<String>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+}
+
+impl JsonWriter {
+    fn push(&mut self, s: &str) -> std::result::Result<(), JinjaError> {
+        if self.out.len() + s.len() > MAX_JSON_BYTES {
+            return Err(JinjaError::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: the output would exceed {MAX_JSON_BYTES} bytes"),
+            ));
+        }
+        self.out.push_str(s);
+        Ok(())
+    }
+
+    fn newline(&mut self, level: usize) -> std::result::Result<(), JinjaError> {
+        let Some(unit) = self.indent.clone() else {
+            return Ok(());
+        };
+        if self.out.len() + 1 + unit.len().saturating_mul(level) > MAX_JSON_BYTES {
+            return Err(JinjaError::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: the output would exceed {MAX_JSON_BYTES} bytes"),
+            ));
+        }
+        self.out.push('\n');
+        for _ in 0..level {
+            self.out.push_str(&unit);
+        }
+        Ok(())
+    }
+
+    fn value(&mut self, v: &Value, level: usize) -> std::result::Result<(), JinjaError> {
+        use minijinja::value::ValueKind;
+        match v.kind() {
+            ValueKind::None => self.push("null"),
+            ValueKind::Bool => self.push(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Number => {
+                let text = number_repr(v);
+                self.push(&text)
+            }
+            ValueKind::String => {
+                let text = json_string(v.as_str().unwrap_or_default(), self.ensure_ascii);
+                self.push(&text)
+            }
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = v.try_iter()?.collect();
+                self.container(level, '[', ']', items.len(), |w, i, level| {
+                    w.value(&items[i], level)
+                })
+            }
+            ValueKind::Map => {
+                let mut entries: Vec<(String, Value)> = Vec::new();
+                for key in v.try_iter()? {
+                    let item = v.get_item(&key)?;
+                    entries.push((json_key(&key)?, item));
+                }
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                }
+                self.container(level, '{', '}', entries.len(), |w, i, level| {
+                    let key = json_string(&entries[i].0, w.ensure_ascii);
+                    w.push(&key)?;
+                    let sep = w.key_sep.clone();
+                    w.push(&sep)?;
+                    w.value(&entries[i].1, level)
+                })
+            }
+            _ => Err(JinjaError::new(
+                ErrorKind::InvalidOperation,
+                format!(
+                    "tojson: object of type {} is not JSON serializable",
+                    v.kind()
+                ),
+            )),
+        }
+    }
+
+    fn container(
+        &mut self,
+        level: usize,
+        open: char,
+        close: char,
+        len: usize,
+        mut item: impl FnMut(&mut Self, usize, usize) -> std::result::Result<(), JinjaError>,
+    ) -> std::result::Result<(), JinjaError> {
+        if len == 0 {
+            return self.push(&format!("{open}{close}"));
+        }
+        self.push(&open.to_string())?;
+        for i in 0..len {
+            if i > 0 {
+                let sep = self.item_sep.clone();
+                self.push(&sep)?;
+            }
+            self.newline(level + 1)?;
+            item(self, i, level + 1)?;
+        }
+        self.newline(level)?;
+        self.push(&close.to_string())
+    }
+}
+
+/// A dict key as `json.dumps` writes it (keys become strings).
+fn json_key(key: &Value) -> std::result::Result<String, JinjaError> {
+    use minijinja::value::ValueKind;
+    match key.kind() {
+        ValueKind::String => Ok(key.as_str().unwrap_or_default().to_string()),
+        ValueKind::Number => Ok(number_repr(key)),
+        ValueKind::Bool => Ok(if key.is_true() { "true" } else { "false" }.to_string()),
+        ValueKind::None => Ok("null".to_string()),
+        other => Err(JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: keys must be str, int, float, bool or None, not {other}"),
+        )),
+    }
+}
+
+/// An int as its digits, a float as Python's `repr` (`1.0`, `1e+16`, `NaN`).
+fn number_repr(v: &Value) -> String {
+    if v.is_integer() {
+        return v.to_string();
+    }
+    match f64::try_from(v.clone()) {
+        Ok(x) => py_float_repr(x),
+        Err(_) => v.to_string(),
+    }
+}
+
+/// Python's `repr(float)`: the shortest round-tripping digits, positional for
+/// exponents -4..16, else `d.ddde+XX`.
+fn py_float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    let sign = if x.is_sign_negative() { "-" } else { "" };
+    // `{:e}` gives the shortest round-trip digits: "1.2345e17", "5e-7", "0e0".
+    let sci = format!("{:e}", x.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exp) {
+        let body = if exp >= 0 {
+            let point = exp as usize + 1;
+            let padded = format!("{digits:0<point$}");
+            let (int, frac) = padded.split_at(point);
+            format!("{int}.{}", if frac.is_empty() { "0" } else { frac })
+        } else {
+            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
+        };
+        format!("{sign}{body}")
+    } else {
+        let (first, rest) = digits.split_at(1.min(digits.len()));
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        let esign = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{first}{frac}e{esign}{:02}", exp.abs())
+    }
+}
+
+/// A JSON string literal as Python's `json.dumps` writes it.
+fn json_string(s: &str, ensure_ascii: bool) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (ensure_ascii && !(' '..='~').contains(&c)) => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn render(src: &str, messages: &[Message]) -> Result<String> {
+        ChatTemplate::new(src, "test.jinja", None, None).render(messages, true)
+    }
+
     #[test]
     fn python_methods_and_trimming_behave_like_jinja2() {
-        let t = ChatTemplate::new(
+        let out = render(
             "{% for m in messages %}\n  {{ m['role'] | upper }}: {{ m['content'].strip() }}\n  {% if true %}x{% endif %}\n{% endfor %}",
-            None,
-            None,
+            &[Message::new("user", "  hi  ")],
         )
         .unwrap();
-        let out = t.render(&[Message::new("user", "  hi  ")], true).unwrap();
         // What jinja2 gives with trim_blocks + lstrip_blocks (checked with jinja2 3.1).
         assert_eq!(out, "  USER: hi\nx");
     }
 
     #[test]
-    fn raise_exception_reports_its_message() {
-        let t = ChatTemplate::new("{{ raise_exception('only user turns') }}", None, None).unwrap();
+    fn raise_exception_reports_its_message_and_the_file() {
+        let err = render("{{ raise_exception('only user turns') }}", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("only user turns") && err.contains("test.jinja"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_template_that_does_not_parse_fails_at_render_naming_its_file() {
+        let t = ChatTemplate::new("{% for %}", "dir/chat_template.jinja", None, None);
+        assert!(t.parse_error().is_some());
+        assert_eq!(t.source(), "{% for %}");
         let err = t.render(&[], true).unwrap_err().to_string();
-        assert!(err.contains("only user turns"), "{err}");
+        assert!(
+            err.contains("dir/chat_template.jinja") && err.contains("--raw"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn loop_controls_and_generation_blocks() {
+        let out = render(
+            "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m.content }};{% if loop.index > 2 %}{% break %}{% endif %}{% endfor %}{%- generation -%} G {%- endgeneration %}",
+            &[
+                Message::new("system", "s"),
+                Message::new("user", "a"),
+                Message::new("user", "b"),
+                Message::new("user", "c"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(out, "a;b;G");
+    }
+
+    #[test]
+    fn tojson_is_python_json_dumps() {
+        let cases = [
+            ("{{ 'Be <b> & \\'x\\'' | tojson }}", "\"Be <b> & 'x'\""),
+            ("{{ 'héllo' | tojson }}", "\"héllo\""),
+            (
+                "{{ 'héllo😀' | tojson(ensure_ascii=True) }}",
+                "\"h\\u00e9llo\\ud83d\\ude00\"",
+            ),
+            (
+                "{{ {'b': 1, 'a': [1, 2.5, none, true]} | tojson }}",
+                "{\"b\": 1, \"a\": [1, 2.5, null, true]}",
+            ),
+            (
+                "{{ {'b': 1, 'a': 2} | tojson(sort_keys=True) }}",
+                "{\"a\": 2, \"b\": 1}",
+            ),
+            (
+                "{{ {'a': [1, {}], 'b': []} | tojson(indent=2) }}",
+                "{\n  \"a\": [\n    1,\n    {}\n  ],\n  \"b\": []\n}",
+            ),
+            ("{{ [1, 2] | tojson(separators=(',', ':')) }}", "[1,2]"),
+            (
+                "{{ [1.0, 1e16, 1e-7, 0.0001, 123456.789, -0.0] | tojson }}",
+                "[1.0, 1e+16, 1e-07, 0.0001, 123456.789, -0.0]",
+            ),
+            (
+                "{{ 'a\nb\t\"\\\\\x01' | tojson }}",
+                "\"a\\nb\\t\\\"\\\\\\u0001\"",
+            ),
+        ];
+        for (src, want) in cases {
+            assert_eq!(render(src, &[]).unwrap(), want, "{src}");
+        }
+    }
+
+    #[test]
+    fn absurd_widths_are_refused_not_allocated() {
+        for src in [
+            "{{ messages | tojson(indent=1000000000000) }}",
+            "{{ messages | tojson(indent=5000) }}",
+            "{{ 'x\ny' | indent(1000000000000) }}",
+        ] {
+            let err = render(src, &[Message::new("user", "hi")]).unwrap_err();
+            assert!(err.to_string().contains("test.jinja"), "{err}");
+        }
+        let err = render(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("fuel"), "{err}");
+    }
+
+    #[test]
+    fn strftime_now_is_a_fixed_date() {
+        assert_eq!(
+            render("{{ strftime_now('%d %b %Y, %A %-d %B') }}", &[]).unwrap(),
+            "01 Jan 2026, Thursday 1 January"
+        );
+    }
+
+    #[test]
+    fn tools_and_documents_are_none() {
+        assert_eq!(
+            render(
+                "{% if tools is not none %}T{% endif %}{% if documents is none %}D{% endif %}",
+                &[]
+            )
+            .unwrap(),
+            "D"
+        );
     }
 }

@@ -1,0 +1,255 @@
+//! Checks a model's weights against its config before any weight is read:
+//! every tensor the forward pass uses must exist with exactly the shape the
+//! config implies (the error names the tensor), and the memory the loaded model
+//! needs is compared with what the machine has, so a corrupt size fails with a
+//! message instead of an abort inside an allocation or a panic in a kernel.
+
+use std::path::Path;
+
+use super::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// A weight the transformer reads: HF name and shape (outermost dimension first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpectedWeight {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// Every weight `Transformer::new` asks for, with the shape `config` implies.
+pub fn expected_weights(c: &ModelConfig) -> Vec<ExpectedWeight> {
+    let (d, q, kv) = (c.d_model, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let mut out = Vec::with_capacity(c.n_layers * 12 + 3);
+    let mut push = |name: String, shape: Vec<usize>| out.push(ExpectedWeight { name, shape });
+    push("model.embed_tokens.weight".into(), vec![c.vocab_size, d]);
+    for l in 0..c.n_layers {
+        let p = format!("model.layers.{l}");
+        push(format!("{p}.input_layernorm.weight"), vec![d]);
+        push(format!("{p}.self_attn.q_proj.weight"), vec![q, d]);
+        push(format!("{p}.self_attn.k_proj.weight"), vec![kv, d]);
+        push(format!("{p}.self_attn.v_proj.weight"), vec![kv, d]);
+        if c.architecture.has_qkv_bias() {
+            push(format!("{p}.self_attn.q_proj.bias"), vec![q]);
+            push(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
+            push(format!("{p}.self_attn.v_proj.bias"), vec![kv]);
+        }
+        push(format!("{p}.self_attn.o_proj.weight"), vec![d, q]);
+        push(format!("{p}.post_attention_layernorm.weight"), vec![d]);
+        push(format!("{p}.mlp.gate_proj.weight"), vec![c.d_mlp, d]);
+        push(format!("{p}.mlp.up_proj.weight"), vec![c.d_mlp, d]);
+        push(format!("{p}.mlp.down_proj.weight"), vec![d, c.d_mlp]);
+    }
+    push("model.norm.weight".into(), vec![d]);
+    if !c.tied_embeddings {
+        push("lm_head.weight".into(), vec![c.vocab_size, d]);
+    }
+    out
+}
+
+/// Checks that the file can hold `config.n_layers` layers at all (before
+/// listing them: a corrupt layer count of 2^33 must not become a loop or an
+/// allocation), then that every expected weight exists with its shape.
+/// `shape_of(hf_name)` gives a tensor's shape and its name in the file;
+/// `size_key` names the config field holding the layer count, for the message.
+pub fn check_weights<'a>(
+    config: &ModelConfig,
+    tensors_in_file: usize,
+    source: &Path,
+    size_key: &str,
+    shape_of: impl Fn(&str) -> Option<(String, &'a [usize])>,
+) -> Result<Vec<ExpectedWeight>> {
+    // Each layer has at least 9 tensors.
+    if config.n_layers.saturating_mul(9) > tensors_in_file {
+        return Err(Error::model_file(
+            source,
+            format!(
+                "`{size_key}` says {} layers, but the weights hold only {tensors_in_file} \
+                 tensors (a layer needs at least 9); the config does not match the weights",
+                config.n_layers
+            ),
+        ));
+    }
+    let expected = expected_weights(config);
+    for w in &expected {
+        match shape_of(&w.name) {
+            None => {
+                return Err(Error::model_file(
+                    source,
+                    format!(
+                        "the model has no weight `{}` (the config implies {} layers{}); the \
+                         config does not match the weights",
+                        w.name,
+                        config.n_layers,
+                        if w.name == "lm_head.weight" {
+                            " and untied embeddings"
+                        } else {
+                            ""
+                        }
+                    ),
+                ))
+            }
+            Some((file_name, shape)) if shape != w.shape.as_slice() => {
+                return Err(Error::model_file(
+                    source,
+                    format!(
+                        "tensor `{file_name}` has shape {shape:?}, but the config implies {:?} \
+                         ({}); the config does not match the weights",
+                        w.shape,
+                        config_summary(config)
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(expected)
+}
+
+fn config_summary(c: &ModelConfig) -> String {
+    format!(
+        "d_model {}, {} heads / {} key-value heads of size {}, d_mlp {}, vocab {}",
+        c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_mlp, c.vocab_size
+    )
+}
+
+/// Bytes the loaded model needs at peak: every weight at `elem_bytes` per element,
+/// plus working copies while the largest tensors are converted and fused
+/// (dequantized f32, the q/k/v and gate/up concatenations and their transposes).
+pub fn estimate_bytes(expected: &[ExpectedWeight], elem_bytes: usize) -> u128 {
+    let elems = |w: &ExpectedWeight| w.shape.iter().map(|&d| d as u128).product::<u128>();
+    let total: u128 = expected.iter().map(elems).sum();
+    let largest = expected.iter().map(elems).max().unwrap_or(0);
+    total * elem_bytes as u128 + largest * (4 + 3 * elem_bytes as u128)
+}
+
+/// Refuses to load when the estimate exceeds what the machine can give:
+/// the address-space limit (`ulimit -v`, minus what is mapped already, plus
+/// `mapped_bytes` for memory-mapped weight files) and the available memory
+/// (`MemAvailable` + free swap, Linux). Unknown limits are not checked.
+pub fn check_memory(needed: u128, mapped_bytes: u64, source: &Path) -> Result<()> {
+    let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+    if let Some(avail) = available_memory() {
+        if needed > u128::from(avail) {
+            return Err(Error::model_file(
+                source,
+                format!(
+                    "loading this model needs about {:.2} GiB of memory, but the machine has \
+                     {:.2} GiB available; check the sizes in the model's config (a corrupt size \
+                     asks for absurd memory), use --dtype bf16 or f16, or a smaller model",
+                    gib(needed),
+                    gib(u128::from(avail))
+                ),
+            ));
+        }
+    }
+    if let Some(room) = address_space_room() {
+        let want = needed + u128::from(mapped_bytes);
+        if want > u128::from(room) {
+            return Err(Error::model_file(
+                source,
+                format!(
+                    "loading this model needs about {:.2} GiB of address space, but the \
+                     process limit (ulimit -v) leaves {:.2} GiB; raise the limit, use --dtype \
+                     bf16 or f16, or a smaller model",
+                    gib(want),
+                    gib(u128::from(room))
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable + SwapFree` from /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    };
+    Some(field("MemAvailable:")?.saturating_add(field("SwapFree:").unwrap_or(0)))
+}
+
+/// The address-space limit minus the process's current virtual size, in bytes;
+/// `None` when there is no limit.
+fn address_space_room() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // Safety: getrlimit writes one rlimit struct through the valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").ok();
+    let used = status
+        .as_deref()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmSize:")))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kib| kib.saturating_mul(1024));
+    Some(lim.rlim_cur.saturating_sub(used))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Architecture;
+
+    fn config(n_layers: usize) -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Qwen2,
+            n_layers,
+            d_model: 8,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            d_mlp: 12,
+            vocab_size: 10,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e4,
+            rope_scaling: None,
+            rope_freq_factors: None,
+            max_position_embeddings: 16,
+            tied_embeddings: true,
+        }
+    }
+
+    #[test]
+    fn expected_shapes_follow_the_config() {
+        let w = expected_weights(&config(2));
+        assert_eq!(w.len(), 2 + 2 * 12);
+        let find = |n: &str| w.iter().find(|x| x.name == n).unwrap().shape.clone();
+        assert_eq!(find("model.layers.1.self_attn.k_proj.weight"), vec![4, 8]);
+        assert_eq!(find("model.layers.0.self_attn.o_proj.weight"), vec![8, 8]);
+        assert_eq!(find("model.layers.0.mlp.down_proj.weight"), vec![8, 12]);
+        assert_eq!(find("model.layers.0.self_attn.v_proj.bias"), vec![4]);
+    }
+
+    #[test]
+    fn a_layer_count_the_file_cannot_hold_is_refused_before_listing() {
+        let err = check_weights(
+            &config(1 << 12),
+            30,
+            Path::new("m.gguf"),
+            "block_count",
+            |_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("block_count") && err.contains("4096 layers"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_absurd_estimate_is_refused() {
+        let err = check_memory(1 << 80, 0, Path::new("m.gguf"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("GiB") && err.contains("m.gguf"), "{err}");
+    }
+}
