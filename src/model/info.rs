@@ -51,6 +51,7 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
         "eos_token": model.tokenizer.eos_token,
         "add_bos": model.tokenizer.add_bos,
         "chat_template": template,
+        "chat_template_error": model.template.as_ref().and_then(|t| t.parse_error()),
     });
     if as_json {
         out.push_str(&serde_json::to_string_pretty(&info).expect("json values serialise"));
@@ -95,7 +96,15 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
         model.tokenizer.add_bos
     );
     let template = match &model.template {
-        Some(t) => format!("{} bytes (--json shows it)", t.source().len()),
+        Some(t) => match t.parse_error() {
+            None => format!("{} bytes (--json shows it)", t.source().len()),
+            Some(e) => format!(
+                "{} bytes from {}, does NOT parse ({e}): chat prompts will fail, --raw and \
+                 text rows work",
+                t.source().len(),
+                t.origin()
+            ),
+        },
         None => "none (use --raw prompts)".to_string(),
     };
     let _ = writeln!(out, "chat template {template}");
