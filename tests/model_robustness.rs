@@ -214,44 +214,62 @@ fn peer_gguf_alignment_zero_is_refused() {
     );
 }
 
-/// Linear rope scaling is not applied from GGUF keys (issue 15 adds rope types):
-/// refused, naming the key, instead of silently computing unscaled rope.
+/// The last token's `blocks.1.hook_resid_post[:4]` on the first row of
+/// `prompts/text12.jsonl`, against the value transformers gives (issue 15).
+fn assert_resid_post_1(model_path: &Path, want: [f32; 4]) {
+    let cases = model_path.ancestors().nth(3).unwrap();
+    let prompts = cases.join("peer-reports/prompts/text12.jsonl");
+    let model = load(model_path);
+    let row = &read_prompt_file(&prompts).unwrap()[0];
+    let rendered = render(&model, row, &prompts).unwrap();
+    let point = afprobe::model::HookPoint::ResidPost(1);
+    let mut hooks = afprobe::model::Hooks::capture(
+        afprobe::model::NamesFilter::Only(vec![point]),
+        afprobe::model::CaptureRows::Last,
+    );
+    model
+        .run_with_hooks(
+            &rendered.tokens,
+            &mut hooks,
+            &afprobe::model::LogitsAt::Last,
+        )
+        .unwrap();
+    let got: Vec<f32> = hooks
+        .cache
+        .get(point)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() < 2e-3,
+            "{}: got {:?}, want {want:?}",
+            model_path.display(),
+            &got[..4]
+        );
+    }
+}
+
+/// `llama.rope.scaling.type = linear` (factor 4) is applied, as transformers does.
 #[test]
-fn peer_gguf_an_unapplied_rope_scaling_type_is_refused() {
+fn peer_gguf_linear_rope_scaling_is_applied() {
     let Some(cases) = cases() else { return };
-    let path = s(&cases.join("peer-reports/gguf/llama_rope_linear.gguf"));
-    let out = afprobe_limited(&["model", "info", "--model", &path]);
-    assert_clean_error(
-        &out,
-        &[
-            "llama_rope_linear.gguf",
-            "llama.rope.scaling.type",
-            "linear",
-        ],
+    assert_resid_post_1(
+        &cases.join("peer-reports/gguf/llama_rope_linear.gguf"),
+        [10.679, 9.676, 9.041, 6.261],
     );
 }
 
-/// afprobe has no sliding-window attention yet (issue 15): the context is cut
-/// to the window, within which windowed and full attention agree, so a longer
-/// prompt is refused instead of silently computed with full attention.
+/// Mistral's sliding window (4) is applied on prompts longer than it.
 #[test]
-fn peer_mistral_sliding_window_caps_the_context() {
+fn peer_mistral_sliding_window_is_applied() {
     let Some(cases) = cases() else { return };
-    let dir = s(&cases.join("peer-reports/models/mistral_swa"));
-    let out = afprobe_limited(&["model", "info", "--model", &dir, "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(info["context_length"], 4);
-    let out = afprobe_limited(&[
-        "generate",
-        "--model",
-        &dir,
-        "--raw",
-        "--max-new-tokens",
-        "1",
-        "the cat sat on a mat, ok",
-    ]);
-    assert_clean_error(&out, &["context window is 4 tokens"]);
+    assert_resid_post_1(
+        &cases.join("peer-reports/models/mistral_swa"),
+        [-10.195, 11.221, 0.871, -6.060],
+    );
 }
 
 fn load(dir: &Path) -> Model {

@@ -418,7 +418,9 @@ fn interleave_rows(w: &Tensor, n_heads: usize) -> Tensor {
 
 /// llama.cpp's `rope_freqs` for Llama-3 scaling: the divisor of each frequency.
 fn llama3_rope_freqs(cfg: &ModelConfig) -> Vec<f32> {
-    let s = cfg.rope_scaling.as_ref().unwrap();
+    let Some(afprobe::model::config::RopeScaling::Llama3(s)) = cfg.rope_scaling.as_ref() else {
+        panic!("the tiny Llama-3 fixture has llama3 rope scaling");
+    };
     let (low_wl, high_wl) = (
         s.original_max_position_embeddings / s.low_freq_factor,
         s.original_max_position_embeddings / s.high_freq_factor,

@@ -28,6 +28,12 @@ pub(crate) struct AttnDims {
     pub t: usize,
     /// Tokens already in the cache before this call.
     pub past: usize,
+    /// Scores are `q·k · scale` (usually `1/√head_dim`).
+    pub scale: f32,
+    /// Scores become `cap · tanh(score / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+    /// A query sees only the last `window` keys, itself included (sliding window).
+    pub window: Option<usize>,
 }
 
 /// Row-major `[rows, stride]` buffer holding heads side by side.
@@ -51,7 +57,8 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// softmax(q kᵀ / √d + causal mask) v for every query head, as `[T, n_heads * head_dim]`.
+/// softmax(cap(q kᵀ · scale) + causal (and window) mask) v for every query
+/// head, as `[T, n_heads * head_dim]`.
 ///
 /// `q` holds `T` rows; `k` and `v` hold `past + T` rows (the cache including the
 /// new tokens). Query `i` sees keys `0..=past + i`. Query head `h` reads kv head
@@ -67,6 +74,9 @@ pub(crate) fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) 
         head_dim: hd,
         t,
         past,
+        scale,
+        softcap,
+        window,
     } = d;
     assert!(
         n_kv_heads > 0 && n_heads % n_kv_heads == 0,
@@ -93,7 +103,6 @@ pub(crate) fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) 
     let out_stride = n_heads * hd;
     let mut out = vec![0f32; t * out_stride];
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let scale = 1.0 / (hd as f32).sqrt();
     let tasks: Vec<(usize, usize)> = (0..n_kv_heads)
         .flat_map(|g| (0..t).step_by(QUERY_CHUNK).map(move |s| (g, s)))
         .collect();
@@ -125,8 +134,16 @@ pub(crate) fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) 
                 );
             }
             for (row, scores) in scratch.scores.chunks_exact_mut(n_keys).enumerate() {
+                // Keys [first, visible): causal, and within the window if any.
                 let visible = past + start + row % len + 1;
-                softmax_in_place(&mut scores[..visible]);
+                let first = window.map_or(0, |w| visible.saturating_sub(w));
+                if let Some(cap) = softcap {
+                    for s in &mut scores[first..visible] {
+                        *s = cap * (*s / cap).tanh();
+                    }
+                }
+                softmax_in_place(&mut scores[first..visible]);
+                scores[..first].fill(0.0);
                 scores[visible..].fill(0.0);
             }
             unsafe {
@@ -170,18 +187,20 @@ mod tests {
                 let g = h / (nh / nkv);
                 let qi = &q[i * nh * hd + h * hd..][..hd];
                 let keys = d.past + i + 1;
-                let s: Vec<f64> = (0..keys)
+                let first = d.window.map_or(0, |w| keys.saturating_sub(w));
+                let s: Vec<f64> = (first..keys)
                     .map(|j| {
                         let kj = &k[j * nkv * hd + g * hd..][..hd];
-                        qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>()
-                            / (hd as f64).sqrt()
+                        let s = qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>()
+                            * d.scale as f64;
+                        d.softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                 for c in 0..hd {
-                    out[i * nh * hd + h * hd + c] = (0..keys)
-                        .map(|j| (s[j] - m).exp() / z * v[j * nkv * hd + g * hd + c] as f64)
+                    out[i * nh * hd + h * hd + c] = (first..keys)
+                        .map(|j| (s[j - first] - m).exp() / z * v[j * nkv * hd + g * hd + c] as f64)
                         .sum::<f64>() as f32;
                 }
             }
@@ -191,13 +210,26 @@ mod tests {
 
     #[test]
     fn fused_attention_equals_naive_attention() {
-        for (t, past) in [(1, 0), (5, 0), (300, 0), (3, 200), (130, 7)] {
+        let cases = [
+            (1, 0, None, None),
+            (5, 0, None, None),
+            (300, 0, None, None),
+            (3, 200, None, None),
+            (130, 7, None, None),
+            (130, 7, Some(9), Some(1.5)),
+            (3, 200, Some(50), None),
+            (70, 0, Some(1), Some(0.7)),
+        ];
+        for (t, past, window, softcap) in cases {
             let d = AttnDims {
                 n_heads: 6,
                 n_kv_heads: 2,
                 head_dim: 8,
                 t,
                 past,
+                scale: 0.3,
+                softcap,
+                window,
             };
             let gen = |n: usize, seed: usize| -> Vec<f32> {
                 (0..n)

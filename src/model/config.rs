@@ -10,27 +10,51 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// The decoder families the forward pass implements.
+/// The decoder families the forward pass implements (what differs between
+/// them is data: [`FamilyConfig`] and `family.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
-    /// Llama 2/3.x, SmolLM, Mistral: no attention biases.
+    /// Llama 2/3.x, SmolLM: the reference block.
     Llama,
-    /// Qwen2: biases on the q/k/v projections.
+    /// Mistral: Llama with a sliding window on every layer.
+    Mistral,
+    /// Qwen2: biases on the q/k/v projections; optional sliding window.
     Qwen2,
+    /// Qwen3: per-head RMSNorm on q and k.
+    Qwen3,
+    /// Phi-3: fused `qkv_proj` and `gate_up_proj`.
+    Phi3,
+    /// OLMo 2: norms after attention and MLP (none before), q/k norms over the full projection.
+    Olmo2,
+    /// Gemma 2: four norms per block with `(1 + w)` scaling, GELU-tanh, embeddings
+    /// scaled by √d_model, `query_pre_attn_scalar`, soft-caps, alternating sliding window.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2 without soft-caps, with per-head q/k norms and a
+    /// local rope base on its sliding-window layers.
+    Gemma3,
 }
+
+/// The names afprobe accepts, for error messages.
+pub const SUPPORTED_ARCHITECTURES: &str =
+    "llama, mistral, qwen2, qwen3, phi3, olmo2, gemma2, gemma3 (gemma3_text)";
 
 impl Architecture {
     /// Parses a GGUF `general.architecture` or an HF `model_type`.
     pub fn parse(name: &str, source: &Path) -> Result<Architecture> {
         match name {
-            "llama" | "mistral" => Ok(Architecture::Llama),
+            "llama" => Ok(Architecture::Llama),
+            "mistral" => Ok(Architecture::Mistral),
             "qwen2" => Ok(Architecture::Qwen2),
+            "qwen3" => Ok(Architecture::Qwen3),
+            "phi3" => Ok(Architecture::Phi3),
+            "olmo2" => Ok(Architecture::Olmo2),
+            "gemma2" => Ok(Architecture::Gemma2),
+            "gemma3" | "gemma3_text" => Ok(Architecture::Gemma3),
             other => Err(Error::model_file(
                 source,
                 format!(
-                    "unsupported architecture `{other}`; afprobe runs llama (Llama 2/3, SmolLM, \
-                     Mistral) and qwen2 models"
+                    "unsupported architecture `{other}`; afprobe runs {SUPPORTED_ARCHITECTURES}"
                 ),
             )),
         }
@@ -39,13 +63,114 @@ impl Architecture {
     pub fn name(&self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+            Architecture::Phi3 => "phi3",
+            Architecture::Olmo2 => "olmo2",
+            Architecture::Gemma2 => "gemma2",
+            Architecture::Gemma3 => "gemma3",
         }
     }
 
     pub fn has_qkv_bias(&self) -> bool {
         matches!(self, Architecture::Qwen2)
     }
+
+    fn is_gemma(self) -> bool {
+        matches!(self, Architecture::Gemma2 | Architecture::Gemma3)
+    }
+}
+
+/// How a norm scales the normalised row: `x̂ · w` or Gemma's `x̂ · (1 + w)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    Rms,
+    RmsOnePlus,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SiLU (`silu`, `swish`).
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`, `gelu_new`).
+    GeluTanh,
+    /// GELU, exact (`gelu`).
+    GeluErf,
+}
+
+/// RMSNorm on queries and keys before rope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    None,
+    /// Over each head (`[head_dim]` weights): Qwen3, Gemma 3.
+    PerHead,
+    /// Over the whole projection (`[n_heads * head_dim]` weights): OLMo 2.
+    Full,
+}
+
+/// What differs between families beyond sizes, read from the config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FamilyConfig {
+    pub norm: NormKind,
+    pub activation: Activation,
+    pub qk_norm: QkNorm,
+    /// Embeddings are multiplied by this (Gemma: √d_model).
+    pub embed_scale: Option<f64>,
+    /// Attention scores are `q·k / √(this)` (default: head_dim; Gemma's `query_pre_attn_scalar`).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Scores become `cap · tanh(score / cap)` before the softmax (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Logits become `cap · tanh(logit / cap)` (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// Keys visible to a query: the last `sliding_window` positions, itself included.
+    pub sliding_window: Option<usize>,
+    /// Which layers use the window (`None`: all of them, when there is a window).
+    pub sliding_layers: Option<Vec<bool>>,
+    /// Rope base of the sliding-window layers when it differs (Gemma 3's local layers).
+    pub rope_local_theta: Option<f64>,
+}
+
+impl Default for FamilyConfig {
+    /// The Llama block: RMSNorm, SiLU, no q/k norm, no scales, caps or windows.
+    fn default() -> Self {
+        FamilyConfig {
+            norm: NormKind::Rms,
+            activation: Activation::Silu,
+            qk_norm: QkNorm::None,
+            embed_scale: None,
+            query_pre_attn_scalar: None,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
+            sliding_layers: None,
+            rope_local_theta: None,
+        }
+    }
+}
+
+/// Llama-3 frequency-dependent scaling, as transformers' `_compute_llama3_parameters`.
+fn llama3_inv_freq(base: Vec<f64>, s: &Llama3RopeScaling) -> Vec<f64> {
+    let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+    let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / s.factor
+            } else {
+                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            }
+        })
+        .collect()
 }
 
 /// Llama-3 style frequency-dependent rope scaling (`rope_type: "llama3"`).
@@ -57,9 +182,40 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: f64,
 }
 
+/// Rope scaling, as transformers' `modeling_rope_utils` computes it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Frequency-dependent (Llama 3.1).
+    Llama3(Llama3RopeScaling),
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+    /// NTK-aware dynamic scaling: equal to unscaled rope up to the context window,
+    /// which is as far as afprobe runs it.
+    Dynamic { factor: f64 },
+    /// YaRN: interpolated frequencies and an attention factor on cos/sin.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        truncate: bool,
+    },
+    /// LongRoPE (Phi-3): per-frequency short factors (the context is capped at
+    /// `original_max_position_embeddings`, past which transformers switches to
+    /// the long factors) and an attention factor.
+    LongRope {
+        short_factor: Vec<f64>,
+        attention_factor: f64,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelConfig {
     pub architecture: Architecture,
+    /// Norms, activation, scales, soft-caps, windows: see [`FamilyConfig`].
+    pub family: FamilyConfig,
     pub n_layers: usize,
     pub d_model: usize,
     pub n_heads: usize,
@@ -69,7 +225,7 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope_scaling: Option<RopeScaling>,
     /// Per-frequency divisors (GGUF `rope_freqs.weight`, llama.cpp's form of Llama-3 scaling).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_freq_factors: Option<Vec<f64>>,
@@ -79,35 +235,87 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Inverse rotary frequencies for one head (`head_dim / 2` values), with
-    /// Llama-3 scaling applied the way transformers' `_compute_llama3_parameters` does.
-    pub fn rope_inv_freq(&self) -> Vec<f64> {
+    /// Inverse rotary frequencies for one head (`head_dim / 2` values) and the
+    /// factor cos/sin are multiplied by, for a layer with or without the
+    /// sliding window, with the scaling of transformers' `modeling_rope_utils`.
+    pub fn rope_inv_freq(&self, sliding: bool) -> (Vec<f64>, f64) {
         let half = self.head_dim / 2;
-        let base: Vec<f64> = (0..half)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / self.head_dim as f64))
-            .collect();
-        if let Some(factors) = &self.rope_freq_factors {
-            return base.iter().zip(factors).map(|(f, d)| f / d).collect();
-        }
-        let Some(s) = &self.rope_scaling else {
-            return base;
+        let dim = self.head_dim as f64;
+        let unscaled = |theta: f64| -> Vec<f64> {
+            (0..half)
+                .map(|i| 1.0 / theta.powf(2.0 * i as f64 / dim))
+                .collect()
         };
-        let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
-        let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
-        base.into_iter()
-            .map(|f| {
-                let wavelen = 2.0 * std::f64::consts::PI / f;
-                if wavelen < high_wavelen {
-                    f
-                } else if wavelen > low_wavelen {
-                    f / s.factor
-                } else {
-                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
-                    (1.0 - smooth) * f / s.factor + smooth * f
+        if let (true, Some(theta)) = (sliding, self.family.rope_local_theta) {
+            return (unscaled(theta), 1.0);
+        }
+        let base = unscaled(self.rope_theta);
+        if let Some(factors) = &self.rope_freq_factors {
+            return (base.iter().zip(factors).map(|(f, d)| f / d).collect(), 1.0);
+        }
+        match &self.rope_scaling {
+            None | Some(RopeScaling::Dynamic { .. }) => (base, 1.0),
+            Some(RopeScaling::Linear { factor }) => {
+                (base.into_iter().map(|f| f / factor).collect(), 1.0)
+            }
+            Some(RopeScaling::Llama3(s)) => (llama3_inv_freq(base, s), 1.0),
+            Some(RopeScaling::LongRope {
+                short_factor,
+                attention_factor,
+            }) => (
+                base.iter().zip(short_factor).map(|(f, s)| f / s).collect(),
+                *attention_factor,
+            ),
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: orig,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate,
+            }) => {
+                // transformers' `_compute_yarn_parameters`.
+                let correction_dim = |rotations: f64| {
+                    dim * (orig / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * self.rope_theta.ln())
+                };
+                let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
+                if *truncate {
+                    (low, high) = (low.floor(), high.ceil());
                 }
-            })
-            .collect()
+                let (low, high) = (low.max(0.0), high.min(dim - 1.0));
+                let high = if low == high { high + 0.001 } else { high };
+                let freqs = base
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &f)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrapolation = 1.0 - ramp;
+                        f / factor * (1.0 - extrapolation) + f * extrapolation
+                    })
+                    .collect();
+                (freqs, *attention_factor)
+            }
+        }
+    }
+
+    /// The sliding window of layer `l`, if it has one.
+    pub fn window(&self, l: usize) -> Option<usize> {
+        let f = &self.family;
+        f.sliding_window.filter(|_| {
+            f.sliding_layers
+                .as_ref()
+                .is_none_or(|layers| layers.get(l).copied().unwrap_or(false))
+        })
+    }
+
+    /// The factor attention scores are multiplied by.
+    pub fn attn_scale(&self) -> f64 {
+        1.0 / self
+            .family
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim as f64)
+            .sqrt()
     }
 
     /// Reads an HF `config.json`.
@@ -181,37 +389,103 @@ impl ModelConfig {
                 ("hidden_size", "num_attention_heads"),
             )?,
         };
-        // Newer configs nest rope settings under `rope_parameters`.
-        let rope = field("rope_parameters").or_else(|| field("rope_scaling"));
+        // Rope: transformers 5 nests it under `rope_parameters` (per layer type for
+        // Gemma 3: `full_attention` / `sliding_attention`); older files have
+        // `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq`).
+        let rope_params = field("rope_parameters");
+        let (rope, local_rope) = match rope_params {
+            Some(p)
+                if p.get("full_attention").is_some() || p.get("sliding_attention").is_some() =>
+            {
+                (p.get("full_attention"), p.get("sliding_attention"))
+            }
+            Some(p) => (Some(p), None),
+            None => (field("rope_scaling"), None),
+        };
+        let theta_of = |r: Option<&Value>, key: &str| -> Result<Option<f64>> {
+            match r.and_then(|r| r.get("rope_theta")) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        Error::model_file(
+                            path,
+                            format!("field `{key}` is {v}; it must be a finite number"),
+                        )
+                    }),
+            }
+        };
         let rope_theta = match opt_f64("rope_theta")? {
             Some(t) => t,
-            None => match rope.and_then(|r| r.get("rope_theta")) {
-                Some(v) => v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-                    Error::model_file(
-                        path,
-                        format!("field `rope_theta` is {v}; it must be a finite number"),
-                    )
-                })?,
-                None => 10_000.0,
-            },
+            None => theta_of(rope, "rope_parameters.rope_theta")?.unwrap_or(10_000.0),
         };
         let rope_scaling = match rope {
             Some(r) => parse_rope_scaling(r, path)?,
             None => None,
         };
-        // afprobe's attention has no sliding window. Within the window, windowed and
-        // full attention agree, so the context is cut to the window: longer prompts
-        // are refused instead of silently computed with full attention.
-        // (Qwen2 configs carry a window that only applies with `use_sliding_window`.)
-        let mut context = usize_field("max_position_embeddings")?;
-        let window_on =
-            opt_bool("use_sliding_window")?.unwrap_or(architecture != Architecture::Qwen2);
-        if let Some(window) = opt_usize("sliding_window")?.filter(|w| *w > 0 && window_on) {
-            context = context.min(window);
+        let rope_local_theta = match local_rope {
+            Some(r) => {
+                if parse_rope_scaling(r, path)?.is_some() {
+                    return Err(Error::model_file(
+                        path,
+                        "rope scaling on the sliding-window layers                          (`rope_parameters.sliding_attention`) is not supported",
+                    ));
+                }
+                theta_of(Some(r), "rope_parameters.sliding_attention.rope_theta")?
+            }
+            None => opt_f64("rope_local_base_freq")?,
+        };
+        if let Some(p) = opt_f64("partial_rotary_factor")?.or(rope
+            .and_then(|r| r.get("partial_rotary_factor"))
+            .and_then(Value::as_f64))
+        {
+            if p != 1.0 {
+                return Err(Error::model_file(
+                    path,
+                    format!(
+                        "partial_rotary_factor {p} is not supported (rope on every dimension only)"
+                    ),
+                ));
+            }
         }
+        for flag in ["attention_bias", "mlp_bias"] {
+            if opt_bool(flag)? == Some(true) && !architecture.has_qkv_bias() {
+                return Err(Error::model_file(
+                    path,
+                    format!(
+                        "`{flag}: true` is not supported for {}",
+                        architecture.name()
+                    ),
+                ));
+            }
+        }
+        let n_layers = usize_field("num_hidden_layers")?;
+        let mut context = usize_field("max_position_embeddings")?;
+        if let Some(RopeScaling::LongRope { .. }) = rope_scaling {
+            // Past the original context transformers switches to the long factors.
+            let orig = rope
+                .and_then(|r| r.get("original_max_position_embeddings"))
+                .or(field("original_max_position_embeddings"))
+                .and_then(Value::as_u64)
+                .ok_or_else(|| {
+                    Error::model_file(path, "longrope lacks `original_max_position_embeddings`")
+                })?;
+            context = context.min(orig as usize);
+        }
+        let family = family_config(
+            architecture,
+            n_layers,
+            d_model,
+            &json,
+            path,
+            rope_local_theta,
+        )?;
         Ok(ModelConfig {
             architecture,
-            n_layers: usize_field("num_hidden_layers")?,
+            family,
+            n_layers,
             d_model,
             n_heads,
             n_kv_heads,
@@ -314,19 +588,75 @@ impl ModelConfig {
                 self.rope_theta
             ));
         }
-        if let Some(s) = &self.rope_scaling {
-            let ok = [
-                s.factor,
-                s.low_freq_factor,
-                s.high_freq_factor,
-                s.original_max_position_embeddings,
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        match &self.rope_scaling {
+            Some(RopeScaling::Llama3(s)) => {
+                let ok = [
+                    s.factor,
+                    s.low_freq_factor,
+                    s.high_freq_factor,
+                    s.original_max_position_embeddings,
+                ]
+                .into_iter()
+                .all(positive);
+                if !ok || s.high_freq_factor <= s.low_freq_factor {
+                    return bad(format!(
+                        "llama3 rope scaling {s:?}: factors must be positive and \
+                         high_freq_factor greater than low_freq_factor"
+                    ));
+                }
+            }
+            Some(RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor })
+                if !positive(*factor) =>
+            {
+                return bad(format!("rope scaling factor {factor} must be positive"));
+            }
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                ..
+            }) if ![
+                *factor,
+                *original_max_position_embeddings,
+                *attention_factor,
             ]
-            .iter()
-            .all(|x| x.is_finite() && *x > 0.0);
-            if !ok || s.high_freq_factor <= s.low_freq_factor {
+            .into_iter()
+            .all(positive) =>
+            {
+                return bad("yarn rope scaling factors must be positive".into());
+            }
+            Some(RopeScaling::LongRope { short_factor, .. })
+                if short_factor.len() != self.head_dim / 2
+                    || !short_factor.iter().copied().all(positive) =>
+            {
                 return bad(format!(
-                    "llama3 rope scaling {s:?}: factors must be positive and high_freq_factor \
-                     greater than low_freq_factor"
+                    "longrope short_factor has {} positive entries; head_dim {} needs {}",
+                    short_factor.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                ));
+            }
+            _ => {}
+        }
+        let f = &self.family;
+        for (name, v) in [
+            ("embed scale", f.embed_scale),
+            ("query_pre_attn_scalar", f.query_pre_attn_scalar),
+            ("attn_logit_softcapping", f.attn_softcap),
+            ("final_logit_softcapping", f.final_softcap),
+            ("rope_local_base_freq", f.rope_local_theta),
+        ] {
+            if v.is_some_and(|x| !positive(x)) {
+                return bad(format!("{name} must be a positive number"));
+            }
+        }
+        if let Some(layers) = &f.sliding_layers {
+            if layers.len() != self.n_layers {
+                return bad(format!(
+                    "{} layer types for {} layers",
+                    layers.len(),
+                    self.n_layers
                 ));
             }
         }
@@ -365,30 +695,244 @@ pub(crate) fn derived_head_dim(
     Ok(d_model / n_heads)
 }
 
-fn parse_rope_scaling(rope: &Value, path: &Path) -> Result<Option<Llama3RopeScaling>> {
+/// A family's norms, activation, scales, caps and windows from `config.json`.
+fn family_config(
+    arch: Architecture,
+    n_layers: usize,
+    d_model: usize,
+    json: &Value,
+    path: &Path,
+    rope_local_theta: Option<f64>,
+) -> Result<FamilyConfig> {
+    let field = |name: &str| json.get(name).filter(|v| !v.is_null());
+    let number = |name: &str| -> Result<Option<f64>> {
+        field(name)
+            .map(|v| {
+                v.as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| {
+                        Error::model_file(
+                            path,
+                            format!("field `{name}` is {v}; it must be a positive number"),
+                        )
+                    })
+            })
+            .transpose()
+    };
+    let act_name = field("hidden_activation")
+        .or(field("hidden_act"))
+        .and_then(Value::as_str)
+        .unwrap_or(if arch.is_gemma() {
+            "gelu_pytorch_tanh"
+        } else {
+            "silu"
+        });
+    let activation = match act_name {
+        "silu" | "swish" => Activation::Silu,
+        "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+        "gelu" => Activation::GeluErf,
+        other => {
+            return Err(Error::model_file(
+                path,
+                format!("activation `{other}` is not supported (silu, gelu_pytorch_tanh, gelu)"),
+            ))
+        }
+    };
+    let sliding_window = match field("sliding_window") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|w| usize::try_from(w).ok())
+                .filter(|w| *w > 0)
+                .ok_or_else(|| {
+                    Error::model_file(
+                        path,
+                        format!("field `sliding_window` is {v}; it must be a positive integer"),
+                    )
+                })?,
+        ),
+    };
+    // Which layers use the window: `layer_types` when the file has it, else each
+    // family's rule from transformers' config classes.
+    let sliding_layers: Option<Vec<bool>> = match field("layer_types") {
+        Some(Value::Array(types)) => {
+            if types.len() != n_layers {
+                return Err(Error::model_file(
+                    path,
+                    format!(
+                        "`layer_types` has {} entries for {n_layers} layers",
+                        types.len()
+                    ),
+                ));
+            }
+            Some(
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(Error::model_file(
+                            path,
+                            format!("`layer_types` entry {t} is not sliding_attention or full_attention"),
+                        )),
+                    })
+                    .collect::<Result<_>>()?,
+            )
+        }
+        Some(v) => {
+            return Err(Error::model_file(
+                path,
+                format!("`layer_types` is {v}, not a list"),
+            ))
+        }
+        None => {
+            let use_window = field("use_sliding_window").and_then(Value::as_bool);
+            let max_window_layers = field("max_window_layers")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize;
+            let pattern = field("sliding_window_pattern")
+                .and_then(Value::as_u64)
+                .unwrap_or(6)
+                .max(1) as usize;
+            match arch {
+                Architecture::Mistral | Architecture::Phi3 => None,
+                Architecture::Qwen2 | Architecture::Qwen3 => Some(
+                    (0..n_layers)
+                        .map(|l| use_window == Some(true) && l >= max_window_layers)
+                        .collect(),
+                ),
+                Architecture::Gemma2 => Some((0..n_layers).map(|l| l % 2 == 0).collect()),
+                Architecture::Gemma3 => {
+                    Some((0..n_layers).map(|l| (l + 1) % pattern != 0).collect())
+                }
+                // Llama, OLMo 2: no window.
+                Architecture::Llama | Architecture::Olmo2 => Some(vec![false; n_layers]),
+            }
+        }
+    };
+    Ok(FamilyConfig {
+        norm: if arch.is_gemma() {
+            NormKind::RmsOnePlus
+        } else {
+            NormKind::Rms
+        },
+        activation,
+        qk_norm: match arch {
+            Architecture::Qwen3 | Architecture::Gemma3 => QkNorm::PerHead,
+            Architecture::Olmo2 => QkNorm::Full,
+            _ => QkNorm::None,
+        },
+        embed_scale: arch.is_gemma().then(|| (d_model as f64).sqrt()),
+        query_pre_attn_scalar: if arch.is_gemma() {
+            number("query_pre_attn_scalar")?
+        } else {
+            None
+        },
+        attn_softcap: if arch.is_gemma() {
+            number("attn_logit_softcapping")?
+        } else {
+            None
+        },
+        final_softcap: if arch.is_gemma() {
+            number("final_logit_softcapping")?
+        } else {
+            None
+        },
+        sliding_window,
+        sliding_layers,
+        rope_local_theta,
+    })
+}
+
+fn parse_rope_scaling(rope: &Value, path: &Path) -> Result<Option<RopeScaling>> {
     let kind = rope
         .get("rope_type")
         .or_else(|| rope.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
+    let num = |name: &str| {
+        rope.get(name)
+            .and_then(Value::as_f64)
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| Error::model_file(path, format!("{kind} rope scaling lacks `{name}`")))
+    };
+    let opt = |name: &str| {
+        rope.get(name)
+            .and_then(Value::as_f64)
+            .filter(|x| x.is_finite())
+    };
     match kind {
         "default" => Ok(None),
-        "llama3" => {
-            let num = |name: &str| {
-                rope.get(name).and_then(Value::as_f64).ok_or_else(|| {
-                    Error::model_file(path, format!("llama3 rope scaling lacks `{name}`"))
-                })
+        "llama3" => Ok(Some(RopeScaling::Llama3(Llama3RopeScaling {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }))),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: num("factor")?,
+        })),
+        "dynamic" => Ok(Some(RopeScaling::Dynamic {
+            factor: num("factor")?,
+        })),
+        "yarn" => {
+            let factor = num("factor")?;
+            let mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
             };
-            Ok(Some(Llama3RopeScaling {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
+            let attention_factor = match (
+                opt("attention_factor"),
+                opt("mscale"),
+                opt("mscale_all_dim"),
+            ) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    mscale(factor, m) / mscale(factor, all)
+                }
+                _ => mscale(factor, 1.0),
+            };
+            Ok(Some(RopeScaling::Yarn {
+                factor,
                 original_max_position_embeddings: num("original_max_position_embeddings")?,
+                beta_fast: opt("beta_fast").unwrap_or(32.0),
+                beta_slow: opt("beta_slow").unwrap_or(1.0),
+                attention_factor,
+                truncate: rope
+                    .get("truncate")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true),
+            }))
+        }
+        "longrope" => {
+            let short_factor = rope
+                .get("short_factor")
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                .ok_or_else(|| {
+                    Error::model_file(path, "longrope rope scaling lacks `short_factor`")
+                })?;
+            let orig = num("original_max_position_embeddings")?;
+            let factor = opt("factor");
+            let attention_factor = match (opt("attention_factor"), factor) {
+                (Some(a), _) => a,
+                (None, Some(f)) if f > 1.0 => (1.0 + f.ln() / orig.ln()).sqrt(),
+                _ => 1.0,
+            };
+            Ok(Some(RopeScaling::LongRope {
+                short_factor,
+                attention_factor,
             }))
         }
         other => Err(Error::model_file(
             path,
-            format!("rope scaling type `{other}` is not supported (supported: default, llama3)"),
+            format!(
+                "rope scaling type `{other}` is not supported (supported: default, linear, \
+                 dynamic, yarn, longrope, llama3)"
+            ),
         )),
     }
 }

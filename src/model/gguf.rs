@@ -13,7 +13,7 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMag
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use super::config::{derived_head_dim, Architecture, ModelConfig};
+use super::config::{derived_head_dim, Architecture, FamilyConfig, ModelConfig, RopeScaling};
 use super::tokenizer::GgufTokenizerMeta;
 use crate::error::{Error, Result};
 
@@ -53,6 +53,15 @@ impl GgufFile {
             }
         };
         let architecture = Architecture::parse(&arch, path)?;
+        if !matches!(architecture, Architecture::Llama | Architecture::Qwen2) {
+            return Err(Error::model_file(
+                path,
+                format!(
+                    "GGUF files of `{arch}` are not supported yet (GGUF: llama, qwen2); load the \
+                     model's HF directory (config.json + *.safetensors) instead"
+                ),
+            ));
+        }
         Ok(GgufFile {
             path: path.to_path_buf(),
             content,
@@ -172,33 +181,16 @@ impl GgufFile {
                 ))
             }
         };
-        // A rope scaling type this loader does not apply would silently change every
-        // position's rotation: refuse it rather than ignore it.
-        let scaling_key = self.arch_key("rope.scaling.type");
-        match self.meta(&scaling_key) {
-            None => {}
-            Some(Value::String(t)) if t == "none" => {}
-            Some(v) => {
-                return Err(Error::model_file(
-                    &self.path,
-                    format!(
-                        "GGUF key `{scaling_key}` is {}: afprobe applies no rope scaling from \
-                         GGUF keys (only `rope_freqs.weight`, llama.cpp's form of Llama-3 \
-                         scaling), and running without it would compute wrong activations; \
-                         use the HF directory of the model instead",
-                        describe(v)
-                    ),
-                ))
-            }
-        }
-        let mut context = self.meta_usize("context_length")?;
-        if let Some(window) = self.meta_int("attention.sliding_window")? {
-            if window > 0 {
-                context = context.min(window);
-            }
-        }
+        let rope_scaling = self.rope_scaling()?;
+        let sliding_window = self
+            .meta_int("attention.sliding_window")?
+            .filter(|w| *w > 0);
         ModelConfig {
             architecture: self.architecture,
+            family: FamilyConfig {
+                sliding_window,
+                ..FamilyConfig::default()
+            },
             n_layers: self.meta_usize("block_count")?,
             d_model,
             n_heads,
@@ -210,12 +202,42 @@ impl GgufFile {
                 .meta_f64("attention.layer_norm_rms_epsilon")?
                 .unwrap_or(1e-5),
             rope_theta: self.meta_f64("rope.freq_base")?.unwrap_or(10_000.0),
-            rope_scaling: None,
+            rope_scaling,
             rope_freq_factors: None,
-            max_position_embeddings: context,
+            max_position_embeddings: self.meta_usize("context_length")?,
             tied_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
         }
         .validated(&self.path)
+    }
+
+    /// `{arch}.rope.scaling.*`: `none` and `linear` (with `.factor`) are applied;
+    /// any other type is refused, naming the key, rather than silently ignored.
+    fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
+        let key = self.arch_key("rope.scaling.type");
+        match self.meta(&key) {
+            None => Ok(None),
+            Some(Value::String(t)) if t == "none" => Ok(None),
+            Some(Value::String(t)) if t == "linear" => {
+                let factor_key = self.arch_key("rope.scaling.factor");
+                let factor = self.meta_f64("rope.scaling.factor")?.ok_or_else(|| {
+                    Error::model_file(
+                        &self.path,
+                        format!("GGUF has `{key}` = linear but no `{factor_key}`"),
+                    )
+                })?;
+                Ok(Some(RopeScaling::Linear { factor }))
+            }
+            Some(v) => Err(Error::model_file(
+                &self.path,
+                format!(
+                    "GGUF key `{key}` is {}: afprobe applies `none` and `linear` from GGUF keys \
+                     (and `rope_freqs.weight`, llama.cpp's form of Llama-3 scaling); running \
+                     without it would compute wrong activations, so use the model's HF \
+                     directory (config.json supports linear, dynamic, yarn, longrope, llama3)",
+                    describe(v)
+                ),
+            )),
+        }
     }
 
     /// Reads the `rope_freqs.weight` tensor (Llama 3.1+ scaling, stored as

@@ -59,7 +59,7 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
         return Ok(out);
     }
     let rope = match (&c.rope_scaling, &c.rope_freq_factors) {
-        (Some(s), _) => format!("base {}, llama3 scaling x{}", c.rope_theta, s.factor),
+        (Some(s), _) => format!("base {}, scaling {}", c.rope_theta, serde_json::json!(s)),
         (None, Some(_)) => format!("base {}, per-frequency factors (rope_freqs)", c.rope_theta),
         (None, None) => format!("base {}", c.rope_theta),
     };

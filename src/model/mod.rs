@@ -2,6 +2,7 @@
 
 pub(crate) mod attention;
 pub mod config;
+pub mod family;
 pub mod fetch;
 pub mod gguf;
 pub mod hooks;

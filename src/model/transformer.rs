@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::attention::{causal_attention, AttnDims, Strided};
-use super::config::ModelConfig;
+use super::config::{Activation, ModelConfig, NormKind, QkNorm};
 use super::hooks::{HookPoint, Hooks};
 use super::kernels::{self, with_f32_slice, WeightLayout};
 use crate::error::{Error, Result};
@@ -48,6 +48,8 @@ impl Linear {
     }
 }
 
+/// RMSNorm `x̂ · w`; Gemma's `x̂ · (1 + w)` is loaded with `1 + w` as its weight
+/// (the same f32 sum transformers computes in the forward).
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
@@ -62,6 +64,31 @@ impl RmsNorm {
             self.eps,
         )?)
     }
+
+    /// The norm over `n` groups of `size` columns from column `offset` of each
+    /// `[T, width]` f32 row, in place (q/k norms on the fused projection).
+    fn apply_rows(&self, rows: &mut [f32], width: usize, offset: usize, n: usize) -> Result<()> {
+        let w = self.weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let size = w.len();
+        for row in rows.chunks_exact_mut(width) {
+            for group in row[offset..offset + n * size].chunks_exact_mut(size) {
+                let ms = group.iter().map(|x| x * x).sum::<f32>() / size as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                for (x, w) in group.iter_mut().zip(&w) {
+                    *x = *x * r * w;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An optional norm: the identity where a family has none.
+fn norm_opt(norm: &Option<RmsNorm>, x: Tensor) -> Result<Tensor> {
+    match norm {
+        Some(n) => n.forward(&x),
+        None => Ok(x),
+    }
 }
 
 /// Grouped-query self-attention with q, k and v fused into one projection.
@@ -72,6 +99,14 @@ struct Attention {
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    /// RMSNorm of q and k before rope (per head or over the projection).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    /// Which rope table this layer uses (Gemma 3: local or global).
+    rope: usize,
 }
 
 impl Attention {
@@ -86,6 +121,12 @@ impl Attention {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            let q_groups = nh * hd / qn.weight.dim(0)?;
+            let k_groups = nkv * hd / kn.weight.dim(0)?;
+            qn.apply_rows(&mut qkv, width, 0, q_groups)?;
+            kn.apply_rows(&mut qkv, width, nh * hd, k_groups)?;
+        }
         rope.apply(&mut qkv, width, 0, nh);
         rope.apply(&mut qkv, width, nh * hd, nkv);
         let past = kv.len(nkv * hd);
@@ -109,6 +150,9 @@ impl Attention {
                 head_dim: hd,
                 t,
                 past,
+                scale: self.scale,
+                softcap: self.softcap,
+                window: self.window,
             },
         );
         let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
@@ -116,36 +160,48 @@ impl Attention {
     }
 }
 
-/// SwiGLU MLP with gate and up fused into one projection.
+/// Gated MLP `down(act(gate(x)) · up(x))` with gate and up fused into one projection.
 #[derive(Debug, Clone)]
 struct Mlp {
     gate_up_proj: Linear,
     down_proj: Linear,
     d_mlp: usize,
+    activation: Activation,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
         let d = self.d_mlp;
-        if let Some(h) = with_f32_slice(&gate_up, |rows| kernels::swiglu(rows, d))? {
-            let t = gate_up.dim(0)?;
-            return self
-                .down_proj
-                .forward(&Tensor::from_vec(h, (t, d), x.device())?);
+        if self.activation == Activation::Silu {
+            if let Some(h) = with_f32_slice(&gate_up, |rows| kernels::swiglu(rows, d))? {
+                let t = gate_up.dim(0)?;
+                return self
+                    .down_proj
+                    .forward(&Tensor::from_vec(h, (t, d), x.device())?);
+            }
         }
-        let gate = gate_up.narrow(1, 0, self.d_mlp)?.silu()?;
+        let gate = gate_up.narrow(1, 0, self.d_mlp)?;
+        let gate = match self.activation {
+            Activation::Silu => gate.silu()?,
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::GeluErf => gate.gelu_erf()?,
+        };
         let up = gate_up.narrow(1, self.d_mlp, self.d_mlp)?;
         self.down_proj.forward(&(gate * up)?)
     }
 }
 
+/// One decoder block; each norm is optional (see `family.rs` for which
+/// families have which).
 #[derive(Debug, Clone)]
 struct Block {
-    input_norm: RmsNorm,
+    attn_pre_norm: Option<RmsNorm>,
     attn: Attention,
-    post_attn_norm: RmsNorm,
+    attn_post_norm: Option<RmsNorm>,
+    mlp_pre_norm: Option<RmsNorm>,
     mlp: Mlp,
+    mlp_post_norm: Option<RmsNorm>,
 }
 
 /// Which positions of a forward call get logits (the LM head is a quarter of
@@ -167,12 +223,21 @@ pub struct Transformer {
     blocks: Vec<Block>,
     final_norm: RmsNorm,
     lm_head: Tensor,
-    inv_freq: Vec<f32>,
+    /// Rope tables: `[0]` global, `[1]` the sliding-window layers' when their base differs.
+    ropes: Vec<RopeFreqs>,
     device: Device,
 }
 
+/// Inverse frequencies of one rope table and the factor on cos/sin (YaRN, LongRoPE).
+#[derive(Debug, Clone)]
+struct RopeFreqs {
+    inv_freq: Vec<f32>,
+    attention_factor: f32,
+}
+
 impl Transformer {
-    /// Builds the model from weights by HF name, converted to `dtype`.
+    /// Builds the model from weights by HF name, converted to `dtype` (names and
+    /// which weights exist per family: `family.rs`).
     pub fn new(config: ModelConfig, weights: &mut WeightSource, dtype: DType) -> Result<Self> {
         let mut get = |name: &str| -> Result<Tensor> {
             let t = weights(name)?.ok_or_else(|| {
@@ -181,59 +246,87 @@ impl Transformer {
             Ok(t.to_dtype(dtype)?)
         };
         let c = &config;
+        let f = &c.family;
         let eps = c.rms_norm_eps as f32;
+        let one_plus = f.norm == NormKind::RmsOnePlus;
+        let norm = |w: Tensor| -> Result<RmsNorm> {
+            let weight = if one_plus { (w + 1.0)? } else { w };
+            Ok(RmsNorm { weight, eps })
+        };
+        let names = c.architecture.block_norms();
         let mut blocks = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
             let p = format!("model.layers.{l}");
             let attn = |name: &str| format!("{p}.self_attn.{name}");
-            let qkv_weight = Tensor::cat(
-                &[
-                    get(&attn("q_proj.weight"))?,
-                    get(&attn("k_proj.weight"))?,
-                    get(&attn("v_proj.weight"))?,
-                ],
-                0,
-            )?;
+            let [attn_pre_norm, attn_post_norm, mlp_pre_norm, mlp_post_norm] = [
+                names.attn_pre,
+                names.attn_post,
+                names.mlp_pre,
+                names.mlp_post,
+            ]
+            .map(|name| {
+                name.map(|n| get(&format!("{p}.{n}.weight")).and_then(norm))
+                    .transpose()
+            });
+            let (attn_pre_norm, attn_post_norm) = (attn_pre_norm?, attn_post_norm?);
+            let (mlp_pre_norm, mlp_post_norm) = (mlp_pre_norm?, mlp_post_norm?);
+            let (qkv_weight, gate_up) = if c.architecture.fused_projections() {
+                (
+                    get(&attn("qkv_proj.weight"))?,
+                    get(&format!("{p}.mlp.gate_up_proj.weight"))?,
+                )
+            } else {
+                let qkv = ["q_proj", "k_proj", "v_proj"]
+                    .iter()
+                    .map(|n| get(&attn(&format!("{n}.weight"))))
+                    .collect::<Result<Vec<_>>>()?;
+                let gate_up = ["gate_proj", "up_proj"]
+                    .iter()
+                    .map(|n| get(&format!("{p}.mlp.{n}.weight")))
+                    .collect::<Result<Vec<_>>>()?;
+                (Tensor::cat(&qkv, 0)?, Tensor::cat(&gate_up, 0)?)
+            };
             let qkv_bias = if c.architecture.has_qkv_bias() {
-                Some(Tensor::cat(
-                    &[
-                        get(&attn("q_proj.bias"))?,
-                        get(&attn("k_proj.bias"))?,
-                        get(&attn("v_proj.bias"))?,
-                    ],
-                    0,
-                )?)
+                let b = ["q_proj", "k_proj", "v_proj"]
+                    .iter()
+                    .map(|n| get(&attn(&format!("{n}.bias"))))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&b, 0)?)
             } else {
                 None
             };
-            let gate_up = Tensor::cat(
-                &[
-                    get(&format!("{p}.mlp.gate_proj.weight"))?,
-                    get(&format!("{p}.mlp.up_proj.weight"))?,
-                ],
-                0,
-            )?;
+            let (q_norm, k_norm) = match f.qk_norm {
+                QkNorm::None => (None, None),
+                _ => (
+                    Some(norm(get(&attn("q_norm.weight"))?)?),
+                    Some(norm(get(&attn("k_norm.weight"))?)?),
+                ),
+            };
+            let window = c.window(l);
             blocks.push(Block {
-                input_norm: RmsNorm {
-                    weight: get(&format!("{p}.input_layernorm.weight"))?,
-                    eps,
-                },
+                attn_pre_norm,
                 attn: Attention {
                     qkv_proj: Linear::new(qkv_weight, qkv_bias)?,
                     o_proj: Linear::new(get(&attn("o_proj.weight"))?, None)?,
                     n_heads: c.n_heads,
                     n_kv_heads: c.n_kv_heads,
                     head_dim: c.head_dim,
+                    q_norm,
+                    k_norm,
+                    scale: c.attn_scale() as f32,
+                    softcap: f.attn_softcap.map(|x| x as f32),
+                    window,
+                    rope: usize::from(window.is_some() && f.rope_local_theta.is_some()),
                 },
-                post_attn_norm: RmsNorm {
-                    weight: get(&format!("{p}.post_attention_layernorm.weight"))?,
-                    eps,
-                },
+                attn_post_norm,
+                mlp_pre_norm,
                 mlp: Mlp {
                     gate_up_proj: Linear::new(gate_up, None)?,
                     down_proj: Linear::new(get(&format!("{p}.mlp.down_proj.weight"))?, None)?,
                     d_mlp: c.d_mlp,
+                    activation: f.activation,
                 },
+                mlp_post_norm,
             });
         }
         let embed_tokens = get("model.embed_tokens.weight")?;
@@ -242,10 +335,7 @@ impl Transformer {
         } else {
             get("lm_head.weight")?
         };
-        let final_norm = RmsNorm {
-            weight: get("model.norm.weight")?,
-            eps,
-        };
+        let final_norm = norm(get("model.norm.weight")?)?;
         let expect = [c.vocab_size, c.d_model];
         if embed_tokens.dims() != expect || lm_head.dims() != expect {
             return Err(Error::BadInput(format!(
@@ -256,7 +346,14 @@ impl Transformer {
                 c.d_model
             )));
         }
-        let inv_freq = c.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+        let rope_table = |sliding: bool| {
+            let (inv_freq, attention_factor) = c.rope_inv_freq(sliding);
+            RopeFreqs {
+                inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+                attention_factor: attention_factor as f32,
+            }
+        };
+        let ropes = vec![rope_table(false), rope_table(true)];
         Ok(Transformer {
             device: embed_tokens.device().clone(),
             config,
@@ -264,7 +361,7 @@ impl Transformer {
             blocks,
             final_norm,
             lm_head,
-            inv_freq,
+            ropes,
         })
     }
 
@@ -298,20 +395,24 @@ impl Transformer {
             self.config.n_layers,
             self.config.n_kv_heads * self.config.head_dim,
         );
-        let rope = Rope::new(&self.inv_freq, start, t);
+        let ropes: Vec<Rope> = self.ropes.iter().map(|r| Rope::new(r, start, t)).collect();
         let ids = Tensor::new(tokens, &self.device)?;
 
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        if let Some(scale) = self.config.family.embed_scale {
+            x = (x * f64::from(scale as f32))?;
+        }
         x = hooks.run(HookPoint::Embed, x, start)?;
         for (l, block) in self.blocks.iter().enumerate() {
             x = hooks.run(HookPoint::ResidPre(l), x, start)?;
-            let attn_out =
-                block
-                    .attn
-                    .forward(&block.input_norm.forward(&x)?, &rope, &mut kv.layers[l])?;
+            let h = norm_opt(&block.attn_pre_norm, x.clone())?;
+            let rope = &ropes[block.attn.rope];
+            let attn_out = block.attn.forward(&h, rope, &mut kv.layers[l])?;
+            let attn_out = norm_opt(&block.attn_post_norm, attn_out)?;
             let attn_out = hooks.run(HookPoint::AttnOut(l), attn_out, start)?;
             x = hooks.run(HookPoint::ResidMid(l), (x + attn_out)?, start)?;
-            let mlp_out = block.mlp.forward(&block.post_attn_norm.forward(&x)?)?;
+            let h = norm_opt(&block.mlp_pre_norm, x.clone())?;
+            let mlp_out = norm_opt(&block.mlp_post_norm, block.mlp.forward(&h)?)?;
             let mlp_out = hooks.run(HookPoint::MlpOut(l), mlp_out, start)?;
             x = hooks.run(HookPoint::ResidPost(l), (x + mlp_out)?, start)?;
         }
@@ -357,9 +458,14 @@ impl Transformer {
     fn unembed_normed(&self, normed: &Tensor) -> Result<Tensor> {
         // f32: the deterministic column-split kernel reading the [vocab, d] matrix
         // as its transpose (no copy), so scores are reproducible to the bit.
-        match kernels::matmul_tensor(normed, &self.lm_head, WeightLayout::NByK)? {
-            Some(logits) => Ok(logits),
-            None => Ok(normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?),
+        let logits = match kernels::matmul_tensor(normed, &self.lm_head, WeightLayout::NByK)? {
+            Some(logits) => logits,
+            None => normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?,
+        };
+        match self.config.family.final_softcap {
+            // cap · tanh(logit / cap) (Gemma 2)
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+            None => Ok(logits),
         }
     }
 
@@ -493,16 +599,17 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(inv_freq: &[f32], past: usize, t: usize) -> Rope {
-        let half = inv_freq.len();
+    fn new(freqs: &RopeFreqs, past: usize, t: usize) -> Rope {
+        let half = freqs.inv_freq.len();
+        let a = freqs.attention_factor;
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for pos in past..past + t {
-            for &f in inv_freq {
+            for &f in &freqs.inv_freq {
                 // f32 angle, as transformers computes it, so long positions agree.
                 let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * a);
+                sin.push(angle.sin() * a);
             }
         }
         Rope { cos, sin, half }

@@ -9,42 +9,7 @@ use std::path::Path;
 use super::config::ModelConfig;
 use crate::error::{Error, Result};
 
-/// A weight the transformer reads: HF name and shape (outermost dimension first).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ExpectedWeight {
-    pub name: String,
-    pub shape: Vec<usize>,
-}
-
-/// Every weight `Transformer::new` asks for, with the shape `config` implies.
-pub fn expected_weights(c: &ModelConfig) -> Vec<ExpectedWeight> {
-    let (d, q, kv) = (c.d_model, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-    let mut out = Vec::with_capacity(c.n_layers * 12 + 3);
-    let mut push = |name: String, shape: Vec<usize>| out.push(ExpectedWeight { name, shape });
-    push("model.embed_tokens.weight".into(), vec![c.vocab_size, d]);
-    for l in 0..c.n_layers {
-        let p = format!("model.layers.{l}");
-        push(format!("{p}.input_layernorm.weight"), vec![d]);
-        push(format!("{p}.self_attn.q_proj.weight"), vec![q, d]);
-        push(format!("{p}.self_attn.k_proj.weight"), vec![kv, d]);
-        push(format!("{p}.self_attn.v_proj.weight"), vec![kv, d]);
-        if c.architecture.has_qkv_bias() {
-            push(format!("{p}.self_attn.q_proj.bias"), vec![q]);
-            push(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
-            push(format!("{p}.self_attn.v_proj.bias"), vec![kv]);
-        }
-        push(format!("{p}.self_attn.o_proj.weight"), vec![d, q]);
-        push(format!("{p}.post_attention_layernorm.weight"), vec![d]);
-        push(format!("{p}.mlp.gate_proj.weight"), vec![c.d_mlp, d]);
-        push(format!("{p}.mlp.up_proj.weight"), vec![c.d_mlp, d]);
-        push(format!("{p}.mlp.down_proj.weight"), vec![d, c.d_mlp]);
-    }
-    push("model.norm.weight".into(), vec![d]);
-    if !c.tied_embeddings {
-        push("lm_head.weight".into(), vec![c.vocab_size, d]);
-    }
-    out
-}
+pub use super::family::{expected_weights, ExpectedWeight};
 
 /// Checks that the file can hold `config.n_layers` layers at all (before
 /// listing them: a corrupt layer count of 2^33 must not become a loop or an
@@ -58,13 +23,13 @@ pub fn check_weights<'a>(
     size_key: &str,
     shape_of: impl Fn(&str) -> Option<(String, &'a [usize])>,
 ) -> Result<Vec<ExpectedWeight>> {
-    // Each layer has at least 9 tensors.
-    if config.n_layers.saturating_mul(9) > tensors_in_file {
+    let per_layer = super::family::layer_weights(config, 0).len();
+    if config.n_layers.saturating_mul(per_layer) > tensors_in_file {
         return Err(Error::model_file(
             source,
             format!(
                 "`{size_key}` says {} layers, but the weights hold only {tensors_in_file} \
-                 tensors (a layer needs at least 9); the config does not match the weights",
+                 tensors (a layer has {per_layer}); the config does not match the weights",
                 config.n_layers
             ),
         ));
@@ -196,11 +161,12 @@ fn address_space_room() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Architecture;
+    use crate::model::config::{Architecture, FamilyConfig};
 
     fn config(n_layers: usize) -> ModelConfig {
         ModelConfig {
             architecture: Architecture::Qwen2,
+            family: FamilyConfig::default(),
             n_layers,
             d_model: 8,
             n_heads: 2,
