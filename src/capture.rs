@@ -90,6 +90,12 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
     if spec.shard_rows == 0 {
         return Err(Error::BadInput("--shard-rows must be at least 1".into()));
     }
+    if let Some(p) = spec.hooks.iter().find(|p| p.is_attention_internal()) {
+        return Err(Error::BadInput(format!(
+            "`{p}` is not stored by capture (its shape is per head); read attention \
+             internals through the library's run_with_cache / Hooks::capture"
+        )));
+    }
     // Render and check every row before any compute, so bad input fails fast.
     let rendered = rows
         .iter()

@@ -137,3 +137,114 @@ fn model_info_names_each_family() {
         );
     }
 }
+
+#[test]
+fn attention_internals_match_transformers_and_the_fused_output() {
+    for family in FAMILIES {
+        let model = load(family);
+        let reference = load_fixture(&dir(family).join("reference.safetensors"));
+        let tokens: Vec<u32> = common::i64_vec(&reference["tokens"])
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let n = model.config().n_layers;
+        let mut points = Vec::new();
+        for l in 0..n {
+            points.extend([
+                HookPoint::AttnZ(l),
+                HookPoint::AttnPattern(l),
+                HookPoint::AttnOut(l),
+                HookPoint::AttnQ(l),
+                HookPoint::AttnK(l),
+                HookPoint::AttnV(l),
+            ]);
+        }
+        // Split over the KV cache: later rows see more keys, earlier ones are zero-padded.
+        let mut hooks = Hooks::capture(NamesFilter::Only(points), CaptureRows::All);
+        let mut kv = KvCache::new();
+        for chunk in [&tokens[..9], &tokens[9..]] {
+            model
+                .transformer
+                .forward(chunk, &mut kv, &mut hooks, &LogitsAt::None)
+                .unwrap();
+        }
+        let block_norms = model.config().architecture.block_norms();
+        for l in 0..n {
+            let pattern = hooks.cache.get(HookPoint::AttnPattern(l)).unwrap();
+            let t = tokens.len();
+            assert_eq!(pattern.dims(), [t, model.config().n_heads, t], "{family}");
+            let sums: Vec<f32> = pattern
+                .sum(2)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(
+                sums.iter().all(|s| (s - 1.0).abs() < 1e-5),
+                "{family} layer {l}: rows sum to 1"
+            );
+            // Ours is [query, head, key]; transformers' eager weights [head, query, key].
+            let want = reference[&format!("pattern.{l}")]
+                .permute((1, 0, 2))
+                .unwrap();
+            let err = rel_l2(
+                &pattern.to_dtype(DType::F64).unwrap(),
+                &want.contiguous().unwrap(),
+            );
+            assert!(err < 1e-5, "{family} pattern.{l}: relative L2 {err:e}");
+            for p in [
+                HookPoint::AttnQ(l),
+                HookPoint::AttnK(l),
+                HookPoint::AttnV(l),
+            ] {
+                assert_eq!(
+                    hooks.cache.get(p).unwrap().dim(0).unwrap(),
+                    t,
+                    "{family} {p}"
+                );
+            }
+            // z through o_proj is the attention output (before a post-attention norm,
+            // which Gemma and OLMo 2 apply to it).
+            if block_norms.attn_post.is_none() {
+                let z = hooks.cache.get(HookPoint::AttnZ(l)).unwrap();
+                let z = z.reshape((t, ())).unwrap();
+                let w = model_weight(family, &format!("model.layers.{l}.self_attn.o_proj.weight"));
+                let through = z.matmul(&w.t().unwrap()).unwrap();
+                let attn_out = hooks.cache.get(HookPoint::AttnOut(l)).unwrap();
+                let err = rel_l2(&through, attn_out);
+                assert!(
+                    err < 1e-5,
+                    "{family} z·o_proj vs attn_out layer {l}: {err:e}"
+                );
+            }
+        }
+    }
+}
+
+/// One weight of a fixture's model.safetensors.
+fn model_weight(family: &str, name: &str) -> Tensor {
+    load_fixture(&dir(family).join("model.safetensors"))[name].clone()
+}
+
+#[test]
+fn attention_internals_are_capture_only() {
+    let model = load("gemma2");
+    let mut hooks = Hooks::none();
+    hooks.add_edit(
+        HookPoint::AttnZ(0),
+        afprobe::model::Edit::Add {
+            vector: Tensor::zeros(64, DType::F32, &candle_core::Device::Cpu).unwrap(),
+            positions: afprobe::model::Positions::All,
+        },
+    );
+    let err = model
+        .run_with_hooks(&[1, 2, 3], &mut hooks, &LogitsAt::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("capture only"), "{err}");
+    for name in ["blocks.1.attn.hook_pattern", "blocks.0.attn.hook_z"] {
+        let p: HookPoint = name.parse().unwrap();
+        assert_eq!(p.to_string(), name);
+    }
+}

@@ -32,7 +32,23 @@ pub enum HookPoint {
     ResidPost(usize),
     /// Final RMSNorm output, the input of the unembedding (`ln_final.hook_normalized`).
     LnFinal,
+    /// Queries after q-norm and rope, `[pos, head, d_head]` (`blocks.{l}.attn.hook_q`).
+    AttnQ(usize),
+    /// Keys after k-norm and rope, `[pos, kv_head, d_head]` (`blocks.{l}.attn.hook_k`).
+    AttnK(usize),
+    /// Values, `[pos, kv_head, d_head]` (`blocks.{l}.attn.hook_v`).
+    AttnV(usize),
+    /// Per-head attention output before `o_proj`, `[pos, head, d_head]` (`blocks.{l}.attn.hook_z`).
+    AttnZ(usize),
+    /// Attention weights after the softmax, `[query_pos, head, key_pos]`
+    /// (`blocks.{l}.attn.hook_pattern`; TransformerLens orders it
+    /// `[head, query_pos, key_pos]`: `permute((1, 0, 2))`). Rows of earlier calls
+    /// are padded with zeros to the latest key length (keys they could not see).
+    AttnPattern(usize),
 }
+
+/// The attention-internal kinds (capture only), by their short name.
+pub const ATTN_HOOKS: [&str; 5] = ["q", "k", "v", "z", "pattern"];
 
 /// The per-block hook kinds, by their short name (`resid_post`) as used by `--hooks`.
 pub const BLOCK_HOOKS: [&str; 5] = [
@@ -51,9 +67,43 @@ impl HookPoint {
             | HookPoint::AttnOut(l)
             | HookPoint::ResidMid(l)
             | HookPoint::MlpOut(l)
-            | HookPoint::ResidPost(l) => Some(l),
+            | HookPoint::ResidPost(l)
+            | HookPoint::AttnQ(l)
+            | HookPoint::AttnK(l)
+            | HookPoint::AttnV(l)
+            | HookPoint::AttnZ(l)
+            | HookPoint::AttnPattern(l) => Some(l),
             HookPoint::Embed | HookPoint::LnFinal => None,
         }
+    }
+
+    /// Whether this is an attention internal (`attn.hook_q` ...): computed only
+    /// when asked for, and read-only.
+    pub fn is_attention_internal(&self) -> bool {
+        matches!(
+            self,
+            HookPoint::AttnQ(_)
+                | HookPoint::AttnK(_)
+                | HookPoint::AttnV(_)
+                | HookPoint::AttnZ(_)
+                | HookPoint::AttnPattern(_)
+        )
+    }
+
+    /// An attention internal of layer `layer` by short kind (`q`, `k`, `v`, `z`, `pattern`).
+    pub fn attention(kind: &str, layer: usize) -> Result<HookPoint> {
+        Ok(match kind {
+            "q" => HookPoint::AttnQ(layer),
+            "k" => HookPoint::AttnK(layer),
+            "v" => HookPoint::AttnV(layer),
+            "z" => HookPoint::AttnZ(layer),
+            "pattern" => HookPoint::AttnPattern(layer),
+            other => {
+                return Err(Error::UnknownHook {
+                    name: other.to_string(),
+                })
+            }
+        })
     }
 
     /// Builds a per-block point from its short kind name (`resid_post`) and layer.
@@ -106,6 +156,11 @@ impl fmt::Display for HookPoint {
             HookPoint::MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
             HookPoint::ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
             HookPoint::LnFinal => write!(f, "ln_final.hook_normalized"),
+            HookPoint::AttnQ(l) => write!(f, "blocks.{l}.attn.hook_q"),
+            HookPoint::AttnK(l) => write!(f, "blocks.{l}.attn.hook_k"),
+            HookPoint::AttnV(l) => write!(f, "blocks.{l}.attn.hook_v"),
+            HookPoint::AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
+            HookPoint::AttnPattern(l) => write!(f, "blocks.{l}.attn.hook_pattern"),
         }
     }
 }
@@ -125,6 +180,9 @@ impl FromStr for HookPoint {
         let rest = s.strip_prefix("blocks.").ok_or_else(unknown)?;
         let (layer, kind) = rest.split_once('.').ok_or_else(unknown)?;
         let layer: usize = layer.parse().map_err(|_| unknown())?;
+        if let Some(kind) = kind.strip_prefix("attn.hook_") {
+            return HookPoint::attention(kind, layer).map_err(|_| unknown());
+        }
         let kind = kind.strip_prefix("hook_").ok_or_else(unknown)?;
         HookPoint::block(kind, layer).map_err(|_| unknown())
     }
@@ -343,6 +401,11 @@ impl Hooks {
         if let NamesFilter::Only(points) = &self.filter {
             points.iter().try_for_each(|p| p.check_layer(n_layers))?;
         }
+        if let Some(p) = self.edits.keys().find(|p| p.is_attention_internal()) {
+            return Err(Error::BadInput(format!(
+                "`{p}` is capture only: edit hook_attn_out, the residual stream or hook_mlp_out instead"
+            )));
+        }
         self.edits.keys().try_for_each(|p| p.check_layer(n_layers))
     }
 
@@ -372,7 +435,14 @@ impl Hooks {
             let kept = kept.to_dtype(DType::F32)?;
             // Successive calls (prefix, then suffix; or generation steps) append rows.
             let merged = match (self.rows.clone(), self.cache.tensors.remove(&point)) {
-                (CaptureRows::All, Some(prev)) => Tensor::cat(&[&prev, &kept], 0)?,
+                (CaptureRows::All, Some(prev)) => {
+                    // Patterns: earlier rows saw fewer keys; their weight on later keys is 0.
+                    let prev = match (prev.dims(), kept.dims()) {
+                        (&[_, _, a], &[_, _, b]) if a < b => prev.pad_with_zeros(2, 0, b - a)?,
+                        _ => prev,
+                    };
+                    Tensor::cat(&[&prev, &kept], 0)?
+                }
                 _ => kept,
             };
             self.cache.tensors.insert(point, merged);

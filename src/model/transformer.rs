@@ -110,7 +110,17 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, rope: &Rope, kv: &mut LayerKv) -> Result<Tensor> {
+    /// `hooks`/`layer`/`start` serve the attention internals (`attn.hook_q` ...),
+    /// computed by [`Attention::internals`] only when one of them is asked for.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kv: &mut LayerKv,
+        hooks: &mut Hooks,
+        layer: usize,
+        start: usize,
+    ) -> Result<Tensor> {
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // One row per token: [q heads | k heads | v heads]; attention runs in f32.
@@ -131,6 +141,19 @@ impl Attention {
         rope.apply(&mut qkv, width, nh * hd, nkv);
         let past = kv.len(nkv * hd);
         kv.append(&qkv, width, nh * hd, nkv * hd);
+        let internals = [
+            HookPoint::AttnQ(layer),
+            HookPoint::AttnK(layer),
+            HookPoint::AttnV(layer),
+            HookPoint::AttnZ(layer),
+            HookPoint::AttnPattern(layer),
+        ];
+        if internals.iter().any(|&p| hooks.is_active(p)) {
+            let values = self.internals(&qkv, kv, t, past, x.device())?;
+            for (point, value) in internals.into_iter().zip(values) {
+                hooks.run(point, value, start)?;
+            }
+        }
         let kv_view = |data| Strided {
             data,
             stride: nkv * hd,
@@ -157,6 +180,78 @@ impl Attention {
         );
         let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.forward(&out)
+    }
+}
+
+impl Attention {
+    /// q, k, v (this call's tokens), z and the pattern, computed directly in
+    /// f64 from the roped projections and the cache (the fused kernel never
+    /// forms them): `[t, heads, d_head]` for q/k/v/z, `[t, heads, past + t]`
+    /// for the pattern. Exact, slow, and only run when asked for.
+    fn internals(
+        &self,
+        qkv: &[f32],
+        kv: &LayerKv,
+        t: usize,
+        past: usize,
+        device: &Device,
+    ) -> Result<[Tensor; 5]> {
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let width = (nh + 2 * nkv) * hd;
+        let kv_width = nkv * hd;
+        let keys = past + t;
+        let rep = nh / nkv;
+        let cols = |from: usize, n: usize| -> Vec<f32> {
+            qkv.chunks_exact(width)
+                .flat_map(|row| row[from..from + n].to_vec())
+                .collect()
+        };
+        let q = cols(0, nh * hd);
+        let mut pattern = vec![0f32; t * nh * keys];
+        let mut z = vec![0f32; t * nh * hd];
+        for i in 0..t {
+            let visible = past + i + 1;
+            let first = self.window.map_or(0, |w| visible.saturating_sub(w));
+            for h in 0..nh {
+                let g = h / rep;
+                let qi = &q[(i * nh + h) * hd..][..hd];
+                let scores: Vec<f64> = (first..visible)
+                    .map(|j| {
+                        let kj = &kv.k[j * kv_width + g * hd..][..hd];
+                        let s = qi
+                            .iter()
+                            .zip(kj)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum::<f64>()
+                            * f64::from(self.scale);
+                        self.softcap
+                            .map_or(s, |c| f64::from(c) * (s / f64::from(c)).tanh())
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                let mut out = vec![0f64; hd];
+                for (j, w) in (first..visible).zip(&weights) {
+                    let p = w / total;
+                    pattern[(i * nh + h) * keys + j] = p as f32;
+                    let vj = &kv.v[j * kv_width + g * hd..][..hd];
+                    for (o, v) in out.iter_mut().zip(vj) {
+                        *o += p * f64::from(*v);
+                    }
+                }
+                for (dst, o) in z[(i * nh + h) * hd..][..hd].iter_mut().zip(out) {
+                    *dst = o as f32;
+                }
+            }
+        }
+        Ok([
+            Tensor::from_vec(q, (t, nh, hd), device)?,
+            Tensor::from_vec(cols(nh * hd, kv_width), (t, nkv, hd), device)?,
+            Tensor::from_vec(cols(nh * hd + kv_width, kv_width), (t, nkv, hd), device)?,
+            Tensor::from_vec(z, (t, nh, hd), device)?,
+            Tensor::from_vec(pattern, (t, nh, keys), device)?,
+        ])
     }
 }
 
@@ -407,7 +502,9 @@ impl Transformer {
             x = hooks.run(HookPoint::ResidPre(l), x, start)?;
             let h = norm_opt(&block.attn_pre_norm, x.clone())?;
             let rope = &ropes[block.attn.rope];
-            let attn_out = block.attn.forward(&h, rope, &mut kv.layers[l])?;
+            let attn_out = block
+                .attn
+                .forward(&h, rope, &mut kv.layers[l], hooks, l, start)?;
             let attn_out = norm_opt(&block.attn_post_norm, attn_out)?;
             let attn_out = hooks.run(HookPoint::AttnOut(l), attn_out, start)?;
             x = hooks.run(HookPoint::ResidMid(l), (x + attn_out)?, start)?;
