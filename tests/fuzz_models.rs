@@ -354,7 +354,7 @@ fn tiny_gguf(hf_dir: &Path) -> Vec<u8> {
         .into_iter()
         .map(|n| {
             (
-                afprobe::model::gguf::gguf_name(n).unwrap(),
+                afprobe::model::gguf::gguf_name(afprobe::model::Architecture::Llama, n).unwrap(),
                 QTensor::quantize(&weights[n], GgmlDType::F32).unwrap(),
             )
         })

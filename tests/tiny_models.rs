@@ -450,7 +450,7 @@ fn write_gguf(hf_dir: &Path, out: &Path) {
     let weights = load_fixture(&hf_dir.join("model.safetensors"));
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &weights {
-        let gguf = afprobe::model::gguf::gguf_name(name)
+        let gguf = afprobe::model::gguf::gguf_name(afprobe::model::Architecture::Llama, name)
             .unwrap_or_else(|| panic!("no GGUF name for {name}"));
         let t = match (arch, name.as_str()) {
             ("llama", n) if n.ends_with("q_proj.weight") => interleave_rows(t, cfg.n_heads),

