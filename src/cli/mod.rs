@@ -17,12 +17,14 @@ use clap::{Parser, Subcommand};
     name = "afprobe",
     version,
     about = "Look inside open language models while they read alignment-faking prompts",
-    long_about = "afprobe runs a Llama-family model (Llama 2/3, SmolLM, Mistral, Qwen2) on the CPU \
+    long_about = "afprobe runs an open decoder model (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, \
+Phi-3, OLMo 2, Gemma 2, Gemma 3) on the CPU \
 with TransformerLens-named hooks on the residual stream, so that researchers can capture \
 activations, fit probes and intervene on the forward pass of a model deciding whether to comply.\n\n\
 Every command that takes --model accepts a .gguf file, a directory with config.json + \
 *.safetensors + tokenizer.json, a hub id org/name[@rev] read offline from the local hub cache \
-($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), or the alias smollm2-135m. \
+($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), or the alias smollm2-135m \
+or gemma3-270m. \
 Without --model the default model, SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to f32), is used \
 and fetched on first use into $AFPROBE_HOME (default ~/.cache/afprobe).\n\n\
 Start with `afprobe demo`.",
