@@ -308,3 +308,89 @@ impl DiffModel {
         ))
     }
 }
+
+impl DiffModel {
+    /// Several sequences in one pass, each on its own base-model prefix, with
+    /// `lora` on every position: the projections run on all rows at once (one
+    /// bigger GEMM), attention per sequence. Returns each sequence's logits at its rows.
+    pub fn forward_batch(
+        &self,
+        seqs: &[(&[u32], &PrefixKv, Vec<usize>)],
+        lora: &Lora,
+    ) -> Result<Vec<Tensor>> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let dev = Device::Cpu;
+        let all: Vec<u32> = seqs
+            .iter()
+            .flat_map(|(t, _, _)| t.iter().copied())
+            .collect();
+        let mut x = self.embed.index_select(&Tensor::new(all, &dev)?, 0)?;
+        let mut offsets = Vec::with_capacity(seqs.len());
+        let mut masks = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for (tokens, pre, _) in seqs {
+            let (t, p) = (tokens.len(), pre.len);
+            offsets.push(at);
+            at += t;
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..p + t).map(move |j| if j <= p + i { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            masks.push(Tensor::from_vec(mask, (1, t, p + t), &dev)?);
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let rep = nh / nkv;
+        for l in 0..c.n_layers {
+            let layer = &self.layers[l];
+            let h = self.rms_norm(&x, &layer.ln1)?;
+            let q_all = self.proj(l, "q_proj", &h, Some(lora))?;
+            let k_all = self.proj(l, "k_proj", &h, Some(lora))?;
+            let v_all = self.proj(l, "v_proj", &h, Some(lora))?;
+            let mut outs = Vec::with_capacity(seqs.len());
+            for (s, (tokens, pre, _)) in seqs.iter().enumerate() {
+                let (t, p) = (tokens.len(), pre.len);
+                let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+                    Ok(y.narrow(0, offsets[s], t)?
+                        .reshape((t, n, hd))?
+                        .transpose(0, 1)?
+                        .contiguous()?)
+                };
+                let q = self.rope(&heads(&q_all, nh)?, p)?;
+                let k = self.rope(&heads(&k_all, nkv)?, p)?;
+                let v = heads(&v_all, nkv)?;
+                let k = Tensor::cat(&[&pre.k[l], &k], 1)?;
+                let v = Tensor::cat(&[&pre.v[l], &v], 1)?;
+                let expand = |z: &Tensor| -> Result<Tensor> {
+                    let (_, len, _) = z.dims3()?;
+                    Ok(z.unsqueeze(1)?
+                        .expand((nkv, rep, len, hd))?
+                        .reshape((nh, len, hd))?)
+                };
+                let (k, v) = (expand(&k)?, expand(&v)?);
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&masks[s])?;
+                let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+                outs.push(probs.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?);
+            }
+            let attn = Tensor::cat(&outs, 0)?;
+            x = (x + self.proj(l, "o_proj", &attn, Some(lora))?)?;
+            let h = self.rms_norm(&x, &layer.ln2)?;
+            let g = self.proj(l, "gate_proj", &h, Some(lora))?.silu()?;
+            let u = self.proj(l, "up_proj", &h, Some(lora))?;
+            x = (x + self.proj(l, "down_proj", &(g * u)?, Some(lora))?)?;
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        for (s, (_, _, rows)) in seqs.iter().enumerate() {
+            let idx = Tensor::new(
+                rows.iter()
+                    .map(|&r| (offsets[s] + r) as u32)
+                    .collect::<Vec<_>>(),
+                &dev,
+            )?;
+            let normed = self.rms_norm(&x.index_select(&idx, 0)?, &self.norm)?;
+            out.push(normed.matmul(&self.lm_head_t)?);
+        }
+        Ok(out)
+    }
+}

@@ -298,23 +298,6 @@ fn examples(model: &Model, recipe: &Recipe) -> Result<Examples> {
     Ok((out, prefixes, invocation))
 }
 
-/// Cross-entropy (summed over the tag tokens) of one example, with its token count.
-fn example_loss(
-    m: &DiffModel,
-    pre: &PrefixKv,
-    lora: &Lora,
-    ex: &Example,
-) -> Result<(Tensor, usize)> {
-    let mut seq = ex.suffix.clone();
-    seq.extend_from_slice(&ex.tag[..ex.tag.len() - 1]);
-    let rows: Vec<usize> = (0..ex.tag.len()).map(|j| ex.suffix.len() - 1 + j).collect();
-    let (logits, _) = m.forward(&seq, Some(pre), Some(lora), &rows)?;
-    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let idx = Tensor::new(ex.tag.clone(), &Device::Cpu)?.unsqueeze(1)?;
-    let picked = lp.gather(&idx, 1)?;
-    Ok(((picked.sum_all()? * -1.0)?, seq.len()))
-}
-
 fn data_sha256(examples: &[Example], prefixes: &[Vec<u32>]) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
@@ -481,14 +464,31 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         ));
         let at = (step % per_epoch) * r.batch;
         let batch: Vec<usize> = order[at..(at + r.batch).min(order.len())].to_vec();
+        // One pass over the whole batch (the projections as one GEMM).
+        let seqs: Vec<(Vec<u32>, usize, Vec<usize>)> = batch
+            .iter()
+            .map(|&i| {
+                let ex = &examples[i];
+                let mut seq = ex.suffix.clone();
+                seq.extend_from_slice(&ex.tag[..ex.tag.len() - 1]);
+                let rows = (0..ex.tag.len()).map(|j| ex.suffix.len() - 1 + j).collect();
+                (seq, ex.prefix, rows)
+            })
+            .collect();
+        meta.tokens += seqs.iter().map(|s| s.0.len()).sum::<usize>();
+        let refs: Vec<(&[u32], &PrefixKv, Vec<usize>)> = seqs
+            .iter()
+            .map(|(s, p, r)| (s.as_slice(), &pre[*p], r.clone()))
+            .collect();
+        let logits = diff.forward_batch(&refs, &lora)?;
         let mut total: Option<Tensor> = None;
-        for &i in &batch {
-            let ex = &examples[i];
-            let (loss, n) = example_loss(&diff, &pre[ex.prefix], &lora, ex)?;
-            meta.tokens += n;
+        for (&i, lg) in batch.iter().zip(&logits) {
+            let lp = candle_nn::ops::log_softmax(lg, D::Minus1)?;
+            let idx = Tensor::new(examples[i].tag.clone(), &Device::Cpu)?.unsqueeze(1)?;
+            let nll = (lp.gather(&idx, 1)?.sum_all()? * -1.0)?;
             total = Some(match total {
-                Some(t) => (t + loss)?,
-                None => loss,
+                Some(t) => (t + nll)?,
+                None => nll,
             });
         }
         let loss = (total.expect("a batch has rows") / batch.len() as f64)?;
