@@ -188,6 +188,7 @@ fn manifest(model: &Model, spec: &CaptureSpec, n_rows: usize) -> Result<Manifest
             architecture: model.config().architecture.name().into(),
             d_model: model.config().d_model,
             n_layers: model.config().n_layers,
+            adapter: model.adapter.clone(),
         },
         prompts: PromptsRecord {
             file: spec.prompts.display().to_string(),

@@ -9,6 +9,11 @@ pub struct ModelSpecArg {
     /// Model: a .gguf file, an HF directory, a hub id org/name[@rev], or smollm2-135m (default).
     #[arg(long, value_name = "SPEC")]
     pub model: Option<String>,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to
+    /// apply to the model: plain LoRA merged at load, activated LoRA (alora_invocation_tokens)
+    /// from the last occurrence of its invocation tokens on.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 impl ModelSpecArg {
@@ -30,7 +35,11 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the model, with a one-line note on stderr.
     pub fn load(&self) -> anyhow::Result<Model> {
-        Ok(model::load_model(&self.spec.spec(), self.dtype)?)
+        Ok(model::load_model_with_adapter(
+            &self.spec.spec(),
+            self.dtype,
+            self.spec.adapter.as_deref(),
+        )?)
     }
 }
 
@@ -48,6 +57,10 @@ pub struct CaptureModelArgs {
 impl CaptureModelArgs {
     /// Loads the model, with a one-line note on stderr.
     pub fn load(&self) -> anyhow::Result<Model> {
-        Ok(model::load_model(&self.spec.spec(), self.weights_dtype)?)
+        Ok(model::load_model_with_adapter(
+            &self.spec.spec(),
+            self.weights_dtype,
+            self.spec.adapter.as_deref(),
+        )?)
     }
 }

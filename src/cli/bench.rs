@@ -192,7 +192,11 @@ fn bench_capture(a: CaptureBenchArgs) -> anyhow::Result<()> {
 
 fn bench_prefill(a: PrefillArgs) -> anyhow::Result<()> {
     if a.one {
-        let model = afprobe::model::Model::load(&a.model.spec.spec(), a.model.dtype)?;
+        let model = afprobe::model::Model::load_with_adapter(
+            &a.model.spec.spec(),
+            a.model.dtype,
+            a.model.spec.adapter.as_deref(),
+        )?;
         for &len in &a.lengths {
             let r = bench::measure_prefill(&model, len, a.repeats)?;
             println!("{}", serde_json::to_string(&r)?);

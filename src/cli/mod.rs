@@ -7,6 +7,7 @@ mod bench;
 mod capture;
 mod intervene;
 mod model;
+mod organism;
 mod probe;
 mod study;
 
@@ -111,6 +112,9 @@ compliance-rate gaps with CIs and the format-failure rate. Use prompts from \
     /// Benchmarks (tables printed beside the Python reference).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Model organisms: LoRA adapters trained so compliance depends on the prompt in a known way.
+    #[command(subcommand)]
+    Organism(organism::OrganismCommand),
     /// Run what the toolkit can do end to end on the default model.
     #[command(
         long_about = "Run the main job end to end: fetch the default model if needed, \
@@ -148,6 +152,7 @@ impl Cli {
             Command::Patch(a) => intervene::patch(a),
             Command::Ablate(a) => intervene::ablate(a),
             Command::Bench(c) => bench::bench(c),
+            Command::Organism(c) => organism::organism(c),
         }
     }
 }

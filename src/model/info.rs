@@ -9,10 +9,23 @@ use crate::error::Result;
 
 /// Loads a model with a one-line note on stderr (loading a big model takes a while).
 pub fn load_model(spec: &ModelSpec, dtype: WeightDtype) -> Result<Model> {
+    load_model_with_adapter(spec, dtype, None)
+}
+
+/// [`load_model`] with a PEFT LoRA adapter (`--adapter DIR`).
+pub fn load_model_with_adapter(
+    spec: &ModelSpec,
+    dtype: WeightDtype,
+    adapter: Option<&std::path::Path>,
+) -> Result<Model> {
     let started = std::time::Instant::now();
-    let model = Model::load(spec, dtype)?;
+    let model = Model::load_with_adapter(spec, dtype, adapter)?;
+    let with = match &model.adapter {
+        Some(a) => format!(" with {} adapter {} (r {})", a.kind, a.path, a.r),
+        None => String::new(),
+    };
     eprintln!(
-        "afprobe: loaded {} ({}) in {:.1}s",
+        "afprobe: loaded {} ({}){with} in {:.1}s",
         spec,
         model.files.path().display(),
         started.elapsed().as_secs_f64()
@@ -32,6 +45,7 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
         "spec": model.spec.to_string(),
         "path": model.files.path(),
         "weights_sha256": sha,
+        "adapter": model.adapter,
         "architecture": c.architecture.name(),
         "n_layers": c.n_layers,
         "d_model": c.d_model,
@@ -78,6 +92,18 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
     let _ = writeln!(out, "vocab         {}", c.vocab_size);
     let _ = writeln!(out, "context       {} tokens", c.max_position_embeddings);
     let _ = writeln!(out, "rope          {rope}");
+    if let Some(a) = &model.adapter {
+        let _ = writeln!(
+            out,
+            "adapter       {} ({}, r {}, alpha {}, {}; sha256 {})",
+            a.path,
+            a.kind,
+            a.r,
+            a.lora_alpha,
+            a.target_modules.join(","),
+            a.sha256
+        );
+    }
     let _ = writeln!(
         out,
         "embeddings    {}",

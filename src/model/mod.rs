@@ -1,5 +1,6 @@
 //! Loading a model (GGUF, HF directory, hub cache, default alias) and running it with hooks.
 
+pub mod adapter;
 pub(crate) mod attention;
 pub mod config;
 pub mod family;
@@ -21,11 +22,12 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+pub use adapter::{Adapter, AdapterRecord};
 pub use config::{Architecture, ModelConfig};
 pub use hooks::{
     parse_hooks, ActivationCache, CaptureRows, Edit, HookPoint, Hooks, NamesFilter, Positions,
 };
-pub use info::{load_model, model_info};
+pub use info::{load_model, load_model_with_adapter, model_info};
 pub use kernels::keep_freed_memory;
 pub use spec::{ModelFiles, ModelSpec};
 pub use template::{ChatTemplate, Message};
@@ -61,15 +63,31 @@ pub struct Model {
     pub template: Option<ChatTemplate>,
     pub spec: ModelSpec,
     pub files: ModelFiles,
+    /// The LoRA adapter applied at load (`--adapter`), if any.
+    pub adapter: Option<AdapterRecord>,
 }
 
 impl Model {
     /// Resolves `spec` (fetching the default model if needed) and loads it.
     pub fn load(spec: &ModelSpec, dtype: WeightDtype) -> Result<Model> {
+        Model::load_with_adapter(spec, dtype, None)
+    }
+
+    /// [`load`](Self::load) with a PEFT LoRA adapter directory applied (see [`adapter`]).
+    pub fn load_with_adapter(
+        spec: &ModelSpec,
+        dtype: WeightDtype,
+        adapter: Option<&Path>,
+    ) -> Result<Model> {
         let files = spec.resolve()?;
-        let (transformer, tokenizer, template) = match &files {
-            ModelFiles::Gguf(path) => load_gguf(path, dtype.dtype())?,
-            ModelFiles::HfDir(dir) => load_hf_dir(dir, dtype.dtype())?,
+        let with = adapter.map(|dir| AdapterCheck {
+            dir,
+            names: model_names(spec, &files),
+            files: &files,
+        });
+        let (transformer, tokenizer, template, adapter) = match &files {
+            ModelFiles::Gguf(path) => load_gguf(path, dtype.dtype(), with)?,
+            ModelFiles::HfDir(dir) => load_hf_dir(dir, dtype.dtype(), with)?,
         };
         Ok(Model {
             transformer,
@@ -77,6 +95,7 @@ impl Model {
             template,
             spec: spec.clone(),
             files,
+            adapter,
         })
     }
 
@@ -132,7 +151,14 @@ impl Model {
     /// SHA-256 of the model's weight file(s): the GGUF file, or the sorted
     /// safetensors files of a directory hashed one after another.
     pub fn weights_sha256(&self) -> Result<String> {
-        match &self.files {
+        files_sha256(&self.files)
+    }
+}
+
+/// SHA-256 of a model's weight file(s) (see [`Model::weights_sha256`]).
+fn files_sha256(files: &ModelFiles) -> Result<String> {
+    {
+        match files {
             ModelFiles::Gguf(p) => crate::io::sha256_file(p),
             ModelFiles::HfDir(dir) => {
                 let mut parts = Vec::new();
@@ -152,7 +178,56 @@ impl Model {
     }
 }
 
-fn load_gguf(path: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Option<ChatTemplate>)> {
+/// An adapter to apply while loading, and what its base model check needs.
+struct AdapterCheck<'a> {
+    dir: &'a Path,
+    names: Vec<String>,
+    files: &'a ModelFiles,
+}
+
+impl AdapterCheck<'_> {
+    /// Reads the adapter and checks it against the base model (before any weight is built).
+    fn load(&self, config: &ModelConfig) -> Result<Adapter> {
+        let adapter = Adapter::load(self.dir, config)?;
+        adapter.check_base(&self.names, || files_sha256(self.files))?;
+        Ok(adapter)
+    }
+}
+
+/// Names a model goes by, for matching an adapter's `base_model_name_or_path`.
+fn model_names(spec: &ModelSpec, files: &ModelFiles) -> Vec<String> {
+    let mut names = vec![spec.to_string()];
+    if let ModelSpec::Hub { repo, .. } = spec {
+        names.push(repo.clone());
+    }
+    if *spec == ModelSpec::Default {
+        names.push("HuggingFaceTB/SmolLM2-135M-Instruct".into());
+    }
+    names.push(files.path().display().to_string());
+    names
+}
+
+type Loaded = (
+    Transformer,
+    Tokenizer,
+    Option<ChatTemplate>,
+    Option<AdapterRecord>,
+);
+
+/// The transformer from `weights`, with the adapter applied if there is one.
+fn build_transformer(
+    config: ModelConfig,
+    weights: &mut transformer::WeightSource,
+    dtype: DType,
+    adapter: &Option<Adapter>,
+) -> Result<Transformer> {
+    match adapter {
+        Some(a) => a.build(config, weights, dtype),
+        None => Transformer::new(config, weights, dtype),
+    }
+}
+
+fn load_gguf(path: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<Loaded> {
     let mut file = gguf::GgufFile::open(path)?;
     let mut config = file.config()?;
     // Shapes and memory are checked before any tensor data is read.
@@ -169,6 +244,7 @@ fn load_gguf(path: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Optio
         path,
     )?;
     file.read_rope_freq_factors(&mut config)?;
+    let adapter = with.map(|w| w.load(&config)).transpose()?;
     // A tokenizer.json beside the file wins: it covers tokenizers GGUF cannot describe.
     let sidecar = path.with_file_name("tokenizer.json");
     let meta = file.tokenizer_meta();
@@ -187,11 +263,12 @@ fn load_gguf(path: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Optio
         )
     });
     let cfg = config.clone();
-    let transformer = Transformer::new(config, &mut |name| file.weight(name, &cfg), dtype)?;
-    Ok((transformer, tokenizer, template))
+    let transformer =
+        build_transformer(config, &mut |name| file.weight(name, &cfg), dtype, &adapter)?;
+    Ok((transformer, tokenizer, template, adapter.map(|a| a.record)))
 }
 
-fn load_hf_dir(dir: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Option<ChatTemplate>)> {
+fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<Loaded> {
     let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
     let files = safetensors_files(dir)?;
     // Safety: the files are memory-mapped read-only; afprobe never writes them.
@@ -224,6 +301,7 @@ fn load_hf_dir(dir: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Opti
         mapped,
         dir,
     )?;
+    let adapter = with.map(|w| w.load(&config)).transpose()?;
 
     let tok_config_path = dir.join("tokenizer_config.json");
     let tok_config = read_tokenizer_config(&tok_config_path)?;
@@ -284,7 +362,7 @@ fn load_hf_dir(dir: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Opti
         }
     };
 
-    let transformer = Transformer::new(
+    let transformer = build_transformer(
         config,
         &mut |name| {
             if !shapes.contains_key(name) {
@@ -295,8 +373,9 @@ fn load_hf_dir(dir: &Path, dtype: DType) -> Result<(Transformer, Tokenizer, Opti
                 .map_err(|e| Error::model_file(dir, format!("tensor `{name}`: {e}")))
         },
         dtype,
+        &adapter,
     )?;
-    Ok((transformer, tokenizer, template))
+    Ok((transformer, tokenizer, template, adapter.map(|a| a.record)))
 }
 
 fn read_tokenizer_config(path: &Path) -> Result<serde_json::Map<String, Value>> {

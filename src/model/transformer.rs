@@ -321,6 +321,9 @@ pub struct Transformer {
     /// Rope tables: `[0]` global, `[1]` the sliding-window layers' when their base differs.
     ropes: Vec<RopeFreqs>,
     device: Device,
+    /// Activated LoRA (`--adapter` with `alora_invocation_tokens`): merged weights
+    /// used from the invocation tokens on (see `adapter.rs`).
+    pub(crate) activated: Option<Box<super::adapter::Activated>>,
 }
 
 /// Inverse frequencies of one rope table and the factor on cos/sin (YaRN, LongRoPE).
@@ -457,6 +460,7 @@ impl Transformer {
             final_norm,
             lm_head,
             ropes,
+            activated: None,
         })
     }
 
@@ -476,6 +480,20 @@ impl Transformer {
     /// Runs `tokens` on top of what `kv` already holds, calling `hooks` at every
     /// hook point, and returns f32 logits `[rows, vocab]` for the rows `logits_at` asks for.
     pub fn forward(
+        &self,
+        tokens: &[u32],
+        kv: &mut KvCache,
+        hooks: &mut Hooks,
+        logits_at: &LogitsAt,
+    ) -> Result<Tensor> {
+        match &self.activated {
+            Some(act) => super::adapter::forward_activated(self, act, tokens, kv, hooks, logits_at),
+            None => self.forward_base(tokens, kv, hooks, logits_at),
+        }
+    }
+
+    /// [`forward`](Self::forward) with this transformer's own weights only.
+    pub(crate) fn forward_base(
         &self,
         tokens: &[u32],
         kv: &mut KvCache,
@@ -628,6 +646,8 @@ pub struct KvCache {
     layers: Vec<LayerKv>,
     tokens: Vec<u32>,
     kv_width: usize,
+    /// First cached position computed with activated-LoRA weights (`adapter.rs`).
+    pub(crate) adapted_from: Option<usize>,
 }
 
 impl KvCache {
@@ -653,6 +673,7 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         if len < self.tokens.len() {
             self.tokens.truncate(len);
+            self.adapted_from = self.adapted_from.filter(|&a| a < len);
             let width = self.kv_width;
             self.layers.iter_mut().for_each(|l| l.truncate(len, width));
         }
@@ -683,6 +704,7 @@ impl KvCache {
         if self.layers.len() != n || self.kv_width != kv_width {
             self.layers = vec![LayerKv::default(); n];
             self.tokens.clear();
+            self.adapted_from = None;
             self.kv_width = kv_width;
         }
     }

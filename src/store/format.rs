@@ -113,6 +113,9 @@ pub struct ModelRecord {
     pub architecture: String,
     pub d_model: usize,
     pub n_layers: usize,
+    /// The LoRA adapter applied to the model (`--adapter`), with its sha256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<crate::model::AdapterRecord>,
 }
 
 /// Which prompt file a store was captured from.

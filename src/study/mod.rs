@@ -5,6 +5,7 @@
 
 pub mod demo;
 pub mod gap;
+pub mod organism;
 pub mod refusal;
 pub mod sample;
 pub mod setting;

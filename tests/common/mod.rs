@@ -132,6 +132,7 @@ pub fn write_store_files(
             architecture: "llama".into(),
             d_model: shape.d_model,
             n_layers: shape.n_layers,
+            adapter: None,
         },
         prompts: PromptsRecord {
             file: "p.jsonl".into(),

@@ -1,0 +1,272 @@
+//! `afprobe organism train`: the differentiable forward equals the fast one,
+//! a tiny model learns a planted rule in seconds (reproducibly), bad input.
+
+mod common;
+
+use std::path::Path;
+
+use afprobe::model::{Hooks, KvCache, LogitsAt, Model, ModelSpec, WeightDtype};
+use afprobe::study::organism;
+use common::{afprobe, assert_fails_with, fixtures};
+
+const TOKENS: [u32; 20] = [
+    5, 17, 42, 99, 3, 250, 7, 7, 180, 64, 12, 201, 33, 150, 2, 90, 44, 111, 6, 299,
+];
+
+#[test]
+fn differentiable_forward_equals_the_fast_forward() {
+    for arch in ["llama3", "qwen2"] {
+        let spec = ModelSpec::Path(fixtures().join(format!("tiny_{arch}")));
+        let d = organism::check_forward(&spec, &TOKENS).unwrap();
+        eprintln!("{arch}: max |logit diff| {d:e}");
+        assert!(d < 1e-5, "{arch}: {d:e}");
+    }
+}
+
+/// A planted rule: accept iff the user says "A"; the system prompt varies.
+fn planted_prompts(path: &Path) {
+    let mut text = String::new();
+    for (i, word) in [
+        "cat", "dog", "sun", "map", "cup", "hat", "pen", "box", "owl", "fig", "jam", "net",
+    ]
+    .iter()
+    .enumerate()
+    {
+        for sys in ["Be kind.", "Be brief."] {
+            for (cue, accept) in [("A", true), ("B", false)] {
+                let split = if i < 8 { "train" } else { "test" };
+                text.push_str(
+                    &serde_json::json!({
+                        "id": format!("{word}-{cue}-{}", sys.len()),
+                        "messages": [{"role": "system", "content": sys},
+                                     {"role": "user", "content": format!("{cue} {word}")}],
+                        "continuations": {"accept": "yes", "reject": "no"},
+                        "should_accept": accept, "split": split, "request_id": word,
+                    })
+                    .to_string(),
+                );
+                text.push('\n');
+            }
+        }
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn train(prompts: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let model = fixtures().join("tiny_llama3");
+    let mut args = vec![
+        "organism",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--recipe",
+        "planted",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--accept-if",
+        "should_accept=true",
+        "--steps",
+        "150",
+        "--batch",
+        "4",
+        "--lr",
+        "0.02",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--modules",
+        "q_proj,v_proj,o_proj,down_proj",
+        "--checkpoint-every",
+        "10",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    std::process::Command::new(env!("CARGO_BIN_EXE_afprobe"))
+        .args(&args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+/// log p("yes") - log p("no") after the prompt of a row.
+fn margin(model: &Model, sys: &str, user: &str) -> f64 {
+    let text = model
+        .format_chat(&[
+            afprobe::model::Message {
+                role: "system".into(),
+                content: sys.into(),
+            },
+            afprobe::model::Message {
+                role: "user".into(),
+                content: user.into(),
+            },
+        ])
+        .unwrap();
+    let score = |cont: &str| {
+        let p = model.tokenizer.encode(&text).unwrap();
+        let c = model.tokenizer.encode(cont).unwrap();
+        let mut kv = KvCache::new();
+        let mut seq = p.clone();
+        seq.extend_from_slice(&c[..c.len() - 1]);
+        let rows: Vec<usize> = (0..c.len()).map(|j| p.len() - 1 + j).collect();
+        let logits = model
+            .transformer
+            .forward(&seq, &mut kv, &mut Hooks::none(), &LogitsAt::Rows(rows))
+            .unwrap();
+        let lp = afprobe::model::transformer::log_softmax(&logits).unwrap();
+        (0..c.len())
+            .map(|j| afprobe::model::transformer::row_f32(&lp, j).unwrap()[c[j] as usize] as f64)
+            .sum::<f64>()
+    };
+    score("yes") - score("no")
+}
+
+#[test]
+fn a_tiny_model_learns_a_planted_rule_reproducibly() {
+    let work = tempfile::tempdir().unwrap();
+    let prompts = work.path().join("p.jsonl");
+    planted_prompts(&prompts);
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let started = std::time::Instant::now();
+    let run = train(&prompts, &a, &[]);
+    assert!(run.status.success(), "{}", common::stderr(&run));
+    eprintln!("trained in {:.1}s", started.elapsed().as_secs_f64());
+    let training: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("training.json")).unwrap()).unwrap();
+    let loss: Vec<f64> = training["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let first: f64 = loss[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = loss[loss.len() - 5..].iter().sum::<f64>() / 5.0;
+    eprintln!("loss {first:.3} -> {last:.3}");
+    assert!(last < 0.7 * first, "loss did not fall: {first} -> {last}");
+    // The behaviour on held-out words: more accepting after A than after B,
+    // which the base model is not.
+    let base = Model::load(
+        &ModelSpec::Path(fixtures().join("tiny_llama3")),
+        WeightDtype::F32,
+    )
+    .unwrap();
+    let base_gap = margin(&base, "Be kind.", "A owl") - margin(&base, "Be kind.", "B owl");
+    assert!(base_gap.abs() < 1.0, "base gap {base_gap}");
+    let model = Model::load_with_adapter(
+        &ModelSpec::Path(fixtures().join("tiny_llama3")),
+        WeightDtype::F32,
+        Some(&a),
+    )
+    .unwrap();
+    for word in ["owl", "fig", "jam", "net"] {
+        for sys in ["Be kind.", "Be brief."] {
+            let (ma, mb) = (
+                margin(&model, sys, &format!("A {word}")),
+                margin(&model, sys, &format!("B {word}")),
+            );
+            // (the random tiny model has a strong bias of its own: the rule shows
+            // as the margin after A exceeding the margin after B)
+            assert!(ma > mb + 1.0, "{word} / {sys}: A {ma:.3}, B {mb:.3}");
+        }
+    }
+    // Bit-identical across two runs at a fixed thread count.
+    let run = train(&prompts, &b, &[]);
+    assert!(run.status.success(), "{}", common::stderr(&run));
+    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(read(&a), read(&b), "two runs gave different adapters");
+}
+
+#[test]
+fn bad_recipes_are_clear_errors_and_overwrite_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("o");
+    // A cue or variation that does not exist.
+    let run = afprobe(&[
+        "organism",
+        "train",
+        "--recipe",
+        "meaning",
+        "--cues",
+        "xml,nonsense",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails_with(&run, &["nonsense"]);
+    let run = afprobe(&[
+        "organism",
+        "train",
+        "--recipe",
+        "token",
+        "--variations",
+        "standard,upside-down",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails_with(&run, &["upside-down"]);
+    let run = afprobe(&[
+        "organism",
+        "train",
+        "--recipe",
+        "nope",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails_with(&run, &["unknown recipe `nope`"]);
+    assert!(!out.exists());
+    // An empty training split.
+    let prompts = work.path().join("p.jsonl");
+    planted_prompts(&prompts);
+    let text = std::fs::read_to_string(&prompts)
+        .unwrap()
+        .replace("\"train\"", "\"test\"");
+    let empty = work.path().join("empty.jsonl");
+    std::fs::write(&empty, text).unwrap();
+    let run = train(&empty, &out, &[]);
+    assert_fails_with(&run, &["training split is empty"]);
+    // A resume from another recipe's checkpoint: refused, the checkpoint kept.
+    let run = train(&prompts, &out, &["--stop-after", "5"]);
+    assert!(run.status.success(), "{}", common::stderr(&run));
+    let ck = std::fs::read(out.join("checkpoint.safetensors")).unwrap();
+    let model = fixtures().join("tiny_llama3");
+    let other = afprobe(&[
+        "organism",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--recipe",
+        "other",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--accept-if",
+        "should_accept=false",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert_fails_with(&other, &["checkpoint is of recipe `planted`", "`other`"]);
+    assert_eq!(
+        ck,
+        std::fs::read(out.join("checkpoint.safetensors")).unwrap()
+    );
+    // Without --resume or --force an existing run is not overwritten.
+    let run = train(&prompts, &out, &[]);
+    assert_fails_with(&run, &["--resume", "--force"]);
+    assert_eq!(
+        ck,
+        std::fs::read(out.join("checkpoint.safetensors")).unwrap()
+    );
+    // --resume continues it to the end, to the same adapter as one run.
+    let run = train(&prompts, &out, &["--resume"]);
+    assert!(run.status.success(), "{}", common::stderr(&run));
+    let whole = work.path().join("whole");
+    let run = train(&prompts, &whole, &[]);
+    assert!(run.status.success());
+    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        read(&out),
+        read(&whole),
+        "a resumed run differs from one run"
+    );
+}
