@@ -462,6 +462,13 @@ impl ModelConfig {
             }
         }
         let n_layers = usize_field("num_hidden_layers")?;
+        // Bounded before anything is sized by it (per-layer window lists).
+        if n_layers == 0 || n_layers > MAX_LAYERS {
+            return Err(Error::model_file(
+                path,
+                format!("`num_hidden_layers` is {n_layers}; it must be between 1 and {MAX_LAYERS}"),
+            ));
+        }
         let mut context = usize_field("max_position_embeddings")?;
         if let Some(RopeScaling::LongRope { .. }) = rope_scaling {
             // Past the original context transformers switches to the long factors.

@@ -15,6 +15,7 @@ use candle_core::{Device, Tensor};
 
 use super::config::{
     derived_head_dim, Activation, Architecture, FamilyConfig, ModelConfig, QkNorm, RopeScaling,
+    MAX_LAYERS,
 };
 use super::tokenizer::GgufTokenizerMeta;
 use crate::error::{Error, Result};
@@ -191,6 +192,16 @@ impl GgufFile {
             .meta_int("attention.sliding_window")?
             .filter(|w| *w > 0);
         let n_layers = self.meta_usize("block_count")?;
+        // Bounded before anything is sized by it (per-layer window lists).
+        if n_layers == 0 || n_layers > MAX_LAYERS {
+            return Err(Error::model_file(
+                &self.path,
+                format!(
+                    "layer count (`{}`) is {n_layers}; it must be between 1 and {MAX_LAYERS}",
+                    self.arch_key("block_count")
+                ),
+            ));
+        }
         ModelConfig {
             architecture: self.architecture,
             family: self.family(sliding_window, d_model, n_layers),
