@@ -61,9 +61,11 @@ pub struct ProbeArgs {
     /// Positions to probe (default: every per-row position in the store).
     #[arg(long, value_delimiter = ',')]
     positions: Option<Vec<String>>,
-    /// Probe method.
-    #[arg(long, value_enum, default_value = "both")]
-    method: MethodArg,
+    /// Probe method(s), comma-separated: logistic, mean-diff, both (= logistic,mean-diff),
+    /// linfa-logistic (linfa's stock solver, a cross-check), svm (linear SVM, linfa-svm);
+    /// with --target: ridge (default) or elastic-net (linfa-elasticnet).
+    #[arg(long)]
+    method: Option<String>,
     /// Cross-validation folds.
     #[arg(long, default_value_t = 5)]
     folds: usize,
@@ -125,13 +127,6 @@ pub struct PlotArgs {
     out: PathBuf,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum MethodArg {
-    Logistic,
-    MeanDiff,
-    Both,
-}
-
 pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     let spec = ProbeSpec {
         label: a.label,
@@ -143,11 +138,7 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
             .positions
             .map(|ps| ps.iter().map(|p| p.trim().parse()).collect())
             .transpose()?,
-        methods: match a.method {
-            MethodArg::Logistic => vec![Method::Logistic],
-            MethodArg::MeanDiff => vec![Method::MeanDiff],
-            MethodArg::Both => vec![Method::Logistic, Method::MeanDiff],
-        },
+        methods: Method::parse_list(a.method.as_deref().unwrap_or("both"))?,
         folds: a.folds,
         seed: a.seed,
         train_filter: a.train_filter.parse()?,

@@ -9,6 +9,7 @@
 
 pub mod cv;
 pub mod data;
+pub mod estimators;
 pub mod fit;
 pub mod logistic;
 pub mod metrics;
