@@ -44,8 +44,19 @@ pub struct ProbeArgs {
     #[arg(long, value_name = "DIR")]
     acts: PathBuf,
     /// Metadata field to decode (e.g. tier, training_implied, harmful).
-    #[arg(long)]
-    label: String,
+    #[arg(long, required_unless_present = "target", conflicts_with = "target")]
+    label: Option<String>,
+    /// A numeric row field to read out instead of a label (e.g. p_accept): ridge or
+    /// elastic-net probes per layer with out-of-fold R² and Pearson r, group-bootstrap
+    /// intervals and a shuffled-target baseline (main evaluation only).
+    #[arg(long, value_name = "FIELD")]
+    target: Option<String>,
+    /// Regularisation strength of ridge / elastic net (scikit-learn's alpha).
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    /// Elastic net's L1 share (scikit-learn's l1_ratio).
+    #[arg(long, default_value_t = 0.5)]
+    l1_ratio: f64,
     /// The positive class (default: true, free for tier, else the later sorted value).
     #[arg(long, value_name = "VALUE")]
     positive: Option<String>,
@@ -129,7 +140,8 @@ pub struct PlotArgs {
 
 pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     let spec = ProbeSpec {
-        label: a.label,
+        label: a.label.clone().unwrap_or_default(),
+        target: a.target.clone(),
         positive: a.positive,
         group: a.group,
         hooks: a.hooks,
@@ -138,7 +150,11 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
             .positions
             .map(|ps| ps.iter().map(|p| p.trim().parse()).collect())
             .transpose()?,
-        methods: Method::parse_list(a.method.as_deref().unwrap_or("both"))?,
+        methods: Method::parse_list(a.method.as_deref().unwrap_or(if a.target.is_some() {
+            "ridge"
+        } else {
+            "both"
+        }))?,
         folds: a.folds,
         seed: a.seed,
         train_filter: a.train_filter.parse()?,
@@ -147,6 +163,8 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
         cross: a.cross,
         fit: FitSettings {
             c: a.c,
+            alpha: a.alpha,
+            l1_ratio: a.l1_ratio,
             ..FitSettings::default()
         },
         shuffles: a.shuffles,

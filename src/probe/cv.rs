@@ -118,11 +118,11 @@ fn run_folds<T: Copy + PartialEq>(
 }
 
 /// Labels shuffled among the rows of `mask` (a permutation baseline).
-pub fn shuffled_labels(y: &[Option<bool>], mask: &[bool], seed: u64) -> Vec<Option<bool>> {
+pub fn shuffled_labels<T: Clone>(y: &[Option<T>], mask: &[bool], seed: u64) -> Vec<Option<T>> {
     let rows: Vec<usize> = (0..y.len())
         .filter(|&r| mask[r] && y[r].is_some())
         .collect();
-    let mut values: Vec<Option<bool>> = rows.iter().map(|&r| y[r]).collect();
+    let mut values: Vec<Option<T>> = rows.iter().map(|&r| y[r].clone()).collect();
     values.shuffle(&mut StdRng::seed_from_u64(seed));
     let mut out = y.to_vec();
     for (r, v) in rows.into_iter().zip(values) {
