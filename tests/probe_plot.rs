@@ -413,6 +413,14 @@ fn bad_probe_input_is_refused_clearly() {
         &["ridge or elastic-net"],
     );
     assert_fails_with(
+        &run(&["--label", "tier", "--layer-window", "9"]),
+        &["--layer-window 9", "layers 0-3"],
+    );
+    assert_fails_with(
+        &run(&["--label", "tier", "--multi-layer", "2-7"]),
+        &["--multi-layer \"2-7\"", "out of range", "0-3"],
+    );
+    assert_fails_with(
         &run(&["--label", "tier", "--method", "ridge"]),
         &["ridge fits a continuous --target"],
     );
@@ -519,6 +527,68 @@ fn regression_probes_recover_a_planted_target() {
     }
     assert_eq!(report.best.len(), 2);
     assert!(report.best.iter().all(|b| b.layer == Some(2)));
+}
+
+/// A weak tier signal planted in every layer with independent noise: the
+/// multi-layer probes (concatenated and mean-score, over all 4 layers and over
+/// sliding windows of 2) never score below the best single layer.
+#[test]
+fn multi_layer_probes_beat_the_best_single_layer_on_a_spread_signal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = study_rows();
+    let acts = tmp.path().join("acts");
+    synthetic_store(&acts, &rows, |r, l| {
+        let free = rows[r]["tier"] == "free";
+        (0..D)
+            .map(|j| {
+                let planted = if j == 5 && free { 0.5 } else { 0.0 };
+                noise(r * 1000 + l * 100 + j) + planted
+            })
+            .collect()
+    });
+    let report = probe::probe(&ProbeSpec {
+        shuffles: 0,
+        bootstrap: 200,
+        control: Control::None,
+        multi: probe::MultiLayer {
+            sets: vec!["0-3".into()],
+            window: Some(2),
+        },
+        ..ProbeSpec::new(&acts, &tmp.path().join("p"), "tier")
+    })
+    .unwrap();
+    for method in [Method::Logistic, Method::MeanDiff] {
+        let best = report
+            .best
+            .iter()
+            .find(|b| b.method == method)
+            .and_then(|b| b.scores.auroc)
+            .unwrap();
+        let multi: Vec<_> = report
+            .metrics
+            .iter()
+            .filter(|m| m.method == method && m.extra.combine.is_some())
+            .collect();
+        assert_eq!(
+            multi.len(),
+            2 * (1 + 3),
+            "{method:?}: 0-3 and 3 windows, two kinds"
+        );
+        for m in multi.iter().filter(|m| m.extra.layers == [0, 1, 2, 3]) {
+            let auc = m.scores.auroc.unwrap();
+            assert!(
+                auc >= best,
+                "{method:?} {:?}: {auc} < best single {best}",
+                m.extra.combine
+            );
+            assert!(m.scores.auroc_lo.unwrap() <= auc && auc <= m.scores.auroc_hi.unwrap());
+            assert_eq!(m.hook, "blocks.0-3.hook_resid_post");
+        }
+    }
+    let csv = std::fs::read_to_string(tmp.path().join("p/metrics.csv")).unwrap();
+    assert!(csv
+        .lines()
+        .any(|l| l.contains("blocks.0-3.hook_resid_post") && l.ends_with(",concat")));
 }
 
 /// Every figure is written as a PNG of the documented size and a well-formed SVG.

@@ -51,6 +51,14 @@ pub struct ProbeArgs {
     /// intervals and a shuffled-target baseline (main evaluation only).
     #[arg(long, value_name = "FIELD")]
     target: Option<String>,
+    /// Multi-layer probe over these layers (a-b or a,b,c; repeat for more sets): one probe
+    /// on the concatenated standardised activations and the mean of the per-layer scores,
+    /// on the main evaluation, reported beside the single layers.
+    #[arg(long, value_name = "LAYERS")]
+    multi_layer: Vec<String>,
+    /// Multi-layer probes over every window of this many consecutive layers.
+    #[arg(long, value_name = "N")]
+    layer_window: Option<usize>,
     /// Regularisation strength of ridge / elastic net (scikit-learn's alpha).
     #[arg(long, default_value_t = 1.0)]
     alpha: f64,
@@ -142,6 +150,10 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     let spec = ProbeSpec {
         label: a.label.clone().unwrap_or_default(),
         target: a.target.clone(),
+        multi: probe::MultiLayer {
+            sets: a.multi_layer,
+            window: a.layer_window,
+        },
         positive: a.positive,
         group: a.group,
         hooks: a.hooks,

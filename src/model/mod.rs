@@ -22,7 +22,8 @@ use serde_json::Value;
 
 pub use config::{Architecture, ModelConfig};
 pub use hooks::{
-    parse_hooks, ActivationCache, CaptureRows, Edit, HookPoint, Hooks, NamesFilter, Positions,
+    parse_hooks, parse_layer_list, ActivationCache, CaptureRows, Edit, HookPoint, Hooks,
+    NamesFilter, Positions,
 };
 pub use info::{load_model, model_info};
 pub use kernels::keep_freed_memory;

@@ -13,6 +13,7 @@ pub mod estimators;
 pub mod fit;
 pub mod logistic;
 pub mod metrics;
+mod multi;
 mod plan;
 mod report;
 mod target;
@@ -33,6 +34,7 @@ use crate::store::{ModelRecord, Position, Store, TensorName};
 use cv::{cross_validate, shuffled_labels, summarize, Scores};
 pub use data::{Folds, Labels};
 pub use fit::{FitSettings, Method, Probe};
+pub use multi::MultiLayer;
 use plan::{training_sets, Plan, PlanRows};
 use report::{best_rows, data_json, settings_json, write_outputs};
 pub use report::{format_summary, load_vector, metrics_csv};
@@ -71,6 +73,8 @@ pub struct ProbeSpec {
     /// Group-bootstrap resamples for AUROC intervals.
     pub bootstrap: usize,
     pub force: bool,
+    /// Multi-layer probes (`--multi-layer`, `--layer-window`), main evaluation only.
+    pub multi: multi::MultiLayer,
     /// A numeric row field to regress on (`--target`) instead of a label: ridge
     /// or elastic-net probes reporting out-of-fold R² and Pearson r.
     pub target: Option<String>,
@@ -102,6 +106,7 @@ impl ProbeSpec {
             bootstrap: 1000,
             force: false,
             target: None,
+            multi: multi::MultiLayer::default(),
         }
     }
 }
@@ -192,6 +197,12 @@ pub struct Extra {
     /// Regression probes (`--target`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regression: Option<target::RegressionScores>,
+    /// Multi-layer probes: the layers, and `concat` (one probe on the concatenated
+    /// standardised activations) or `mean-score` (mean of the per-layer scores).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub combine: Option<String>,
 }
 
 impl MetricRow {
@@ -298,7 +309,9 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
     }
     let labels = Labels::read(&table, &spec.label, spec.positive.as_deref())?;
     let groups = data::groups(&table, &spec.group)?;
-    let tensors = select_tensors(&store, spec)?;
+    let mut tensors = select_tensors(&store, spec)?;
+    let sets = spec.multi.resolve(store.manifest.model.n_layers)?;
+    let multi_groups = multi::groups(&tensors, &sets)?;
 
     let (masks, used) = training_sets(spec, &table, &labels)?;
     let folds = Folds::grouped(&groups, &used, spec.folds, spec.seed)?;
@@ -330,7 +343,7 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         spec.group
     );
     let progress = Progress::new("probe", "tensors", tensors.len());
-    let results: Vec<(usize, Result<TensorResult>)> = tensors
+    let mut results: Vec<(usize, Result<TensorResult>)> = tensors
         .par_iter()
         .enumerate()
         .map(|(i, name)| {
@@ -340,6 +353,16 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         })
         .collect();
     progress.finish();
+    if !multi_groups.is_empty() {
+        eprintln!(
+            "afprobe: {} multi-layer probe(s) (concatenated and mean-score) on the main evaluation",
+            multi_groups.len()
+        );
+        let n = tensors.len();
+        let multi_results = multi::probe_groups(&store, &multi_groups, n as u64, &ctx);
+        results.extend(multi_results.into_iter().map(|(i, r)| (n + i, r)));
+        tensors.extend(multi_groups.iter().map(|g| g.name.clone()));
+    }
 
     let settings = settings_json(spec, &labels, tier_field, spec.control.resolve(&table));
     let data = data_json(&ctx, &table);

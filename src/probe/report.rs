@@ -13,7 +13,11 @@ use crate::store::Position;
 /// The best main probe per method and position (by AUROC).
 pub(super) fn best_rows(metrics: &[MetricRow]) -> Vec<MetricRow> {
     let mut best: BTreeMap<(Method, Position), &MetricRow> = BTreeMap::new();
-    for m in metrics.iter().filter(|m| m.role == Role::Main) {
+    // Single tensors only: multi-layer rows are reported beside them.
+    for m in metrics
+        .iter()
+        .filter(|m| m.role == Role::Main && m.extra.combine.is_none())
+    {
         let key = (m.method, m.position);
         let better = match best.get(&key) {
             None => true,
@@ -95,7 +99,7 @@ auroc_lo,auroc_hi,accuracy,accuracy_std,balanced_accuracy,majority_accuracy,shuf
 
 /// Selectivity (main − control AUROC, paired interval) and the regression columns.
 const EXTRA_COLUMNS: &str = "selectivity,selectivity_lo,selectivity_hi,target,r2,r2_lo,r2_hi,\
-pearson_r,pearson_lo,pearson_hi,shuffled_r2,shuffled_r";
+pearson_r,pearson_lo,pearson_hi,shuffled_r2,shuffled_r,layers,combine";
 
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
@@ -165,6 +169,9 @@ pub fn metrics_csv(metrics: &[MetricRow]) -> String {
             ]
             .map(opt),
         );
+        let layers: Vec<String> = e.layers.iter().map(ToString::to_string).collect();
+        fields.push(csv_field(&layers.join(" ")));
+        fields.push(e.combine.clone().unwrap_or_default());
         out.push_str(&fields.join(","));
         out.push('\n');
     }
@@ -273,6 +280,18 @@ pub fn format_summary(report: &Report) -> String {
             f(b.scores.auroc),
             f(b.scores.auroc_lo),
             f(b.scores.auroc_hi)
+        ));
+    }
+    for m in report.metrics.iter().filter(|m| m.extra.combine.is_some()) {
+        out.push_str(&format!(
+            "multi-layer {} {} @{} {}: AUROC {} [{}, {}]\n",
+            m.extra.combine.as_deref().unwrap_or_default(),
+            m.method.name(),
+            m.position,
+            m.hook,
+            f(m.scores.auroc),
+            f(m.scores.auroc_lo),
+            f(m.scores.auroc_hi)
         ));
     }
     out

@@ -49,12 +49,14 @@ pub fn read_target(table: &Table, field: &str) -> Result<Vec<Option<f64>>> {
             None => None,
             Some(s) => match s.parse::<f64>() {
                 Ok(v) if v.is_finite() => Some(v),
-                _ => return Err(Error::BadInput(format!(
+                _ => {
+                    return Err(Error::BadInput(format!(
                     "--target {field} is not numeric: row {} (line {} of rows.jsonl) has `{s}`; \
                          a regression probe needs a number in every row that has the field",
                     row,
                     row + 1
-                ))),
+                )))
+                }
             },
         });
     }
@@ -82,6 +84,11 @@ pub(super) fn probe_target(
             "--target {field} fits a regression probe: --method ridge or elastic-net, not {}",
             m.name()
         )));
+    }
+    if !spec.multi.is_empty() {
+        return Err(Error::BadInput(
+            "--multi-layer / --layer-window are for label probes, not --target".into(),
+        ));
     }
     if spec.cross.is_some() {
         return Err(Error::BadInput(
