@@ -14,7 +14,14 @@ in both the training and the test rows of a fold. Standardisation (mean, std) is
 training rows of each fold only. Methods: logistic (L2 logistic regression with scikit-learn's \
 objective, solved by L-BFGS to a gradient of 1e-6; --c is scikit-learn's C, default 1: a documented \
 default, not tuned by inner CV) and mean-diff (difference of the standardised class means, \
-threshold at the midpoint).\n\n\
+threshold at the midpoint); also linfa-logistic (linfa's stock solver, same objective: a \
+cross-check) and svm (linear SVM by linfa-svm); comma-separate several. Every probe is a linfa \
+estimator (Fit/Predict on a Dataset).\n\n\
+Selectivity: main - control AUROC with a paired group-bootstrap interval, per main probe. \
+--target FIELD (a numeric row field such as p_accept) fits ridge (default) or elastic-net \
+read-outs instead, reporting out-of-fold R2 and Pearson r with group-bootstrap intervals and a \
+shuffled-target baseline. --multi-layer a-b / --layer-window N add probes over several layers \
+(concatenated activations, and the mean of per-layer scores) on the main evaluation.\n\n\
 Per probe: AUROC of the pooled out-of-fold scores with a 95% group-bootstrap interval \
 (--bootstrap resamples of requests), mean and std of the per-fold AUROC, accuracy at score 0, \
 balanced accuracy, the majority-class baseline, and the shuffled-label baseline (--shuffles \
@@ -36,7 +43,9 @@ residual basis, norm, bias, standardisation mean and scale, out-of-fold scores).
 pub const PROBE_EXAMPLES: &str = "Examples:\n  \
 afprobe probe --acts activations/study --label tier --cross cue --out probes/study\n  \
 afprobe probe --acts activations/study --label tier --train-filter cue=xml --test-filter cue=natural --out probes/xml-to-natural\n  \
-afprobe probe --acts activations/study --label harmful --positive true --hooks resid_post --layers 10-20 --positions last --out probes/harm";
+afprobe probe --acts activations/study --label harmful --positive true --hooks resid_post --layers 10-20 --positions last --out probes/harm\n  \
+afprobe probe --acts activations/study --target p_accept --method ridge --alpha 10 --out probes/p-accept\n  \
+afprobe probe --acts activations/study --label tier --method logistic,svm --multi-layer 8-12 --out probes/multi";
 
 #[derive(Args)]
 pub struct ProbeArgs {
