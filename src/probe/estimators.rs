@@ -106,23 +106,21 @@ fn labels_of(data: &ClassData) -> Result<&[bool]> {
         .ok_or_else(|| Error::BadInput("labels are not contiguous".into()))
 }
 
-/// Standardised rows in one contiguous block (what the solvers read).
-fn contiguous(x: &Array2<f64>) -> Array2<f64> {
-    if x.is_standard_layout() {
-        x.clone()
-    } else {
-        x.as_standard_layout().into_owned()
-    }
-}
-
 impl Fit<Array2<f64>, Array1<bool>, Error> for LogisticProbe {
     type Object = LinearScore;
 
     fn fit(&self, data: &ClassData) -> Result<LinearScore> {
         let labels = labels_of(data)?;
         check_classes(labels)?;
-        let x = contiguous(data.records());
-        let sol = logistic::fit(&x, labels, self.c, &self.solver, self.warm.as_ref());
+        // The solver reads the rows as one contiguous block: no copy when they already are.
+        let copy;
+        let x = if data.records().is_standard_layout() {
+            data.records()
+        } else {
+            copy = data.records().as_standard_layout().into_owned();
+            &copy
+        };
+        let sol = logistic::fit(x, labels, self.c, &self.solver, self.warm.as_ref());
         Ok(LinearScore {
             weight: sol.weight,
             bias: sol.bias,
