@@ -44,6 +44,9 @@ pub enum Error {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    #[error("linfa: {0}")]
+    Linfa(#[from] linfa::Error),
 }
 
 impl Error {

@@ -210,6 +210,18 @@ fn a_planted_direction_is_found_where_it_was_planted() {
         assert!(lo <= m.scores.auroc.unwrap() && m.scores.auroc.unwrap() <= hi);
         assert_eq!(m.scores.n, 80, "main rows exclude the control cue");
         assert!(m.r_p_accept.contains_key("free") && m.r_p_accept.contains_key("paid"));
+        // Selectivity = main − control AUROC, inside its paired interval.
+        let control = main_auroc(&report, m.layer.unwrap(), m.method, Role::Control);
+        let sel = m.extra.selectivity.unwrap();
+        assert!((sel - (m.scores.auroc.unwrap() - control)).abs() < 1e-12);
+        let (lo, hi) = (
+            m.extra.selectivity_lo.unwrap(),
+            m.extra.selectivity_hi.unwrap(),
+        );
+        assert!(lo <= sel && sel <= hi, "{lo} {sel} {hi}");
+        if m.layer == Some(1) {
+            assert!(lo > 0.2, "planted layer: selectivity interval {lo}..{hi}");
+        }
     }
     // Cross matrix: xml -> xml decodes at layer 1; control -> anything does not.
     let cell = |train: &str, test: &str| {
@@ -379,6 +391,39 @@ fn bad_probe_input_is_refused_clearly() {
         &run(&["--label", "tier", "--hooks", "resid_pre"]),
         &["no hook"],
     );
+    assert_fails_with(
+        &run(&["--label", "tier", "--method", "logistic,forest"]),
+        &[
+            "unknown probe method `forest`",
+            "linfa-logistic",
+            "svm",
+            "ridge",
+        ],
+    );
+    assert_fails_with(
+        &run(&["--target", "score"]),
+        &["--target score", "no row has the field `score`"],
+    );
+    assert_fails_with(
+        &run(&["--target", "cue"]),
+        &["--target cue is not numeric", "`xml`"],
+    );
+    assert_fails_with(
+        &run(&["--target", "p_accept", "--method", "logistic"]),
+        &["ridge or elastic-net"],
+    );
+    assert_fails_with(
+        &run(&["--label", "tier", "--layer-window", "9"]),
+        &["--layer-window 9", "layers 0-3"],
+    );
+    assert_fails_with(
+        &run(&["--label", "tier", "--multi-layer", "2-7"]),
+        &["--multi-layer \"2-7\"", "out of range", "0-3"],
+    );
+    assert_fails_with(
+        &run(&["--label", "tier", "--method", "ridge"]),
+        &["ridge fits a continuous --target"],
+    );
     // Nothing was left behind by the failures.
     assert!(!out.join("report.json").exists());
 
@@ -417,6 +462,133 @@ fn bad_probe_input_is_refused_clearly() {
     manifest["complete"] = json!(false);
     std::fs::write(&manifest_path, manifest.to_string()).unwrap();
     assert_fails_with(&run(&["--label", "tier"]), &["incomplete", "--resume"]);
+}
+
+/// A target planted linearly in layer 2 (two directions) is read out there by
+/// ridge and elastic net (R² > 0.9, r > 0.95, shuffled ≈ 0) and nowhere else.
+#[test]
+fn regression_probes_recover_a_planted_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rows = study_rows();
+    let target = |r: usize| noise(r * 31 + 5) as f64;
+    for (r, row) in rows.iter_mut().enumerate() {
+        row["planted"] = json!(target(r));
+    }
+    let acts = tmp.path().join("acts");
+    synthetic_store(&acts, &rows, |r, l| {
+        (0..D)
+            .map(|j| {
+                let n = 0.1 * noise(r * 1000 + l * 100 + j);
+                match (l, j) {
+                    (2, 3) => 2.0 * target(r) as f32 + n,
+                    (2, 9) => -target(r) as f32 + noise(r * 1000 + j),
+                    _ => noise(r * 1000 + l * 100 + j),
+                }
+            })
+            .collect()
+    });
+    let report = probe::probe(&ProbeSpec {
+        target: Some("planted".into()),
+        methods: vec![Method::Ridge, Method::ElasticNet],
+        fit: FitSettings {
+            alpha: 0.01,
+            ..FitSettings::default()
+        },
+        shuffles: 1,
+        bootstrap: 200,
+        ..ProbeSpec::new(&acts, &tmp.path().join("p"), "")
+    })
+    .unwrap();
+    assert_eq!(report.metrics.len(), 2 * LAYERS);
+    for m in &report.metrics {
+        let r = m.extra.regression.as_ref().unwrap();
+        let (r2, pr) = (r.r2.unwrap(), r.pearson_r.unwrap());
+        if m.layer == Some(2) {
+            assert!(r2 > 0.9 && pr > 0.95, "{:?}: R² {r2}, r {pr}", m.method);
+            assert!(r.r2_lo.unwrap() <= r2 && r2 <= r.r2_hi.unwrap());
+            assert!(r.pearson_lo.unwrap() > 0.9);
+        } else {
+            assert!(r2 < 0.2, "layer {:?}: R² {r2}", m.layer);
+        }
+        assert!(r.shuffled_r2.unwrap() < 0.2, "shuffled {:?}", r.shuffled_r2);
+    }
+    let csv = std::fs::read_to_string(tmp.path().join("p/metrics.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    for col in [
+        "auroc",
+        "r2",
+        "r2_lo",
+        "pearson_r",
+        "shuffled_r2",
+        "selectivity",
+        "target",
+    ] {
+        assert!(header.contains(&col), "missing column {col}");
+    }
+    assert_eq!(report.best.len(), 2);
+    assert!(report.best.iter().all(|b| b.layer == Some(2)));
+}
+
+/// A weak tier signal planted in every layer with independent noise: the
+/// multi-layer probes (concatenated and mean-score, over all 4 layers and over
+/// sliding windows of 2) never score below the best single layer.
+#[test]
+fn multi_layer_probes_beat_the_best_single_layer_on_a_spread_signal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = study_rows();
+    let acts = tmp.path().join("acts");
+    synthetic_store(&acts, &rows, |r, l| {
+        let free = rows[r]["tier"] == "free";
+        (0..D)
+            .map(|j| {
+                let planted = if j == 5 && free { 0.5 } else { 0.0 };
+                noise(r * 1000 + l * 100 + j) + planted
+            })
+            .collect()
+    });
+    let report = probe::probe(&ProbeSpec {
+        shuffles: 0,
+        bootstrap: 200,
+        control: Control::None,
+        multi: probe::MultiLayer {
+            sets: vec!["0-3".into()],
+            window: Some(2),
+        },
+        ..ProbeSpec::new(&acts, &tmp.path().join("p"), "tier")
+    })
+    .unwrap();
+    for method in [Method::Logistic, Method::MeanDiff] {
+        let best = report
+            .best
+            .iter()
+            .find(|b| b.method == method)
+            .and_then(|b| b.scores.auroc)
+            .unwrap();
+        let multi: Vec<_> = report
+            .metrics
+            .iter()
+            .filter(|m| m.method == method && m.extra.combine.is_some())
+            .collect();
+        assert_eq!(
+            multi.len(),
+            2 * (1 + 3),
+            "{method:?}: 0-3 and 3 windows, two kinds"
+        );
+        for m in multi.iter().filter(|m| m.extra.layers == [0, 1, 2, 3]) {
+            let auc = m.scores.auroc.unwrap();
+            assert!(
+                auc >= best,
+                "{method:?} {:?}: {auc} < best single {best}",
+                m.extra.combine
+            );
+            assert!(m.scores.auroc_lo.unwrap() <= auc && auc <= m.scores.auroc_hi.unwrap());
+            assert_eq!(m.hook, "blocks.0-3.hook_resid_post");
+        }
+    }
+    let csv = std::fs::read_to_string(tmp.path().join("p/metrics.csv")).unwrap();
+    assert!(csv
+        .lines()
+        .any(|l| l.contains("blocks.0-3.hook_resid_post") && l.ends_with(",concat")));
 }
 
 /// Every figure is written as a PNG of the documented size and a well-formed SVG.

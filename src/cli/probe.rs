@@ -14,7 +14,14 @@ in both the training and the test rows of a fold. Standardisation (mean, std) is
 training rows of each fold only. Methods: logistic (L2 logistic regression with scikit-learn's \
 objective, solved by L-BFGS to a gradient of 1e-6; --c is scikit-learn's C, default 1: a documented \
 default, not tuned by inner CV) and mean-diff (difference of the standardised class means, \
-threshold at the midpoint).\n\n\
+threshold at the midpoint); also linfa-logistic (linfa's stock solver, same objective: a \
+cross-check) and svm (linear SVM by linfa-svm); comma-separate several. Every probe is a linfa \
+estimator (Fit/Predict on a Dataset).\n\n\
+Selectivity: main - control AUROC with a paired group-bootstrap interval, per main probe. \
+--target FIELD (a numeric row field such as p_accept) fits ridge (default) or elastic-net \
+read-outs instead, reporting out-of-fold R2 and Pearson r with group-bootstrap intervals and a \
+shuffled-target baseline. --multi-layer a-b / --layer-window N add probes over several layers \
+(concatenated activations, and the mean of per-layer scores) on the main evaluation.\n\n\
 Per probe: AUROC of the pooled out-of-fold scores with a 95% group-bootstrap interval \
 (--bootstrap resamples of requests), mean and std of the per-fold AUROC, accuracy at score 0, \
 balanced accuracy, the majority-class baseline, and the shuffled-label baseline (--shuffles \
@@ -36,7 +43,9 @@ residual basis, norm, bias, standardisation mean and scale, out-of-fold scores).
 pub const PROBE_EXAMPLES: &str = "Examples:\n  \
 afprobe probe --acts activations/study --label tier --cross cue --out probes/study\n  \
 afprobe probe --acts activations/study --label tier --train-filter cue=xml --test-filter cue=natural --out probes/xml-to-natural\n  \
-afprobe probe --acts activations/study --label harmful --positive true --hooks resid_post --layers 10-20 --positions last --out probes/harm";
+afprobe probe --acts activations/study --label harmful --positive true --hooks resid_post --layers 10-20 --positions last --out probes/harm\n  \
+afprobe probe --acts activations/study --target p_accept --method ridge --alpha 10 --out probes/p-accept\n  \
+afprobe probe --acts activations/study --label tier --method logistic,svm --multi-layer 8-12 --out probes/multi";
 
 #[derive(Args)]
 pub struct ProbeArgs {
@@ -44,8 +53,27 @@ pub struct ProbeArgs {
     #[arg(long, value_name = "DIR")]
     acts: PathBuf,
     /// Metadata field to decode (e.g. tier, training_implied, harmful).
-    #[arg(long)]
-    label: String,
+    #[arg(long, required_unless_present = "target", conflicts_with = "target")]
+    label: Option<String>,
+    /// A numeric row field to read out instead of a label (e.g. p_accept): ridge or
+    /// elastic-net probes per layer with out-of-fold R² and Pearson r, group-bootstrap
+    /// intervals and a shuffled-target baseline (main evaluation only).
+    #[arg(long, value_name = "FIELD")]
+    target: Option<String>,
+    /// Multi-layer probe over these layers (a-b or a,b,c; repeat for more sets): one probe
+    /// on the concatenated standardised activations and the mean of the per-layer scores,
+    /// on the main evaluation, reported beside the single layers.
+    #[arg(long, value_name = "LAYERS")]
+    multi_layer: Vec<String>,
+    /// Multi-layer probes over every window of this many consecutive layers.
+    #[arg(long, value_name = "N")]
+    layer_window: Option<usize>,
+    /// Regularisation strength of ridge / elastic net (scikit-learn's alpha).
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    /// Elastic net's L1 share (scikit-learn's l1_ratio).
+    #[arg(long, default_value_t = 0.5)]
+    l1_ratio: f64,
     /// The positive class (default: true, free for tier, else the later sorted value).
     #[arg(long, value_name = "VALUE")]
     positive: Option<String>,
@@ -61,9 +89,11 @@ pub struct ProbeArgs {
     /// Positions to probe (default: every per-row position in the store).
     #[arg(long, value_delimiter = ',')]
     positions: Option<Vec<String>>,
-    /// Probe method.
-    #[arg(long, value_enum, default_value = "both")]
-    method: MethodArg,
+    /// Probe method(s), comma-separated: logistic, mean-diff, both (= logistic,mean-diff),
+    /// linfa-logistic (linfa's stock solver, a cross-check), svm (linear SVM, linfa-svm);
+    /// with --target: ridge (default) or elastic-net (linfa-elasticnet).
+    #[arg(long)]
+    method: Option<String>,
     /// Cross-validation folds.
     #[arg(long, default_value_t = 5)]
     folds: usize,
@@ -125,16 +155,14 @@ pub struct PlotArgs {
     out: PathBuf,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum MethodArg {
-    Logistic,
-    MeanDiff,
-    Both,
-}
-
 pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     let spec = ProbeSpec {
-        label: a.label,
+        label: a.label.clone().unwrap_or_default(),
+        target: a.target.clone(),
+        multi: probe::MultiLayer {
+            sets: a.multi_layer,
+            window: a.layer_window,
+        },
         positive: a.positive,
         group: a.group,
         hooks: a.hooks,
@@ -143,11 +171,11 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
             .positions
             .map(|ps| ps.iter().map(|p| p.trim().parse()).collect())
             .transpose()?,
-        methods: match a.method {
-            MethodArg::Logistic => vec![Method::Logistic],
-            MethodArg::MeanDiff => vec![Method::MeanDiff],
-            MethodArg::Both => vec![Method::Logistic, Method::MeanDiff],
-        },
+        methods: Method::parse_list(a.method.as_deref().unwrap_or(if a.target.is_some() {
+            "ridge"
+        } else {
+            "both"
+        }))?,
         folds: a.folds,
         seed: a.seed,
         train_filter: a.train_filter.parse()?,
@@ -156,6 +184,8 @@ pub fn probe(a: ProbeArgs) -> anyhow::Result<()> {
         cross: a.cross,
         fit: FitSettings {
             c: a.c,
+            alpha: a.alpha,
+            l1_ratio: a.l1_ratio,
             ..FitSettings::default()
         },
         shuffles: a.shuffles,

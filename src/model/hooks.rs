@@ -218,7 +218,13 @@ pub fn parse_hooks(hooks: &str, layers: &str, n_layers: usize) -> Result<Vec<Hoo
 }
 
 fn parse_layers(spec: &str, n_layers: usize) -> Result<Vec<usize>> {
-    let bad = |msg: String| Error::BadInput(format!("--layers {spec:?}: {msg}"));
+    parse_layer_list("--layers", spec, n_layers)
+}
+
+/// A layer list (`all`, `0-29`, `0,5,10`) for the command-line flag `flag`,
+/// checked against the model's `n_layers`.
+pub fn parse_layer_list(flag: &str, spec: &str, n_layers: usize) -> Result<Vec<usize>> {
+    let bad = |msg: String| Error::BadInput(format!("{flag} {spec:?}: {msg}"));
     let mut layers = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if part == "all" {

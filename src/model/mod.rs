@@ -25,7 +25,8 @@ use serde_json::Value;
 pub use adapter::{Adapter, AdapterRecord};
 pub use config::{Architecture, ModelConfig};
 pub use hooks::{
-    parse_hooks, ActivationCache, CaptureRows, Edit, HookPoint, Hooks, NamesFilter, Positions,
+    parse_hooks, parse_layer_list, ActivationCache, CaptureRows, Edit, HookPoint, Hooks,
+    NamesFilter, Positions,
 };
 pub use info::{load_model, load_model_with_adapter, model_info};
 pub use kernels::keep_freed_memory;

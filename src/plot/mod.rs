@@ -203,7 +203,7 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         };
         let Some(best) = rows
             .iter()
-            .filter(|m| m.role == Role::Main && m.method == method)
+            .filter(|m| m.role == Role::Main && m.method == method && m.layer.is_some())
             // The earliest layer among equals, as report.json's `best`.
             .max_by(|a, b| {
                 let key =

@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::data::Folds;
-use super::fit::{fit, FitSettings, Method};
+use super::fit::{fit, fit_target, FitSettings, Method, Probe};
 use super::metrics::{accuracy, auroc, balanced_accuracy, bootstrap_auroc_ci, mean_std};
 use crate::error::{Error, Result};
 
@@ -37,8 +37,54 @@ pub fn cross_validate(
     settings: &FitSettings,
 ) -> Result<Vec<OutOfFold>> {
     let labels: Vec<bool> = y.iter().map(|l| l.unwrap_or(false)).collect();
+    run_folds(
+        x,
+        y,
+        folds,
+        train,
+        tests,
+        |rows, warm| fit(x, rows, &labels, method, settings, warm),
+        |rows| Some(2 * rows.iter().filter(|&&r| labels[r]).count() > rows.len()),
+    )
+}
+
+/// [`cross_validate`] of a regression probe of the continuous target `t`
+/// (ridge or elastic net); `majority_hits` are all false.
+pub fn cross_validate_target(
+    x: ArrayView2<f32>,
+    t: &[Option<f64>],
+    folds: &Folds,
+    train: &[bool],
+    tests: &[Vec<bool>],
+    method: Method,
+    settings: &FitSettings,
+) -> Result<Vec<OutOfFold>> {
+    let values: Vec<f64> = t.iter().map(|v| v.unwrap_or(f64::NAN)).collect();
+    run_folds(
+        x,
+        t,
+        folds,
+        train,
+        tests,
+        |rows, _| fit_target(x, rows, &values, method, settings),
+        |_| None,
+    )
+}
+
+/// The fold loop shared by classification and regression probes: `fit_fold`
+/// fits on training rows (given the previous fold's probe to warm-start from),
+/// `majority` gives the training rows' majority value for the baseline.
+fn run_folds<T: Copy + PartialEq>(
+    x: ArrayView2<f32>,
+    y: &[Option<T>],
+    folds: &Folds,
+    train: &[bool],
+    tests: &[Vec<bool>],
+    fit_fold: impl Fn(&[usize], Option<&Probe>) -> Result<Probe>,
+    majority: impl Fn(&[usize]) -> Option<T>,
+) -> Result<Vec<OutOfFold>> {
     let mut out = vec![OutOfFold::default(); tests.len()];
-    let mut previous: Option<super::fit::Probe> = None;
+    let mut previous: Option<Probe> = None;
     for fold in 0..folds.k {
         let train_rows: Vec<usize> = (0..y.len())
             .filter(|&r| train[r] && y[r].is_some() && folds.fold(r) != fold)
@@ -55,15 +101,14 @@ pub fn cross_validate(
             continue;
         }
         // Folds overlap in most training rows: start from the previous fold's solution.
-        let probe = fit(x, &train_rows, &labels, method, settings, previous.as_ref())
+        let probe = fit_fold(&train_rows, previous.as_ref())
             .map_err(|e| Error::BadInput(format!("fold {fold}: {e}")))?;
-        let train_labels: Vec<bool> = train_rows.iter().map(|&r| labels[r]).collect();
-        let majority = 2 * train_labels.iter().filter(|&&l| l).count() > train_labels.len();
+        let majority = majority(&train_rows);
         for (o, rows) in out.iter_mut().zip(wanted) {
             o.scores.extend(probe.scores(x, &rows));
             o.folds.extend(std::iter::repeat_n(fold, rows.len()));
             o.majority_hits
-                .extend(rows.iter().map(|&r| y[r] == Some(majority)));
+                .extend(rows.iter().map(|&r| majority.is_some() && y[r] == majority));
             o.rows.extend(rows);
             o.unconverged += usize::from(!probe.converged);
         }
@@ -73,11 +118,11 @@ pub fn cross_validate(
 }
 
 /// Labels shuffled among the rows of `mask` (a permutation baseline).
-pub fn shuffled_labels(y: &[Option<bool>], mask: &[bool], seed: u64) -> Vec<Option<bool>> {
+pub fn shuffled_labels<T: Clone>(y: &[Option<T>], mask: &[bool], seed: u64) -> Vec<Option<T>> {
     let rows: Vec<usize> = (0..y.len())
         .filter(|&r| mask[r] && y[r].is_some())
         .collect();
-    let mut values: Vec<Option<bool>> = rows.iter().map(|&r| y[r]).collect();
+    let mut values: Vec<Option<T>> = rows.iter().map(|&r| y[r].clone()).collect();
     values.shuffle(&mut StdRng::seed_from_u64(seed));
     let mut out = y.to_vec();
     for (r, v) in rows.into_iter().zip(values) {

@@ -77,6 +77,54 @@ pub fn pearson(a: &[f64], b: &[f64]) -> Option<f64> {
     (saa > 0.0 && sbb > 0.0).then(|| sab / (saa * sbb).sqrt())
 }
 
+/// Coefficient of determination of predictions `pred` for `truth` (scikit-learn's
+/// `r2_score`: 1 − SS_res / SS_tot, negative when worse than the mean); `None`
+/// for fewer than 2 rows or a constant truth.
+pub fn r_squared(pred: &[f64], truth: &[f64]) -> Option<f64> {
+    let n = truth.len();
+    if n < 2 || pred.len() != n {
+        return None;
+    }
+    let mean = truth.iter().sum::<f64>() / n as f64;
+    let ss_tot: f64 = truth.iter().map(|t| (t - mean) * (t - mean)).sum();
+    let ss_res: f64 = pred.iter().zip(truth).map(|(p, t)| (t - p) * (t - p)).sum();
+    (ss_tot > 0.0).then(|| 1.0 - ss_res / ss_tot)
+}
+
+/// 95% percentile interval of `statistic` (of the resampled row indices) under a
+/// bootstrap that resamples *groups* with replacement; resamples where the
+/// statistic is undefined are skipped; `None` if every one was.
+pub fn group_bootstrap_ci(
+    groups: &[usize],
+    resamples: usize,
+    seed: u64,
+    mut statistic: impl FnMut(&[usize]) -> Option<f64>,
+) -> Option<[f64; 2]> {
+    let mut members: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (row, &g) in groups.iter().enumerate() {
+        members.entry(g).or_default().push(row);
+    }
+    let members: Vec<Vec<usize>> = members.into_values().collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rows = Vec::new();
+    let mut values = Vec::with_capacity(resamples);
+    for _ in 0..resamples {
+        rows.clear();
+        for _ in 0..members.len() {
+            rows.extend(&members[rng.random_range(0..members.len())]);
+        }
+        values.extend(statistic(&rows));
+    }
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some([
+        quantile_sorted(&values, 0.025),
+        quantile_sorted(&values, 0.975),
+    ])
+}
+
 /// 95% percentile interval of the AUROC under a bootstrap that resamples
 /// *groups* (requests) with replacement, so rows of one request stay together.
 /// Resamples with a single class are skipped; `None` if every one was.
@@ -87,32 +135,14 @@ pub fn bootstrap_auroc_ci(
     resamples: usize,
     seed: u64,
 ) -> Option<[f64; 2]> {
-    let mut members: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-    for (row, &g) in groups.iter().enumerate() {
-        members.entry(g).or_default().push(row);
-    }
-    let members: Vec<Vec<usize>> = members.into_values().collect();
-    let mut rng = StdRng::seed_from_u64(seed);
     let (mut s, mut l) = (Vec::new(), Vec::new());
-    let mut aucs = Vec::with_capacity(resamples);
-    for _ in 0..resamples {
+    group_bootstrap_ci(groups, resamples, seed, |rows| {
         s.clear();
         l.clear();
-        for _ in 0..members.len() {
-            for &row in &members[rng.random_range(0..members.len())] {
-                s.push(scores[row]);
-                l.push(labels[row]);
-            }
-        }
-        if let Some(a) = auroc(&s, &l) {
-            aucs.push(a);
-        }
-    }
-    if aucs.is_empty() {
-        return None;
-    }
-    aucs.sort_by(f64::total_cmp);
-    Some([quantile_sorted(&aucs, 0.025), quantile_sorted(&aucs, 0.975)])
+        s.extend(rows.iter().map(|&r| scores[r]));
+        l.extend(rows.iter().map(|&r| labels[r]));
+        auroc(&s, &l)
+    })
 }
 
 /// Mean and population standard deviation.

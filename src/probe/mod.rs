@@ -9,11 +9,14 @@
 
 pub mod cv;
 pub mod data;
+pub mod estimators;
 pub mod fit;
 pub mod logistic;
 pub mod metrics;
+mod multi;
 mod plan;
 mod report;
+mod target;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,7 @@ use crate::store::{ModelRecord, Position, Store, TensorName};
 use cv::{cross_validate, shuffled_labels, summarize, Scores};
 pub use data::{Folds, Labels};
 pub use fit::{FitSettings, Method, Probe};
+pub use multi::MultiLayer;
 use plan::{training_sets, Plan, PlanRows};
 use report::{best_rows, data_json, settings_json, write_outputs};
 pub use report::{format_summary, load_vector, metrics_csv};
@@ -69,6 +73,11 @@ pub struct ProbeSpec {
     /// Group-bootstrap resamples for AUROC intervals.
     pub bootstrap: usize,
     pub force: bool,
+    /// Multi-layer probes (`--multi-layer`, `--layer-window`), main evaluation only.
+    pub multi: multi::MultiLayer,
+    /// A numeric row field to regress on (`--target`) instead of a label: ridge
+    /// or elastic-net probes reporting out-of-fold R² and Pearson r.
+    pub target: Option<String>,
 }
 
 impl ProbeSpec {
@@ -96,6 +105,8 @@ impl ProbeSpec {
             shuffles: 1,
             bootstrap: 1000,
             force: false,
+            target: None,
+            multi: multi::MultiLayer::default(),
         }
     }
 }
@@ -167,6 +178,31 @@ pub struct MetricRow {
     /// Main probe only: Pearson r between the out-of-fold score and
     /// `p_accept`, within each value of the tier field.
     pub r_p_accept: BTreeMap<String, Option<f64>>,
+    /// Selectivity, regression and multi-layer results (absent where they do not apply).
+    #[serde(flatten, default)]
+    pub extra: Extra,
+}
+
+/// The columns added by selectivity, regression and multi-layer probes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Extra {
+    /// Main rows with a control: main − control AUROC and its paired
+    /// group-bootstrap 95% interval (both AUROCs from one resample of groups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selectivity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selectivity_lo: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selectivity_hi: Option<f64>,
+    /// Regression probes (`--target`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regression: Option<target::RegressionScores>,
+    /// Multi-layer probes: the layers, and `concat` (one probe on the concatenated
+    /// standardised activations) or `mean-score` (mean of the per-layer scores).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub combine: Option<String>,
 }
 
 impl MetricRow {
@@ -260,9 +296,22 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
     }
     let store = Store::open(&spec.acts)?;
     let table = Table::from_store(&store);
+    if spec.target.is_some() {
+        let tensors = select_tensors(&store, spec)?;
+        return target::probe_target(spec, &store, &table, &tensors, started);
+    }
+    if let Some(m) = spec.methods.iter().find(|m| m.is_regression()) {
+        return Err(Error::BadInput(format!(
+            "--method {} fits a continuous --target FIELD; for a --label use logistic, \
+             mean-diff, linfa-logistic or svm",
+            m.name()
+        )));
+    }
     let labels = Labels::read(&table, &spec.label, spec.positive.as_deref())?;
     let groups = data::groups(&table, &spec.group)?;
-    let tensors = select_tensors(&store, spec)?;
+    let mut tensors = select_tensors(&store, spec)?;
+    let sets = spec.multi.resolve(store.manifest.model.n_layers)?;
+    let multi_groups = multi::groups(&tensors, &sets)?;
 
     let (masks, used) = training_sets(spec, &table, &labels)?;
     let folds = Folds::grouped(&groups, &used, spec.folds, spec.seed)?;
@@ -294,7 +343,7 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         spec.group
     );
     let progress = Progress::new("probe", "tensors", tensors.len());
-    let results: Vec<(usize, Result<TensorResult>)> = tensors
+    let mut results: Vec<(usize, Result<TensorResult>)> = tensors
         .par_iter()
         .enumerate()
         .map(|(i, name)| {
@@ -304,13 +353,38 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         })
         .collect();
     progress.finish();
+    if !multi_groups.is_empty() {
+        eprintln!(
+            "afprobe: {} multi-layer probe(s) (concatenated and mean-score) on the main evaluation",
+            multi_groups.len()
+        );
+        let n = tensors.len();
+        let multi_results = multi::probe_groups(&store, &multi_groups, n as u64, &ctx);
+        results.extend(multi_results.into_iter().map(|(i, r)| (n + i, r)));
+        tensors.extend(multi_groups.iter().map(|g| g.name.clone()));
+    }
 
+    let settings = settings_json(spec, &labels, tier_field, spec.control.resolve(&table));
+    let data = data_json(&ctx, &table);
+    assemble(spec, &store, &tensors, results, settings, data, started)
+}
+
+/// Gathers the per-tensor results into the report and writes the outputs.
+fn assemble(
+    spec: &ProbeSpec,
+    store: &Store,
+    tensors: &[String],
+    results: Vec<(usize, Result<TensorResult>)>,
+    settings: serde_json::Value,
+    data: serde_json::Value,
+    started: Instant,
+) -> Result<Report> {
     let Gathered {
         metrics,
         skipped,
         few_distinct,
         weights,
-    } = gather(&tensors, results);
+    } = gather(tensors, results);
     if metrics.is_empty() {
         let reasons: Vec<String> = skipped
             .iter()
@@ -334,8 +408,8 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         afprobe_version: env!("CARGO_PKG_VERSION").into(),
         acts: spec.acts.display().to_string(),
         model: store.manifest.model.clone(),
-        settings: settings_json(spec, &labels, tier_field, spec.control.resolve(&table)),
-        data: data_json(&ctx, &table),
+        settings,
+        data,
         best: best_rows(&metrics),
         metrics,
         skipped,
@@ -458,7 +532,7 @@ struct TensorResult {
 
 fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<TensorResult> {
     let x = store.load(name)?;
-    check_finite(&x, ctx)?;
+    check_finite(&x, &ctx.used)?;
     let used: Vec<usize> = (0..x.nrows()).filter(|&r| ctx.used[r]).collect();
     let distinct = used
         .iter()
@@ -472,6 +546,8 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
     let mut metrics = Vec::new();
     let mut weights = Vec::new();
     for (mi, &method) in spec.methods.iter().enumerate() {
+        // The main row of this method, and the out-of-fold scores of main and control.
+        let (mut main_row, mut main_oof, mut control_oof) = (None, None, None);
         for (pi, (plan, train, tests)) in ctx.plans.iter().enumerate() {
             let seed = |k: u64| derive_seed(spec.seed, &[index, mi as u64, pi as u64, k]);
             let oofs = cross_validate(x.view(), y, &ctx.folds, train, tests, method, &spec.fit)?;
@@ -512,6 +588,13 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
                 ));
             }
             if plan.role == Role::Main {
+                main_row = Some(metrics.len() - oofs.len());
+                main_oof = oofs.first().cloned();
+            }
+            if plan.role == Role::Control {
+                control_oof = oofs.first().cloned();
+            }
+            if plan.role == Role::Main {
                 let mut oof_scores = vec![f32::NAN; y.len()];
                 for (&r, &s) in oofs[0].rows.iter().zip(&oofs[0].scores) {
                     oof_scores[r] = s as f32;
@@ -522,6 +605,13 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
                 let probe = fit::fit(x.view(), &rows, &labels, method, &spec.fit, None)?;
                 weights.extend(probe_tensors(name, method, &probe));
             }
+        }
+        if let (Some(i), Some(main), Some(control)) = (main_row, main_oof, control_oof) {
+            let seed = derive_seed(spec.seed, &[index, mi as u64, 9]);
+            let s = selectivity(&main, &control, y, &ctx.groups, spec.bootstrap, seed);
+            metrics[i].extra.selectivity = s.0;
+            metrics[i].extra.selectivity_lo = s.1.map(|c| c[0]);
+            metrics[i].extra.selectivity_hi = s.1.map(|c| c[1]);
         }
     }
     Ok(TensorResult {
@@ -555,14 +645,15 @@ fn metric_row(
         scores: s,
         shuffled_auroc,
         r_p_accept,
+        extra: Extra::default(),
     }
 }
 
 /// Refuses activations with NaN or infinite values in the rows used.
-fn check_finite(x: &Array2<f32>, ctx: &Context) -> Result<()> {
+fn check_finite(x: &Array2<f32>, used: &[bool]) -> Result<()> {
     for (r, row) in x.outer_iter().enumerate() {
         if let Some(c) = row.iter().position(|v| !v.is_finite()) {
-            if ctx.used[r] {
+            if used[r] {
                 return Err(Error::BadInput(format!(
                     "non-finite activation {} at row {} (line {} of rows.jsonl), dimension {c}",
                     row[c],
@@ -573,6 +664,37 @@ fn check_finite(x: &Array2<f32>, ctx: &Context) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Main − control AUROC and its paired 95% interval: each resample draws groups
+/// (requests) once and takes both AUROCs on the main and control rows of those
+/// groups, so the interval accounts for requests shared by both conditions.
+pub fn selectivity(
+    main: &cv::OutOfFold,
+    control: &cv::OutOfFold,
+    y: &[Option<bool>],
+    groups: &[usize],
+    resamples: usize,
+    seed: u64,
+) -> (Option<f64>, Option<[f64; 2]>) {
+    let n_main = main.rows.len();
+    let rows: Vec<usize> = main.rows.iter().chain(&control.rows).copied().collect();
+    let scores: Vec<f64> = main.scores.iter().chain(&control.scores).copied().collect();
+    let labels: Vec<bool> = rows.iter().map(|&r| y[r] == Some(true)).collect();
+    let row_groups: Vec<usize> = rows.iter().map(|&r| groups[r]).collect();
+    let auc = |idx: &mut dyn Iterator<Item = usize>| {
+        let (s, l): (Vec<f64>, Vec<bool>) = idx.map(|i| (scores[i], labels[i])).unzip();
+        metrics::auroc(&s, &l)
+    };
+    let difference = |resampled: &[usize]| {
+        let main = auc(&mut resampled.iter().copied().filter(|&i| i < n_main))?;
+        let control = auc(&mut resampled.iter().copied().filter(|&i| i >= n_main))?;
+        Some(main - control)
+    };
+    let all: Vec<usize> = (0..rows.len()).collect();
+    let estimate = difference(&all);
+    let ci = metrics::group_bootstrap_ci(&row_groups, resamples, seed, difference);
+    (estimate, ci)
 }
 
 /// Pearson r of out-of-fold score and `p_accept` within each tier value.
@@ -651,6 +773,7 @@ mod tests {
             scores: Default::default(),
             shuffled_auroc: None,
             r_p_accept: BTreeMap::new(),
+            extra: Extra::default(),
         };
         assert_eq!(row.cross_cell(), Some(("cue", "xml", "natural")));
 

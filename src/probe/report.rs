@@ -13,17 +13,29 @@ use crate::store::Position;
 /// The best main probe per method and position (by AUROC).
 pub(super) fn best_rows(metrics: &[MetricRow]) -> Vec<MetricRow> {
     let mut best: BTreeMap<(Method, Position), &MetricRow> = BTreeMap::new();
-    for m in metrics.iter().filter(|m| m.role == Role::Main) {
+    // Single tensors only: multi-layer rows are reported beside them.
+    for m in metrics
+        .iter()
+        .filter(|m| m.role == Role::Main && m.extra.combine.is_none())
+    {
         let key = (m.method, m.position);
         let better = match best.get(&key) {
             None => true,
-            Some(b) => m.scores.auroc.unwrap_or(0.0) > b.scores.auroc.unwrap_or(0.0),
+            Some(b) => headline(m) > headline(b),
         };
         if better {
             best.insert(key, m);
         }
     }
     best.into_values().cloned().collect()
+}
+
+/// What "best" ranks by: AUROC, or R² for a regression probe.
+fn headline(m: &MetricRow) -> f64 {
+    match &m.extra.regression {
+        Some(r) => r.r2.unwrap_or(f64::NEG_INFINITY),
+        None => m.scores.auroc.unwrap_or(0.0),
+    }
 }
 
 pub(super) fn settings_json(
@@ -80,9 +92,14 @@ pub(super) fn data_json(ctx: &Context, table: &Table) -> serde_json::Value {
     })
 }
 
-/// The fixed `metrics.csv` columns, then one `r_p_accept_{tier}` per tier value.
+/// The fixed `metrics.csv` columns, then one `r_p_accept_{tier}` per tier value,
+/// then [`EXTRA_COLUMNS`].
 const CSV_COLUMNS: &str = "hook,position,layer,method,role,train,test,auroc,auroc_mean,auroc_std,\
 auroc_lo,auroc_hi,accuracy,accuracy_std,balanced_accuracy,majority_accuracy,shuffled_auroc,n";
+
+/// Selectivity (main − control AUROC, paired interval) and the regression columns.
+const EXTRA_COLUMNS: &str = "selectivity,selectivity_lo,selectivity_hi,target,r2,r2_lo,r2_hi,\
+pearson_r,pearson_lo,pearson_hi,shuffled_r2,shuffled_r,layers,combine";
 
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
@@ -100,6 +117,8 @@ pub fn metrics_csv(metrics: &[MetricRow]) -> String {
     for t in &tiers {
         out.push_str(&format!(",r_p_accept_{t}"));
     }
+    out.push(',');
+    out.push_str(EXTRA_COLUMNS);
     out.push('\n');
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for m in metrics {
@@ -129,6 +148,30 @@ pub fn metrics_csv(metrics: &[MetricRow]) -> String {
         for t in &tiers {
             fields.push(opt(m.r_p_accept.get(*t).copied().flatten()));
         }
+        let e = &m.extra;
+        fields.extend([
+            opt(e.selectivity),
+            opt(e.selectivity_lo),
+            opt(e.selectivity_hi),
+        ]);
+        let reg = e.regression.clone().unwrap_or_default();
+        fields.push(csv_field(&reg.target));
+        fields.extend(
+            [
+                reg.r2,
+                reg.r2_lo,
+                reg.r2_hi,
+                reg.pearson_r,
+                reg.pearson_lo,
+                reg.pearson_hi,
+                reg.shuffled_r2,
+                reg.shuffled_r,
+            ]
+            .map(opt),
+        );
+        let layers: Vec<String> = e.layers.iter().map(ToString::to_string).collect();
+        fields.push(csv_field(&layers.join(" ")));
+        fields.push(e.combine.clone().unwrap_or_default());
         out.push_str(&fields.join(","));
         out.push('\n');
     }
@@ -161,6 +204,30 @@ pub(super) fn write_outputs(
 /// interval, the shuffled baseline and the control per position and method.
 pub fn format_summary(report: &Report) -> String {
     let f = |v: Option<f64>| v.map_or("  -  ".into(), |v| format!("{v:.3}"));
+    if report.metrics.iter().any(|m| m.extra.regression.is_some()) {
+        let mut out = format!(
+            "{:<28}  {:<12}  {:<26}  {:<26}  shuffled R², r\n",
+            "tensor", "method", "R² [95% CI]", "r [95% CI]"
+        );
+        for m in &report.metrics {
+            let r = m.extra.regression.clone().unwrap_or_default();
+            out.push_str(&format!(
+                "{:<28}  {:<12}  {:<26}  {:<26}  {}, {}\n",
+                format!("{}@{}", m.hook, m.position),
+                m.method.name(),
+                format!("{} [{}, {}]", f(r.r2), f(r.r2_lo), f(r.r2_hi)),
+                format!(
+                    "{} [{}, {}]",
+                    f(r.pearson_r),
+                    f(r.pearson_lo),
+                    f(r.pearson_hi)
+                ),
+                f(r.shuffled_r2),
+                f(r.shuffled_r)
+            ));
+        }
+        return out;
+    }
     let find = |role: Role, hook: &str, pos: Position, method: Method| {
         report
             .metrics
@@ -213,6 +280,18 @@ pub fn format_summary(report: &Report) -> String {
             f(b.scores.auroc),
             f(b.scores.auroc_lo),
             f(b.scores.auroc_hi)
+        ));
+    }
+    for m in report.metrics.iter().filter(|m| m.extra.combine.is_some()) {
+        out.push_str(&format!(
+            "multi-layer {} {} @{} {}: AUROC {} [{}, {}]\n",
+            m.extra.combine.as_deref().unwrap_or_default(),
+            m.method.name(),
+            m.position,
+            m.hook,
+            f(m.scores.auroc),
+            f(m.scores.auroc_lo),
+            f(m.scores.auroc_hi)
         ));
     }
     out
