@@ -562,17 +562,7 @@ pub(crate) fn forward_activated(
         return Ok(logits);
     }
     // Logit rows of the call, split between the two pieces.
-    let rows: Vec<usize> = match logits_at {
-        LogitsAt::None => vec![],
-        LogitsAt::Last => vec![t - 1],
-        LogitsAt::All => (0..t).collect(),
-        LogitsAt::Rows(r) => r.clone(),
-    };
-    if let Some(&bad) = rows.iter().find(|&&r| r >= t) {
-        return Err(Error::BadInput(format!(
-            "logits requested at row {bad} of a {t}-token forward call"
-        )));
-    }
+    let rows = logits_at.rows(t)?;
     let first: Vec<usize> = rows.iter().copied().filter(|&r| r < split).collect();
     let second: Vec<usize> = rows
         .iter()

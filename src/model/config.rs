@@ -347,21 +347,7 @@ impl ModelConfig {
             opt_usize(name)?
                 .ok_or_else(|| Error::model_file(path, format!("missing field `{name}`")))
         };
-        let opt_f64 = |name: &str| -> Result<Option<f64>> {
-            match field(name) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .filter(|x| x.is_finite())
-                    .map(Some)
-                    .ok_or_else(|| {
-                        Error::model_file(
-                            path,
-                            format!("field `{name}` is {v}; it must be a finite number"),
-                        )
-                    }),
-            }
-        };
+        let opt_f64 = |name: &str| finite_number(field(name), name, path);
         let opt_bool = |name: &str| -> Result<Option<bool>> {
             match field(name) {
                 None => Ok(None),
@@ -402,20 +388,8 @@ impl ModelConfig {
             Some(p) => (Some(p), None),
             None => (field("rope_scaling"), None),
         };
-        let theta_of = |r: Option<&Value>, key: &str| -> Result<Option<f64>> {
-            match r.and_then(|r| r.get("rope_theta")) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .filter(|x| x.is_finite())
-                    .map(Some)
-                    .ok_or_else(|| {
-                        Error::model_file(
-                            path,
-                            format!("field `{key}` is {v}; it must be a finite number"),
-                        )
-                    }),
-            }
+        let theta_of = |r: Option<&Value>, key: &str| {
+            finite_number(r.and_then(|r| r.get("rope_theta")), key, path)
         };
         let rope_theta = match opt_f64("rope_theta")? {
             Some(t) => t,
@@ -700,6 +674,24 @@ pub(crate) fn derived_head_dim(
         ));
     }
     Ok(d_model / n_heads)
+}
+
+/// An optional `config.json` number, which must be finite when present
+/// (`name` is the field, for the message).
+fn finite_number(v: Option<&Value>, name: &str, path: &Path) -> Result<Option<f64>> {
+    match v {
+        None => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .map(Some)
+            .ok_or_else(|| {
+                Error::model_file(
+                    path,
+                    format!("field `{name}` is {v}; it must be a finite number"),
+                )
+            }),
+    }
 }
 
 /// A family's norms, activation, scales, caps and windows from `config.json`.

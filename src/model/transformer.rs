@@ -310,6 +310,24 @@ pub enum LogitsAt {
     Rows(Vec<usize>),
 }
 
+impl LogitsAt {
+    /// The rows of a `t`-token call that get logits; an error for a row past the call.
+    pub fn rows(&self, t: usize) -> Result<Vec<usize>> {
+        let rows = match self {
+            LogitsAt::None => vec![],
+            LogitsAt::Last => vec![t - 1],
+            LogitsAt::All => (0..t).collect(),
+            LogitsAt::Rows(rows) => rows.clone(),
+        };
+        if let Some(&bad) = rows.iter().find(|&&r| r >= t) {
+            return Err(Error::BadInput(format!(
+                "logits requested at row {bad} of a {t}-token forward call"
+            )));
+        }
+        Ok(rows)
+    }
+}
+
 /// The decoder with its weights.
 #[derive(Debug, Clone)]
 pub struct Transformer {
@@ -535,23 +553,14 @@ impl Transformer {
 
         // The final norm is per row: normalise only the rows that need logits,
         // unless `ln_final` is hooked and wants every row.
-        let rows = match logits_at {
-            LogitsAt::None => {
-                return Ok(Tensor::zeros(
-                    (0, self.config.vocab_size),
-                    DType::F32,
-                    &self.device,
-                )?)
-            }
-            LogitsAt::Last => vec![t - 1],
-            LogitsAt::All => (0..t).collect(),
-            LogitsAt::Rows(rows) => rows.clone(),
-        };
-        if let Some(&bad) = rows.iter().find(|&&r| r >= t) {
-            return Err(Error::BadInput(format!(
-                "logits requested at row {bad} of a {t}-token forward call"
-            )));
+        if *logits_at == LogitsAt::None {
+            return Ok(Tensor::zeros(
+                (0, self.config.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
         }
+        let rows = logits_at.rows(t)?;
         let rows = Tensor::new(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             &self.device,
