@@ -6,6 +6,7 @@
 //! [`plot`]. [`study`] is the first application on top: the alignment-faking
 //! settings, cues and requests, the compliance gap, sampling runs and the demo.
 
+pub mod attribute;
 pub mod bench;
 pub mod capture;
 pub mod error;

@@ -19,6 +19,8 @@ pub enum RunKind {
     Ablate,
     /// `afprobe sample`: `sample.json`.
     Sampling,
+    /// `afprobe attribute`: `attribute.json`.
+    Attribute,
 }
 
 /// The file `afprobe gap` adds to a scored store or a sampling run.
@@ -26,13 +28,14 @@ pub const GAP_JSON: &str = "gap.json";
 
 impl RunKind {
     /// Every kind, in the order [`RunKind::detect`] tries them.
-    pub const ALL: [RunKind; 6] = [
+    pub const ALL: [RunKind; 7] = [
         RunKind::Probes,
         RunKind::Activations,
         RunKind::Steer,
         RunKind::Patch,
         RunKind::Ablate,
         RunKind::Sampling,
+        RunKind::Attribute,
     ];
 
     /// The marker file of this kind.
@@ -44,6 +47,7 @@ impl RunKind {
             RunKind::Patch => "patch.json",
             RunKind::Ablate => "ablate.json",
             RunKind::Sampling => "sample.json",
+            RunKind::Attribute => "attribute.json",
         }
     }
 

@@ -260,3 +260,56 @@ pub fn ablate(a: AblateArgs) -> anyhow::Result<()> {
     println!("{}", spec.out.display());
     Ok(())
 }
+
+pub const ATTRIBUTE_ABOUT: &str = "Direct logit attribution (DLA) of the decision: at the last \
+prompt token, each component's direct contribution to logit(first accept-tag token) - \
+logit(first reject-tag token) through the final norm, whose scale is frozen at the row's value \
+(as TransformerLens does), so the embedding and every layer's hook_attn_out and hook_mlp_out sum \
+to the difference exactly. Reports the mean per class of --label (default free vs paid) and the \
+paired difference per component (rows pair by --pair-by) with bootstrap 95% intervals, and the \
+logit lens of the same difference at every layer's hook_resid_post. Rows reuse the KV cache of \
+the prompt prefix they share. Per-head terms are not computed (hook_z through o_proj gives them \
+in the library). Writes OUT/rows.jsonl (per row) and OUT/attribute.json; `afprobe plot OUT` draws \
+the heatmap.";
+
+#[derive(Args)]
+pub struct AttributeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The field whose two values are compared.
+    #[arg(long, default_value = "tier")]
+    label: String,
+    /// The first value (the difference is positive - negative).
+    #[arg(long, default_value = "free")]
+    positive: String,
+    /// The second value.
+    #[arg(long, default_value = "paid")]
+    negative: String,
+    /// Fields that must be equal for two rows to pair.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "request_id,cue,variation"
+    )]
+    pair_by: Vec<String>,
+}
+
+pub fn attribute(a: AttributeArgs) -> anyhow::Result<()> {
+    let model = a.common.model.load()?;
+    let spec = afprobe::attribute::AttributeSpec {
+        prompts: a.common.prompts.clone(),
+        out: a.common.out.clone(),
+        filter: a.common.filter.parse()?,
+        label: a.label,
+        positive: a.positive,
+        negative: a.negative,
+        pair_by: a.pair_by,
+        resamples: a.common.resamples,
+        seed: a.common.seed,
+        force: a.common.force,
+    };
+    let report = afprobe::attribute::attribute(&model, &spec)?;
+    print!("{}", afprobe::attribute::format_table(&report));
+    println!("{}", spec.out.display());
+    Ok(())
+}

@@ -103,6 +103,9 @@ compliance-rate gaps with CIs and the format-failure rate. Use prompts from \
     /// Patch activations from source rows into their paired destination rows, per layer and position.
     #[command(long_about = intervene::PATCH_ABOUT)]
     Patch(intervene::PatchArgs),
+    /// Direct logit attribution of the accept/reject decision per layer and component.
+    #[command(long_about = intervene::ATTRIBUTE_ABOUT)]
+    Attribute(intervene::AttributeArgs),
     /// Project a direction out of the residual stream and measure the compliance gap.
     #[command(long_about = intervene::ABLATE_ABOUT)]
     Ablate(intervene::AblateArgs),
@@ -151,6 +154,7 @@ impl Cli {
             Command::Steer(a) => intervene::steer(a),
             Command::Patch(a) => intervene::patch(a),
             Command::Ablate(a) => intervene::ablate(a),
+            Command::Attribute(a) => intervene::attribute(a),
             Command::Bench(c) => bench::bench(c),
             Command::Organism(c) => organism::organism(c),
         }

@@ -228,7 +228,7 @@ fn names<S: serde::Serializer, T: std::fmt::Display>(
 }
 
 /// Serialises a value by its `Display` (filters).
-fn display<S: serde::Serializer, T: std::fmt::Display>(
+pub(crate) fn display<S: serde::Serializer, T: std::fmt::Display>(
     item: &T,
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {

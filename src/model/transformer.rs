@@ -490,6 +490,15 @@ impl Transformer {
         self.embed_tokens.dtype()
     }
 
+    /// The final norm's effective weight (`1 + w` for Gemma) as f32 `[d_model]`
+    /// and its epsilon, for attributions through the norm.
+    pub fn final_norm_parts(&self) -> Result<(Tensor, f32)> {
+        Ok((
+            self.final_norm.weight.to_dtype(DType::F32)?,
+            self.final_norm.eps,
+        ))
+    }
+
     /// The unembedding matrix `[vocab, d_model]` (the embedding when tied).
     pub fn unembed(&self) -> &Tensor {
         &self.lm_head

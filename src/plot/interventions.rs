@@ -38,6 +38,12 @@ pub fn intervention_figures(dir: &Path, out: &Path) -> Result<Option<Vec<PathBuf
             save(&fig, out, "patch").map(Some)
         }
         RunKind::Ablate => save(&ablate_figure(&report), out, "ablate").map(Some),
+        RunKind::Attribute => {
+            let fig = attribute_figure(&report).ok_or_else(|| {
+                Error::model_file(dir.join(kind.marker()), "no components to plot")
+            })?;
+            save(&fig, out, "attribute").map(Some)
+        }
         _ => Ok(None),
     }
 }
@@ -213,6 +219,47 @@ fn patch_figure(report: &Value) -> Option<Figure> {
                     .collect()
             })
             .collect(),
+    })
+}
+
+/// Direct logit attribution: the positive − negative difference of each
+/// layer's attention and MLP contribution to logit(accept) − logit(reject).
+fn attribute_figure(report: &Value) -> Option<Figure> {
+    let components = report["components"].as_array()?;
+    let mut grid: BTreeMap<u64, [Option<f64>; 2]> = BTreeMap::new();
+    for c in components {
+        let Some(layer) = c["layer"].as_u64() else {
+            continue;
+        };
+        let column = usize::from(c["component"].as_str()? != "attn_out");
+        grid.entry(layer).or_default()[column] = c["difference"].as_f64();
+    }
+    if grid.is_empty() {
+        return None;
+    }
+    let largest = grid
+        .values()
+        .flatten()
+        .flatten()
+        .fold(0f64, |m, v| m.max(v.abs()))
+        .max(1e-9);
+    let s = &report["settings"];
+    let (label, positive, negative) = (
+        s["label"].as_str().unwrap_or("label"),
+        s["positive"].as_str().unwrap_or("positive"),
+        s["negative"].as_str().unwrap_or("negative"),
+    );
+    Some(Figure::Heatmap {
+        title: format!(
+            "Direct logit attribution, {positive} − {negative} ({label}, {} pairs)",
+            report["n_pairs"].as_u64().unwrap_or(0)
+        ),
+        scale: (0.0, largest),
+        row_label: "layer".into(),
+        col_label: "component".into(),
+        rows: grid.keys().map(|l| l.to_string()).collect(),
+        cols: vec!["attn_out".into(), "mlp_out".into()],
+        values: grid.values().map(|cells| cells.to_vec()).collect(),
     })
 }
 

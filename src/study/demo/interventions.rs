@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::NAME;
+use crate::attribute::{self, AttributeReport, AttributeSpec};
 use crate::error::Result;
 use crate::intervene::direction::DirectionSource;
 use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
@@ -30,6 +31,8 @@ pub(super) struct Interventions {
     pub(super) patch_dir: PathBuf,
     pub(super) steer: SteerReport,
     pub(super) patch: PatchReport,
+    pub(super) attribute_dir: PathBuf,
+    pub(super) attribute: AttributeReport,
 }
 
 /// A steering sweep along the tier probe's direction at its best layer, and a
@@ -110,7 +113,7 @@ pub(super) fn run_interventions(
     let patch = patch::patch(
         model,
         &PatchSpec {
-            prompts,
+            prompts: prompts.clone(),
             out: patch_dir.clone(),
             points: patch_layers.into_iter().map(HookPoint::ResidPost).collect(),
             positions: vec![
@@ -130,11 +133,32 @@ pub(super) fn run_interventions(
         },
     )?;
     print!("{}", patch::format_table(&patch));
+
+    let attribute_dir = activations.join(format!("{NAME}-attribute"));
+    println!("\ndirect logit attribution of the decision, free vs paid:");
+    let attribute = attribute::attribute(
+        model,
+        &AttributeSpec {
+            prompts,
+            out: attribute_dir.clone(),
+            filter: Filter::default(),
+            label: "tier".into(),
+            positive: "free".into(),
+            negative: "paid".into(),
+            pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
+            resamples: 2000,
+            seed: 0,
+            force: true,
+        },
+    )?;
+    print!("{}", attribute::format_table(&attribute));
     Ok(Interventions {
         layer,
         steer_dir,
         patch_dir,
         steer,
         patch,
+        attribute_dir,
+        attribute,
     })
 }

@@ -224,7 +224,11 @@ fn render_figures(
         })
     };
     let mut main = plot_into(probes_dir, figures_dir.to_path_buf())?;
-    for run in [&interventions.steer_dir, &interventions.patch_dir] {
+    for run in [
+        &interventions.steer_dir,
+        &interventions.patch_dir,
+        &interventions.attribute_dir,
+    ] {
         main.extend(plot_into(run, figures_dir.to_path_buf())?);
     }
     Ok((main, plot_into(meaning_dir, figures_dir.join("meaning"))?))

@@ -564,6 +564,54 @@ fn meaning_reading(
 fn intervention_section(md: &mut String, r: &ReportInputs) {
     steering_part(md, r);
     patching_part(md, r);
+    attribution_part(md, r);
+}
+
+/// Direct logit attribution: which components write the free − paid difference
+/// in logit(accept) − logit(reject), and the logit lens of it by layer.
+fn attribution_part(md: &mut String, r: &ReportInputs) {
+    let a = &r.interventions.attribute;
+    let d = &a.logit_diff;
+    let _ =
+        writeln!(
+        md,
+        "**Direct logit attribution** (`afprobe attribute`, `activations/{NAME}-attribute`): at \
+         the last prompt token, each component's direct contribution to logit(first accept-tag \
+         token) − logit(first reject-tag token) through the final norm with its scale frozen at \
+         the row's value (the components sum to the difference within {:.1e}). Over {} pairs the \
+         difference is {:.4} (free) vs {:.4} (paid), free − paid {:+.4} [{:+.4}, {:+.4}]. The \
+         components with the largest free − paid difference:\n",
+        a.max_sum_error, a.n_pairs, d.mean_positive, d.mean_negative, d.difference, d.ci95[0],
+        d.ci95[1]
+    );
+    md.push_str("| component | free | paid | free − paid | 95% CI |\n|---|---|---|---|---|\n");
+    let mut ranked: Vec<_> = a.components.iter().collect();
+    ranked.sort_by(|x, y| y.difference.abs().total_cmp(&x.difference.abs()));
+    for e in ranked.into_iter().take(5) {
+        let name = e
+            .layer
+            .map_or(e.component.clone(), |l| format!("{} L{l}", e.component));
+        let _ = writeln!(
+            md,
+            "| {name} | {:.4} | {:.4} | {:+.4} | [{:+.4}, {:+.4}] |",
+            e.mean_positive, e.mean_negative, e.difference, e.ci95[0], e.ci95[1]
+        );
+    }
+    let n_clear = a
+        .components
+        .iter()
+        .filter(|e| e.ci95[0] > 0.0 || e.ci95[1] < 0.0)
+        .count();
+    let _ = writeln!(
+        md,
+        "\n{n_clear} of {} components have a free − paid interval that excludes 0; the logit lens \
+         of the difference at the last layer is {:+.4}.\n",
+        a.components.len(),
+        a.lens.last().map_or(f64::NAN, |e| e.difference)
+    );
+    if r.figures.iter().any(|f| f.ends_with("attribute.png")) {
+        let _ = writeln!(md, "![direct logit attribution](attribute.png)\n");
+    }
 }
 
 /// The steering sweep: p_accept per α and tier beside the random baseline.
