@@ -299,6 +299,92 @@ struct Block {
     mlp_post_norm: Option<RmsNorm>,
 }
 
+impl Block {
+    /// Block `l`'s weights by HF name (`get` converts them to the model's dtype;
+    /// `norm` builds a norm from its stored weight), per the family's table.
+    fn load(
+        c: &ModelConfig,
+        l: usize,
+        get: &mut dyn FnMut(&str) -> Result<Tensor>,
+        norm: &dyn Fn(Tensor) -> Result<RmsNorm>,
+    ) -> Result<Block> {
+        let f = &c.family;
+        let names = c.architecture.block_norms();
+        let p = format!("model.layers.{l}");
+        let attn = |name: &str| format!("{p}.self_attn.{name}");
+        let [attn_pre_norm, attn_post_norm, mlp_pre_norm, mlp_post_norm] = [
+            names.attn_pre,
+            names.attn_post,
+            names.mlp_pre,
+            names.mlp_post,
+        ]
+        .map(|name| {
+            name.map(|n| get(&format!("{p}.{n}.weight")).and_then(norm))
+                .transpose()
+        });
+        let (attn_pre_norm, attn_post_norm) = (attn_pre_norm?, attn_post_norm?);
+        let (mlp_pre_norm, mlp_post_norm) = (mlp_pre_norm?, mlp_post_norm?);
+        let (qkv_weight, gate_up) = if c.architecture.fused_projections() {
+            (
+                get(&attn("qkv_proj.weight"))?,
+                get(&format!("{p}.mlp.gate_up_proj.weight"))?,
+            )
+        } else {
+            let qkv = ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|n| get(&attn(&format!("{n}.weight"))))
+                .collect::<Result<Vec<_>>>()?;
+            let gate_up = ["gate_proj", "up_proj"]
+                .iter()
+                .map(|n| get(&format!("{p}.mlp.{n}.weight")))
+                .collect::<Result<Vec<_>>>()?;
+            (Tensor::cat(&qkv, 0)?, Tensor::cat(&gate_up, 0)?)
+        };
+        let qkv_bias = if c.architecture.has_qkv_bias() {
+            let b = ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|n| get(&attn(&format!("{n}.bias"))))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&b, 0)?)
+        } else {
+            None
+        };
+        let (q_norm, k_norm) = match f.qk_norm {
+            QkNorm::None => (None, None),
+            _ => (
+                Some(norm(get(&attn("q_norm.weight"))?)?),
+                Some(norm(get(&attn("k_norm.weight"))?)?),
+            ),
+        };
+        let window = c.window(l);
+        Ok(Block {
+            attn_pre_norm,
+            attn: Attention {
+                qkv_proj: Linear::new(qkv_weight, qkv_bias)?,
+                o_proj: Linear::new(get(&attn("o_proj.weight"))?, None)?,
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: c.head_dim,
+                q_norm,
+                k_norm,
+                scale: c.attn_scale() as f32,
+                softcap: f.attn_softcap.map(|x| x as f32),
+                window,
+                rope: usize::from(window.is_some() && f.rope_local_theta.is_some()),
+            },
+            attn_post_norm,
+            mlp_pre_norm,
+            mlp: Mlp {
+                gate_up_proj: Linear::new(gate_up, None)?,
+                down_proj: Linear::new(get(&format!("{p}.mlp.down_proj.weight"))?, None)?,
+                d_mlp: c.d_mlp,
+                activation: f.activation,
+            },
+            mlp_post_norm,
+        })
+    }
+}
+
 /// Which positions of a forward call get logits (the LM head is a quarter of
 /// a small model's FLOPs per token, so only compute what is used).
 #[derive(Debug, Clone, PartialEq)]
@@ -369,81 +455,9 @@ impl Transformer {
             let weight = if one_plus { (w + 1.0)? } else { w };
             Ok(RmsNorm { weight, eps })
         };
-        let names = c.architecture.block_norms();
         let mut blocks = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
-            let p = format!("model.layers.{l}");
-            let attn = |name: &str| format!("{p}.self_attn.{name}");
-            let [attn_pre_norm, attn_post_norm, mlp_pre_norm, mlp_post_norm] = [
-                names.attn_pre,
-                names.attn_post,
-                names.mlp_pre,
-                names.mlp_post,
-            ]
-            .map(|name| {
-                name.map(|n| get(&format!("{p}.{n}.weight")).and_then(norm))
-                    .transpose()
-            });
-            let (attn_pre_norm, attn_post_norm) = (attn_pre_norm?, attn_post_norm?);
-            let (mlp_pre_norm, mlp_post_norm) = (mlp_pre_norm?, mlp_post_norm?);
-            let (qkv_weight, gate_up) = if c.architecture.fused_projections() {
-                (
-                    get(&attn("qkv_proj.weight"))?,
-                    get(&format!("{p}.mlp.gate_up_proj.weight"))?,
-                )
-            } else {
-                let qkv = ["q_proj", "k_proj", "v_proj"]
-                    .iter()
-                    .map(|n| get(&attn(&format!("{n}.weight"))))
-                    .collect::<Result<Vec<_>>>()?;
-                let gate_up = ["gate_proj", "up_proj"]
-                    .iter()
-                    .map(|n| get(&format!("{p}.mlp.{n}.weight")))
-                    .collect::<Result<Vec<_>>>()?;
-                (Tensor::cat(&qkv, 0)?, Tensor::cat(&gate_up, 0)?)
-            };
-            let qkv_bias = if c.architecture.has_qkv_bias() {
-                let b = ["q_proj", "k_proj", "v_proj"]
-                    .iter()
-                    .map(|n| get(&attn(&format!("{n}.bias"))))
-                    .collect::<Result<Vec<_>>>()?;
-                Some(Tensor::cat(&b, 0)?)
-            } else {
-                None
-            };
-            let (q_norm, k_norm) = match f.qk_norm {
-                QkNorm::None => (None, None),
-                _ => (
-                    Some(norm(get(&attn("q_norm.weight"))?)?),
-                    Some(norm(get(&attn("k_norm.weight"))?)?),
-                ),
-            };
-            let window = c.window(l);
-            blocks.push(Block {
-                attn_pre_norm,
-                attn: Attention {
-                    qkv_proj: Linear::new(qkv_weight, qkv_bias)?,
-                    o_proj: Linear::new(get(&attn("o_proj.weight"))?, None)?,
-                    n_heads: c.n_heads,
-                    n_kv_heads: c.n_kv_heads,
-                    head_dim: c.head_dim,
-                    q_norm,
-                    k_norm,
-                    scale: c.attn_scale() as f32,
-                    softcap: f.attn_softcap.map(|x| x as f32),
-                    window,
-                    rope: usize::from(window.is_some() && f.rope_local_theta.is_some()),
-                },
-                attn_post_norm,
-                mlp_pre_norm,
-                mlp: Mlp {
-                    gate_up_proj: Linear::new(gate_up, None)?,
-                    down_proj: Linear::new(get(&format!("{p}.mlp.down_proj.weight"))?, None)?,
-                    d_mlp: c.d_mlp,
-                    activation: f.activation,
-                },
-                mlp_post_norm,
-            });
+            blocks.push(Block::load(c, l, &mut get, &norm)?);
         }
         let embed_tokens = get("model.embed_tokens.weight")?;
         let lm_head = if c.tied_embeddings {
