@@ -751,9 +751,51 @@ fn family_config(
                 })?,
         ),
     };
-    // Which layers use the window: `layer_types` when the file has it, else each
-    // family's rule from transformers' config classes.
-    let sliding_layers: Option<Vec<bool>> = match field("layer_types") {
+    let sliding_layers = sliding_layers(arch, n_layers, json, path)?;
+    Ok(FamilyConfig {
+        norm: if arch.is_gemma() {
+            NormKind::RmsOnePlus
+        } else {
+            NormKind::Rms
+        },
+        activation,
+        qk_norm: match arch {
+            Architecture::Qwen3 | Architecture::Gemma3 => QkNorm::PerHead,
+            Architecture::Olmo2 => QkNorm::Full,
+            _ => QkNorm::None,
+        },
+        embed_scale: arch.is_gemma().then(|| (d_model as f64).sqrt()),
+        query_pre_attn_scalar: if arch.is_gemma() {
+            number("query_pre_attn_scalar")?
+        } else {
+            None
+        },
+        attn_softcap: if arch.is_gemma() {
+            number("attn_logit_softcapping")?
+        } else {
+            None
+        },
+        final_softcap: if arch.is_gemma() {
+            number("final_logit_softcapping")?
+        } else {
+            None
+        },
+        sliding_window,
+        sliding_layers,
+        rope_local_theta,
+    })
+}
+
+/// Which layers use the sliding window: `layer_types` when the file has it,
+/// else each family's rule from transformers' config classes.
+fn sliding_layers(
+    arch: Architecture,
+    n_layers: usize,
+    json: &Value,
+    path: &Path,
+) -> Result<Option<Vec<bool>>> {
+    let field = |name: &str| json.get(name).filter(|v| !v.is_null());
+    Ok(match field("layer_types") {
         Some(Value::Array(types)) => {
             if types.len() != n_layers {
                 return Err(Error::model_file(
@@ -808,38 +850,6 @@ fn family_config(
                 Architecture::Llama | Architecture::Olmo2 => Some(vec![false; n_layers]),
             }
         }
-    };
-    Ok(FamilyConfig {
-        norm: if arch.is_gemma() {
-            NormKind::RmsOnePlus
-        } else {
-            NormKind::Rms
-        },
-        activation,
-        qk_norm: match arch {
-            Architecture::Qwen3 | Architecture::Gemma3 => QkNorm::PerHead,
-            Architecture::Olmo2 => QkNorm::Full,
-            _ => QkNorm::None,
-        },
-        embed_scale: arch.is_gemma().then(|| (d_model as f64).sqrt()),
-        query_pre_attn_scalar: if arch.is_gemma() {
-            number("query_pre_attn_scalar")?
-        } else {
-            None
-        },
-        attn_softcap: if arch.is_gemma() {
-            number("attn_logit_softcapping")?
-        } else {
-            None
-        },
-        final_softcap: if arch.is_gemma() {
-            number("final_logit_softcapping")?
-        } else {
-            None
-        },
-        sliding_window,
-        sliding_layers,
-        rope_local_theta,
     })
 }
 
