@@ -1,7 +1,8 @@
 //! `afprobe attribute`: direct logit attribution (DLA) of the decision.
 //!
-//! At the last prompt token, the logit difference between the first token of
-//! the accept tag and the first token of the reject tag, `Δ = logit(a) −
+//! Where the two answer tags first differ — after the prompt and the tokens
+//! they share (SmolLM2 writes both starting with `<`) — the logit difference
+//! between the accept tag's token and the reject tag's there, `Δ = logit(a) −
 //! logit(r)`, is a linear function of the final residual through the final
 //! RMSNorm. Freezing the norm's scale at the row's value, `s = 1/√(mean(x²) +
 //! eps)` (the approximation TransformerLens makes), the residual is the sum of
@@ -116,16 +117,8 @@ pub fn attribute(model: &Model, spec: &AttributeSpec) -> Result<AttributeReport>
     let mut results = Vec::with_capacity(rows.len());
     let mut records = String::new();
     for row in &rows {
-        let tokens = &row.rendered.tokens;
-        let first = |name: &str| row.rendered.continuations.get(name).and_then(|c| c.first());
-        let (Some(&a), Some(&r)) = (first("accept"), first("reject")) else {
-            return Err(Error::BadInput(format!(
-                "{}:{} (id `{}`): attribution needs `continuations` with accept and reject",
-                spec.prompts.display(),
-                row.prompt.line,
-                row.prompt.id
-            )));
-        };
+        let (tokens, a, r) = decision_point(row, spec)?;
+        let tokens = &tokens;
         // The difference direction through the norm weight: g ⊙ (W_U[a] − W_U[r]).
         let row_of = |id: u32| unembed.get(id as usize)?.to_dtype(candle_core::DType::F32);
         let d: Vec<f32> = (row_of(a)? - row_of(r)?)?.mul(&g)?.to_vec1()?;
@@ -179,6 +172,38 @@ pub fn attribute(model: &Model, spec: &AttributeSpec) -> Result<AttributeReport>
     let report = summarize(model, spec, &rows, &pairs, &results, started);
     write_run(&spec.out, ATTRIBUTE_JSON, &records, &report)?;
     Ok(report)
+}
+
+/// The tokens up to where the accept and reject tags first differ (the prompt
+/// and their shared leading tokens) and the two differing token ids.
+fn decision_point(row: &Row, spec: &AttributeSpec) -> Result<(Vec<u32>, u32, u32)> {
+    let c = &row.rendered.continuations;
+    let at = |msg: &str| {
+        Error::BadInput(format!(
+            "{}:{} (id `{}`): {msg}",
+            spec.prompts.display(),
+            row.prompt.line,
+            row.prompt.id
+        ))
+    };
+    let (Some(accept), Some(reject)) = (c.get("accept"), c.get("reject")) else {
+        return Err(at(
+            "attribution needs `continuations` with accept and reject",
+        ));
+    };
+    let shared = accept
+        .iter()
+        .zip(reject)
+        .take_while(|(a, r)| a == r)
+        .count();
+    let (Some(&a), Some(&r)) = (accept.get(shared), reject.get(shared)) else {
+        return Err(at(
+            "one answer tag is a token prefix of the other; no token tells them apart",
+        ));
+    };
+    let mut tokens = row.rendered.tokens.clone();
+    tokens.extend_from_slice(&accept[..shared]);
+    Ok((tokens, a, r))
 }
 
 /// Positive/negative row pairs by `pair_by`; a row without a partner is an error.

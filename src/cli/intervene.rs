@@ -261,9 +261,10 @@ pub fn ablate(a: AblateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub const ATTRIBUTE_ABOUT: &str = "Direct logit attribution (DLA) of the decision: at the last \
-prompt token, each component's direct contribution to logit(first accept-tag token) - \
-logit(first reject-tag token) through the final norm, whose scale is frozen at the row's value \
+pub const ATTRIBUTE_ABOUT: &str = "Direct logit attribution (DLA) of the decision: where the \
+two answer tags first differ (after the prompt and the tokens they share), each component's \
+direct contribution to logit(accept-tag token) - logit(reject-tag token) there, through the \
+final norm, whose scale is frozen at the row's value \
 (as TransformerLens does), so the embedding and every layer's hook_attn_out and hook_mlp_out sum \
 to the difference exactly. Reports the mean per class of --label (default free vs paid) and the \
 paired difference per component (rows pair by --pair-by) with bootstrap 95% intervals, and the \

@@ -576,8 +576,9 @@ fn attribution_part(md: &mut String, r: &ReportInputs) {
         writeln!(
         md,
         "**Direct logit attribution** (`afprobe attribute`, `activations/{NAME}-attribute`): at \
-         the last prompt token, each component's direct contribution to logit(first accept-tag \
-         token) − logit(first reject-tag token) through the final norm with its scale frozen at \
+         the token where the two answer tags first differ (after the prompt and their shared \
+         leading tokens), each component's direct contribution to logit(accept-tag token) − \
+         logit(reject-tag token) through the final norm with its scale frozen at \
          the row's value (the components sum to the difference within {:.1e}). Over {} pairs the \
          difference is {:.4} (free) vs {:.4} (paid), free − paid {:+.4} [{:+.4}, {:+.4}]. The \
          components with the largest free − paid difference:\n",
