@@ -39,15 +39,21 @@ fn load(family: &str) -> Model {
         .unwrap_or_else(|e| panic!("loading {family}: {e}"))
 }
 
+/// The family's transformers outputs and the token ids they were computed for.
+fn reference(family: &str) -> (std::collections::HashMap<String, Tensor>, Vec<u32>) {
+    let reference = load_fixture(&dir(family).join("reference.safetensors"));
+    let tokens = common::i64_vec(&reference["tokens"])
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    (reference, tokens)
+}
+
 #[test]
 fn every_family_matches_transformers_at_every_hook() {
     for family in FAMILIES {
         let model = load(family);
-        let reference = load_fixture(&dir(family).join("reference.safetensors"));
-        let tokens: Vec<u32> = common::i64_vec(&reference["tokens"])
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
+        let (reference, tokens) = reference(family);
         let mut hooks = Hooks::capture(NamesFilter::All, CaptureRows::All);
         let logits = model
             .run_with_hooks(&tokens, &mut hooks, &LogitsAt::All)
@@ -142,11 +148,7 @@ fn model_info_names_each_family() {
 fn attention_internals_match_transformers_and_the_fused_output() {
     for family in FAMILIES {
         let model = load(family);
-        let reference = load_fixture(&dir(family).join("reference.safetensors"));
-        let tokens: Vec<u32> = common::i64_vec(&reference["tokens"])
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
+        let (reference, tokens) = reference(family);
         let n = model.config().n_layers;
         let mut points = Vec::new();
         for l in 0..n {
