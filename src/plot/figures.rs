@@ -258,6 +258,51 @@ fn chart_in<'a, DB: DrawingBackend, X: AsRangedCoord, Y: AsRangedCoord>(
         .build_cartesian_2d(x, y)
 }
 
+/// The axes of the line and scatter figures: the title and legend frame, y
+/// ticks over `[y0, y1]`, x ticks fitted to the plot width (integers when
+/// `integer_x`), and the mesh with tick labels formatted for their range.
+#[allow(clippy::type_complexity)]
+fn xy_chart<'a, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, Shift>,
+    (title, x_label, y_label): (&str, &str, &str),
+    entries: &[LegendEntry],
+    footprint: &dyn Fn(Rect) -> Vec<Rect>,
+    (x0, x1, y0, y1): (f64, f64, f64, f64),
+    integer_x: bool,
+) -> Result<
+    (ChartContext<'a, DB, Cartesian2d<Axis, Axis>>, Frame),
+    DrawingAreaErrorKind<DB::ErrorType>,
+> {
+    let y_ticks = Ticks::new(y0, y1, 11);
+    let f = frame(
+        root.dim_in_pixel(),
+        title,
+        y_area(&y_ticks),
+        legend_size(entries),
+        footprint,
+    );
+    let x_ticks = x_ticks(x0, x1, f.plot.width(), integer_x);
+    let mut chart = chart_in(
+        root,
+        f.plot,
+        (f.left, X_AREA),
+        (x0..x1).ticked(x_ticks.values.clone()),
+        (y0..y1).ticked(y_ticks.values.clone()),
+    )?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .x_label_formatter(&|v| x_ticks.format(*v))
+        .y_label_formatter(&|v| y_ticks.format(*v))
+        .axis_desc_style((FONT, DESC_SIZE))
+        .label_style((FONT, TICK_SIZE))
+        .bold_line_style(BLACK.mix(0.12))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    Ok((chart, f))
+}
+
 /// Width of the y-axis area: the widest tick label, the tick marks and the description.
 fn y_area(ticks: &Ticks) -> i32 {
     let widest = ticks
@@ -532,7 +577,6 @@ fn draw_layers<DB: DrawingBackend>(
     }
     let pad = if integer { 0.5 } else { (hi - lo) * 0.04 };
     let (x0, x1) = (lo - pad, hi + pad);
-    let y_ticks = Ticks::new(y0, y1, 11);
     let entries: Vec<LegendEntry> = curves
         .iter()
         .map(|c| LegendEntry {
@@ -545,32 +589,14 @@ fn draw_layers<DB: DrawingBackend>(
         })
         .collect();
     let footprint = |plot: Rect| curves_footprint(curves, (x0, x1), (y0, y1), plot);
-    let f = frame(
-        root.dim_in_pixel(),
-        title,
-        y_area(&y_ticks),
-        legend_size(&entries),
-        &footprint,
-    );
-    let x_ticks = x_ticks(x0, x1, f.plot.width(), integer);
-    let mut chart = chart_in(
+    let (mut chart, f) = xy_chart(
         root,
-        f.plot,
-        (f.left, X_AREA),
-        (x0..x1).ticked(x_ticks.values.clone()),
-        (y0..y1).ticked(y_ticks.values.clone()),
+        (title, x_label, y_label),
+        &entries,
+        &footprint,
+        (x0, x1, y0, y1),
+        integer,
     )?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .x_label_formatter(&|v| x_ticks.format(*v))
-        .y_label_formatter(&|v| y_ticks.format(*v))
-        .axis_desc_style((FONT, DESC_SIZE))
-        .label_style((FONT, TICK_SIZE))
-        .bold_line_style(BLACK.mix(0.12))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()?;
     if let Some(r) = reference {
         chart.draw_series(LineSeries::new([(x0, r), (x1, r)], GREY.stroke_width(1)))?;
     }
@@ -721,7 +747,6 @@ fn draw_scatter<DB: DrawingBackend>(
     let all = || groups.iter().flat_map(|g| g.points.iter());
     let (x0, x1) = padded_range(all().map(|p| p.0));
     let (y0, y1) = padded_range(all().map(|p| p.1));
-    let y_ticks = Ticks::new(y0, y1, 11);
     let entries: Vec<LegendEntry> = groups
         .iter()
         .map(|g| LegendEntry {
@@ -743,32 +768,14 @@ fn draw_scatter<DB: DrawingBackend>(
             .map(|&p| Rect::centered(map.px(p), (12, 12)))
             .collect()
     };
-    let f = frame(
-        root.dim_in_pixel(),
-        title,
-        y_area(&y_ticks),
-        legend_size(&entries),
-        &footprint,
-    );
-    let x_ticks = x_ticks(x0, x1, f.plot.width(), false);
-    let mut chart = chart_in(
+    let (mut chart, f) = xy_chart(
         root,
-        f.plot,
-        (f.left, X_AREA),
-        (x0..x1).ticked(x_ticks.values.clone()),
-        (y0..y1).ticked(y_ticks.values.clone()),
+        (title, x_label, y_label),
+        &entries,
+        &footprint,
+        (x0, x1, y0, y1),
+        false,
     )?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .x_label_formatter(&|v| x_ticks.format(*v))
-        .y_label_formatter(&|v| y_ticks.format(*v))
-        .axis_desc_style((FONT, DESC_SIZE))
-        .label_style((FONT, TICK_SIZE))
-        .bold_line_style(BLACK.mix(0.12))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()?;
     for g in groups {
         let style = point_style(g);
         chart.draw_series(g.points.iter().map(|&p| Circle::new(p, 4, style)))?;
