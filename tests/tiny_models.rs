@@ -466,23 +466,7 @@ fn write_gguf(hf_dir: &Path, out: &Path) {
             QTensor::quantize(&freqs, GgmlDType::F32).unwrap(),
         ));
     }
-    let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(hf_dir.join("tokenizer.json")).unwrap())
-            .unwrap();
-    let mut vocab: Vec<(String, u64, i32)> = tok["model"]["vocab"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().unwrap(), 1))
-        .collect();
-    for added in tok["added_tokens"].as_array().unwrap() {
-        vocab.push((
-            added["content"].as_str().unwrap().into(),
-            added["id"].as_u64().unwrap(),
-            3,
-        ));
-    }
-    vocab.sort_by_key(|v| v.1);
+    let vocab = common::gguf_vocab(hf_dir);
     let tok_cfg: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(hf_dir.join("tokenizer_config.json")).unwrap(),
     )

@@ -169,3 +169,27 @@ pub fn write_store_files(
     writer.write_shard(0, [0, n], &records, tensors).unwrap();
     writer.finish().unwrap();
 }
+
+/// The vocabulary of an HF directory's `tokenizer.json` as GGUF writes it:
+/// `(token, id, token type)`, type 1 for the model's tokens and 3 (control)
+/// for added tokens, in id order.
+pub fn gguf_vocab(hf_dir: &Path) -> Vec<(String, u64, i32)> {
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(hf_dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let mut vocab: Vec<(String, u64, i32)> = tok["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap(), 1))
+        .collect();
+    for added in tok["added_tokens"].as_array().unwrap() {
+        vocab.push((
+            added["content"].as_str().unwrap().into(),
+            added["id"].as_u64().unwrap(),
+            3,
+        ));
+    }
+    vocab.sort_by_key(|v| v.1);
+    vocab
+}
