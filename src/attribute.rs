@@ -12,7 +12,11 @@
 //!
 //! exactly (g: the final norm's weight). Each component's term is its direct
 //! contribution to the decision; the logit lens of the same difference at each
-//! layer's `hook_resid_post` uses that layer's own scale. Per tier means and the
+//! layer's `hook_resid_post` uses that layer's own scale. Where `hook_attn_out`
+//! is `z · W_O` with no norm or bias after it, each head's term is
+//! `s · z_h·(W_O,h (g ⊙ (W_U[a] − W_U[r])))` (`z_h`: the head's `attn.hook_z`,
+//! `W_O,h`: its rows of the output projection), and the heads of a layer sum to
+//! its `attn_out` term (TransformerLens' `stack_head_results`). Per tier means and the
 //! free − paid difference per component, paired by request, with bootstrap
 //! intervals. Gemma 2's final-logit soft-cap is not linear: there Δ is the
 //! difference before the cap.
@@ -55,9 +59,12 @@ pub struct AttributeSpec {
 /// One component's mean direct contribution, per class and as a paired difference.
 #[derive(Debug, Clone, Serialize)]
 pub struct ComponentEffect {
-    /// `embed`, `attn_out` or `mlp_out` (or `lens` for the logit lens of `resid_post`).
+    /// `embed`, `attn_out`, `mlp_out`, `head` (one attention head's share of
+    /// `attn_out`), or `lens` (the logit lens of `resid_post`).
     pub component: String,
     pub layer: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<usize>,
     pub mean_positive: f64,
     pub mean_negative: f64,
     /// Mean over pairs of positive − negative, with its bootstrap 95% interval.
@@ -80,6 +87,12 @@ pub struct AttributeReport {
     pub logit_diff: ComponentEffect,
     pub components: Vec<ComponentEffect>,
     pub lens: Vec<ComponentEffect>,
+    /// Per attention head (`component: head`), where the model's blocks allow it
+    /// (empty otherwise); each layer's heads sum to its `attn_out` term.
+    pub heads: Vec<ComponentEffect>,
+    /// Largest |Σ heads − attn_out term| over rows and layers (`z` is computed
+    /// apart from the fused attention kernel, in f64).
+    pub max_head_sum_error: Option<f64>,
     pub seconds: f64,
 }
 
@@ -90,6 +103,8 @@ struct RowDla {
     attn: Vec<f64>,
     mlp: Vec<f64>,
     lens: Vec<f64>,
+    /// `[layer][head]`, empty where per-head terms are not available.
+    heads: Vec<Vec<f64>>,
 }
 
 /// Runs the attribution and writes `rows.jsonl` and `attribute.json`.
@@ -109,6 +124,14 @@ pub fn attribute(model: &Model, spec: &AttributeSpec) -> Result<AttributeReport>
             HookPoint::MlpOut(l),
             HookPoint::ResidPost(l),
         ]);
+    }
+    let per_head = (0..n)
+        .map(|l| model.transformer.head_out_weight(l, &[]))
+        .collect::<Result<Vec<_>>>()?
+        .iter()
+        .all(Option::is_some);
+    if per_head {
+        points.extend((0..n).map(HookPoint::AttnZ));
     }
     let (g, eps) = model.transformer.final_norm_parts()?;
     let unembed = model.transformer.unembed();
@@ -146,12 +169,32 @@ pub fn attribute(model: &Model, spec: &AttributeSpec) -> Result<AttributeReport>
             attn: Vec::with_capacity(n),
             mlp: Vec::with_capacity(n),
             lens: Vec::with_capacity(n),
+            heads: Vec::new(),
         };
         for l in 0..n {
             dla.attn.push(s * dot(&vec_of(HookPoint::AttnOut(l))?));
             dla.mlp.push(s * dot(&vec_of(HookPoint::MlpOut(l))?));
             let resid = vec_of(HookPoint::ResidPost(l))?;
             dla.lens.push(scale(&resid) * dot(&resid));
+            if let (true, Some(w_o)) = (per_head, model.transformer.head_out_weight(l, tokens)?) {
+                // W_O (g ⊙ ΔW_U): what one unit of each z coordinate adds to Δ.
+                let d_t = candle_core::Tensor::from_slice(&d, (d.len(), 1), w_o.device())?;
+                let u: Vec<f32> = w_o.matmul(&d_t)?.flatten_all()?.to_vec1()?;
+                let z = vec_of(HookPoint::AttnZ(l))?;
+                let d_head = model.config().head_dim;
+                dla.heads.push(
+                    z.chunks(d_head)
+                        .zip(u.chunks(d_head))
+                        .map(|(zh, uh)| {
+                            s * zh
+                                .iter()
+                                .zip(uh)
+                                .map(|(a, b)| f64::from(a * b))
+                                .sum::<f64>()
+                        })
+                        .collect(),
+                );
+            }
         }
         let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let mut record = row.record();
@@ -164,6 +207,9 @@ pub fn attribute(model: &Model, spec: &AttributeSpec) -> Result<AttributeReport>
         record.insert("attn_out".into(), json!(dla.attn));
         record.insert("mlp_out".into(), json!(dla.mlp));
         record.insert("lens".into(), json!(dla.lens));
+        if !dla.heads.is_empty() {
+            record.insert("heads".into(), json!(dla.heads));
+        }
         records.push_str(&format!("{}\n", Value::Object(record)));
         results.push(dla);
         progress.advance(1, None);
@@ -250,7 +296,10 @@ fn summarize(
     results: &[RowDla],
     started: std::time::Instant,
 ) -> AttributeReport {
-    let effect = |component: &str, layer: Option<usize>, value: &dyn Fn(&RowDla) -> f64| {
+    let effect = |component: &str,
+                  layer: Option<usize>,
+                  head: Option<usize>,
+                  value: &dyn Fn(&RowDla) -> f64| {
         let mean = |xs: Vec<f64>| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
         let diffs: Vec<f64> = pairs
             .iter()
@@ -260,6 +309,7 @@ fn summarize(
         ComponentEffect {
             component: component.into(),
             layer,
+            head,
             mean_positive: mean(pairs.iter().map(|&(p, _)| value(&results[p])).collect()),
             mean_negative: mean(pairs.iter().map(|&(_, q)| value(&results[q])).collect()),
             difference,
@@ -267,14 +317,32 @@ fn summarize(
         }
     };
     let n = model.config().n_layers;
-    let mut components = vec![effect("embed", None, &|r| r.embed)];
+    let mut components = vec![effect("embed", None, None, &|r| r.embed)];
     for l in 0..n {
-        components.push(effect("attn_out", Some(l), &|r| r.attn[l]));
-        components.push(effect("mlp_out", Some(l), &|r| r.mlp[l]));
+        components.push(effect("attn_out", Some(l), None, &|r| r.attn[l]));
+        components.push(effect("mlp_out", Some(l), None, &|r| r.mlp[l]));
     }
     let lens = (0..n)
-        .map(|l| effect("lens", Some(l), &|r| r.lens[l]))
+        .map(|l| effect("lens", Some(l), None, &|r| r.lens[l]))
         .collect();
+    let with_heads = results.iter().all(|r| r.heads.len() == n);
+    let mut heads = Vec::new();
+    let mut max_head_sum_error = None;
+    if with_heads && !results.is_empty() {
+        for l in 0..n {
+            for h in 0..results[0].heads[l].len() {
+                heads.push(effect("head", Some(l), Some(h), &|r| r.heads[l][h]));
+            }
+        }
+        max_head_sum_error = Some(
+            results
+                .iter()
+                .flat_map(|r| {
+                    (0..n).map(move |l| (r.heads[l].iter().sum::<f64>() - r.attn[l]).abs())
+                })
+                .fold(0.0, f64::max),
+        );
+    }
     let max_sum_error = results
         .iter()
         .map(|r| {
@@ -289,9 +357,11 @@ fn summarize(
         n_rows: rows.len(),
         n_pairs: pairs.len(),
         max_sum_error,
-        logit_diff: effect("logit_diff", None, &|r| r.logit_diff),
+        logit_diff: effect("logit_diff", None, None, &|r| r.logit_diff),
         components,
         lens,
+        heads,
+        max_head_sum_error,
         seconds: started.elapsed().as_secs_f64(),
     }
 }
@@ -299,9 +369,10 @@ fn summarize(
 /// The report as a table: Δ, then the ten components with the largest |free − paid|.
 pub fn format_table(report: &AttributeReport) -> String {
     let line = |e: &ComponentEffect| {
-        let name = match e.layer {
-            Some(l) => format!("{} L{l}", e.component),
-            None => e.component.clone(),
+        let name = match (e.layer, e.head) {
+            (Some(l), Some(h)) => format!("L{l}H{h}"),
+            (Some(l), None) => format!("{} L{l}", e.component),
+            _ => e.component.clone(),
         };
         format!(
             "{name:<16} {:>10.4} {:>10.4} {:>10.4} [{:.4}, {:.4}]\n",
@@ -331,5 +402,16 @@ pub fn format_table(report: &AttributeReport) -> String {
         "components sum to the logit difference within {:.2e}\n",
         report.max_sum_error
     ));
+    if let Some(err) = report.max_head_sum_error {
+        let mut heads: Vec<&ComponentEffect> = report.heads.iter().collect();
+        heads.sort_by(|a, b| b.difference.abs().total_cmp(&a.difference.abs()));
+        out.push_str("attention heads with the largest |diff|:\n");
+        for e in heads.into_iter().take(5) {
+            out.push_str(&line(e));
+        }
+        out.push_str(&format!(
+            "each layer's heads sum to its attn_out term within {err:.2e}\n"
+        ));
+    }
     out
 }

@@ -44,6 +44,8 @@ fn check_run(model: &str) {
         serde_json::from_str(&std::fs::read_to_string(out.join("attribute.json")).unwrap())
             .unwrap();
     assert_eq!(report["n_pairs"], 3);
+    assert!(report["max_head_sum_error"].as_f64().unwrap() < 1e-3);
+    assert!(!report["heads"].as_array().unwrap().is_empty());
     for line in std::fs::read_to_string(out.join("rows.jsonl"))
         .unwrap()
         .lines()
@@ -71,6 +73,23 @@ fn check_run(model: &str) {
             (diff - model_diff).abs() < tol,
             "{model}: DLA {diff} vs logits {model_diff}"
         );
+        // Each layer's attention heads sum to its attn_out term.
+        let heads = r["heads"]
+            .as_array()
+            .expect("per-head terms (Llama blocks)");
+        for (l, layer) in heads.iter().enumerate() {
+            let sum: f64 = layer
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .sum();
+            let attn = r["attn_out"][l].as_f64().unwrap();
+            assert!(
+                (sum - attn).abs() < 1e-3 * attn.abs().max(1.0),
+                "{model}: layer {l} heads {sum} vs attn_out {attn}"
+            );
+        }
     }
     // The figure renders.
     let fig = tmp.path().join("fig");

@@ -596,6 +596,24 @@ impl Transformer {
         self.logit_lens(&x.index_select(&rows, 0)?)
     }
 
+    /// Layer `l`'s attention output projection as f32 `[n_heads·d_head, d_model]`
+    /// (rows `h·d_head..(h+1)·d_head` carry head `h`'s `attn.hook_z` into the
+    /// residual), as applied at the end of `tokens` (an activated adapter's
+    /// weights once its invocation occurs in them). `None` where
+    /// `hook_attn_out` is not a sum of per-head terms: a post-attention norm
+    /// (Gemma 2/3, OLMo 2) or an output bias.
+    pub fn head_out_weight(&self, l: usize, tokens: &[u32]) -> Result<Option<Tensor>> {
+        let t = match &self.activated {
+            Some(a) if a.start_in(tokens).is_some() => &a.adapted,
+            _ => self,
+        };
+        let block = &t.blocks[l];
+        if block.attn_post_norm.is_some() || block.attn.o_proj.bias.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(block.attn.o_proj.weight_t.to_dtype(DType::F32)?))
+    }
+
     /// Final norm + unembedding of residual rows `[n, d_model]`: the logits the
     /// model would output if these were the last layer's residuals (the logit lens).
     pub fn logit_lens(&self, resid: &Tensor) -> Result<Tensor> {
