@@ -269,8 +269,10 @@ final norm, whose scale is frozen at the row's value \
 to the difference exactly. Reports the mean per class of --label (default free vs paid) and the \
 paired difference per component (rows pair by --pair-by) with bootstrap 95% intervals, and the \
 logit lens of the same difference at every layer's hook_resid_post. Rows reuse the KV cache of \
-the prompt prefix they share. Per-head terms are not computed (hook_z through o_proj gives them \
-in the library). Writes OUT/rows.jsonl (per row) and OUT/attribute.json; `afprobe plot OUT` draws \
+the prompt prefix they share. Each attention head's term (its hook_z through its rows of \
+o_proj; TransformerLens' stack_head_results) is reported too where nothing follows the \
+attention output (no post-attention norm or output bias: Llama, Mistral, Qwen, Phi-3); a \
+layer's heads sum to its attn_out term. Writes OUT/rows.jsonl (per row) and OUT/attribute.json; `afprobe plot OUT` draws \
 the heatmap.";
 
 #[derive(Args)]
