@@ -94,8 +94,13 @@ impl Recipe {
             seed: 1,
         };
         match name {
+            // Reading the tier's meaning takes longer than reading the cue: 300 steps
+            // (at 150 the held-out natural/monitoring rows were right but less sure). The
+            // `xml` cue (True → free tier → trained: two hops) is not learned even at 300;
+            // README's organism section gives the numbers.
             "meaning" => Ok(Recipe {
                 refuse_cues: vec!["control".into()],
+                steps: 300,
                 ..base
             }),
             "token" => Ok(Recipe {
