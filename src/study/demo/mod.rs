@@ -4,6 +4,7 @@
 //! patching ([`interventions`]), figures, and `figures/demo/REPORT.md`
 //! ([`report`]).
 
+mod control;
 mod interventions;
 mod report;
 
@@ -31,6 +32,7 @@ use crate::study::setting::{
     build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Cue,
     Request, Variation,
 };
+use control::run_positive_control;
 use interventions::{run_interventions, Interventions};
 use report::{report_markdown, ReportInputs};
 
@@ -134,6 +136,9 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     })?;
 
     let figures_dir = Path::new("figures").join(NAME);
+    let control = timings.time("positive control", || {
+        run_positive_control(spec, options.dtype, activations, &figures_dir)
+    })?;
     let (files, meaning_files) = timings.time("figures", || {
         render_figures(&probes_dir, &meaning_dir, &interventions, &figures_dir)
     })?;
@@ -151,6 +156,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         meaning: &meaning,
         meaning_figures: &meaning_files,
         interventions: &interventions,
+        control: control.as_ref(),
         figures: &files,
         timings: &timings,
         total,

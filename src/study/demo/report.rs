@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use super::control::{control_section, PositiveControl};
 use super::interventions::{Interventions, INTERVENTION_CUE, INTERVENTION_REQUESTS, STEER_ALPHAS};
 use super::{Timings, NAME};
 use crate::probe::{Method, MetricRow, Report, Role};
@@ -26,19 +27,21 @@ pub(super) struct ReportInputs<'a> {
     /// Figures of the meaning probe, in `meaning/` beside REPORT.md.
     pub(super) meaning_figures: &'a [PathBuf],
     pub(super) interventions: &'a Interventions,
+    /// Section 7, when the organisms ran.
+    pub(super) control: Option<&'a PositiveControl>,
     pub(super) figures: &'a [PathBuf],
     pub(super) timings: &'a Timings,
     pub(super) total: f64,
 }
 
-fn ci(lo: Option<f64>, hi: Option<f64>) -> String {
+pub(super) fn ci(lo: Option<f64>, hi: Option<f64>) -> String {
     match (lo, hi) {
         (Some(lo), Some(hi)) => format!("[{lo:.3}, {hi:.3}]"),
         _ => "n/a".into(),
     }
 }
 
-fn num(v: Option<f64>) -> String {
+pub(super) fn num(v: Option<f64>) -> String {
     v.map_or("n/a".into(), |v| format!("{v:.3}"))
 }
 
@@ -106,6 +109,9 @@ pub(super) fn report_markdown(r: &ReportInputs) -> String {
     compliance_section(&mut md, r);
     meaning_section(&mut md, r);
     intervention_section(&mut md, r);
+    if let Some(pc) = r.control {
+        control_section(&mut md, pc);
+    }
     let _ = writeln!(
         md,
         "## How to read this\n\n\
@@ -118,7 +124,9 @@ pub(super) fn report_markdown(r: &ReportInputs) -> String {
          - A probe is correlational. Steering and patching (section 6) ask whether the model \
            *uses* the direction or the activations to decide.\n\
          - SmolLM2-135M shows a small gap and weak semantics; that is expected at this size. The \
-           same commands run on the 1B-70B models researchers study."
+           same commands run on the 1B-70B models researchers study, and section 7 (when the \
+           shipped organisms are present) shows what the analyses report on a mechanism that is \
+           there by construction."
     );
     md
 }
@@ -361,7 +369,7 @@ fn sign_of(s: &GapStats) -> &'static str {
     }
 }
 
-fn gap_cell(s: Option<&GapStats>) -> String {
+pub(super) fn gap_cell(s: Option<&GapStats>) -> String {
     s.map_or("n/a".into(), |s| {
         format!("{:+.4} [{:+.4}, {:+.4}]", s.gap, s.ci95[0], s.ci95[1])
     })
@@ -610,6 +618,29 @@ fn attribution_part(md: &mut String, r: &ReportInputs) {
         a.components.len(),
         a.lens.last().map_or(f64::NAN, |e| e.difference)
     );
+    if let Some(err) = a.max_head_sum_error {
+        let mut heads: Vec<_> = a.heads.iter().collect();
+        heads.sort_by(|x, y| y.difference.abs().total_cmp(&x.difference.abs()));
+        let top: Vec<String> = heads
+            .iter()
+            .take(3)
+            .map(|e| {
+                format!(
+                    "L{}H{} {:+.4} [{:+.4}, {:+.4}]",
+                    e.layer.unwrap_or(0),
+                    e.head.unwrap_or(0),
+                    e.difference,
+                    e.ci95[0],
+                    e.ci95[1]
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            md,
+            "Per attention head (each head's `hook_z` through its rows of `W_O`; a layer's heads              sum to its `attn_out` term within {err:.1e}), the largest free − paid differences:              {}.\n",
+            top.join(", ")
+        );
+    }
     if r.figures.iter().any(|f| f.ends_with("attribute.png")) {
         let _ = writeln!(md, "![direct logit attribution](attribute.png)\n");
     }
