@@ -10,7 +10,11 @@ pub struct Pca2 {
 }
 
 /// PCA by subspace iteration on the covariance matrix (d × d): exact to
-/// float precision for the top two components, no LAPACK needed.
+/// float precision for the top two components, no LAPACK needed. Not
+/// linfa-reduction's `Pca`: on a demo-sized store (2,880 rows x 576,
+/// standardised) it took 24 s against 0.26 s here (a full decomposition where
+/// two components are drawn), with the same first component (|cos| = 1.000000);
+/// measured with a scratch program, 2 cores shared with a build.
 pub fn pca2(x: ArrayView2<f32>) -> Pca2 {
     let n = x.nrows().max(1) as f64;
     let mut xs: Array2<f64> = x.mapv(f64::from);

@@ -170,8 +170,11 @@ impl Probe {
 /// an f64 `Dataset` first (a copy of the f32 activations per fold) and then a second
 /// pass to transform; this reads the selected f32 rows once for the moments and once
 /// to write the standardised f64 matrix the solver needs anyway, with no
-/// intermediate copy (and no extra dependency). Not timed side by side in this
-/// change: the fold loop is dominated by the solver, not by this pass.
+/// intermediate copy (and no extra dependency). Measured on a demo-sized training
+/// fold (1,766 rows x 576) with a scratch program against linfa-preprocessing 0.8.1,
+/// seven runs on 2 cores shared with a build: 3.4-7.0 ms here against 8.7-30 ms for
+/// select + f64 copy + fit + transform (2.2-6x), equal to 1.6e-14. The demo's tier
+/// probes standardise well over a thousand training sets: seconds to tens of seconds.
 fn standardizer(x: ArrayView2<f32>, rows: &[usize]) -> (Array1<f64>, Array1<f64>) {
     let d = x.ncols();
     let mut sum = Array1::<f64>::zeros(d);

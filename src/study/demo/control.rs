@@ -405,11 +405,12 @@ fn steer_span(s: &SteerReport, kind: &str, tier: &str) -> Option<f64> {
     Some(at(CONTROL_ALPHAS[CONTROL_ALPHAS.len() - 1])? - at(CONTROL_ALPHAS[0])?)
 }
 
-/// The patching cell that restores the largest share.
-fn best_patch(p: &PatchReport) -> Option<&patch::Cell> {
+/// The patching cell that restores the largest share (of the single-token
+/// positions only, with `single_token`: all but `user`).
+fn best_patch(p: &PatchReport, single_token: bool) -> Option<&patch::Cell> {
     p.cells
         .iter()
-        .filter(|c| c.restored.is_some())
+        .filter(|c| c.restored.is_some() && !(single_token && c.position == "user"))
         .max_by(|a, b| {
             a.restored
                 .partial_cmp(&b.restored)
@@ -722,10 +723,11 @@ fn patching_part(md: &mut String, pc: &PositiveControl) {
     let _ = writeln!(
         md,
         "### Patching\n\nEach free row runs with `hook_resid_post` at one layer (every \
-         {PATCH_EVERY}th and the last) and position (cue, last) replaced by its paid row's, \
-         separately on the standard and on the flipped `{INTERVENTION_CUE}` rows of the first \
-         {INTERVENTION_REQUESTS} held-out requests. p_accept of \
-         the paid and free rows, and the cell restoring the largest share of their difference:\n",
+         {PATCH_EVERY}th and the last) and position (the cue's last token, the last token, or the \
+         whole user turn) replaced by its paid row's, separately on the standard and on the \
+         flipped `{INTERVENTION_CUE}` rows of the first {INTERVENTION_REQUESTS} held-out requests. \
+         p_accept of the paid and free rows, the cell restoring the largest share of their \
+         difference, and the best cell that patches a single token:\n",
     );
     header(md, pc, "");
     for (setting, get) in [
@@ -740,15 +742,23 @@ fn patching_part(md: &mut String, pc: &PositiveControl) {
             .iter()
             .map(|r| {
                 let p = get(r);
-                let best = best_patch(p).map_or("n/a".into(), |c| {
-                    format!(
-                        "; best L{}@{} {:+.2}",
-                        c.layer.unwrap_or(0),
-                        c.position,
-                        c.restored.unwrap_or(f64::NAN)
-                    )
-                });
-                format!("paid {:.3}, free {:.3}{best}", p.p_source, p.p_dest)
+                let cell = |single: bool| {
+                    best_patch(p, single).map_or("n/a".into(), |c| {
+                        format!(
+                            "L{}@{} {:+.2}",
+                            c.layer.unwrap_or(0),
+                            c.position,
+                            c.restored.unwrap_or(f64::NAN)
+                        )
+                    })
+                };
+                format!(
+                    "paid {:.3}, free {:.3}; best {}; one token {}",
+                    p.p_source,
+                    p.p_dest,
+                    cell(false),
+                    cell(true)
+                )
             })
             .collect();
         let _ = writeln!(md, "| {setting} | {} |", cells.join(" | "));
@@ -772,7 +782,27 @@ fn patching_part(md: &mut String, pc: &PositiveControl) {
         ),
         _ => "no patching result".into(),
     };
-    let _ = writeln!(md, "\n**Reading.** {reading}.\n");
+    let one_token: Vec<String> = pc
+        .runs
+        .iter()
+        .filter(|r| r.subject.name != "base")
+        .filter_map(|r| {
+            let best = [&r.patch_standard, &r.patch_flipped]
+                .iter()
+                .filter_map(|p| best_patch(p, true)?.restored)
+                .fold(f64::NEG_INFINITY, f64::max);
+            best.is_finite()
+                .then(|| format!("{} {best:+.2}", r.subject.name))
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "\n**Reading.** {reading}. A single patched token (the cue's last or the last) restores at \
+         most {} of the organisms' difference: where only the whole user turn restores it, the \
+         tier reaches the decision through several tokens at once, and a one-position map would \
+         miss the mechanism.\n",
+        one_token.join(", ")
+    );
     if let Some(r) = pc.runs.iter().find(|r| r.subject.name == "meaning") {
         if r.figures.iter().any(|f| f.ends_with("patch.png")) {
             let _ = writeln!(
