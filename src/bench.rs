@@ -381,17 +381,14 @@ pub fn capture_bench(model: &Model, b: &CaptureBench) -> Result<Vec<CaptureResul
     ] {
         let prompts = write(&format!("prompts-{n}.jsonl"), &workload[..n])?;
         let spec = CaptureSpec {
-            prompts,
-            out: b.work_dir.join(if share { "shared" } else { "unshared" }),
-            hooks: parse_hooks("resid_post", "all", model.config().n_layers)?,
-            positions: vec![Position::Last],
-            f16: false,
-            score: true,
-            refusal: None,
-            shard_rows: 256,
-            slice: None,
-            existing: Existing::Overwrite,
             share_prefix: share,
+            ..CaptureSpec::scored(
+                prompts,
+                b.work_dir.join(if share { "shared" } else { "unshared" }),
+                parse_hooks("resid_post", "all", model.config().n_layers)?,
+                vec![Position::Last],
+                Existing::Overwrite,
+            )
         };
         eprintln!("afprobe: bench capture, {label}, {n} rows ...");
         let stats = capture(model, &spec)?;

@@ -45,6 +45,33 @@ pub struct CaptureSpec {
     pub share_prefix: bool,
 }
 
+impl CaptureSpec {
+    /// A scored capture (answer tags, no refusal openings) of `hooks` at
+    /// `positions`, f32, 256 rows per shard, sharing prompt prefixes: what the
+    /// demo and the benchmarks run.
+    pub fn scored(
+        prompts: PathBuf,
+        out: PathBuf,
+        hooks: Vec<HookPoint>,
+        positions: Vec<Position>,
+        existing: Existing,
+    ) -> CaptureSpec {
+        CaptureSpec {
+            prompts,
+            out,
+            hooks,
+            positions,
+            f16: false,
+            score: true,
+            refusal: None,
+            shard_rows: 256,
+            slice: None,
+            existing,
+            share_prefix: true,
+        }
+    }
+}
+
 /// Counts for the summary line and benchmarks.
 #[derive(Debug, Clone, Default)]
 pub struct CaptureStats {

@@ -216,19 +216,13 @@ fn run_subject(
     let store_dir = dir.join("capture");
     let stats = capture(
         &model,
-        &CaptureSpec {
-            prompts: prompts.to_path_buf(),
-            out: store_dir.clone(),
-            hooks: parse_hooks("resid_post", "all", n_layers)?,
-            positions: vec![Position::Last],
-            f16: false,
-            score: true,
-            refusal: None,
-            shard_rows: 256,
-            slice: None,
-            existing: Existing::ResumeOrOverwrite,
-            share_prefix: true,
-        },
+        &CaptureSpec::scored(
+            prompts.to_path_buf(),
+            store_dir.clone(),
+            parse_hooks("resid_post", "all", n_layers)?,
+            vec![Position::Last],
+            Existing::ResumeOrOverwrite,
+        ),
     )?;
     println!("captured -> {} ({})", store_dir.display(), stats.summary());
     let gap = compute_gap(&Store::open(&store_dir)?, 10_000, 0)?;

@@ -82,20 +82,14 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     } = StudyPrompts::write(options, activations)?;
 
     let store_dir = activations.join(NAME);
-    let capture_spec = CaptureSpec {
+    let capture_spec = CaptureSpec::scored(
         prompts,
-        out: store_dir.clone(),
-        hooks: parse_hooks("resid_post", "all", model.config().n_layers)?,
-        positions: vec![Position::Last, Position::Cue],
-        f16: false,
-        score: true,
-        refusal: None,
-        shard_rows: 256,
-        slice: None,
+        store_dir.clone(),
+        parse_hooks("resid_post", "all", model.config().n_layers)?,
+        vec![Position::Last, Position::Cue],
         // A killed demo picks up where it stopped; other settings start over.
-        existing: Existing::ResumeOrOverwrite,
-        share_prefix: true,
-    };
+        Existing::ResumeOrOverwrite,
+    );
     let stats = timings.time("capture", || capture(&model, &capture_spec))?;
     println!(
         "captured every hook_resid_post at last and cue, with scores -> {} ({})",
