@@ -330,30 +330,35 @@ impl GgufFile {
                 .and_then(value_as_usize)
                 .and_then(|v| u32::try_from(v).ok())
         };
-        let token_types = match self
-            .meta("tokenizer.ggml.token_type")
-            .and_then(|v| v.to_vec().ok())
-        {
-            Some(items) => items
-                .iter()
-                .filter_map(value_as_f64)
+        let numbers = |key: &str| -> Vec<f64> {
+            self.meta(key)
+                .and_then(|v| v.to_vec().ok())
+                .map(|items| items.iter().filter_map(value_as_f64).collect())
+                .unwrap_or_default()
+        };
+        let bool_of = |key: &str| self.meta(key).and_then(|v| v.to_bool().ok());
+        let model = str_of("tokenizer.ggml.model");
+        // llama.cpp (and transformers after it) add BOS to a SentencePiece
+        // vocabulary that does not say otherwise; older files have no flag.
+        let add_bos = bool_of("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
+        GgufTokenizerMeta {
+            token_types: numbers("tokenizer.ggml.token_type")
+                .into_iter()
                 .map(|v| v as i64)
                 .collect(),
-            None => Vec::new(),
-        };
-        GgufTokenizerMeta {
-            model: str_of("tokenizer.ggml.model"),
+            scores: numbers("tokenizer.ggml.scores")
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+            add_space_prefix: bool_of("tokenizer.ggml.add_space_prefix"),
+            add_bos,
+            model,
             pre: str_of("tokenizer.ggml.pre"),
             tokens: self.meta_string_array("tokenizer.ggml.tokens"),
-            token_types,
             merges: self.meta_string_array("tokenizer.ggml.merges"),
             bos_id: id_of("tokenizer.ggml.bos_token_id"),
             unk_id: id_of("tokenizer.ggml.unknown_token_id"),
             eos_id: id_of("tokenizer.ggml.eos_token_id"),
-            add_bos: self
-                .meta("tokenizer.ggml.add_bos_token")
-                .and_then(|v| v.to_bool().ok())
-                .unwrap_or(false),
         }
     }
 

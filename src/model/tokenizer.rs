@@ -18,6 +18,7 @@
 //! boundary, print as before).
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Once;
@@ -35,82 +36,185 @@ const GGUF_USER_DEFINED: i64 = 4;
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// Gemma's SentencePiece vocabulary from GGUF metadata, built as transformers'
-/// GGUF converter does (`gguf_tokenizer_mapping.gemma_tokenizer` +
-/// `GemmaTokenizer`): tokens of two or more blanks are respelled with `▁`;
-/// merges are rebuilt from the vocabulary (`generate_merges`), ranked by the
-/// tokens' order in the file (Gemma's scores do not follow its merge order);
-/// a BPE with byte fallback behind a `' ' → '▁'` normalizer; control tokens
-/// special, user-defined ones added whole.
-fn gemma_sentencepiece(meta: &GgufTokenizerMeta, source: &Path) -> Result<Tokenizer> {
-    let respelled: Vec<String> = meta
-        .tokens
-        .iter()
-        .map(|t| {
-            if t.contains(' ') && t.trim().is_empty() {
-                "\u{2581}".repeat(t.chars().count())
-            } else {
-                t.clone()
-            }
-        })
-        .collect();
-    // Python dict semantics: a repeated token keeps its last index.
-    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for (i, t) in respelled.iter().enumerate() {
-        index.insert(t.as_str(), i);
+/// A SentencePiece vocabulary (`tokenizer.ggml.model = llama`) from GGUF
+/// metadata, built as transformers' GGUF converter builds it
+/// (`integrations/gguf/gguf_tokenizer_mapping.py`): a BPE with byte fallback
+/// over the file's pieces, merges from the file or, as SentencePiece files
+/// carry none, rebuilt from the vocabulary ([`generate_merges`]); control
+/// tokens special, user-defined ones added whole. The families differ in
+/// data only:
+///
+/// - Llama 2, Mistral and other `llama`-vocabulary files (`LlamaTokenizer`):
+///   a `Metaspace` pre-tokenizer that writes blanks as `▁` and prepends one
+///   `▁` unless the text already starts with a blank (`prepend_scheme =
+///   first`; none when `tokenizer.ggml.add_space_prefix` is false). Merges
+///   are ranked by the pieces' scores. SentencePiece itself always prepends,
+///   so a text starting with a space differs from `spm.encode` by one `▁`;
+///   afprobe follows transformers.
+/// - Phi-3: the prefix comes from a normalizer (`Prepend("▁")`, `Replace(" ",
+///   "▁")`) with no pre-tokenizer, so a leading blank gains one more `▁`.
+/// - Gemma (`GemmaTokenizer`): no prefix; a `' ' → '▁'` normalizer and a split
+///   after each blank; tokens of two or more blanks are respelled with `▁`;
+///   merges are ranked by the tokens' order in the file (Gemma's scores do not
+///   follow its merge order).
+fn sentencepiece(meta: &GgufTokenizerMeta, architecture: &str, source: &Path) -> Result<Tokenizer> {
+    const BLANK: &str = "\u{2581}";
+    let gemma = architecture.starts_with("gemma");
+    let tokens: Vec<String> = if gemma {
+        meta.tokens
+            .iter()
+            .map(|t| {
+                if t.contains(' ') && t.trim().is_empty() {
+                    BLANK.repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect()
+    } else {
+        meta.tokens.clone()
+    };
+    if !gemma && meta.merges.is_empty() && meta.scores.len() != tokens.len() {
+        return Err(Error::model_file(
+            source,
+            format!(
+                "tokenizer.ggml.scores has {} entries for {} tokens; a SentencePiece \
+                 vocabulary without merges needs one score per token to rank its merges",
+                meta.scores.len(),
+                tokens.len()
+            ),
+        ));
     }
-    // Ranked by the (last) index each token keeps, earliest first.
-    let mut order: Vec<&str> = index.keys().copied().collect();
-    order.sort_by_key(|t| index[t]);
-    // generate_merges(vocab, positions): each token's splits into two vocabulary
-    // pieces, best (earliest) token first, then the longer left piece first.
-    let mut merges: Vec<Value> = Vec::new();
-    for token in &order {
-        let cuts: Vec<usize> = token.char_indices().map(|(b, _)| b).skip(1).collect();
-        for &cut in cuts.iter().rev() {
-            let (l, r) = token.split_at(cut);
-            if index.contains_key(l) && index.contains_key(r) {
-                merges.push(json!([l, r]));
+    // Python dict semantics: a repeated token keeps its last index.
+    let mut vocab: HashMap<&str, usize> = HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert(t.as_str(), i);
+    }
+    let merges: Vec<Value> = if meta.merges.is_empty() {
+        // Each token's score, in first-occurrence order with the last value
+        // (`dict(zip(tokens, scores))`); Gemma ranks by position instead.
+        let mut scored: Vec<(&str, f64)> = Vec::new();
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, t) in tokens.iter().enumerate() {
+            let score = if gemma {
+                -(vocab[t.as_str()] as f64)
+            } else {
+                f64::from(meta.scores[i])
+            };
+            match seen.get(t.as_str()) {
+                Some(&at) => scored[at].1 = score,
+                None => {
+                    seen.insert(t, scored.len());
+                    scored.push((t, score));
+                }
             }
         }
-    }
-    let vocab: serde_json::Map<String, Value> = index
+        generate_merges(&vocab, &scored)
+            .into_iter()
+            .map(|(l, r)| json!([l, r]))
+            .collect()
+    } else {
+        meta.merges.iter().map(|m| json!(m)).collect()
+    };
+    let vocab_json: serde_json::Map<String, Value> = vocab
         .iter()
         .map(|(t, i)| (t.to_string(), json!(i)))
         .collect();
-    let added: Vec<Value> = respelled
+    let added: Vec<Value> = tokens
         .iter()
         .enumerate()
-        .filter_map(|(i, t)| match meta.token_types.get(i) {
-            Some(&GGUF_CONTROL) => Some(json!({"id": i, "content": t, "single_word": false,
-                "lstrip": false, "rstrip": false, "normalized": false, "special": true})),
-            Some(&GGUF_USER_DEFINED) => Some(json!({"id": i, "content": t, "single_word": false,
-                "lstrip": false, "rstrip": false, "normalized": false, "special": false})),
-            _ => None,
+        .filter_map(|(i, t)| {
+            let special = match meta.token_types.get(i) {
+                Some(&GGUF_CONTROL) => true,
+                Some(&GGUF_USER_DEFINED) => false,
+                _ => return None,
+            };
+            Some(
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": special}),
+            )
         })
         .collect();
     let unk = meta
         .unk_id
-        .and_then(|i| respelled.get(i as usize).cloned())
+        .and_then(|i| tokens.get(i as usize).cloned())
         .unwrap_or_else(|| "<unk>".into());
+    let prefix = !gemma && meta.add_space_prefix != Some(false);
+    let (normalizer, pre_tokenizer) = if gemma {
+        (
+            json!({"type": "Replace", "pattern": {"String": " "}, "content": BLANK}),
+            json!({"type": "Split", "pattern": {"String": " "},
+                   "behavior": "MergedWithPrevious", "invert": false}),
+        )
+    } else if architecture == "phi3" {
+        (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": BLANK},
+                {"type": "Replace", "pattern": {"String": " "}, "content": BLANK}]}),
+            Value::Null,
+        )
+    } else {
+        let scheme = if prefix { "first" } else { "never" };
+        (
+            Value::Null,
+            json!({"type": "Metaspace", "replacement": BLANK, "prepend_scheme": scheme,
+                   "split": false}),
+        )
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": BLANK}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
     let spec = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
-        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "},
-                          "behavior": "MergedWithPrevious", "invert": false},
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk,
                   "continuing_subword_prefix": null, "end_of_word_suffix": null,
                   "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                  "vocab": vocab, "merges": merges},
+                  "vocab": vocab_json, "merges": merges},
     });
     Tokenizer::from_gguf_spec(&spec, meta, source)
+}
+
+/// BPE merges recovered from a vocabulary, as transformers'
+/// `tokenization_utils_base.generate_merges(vocab, vocab_scores)`: every split
+/// of each scored token into two vocabulary pieces (a token's splits ordered by
+/// the pieces' ids), then a stable sort, best first, by (score, left piece's
+/// length, right piece's length), lengths in characters.
+fn generate_merges<'a>(
+    vocab: &HashMap<&'a str, usize>,
+    scored: &[(&'a str, f64)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for &(token, score) in scored {
+        let mut local: Vec<(&str, &str, f64)> = token
+            .char_indices()
+            .skip(1)
+            .map(|(cut, _)| token.split_at(cut))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .map(|(l, r)| (l, r, score))
+            .collect();
+        local.sort_by_key(|&(l, r, _)| (vocab[l], vocab[r]));
+        merges.extend(local);
+    }
+    let key = |&(l, r, s): &(&str, &str, f64)| (s, l.chars().count(), r.chars().count());
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
+    });
+    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
 }
 
 /// `(start, end)` byte range of each token in the encoded text.
@@ -162,8 +266,8 @@ impl Tokenizer {
     }
 
     /// Rebuilds the tokenizer stored in GGUF metadata: byte-level BPE (`gpt2`)
-    /// or, for Gemma, SentencePiece (`llama`) the way transformers' GGUF
-    /// converter builds it (see [`gemma_sentencepiece`]).
+    /// or SentencePiece (`llama`: Llama 2, Mistral, Gemma, Phi-3) the way
+    /// transformers' GGUF converter builds it (see [`sentencepiece`]).
     pub fn from_gguf(
         meta: &GgufTokenizerMeta,
         architecture: &str,
@@ -177,14 +281,14 @@ impl Tokenizer {
                 meta.tokens.len()
             )));
         }
-        if meta.model == "llama" && architecture.starts_with("gemma") {
-            return gemma_sentencepiece(meta, source);
+        if meta.model == "llama" {
+            return sentencepiece(meta, architecture, source);
         }
         if meta.model != "gpt2" {
             return Err(err(format!(
                 "GGUF tokenizer model `{}` is not supported for `{architecture}` (byte-level BPE \
-                 `gpt2`, and SentencePiece `llama` for Gemma); put the model's tokenizer.json \
-                 next to the .gguf file and afprobe will use it",
+                 `gpt2` and SentencePiece `llama` are); put the model's tokenizer.json next to \
+                 the .gguf file and afprobe will use it",
                 meta.model
             )));
         }
@@ -370,6 +474,10 @@ pub struct GgufTokenizerMeta {
     pub tokens: Vec<String>,
     pub token_types: Vec<i64>,
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores` (SentencePiece piece scores; may be empty).
+    pub scores: Vec<f32>,
+    /// `tokenizer.ggml.add_space_prefix`, when the file says.
+    pub add_space_prefix: Option<bool>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     pub unk_id: Option<u32>,
