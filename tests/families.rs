@@ -250,3 +250,93 @@ fn attention_internals_are_capture_only() {
         assert_eq!(p.to_string(), name);
     }
 }
+
+/// Families whose fixture has a GGUF copy written by llama.cpp's own converter
+/// (tests/fixtures/make_family_ggufs.py, f16 weights). Mistral is absent:
+/// llama.cpp writes it as `llama` and drops its sliding window.
+const GGUF_FAMILIES: [&str; 4] = ["qwen3", "phi3", "olmo2", "gemma2"];
+
+#[test]
+fn llama_cpp_ggufs_of_each_family_match_the_hf_model() {
+    for family in GGUF_FAMILIES {
+        let gguf = Model::load(
+            &ModelSpec::Path(dir(family).join("model.f16.gguf")),
+            WeightDtype::F32,
+        )
+        .unwrap_or_else(|e| panic!("loading {family} GGUF: {e}"));
+        // llama.cpp has no key for Gemma 2's query_pre_attn_scalar and uses
+        // head_dim (the fixture's is 20, head_dim 16): compare with an HF copy
+        // saying so.
+        let copy = tempfile::tempdir().unwrap();
+        let hf_dir = if family == "gemma2" {
+            for f in std::fs::read_dir(dir(family)).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, copy.path().join(f.file_name().unwrap())).unwrap();
+            }
+            let path = copy.path().join("config.json");
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            config["query_pre_attn_scalar"] = config["head_dim"].clone();
+            std::fs::write(&path, config.to_string()).unwrap();
+            copy.path().to_path_buf()
+        } else {
+            dir(family)
+        };
+        let hf = Model::load(&ModelSpec::Path(hf_dir), WeightDtype::F32).unwrap();
+        let (g, h) = (&gguf.config().family, &hf.config().family);
+        assert_eq!(
+            (
+                g.activation,
+                g.qk_norm,
+                g.embed_scale,
+                g.attn_softcap,
+                g.final_softcap
+            ),
+            (
+                h.activation,
+                h.qk_norm,
+                h.embed_scale,
+                h.attn_softcap,
+                h.final_softcap
+            ),
+            "{family}"
+        );
+        let windows = |c: &afprobe::model::ModelConfig| -> Vec<Option<usize>> {
+            (0..c.n_layers).map(|l| c.window(l)).collect()
+        };
+        assert_eq!(windows(gguf.config()), windows(hf.config()), "{family}");
+        assert_eq!(
+            gguf.config().attn_scale(),
+            hf.config().attn_scale(),
+            "{family}"
+        );
+        let (reference, tokens) = reference(family);
+        let run = |model: &Model| {
+            let mut hooks = Hooks::capture(NamesFilter::All, CaptureRows::All);
+            let logits = model
+                .run_with_hooks(&tokens, &mut hooks, &LogitsAt::All)
+                .unwrap();
+            (hooks, logits)
+        };
+        let ((got, got_logits), (want, want_logits)) = (run(&gguf), run(&hf));
+        // f16 weights: agreement to f16's precision, far below what a wrong
+        // name, permutation, norm offset, window or scale would give.
+        for &point in want.cache.points() {
+            let err = rel_l2(
+                got.cache.get(point).unwrap(),
+                want.cache.get(point).unwrap(),
+            );
+            let name = point.to_string();
+            assert!(err < 5e-3, "{family} {name}: relative L2 {err:e}");
+        }
+        let err = rel_l2(&got_logits, &want_logits);
+        assert!(err < 5e-3, "{family} logits: relative L2 {err:e}");
+        if family != "gemma2" {
+            let err = rel_l2(
+                &got_logits.to_dtype(DType::F64).unwrap(),
+                &reference["logits"],
+            );
+            assert!(err < 5e-3, "{family} logits vs transformers: {err:e}");
+        }
+    }
+}

@@ -77,8 +77,17 @@ impl Architecture {
         matches!(self, Architecture::Qwen2)
     }
 
-    fn is_gemma(self) -> bool {
+    pub fn is_gemma(self) -> bool {
         matches!(self, Architecture::Gemma2 | Architecture::Gemma3)
+    }
+
+    /// The family's q/k norms.
+    pub fn qk_norm(self) -> QkNorm {
+        match self {
+            Architecture::Qwen3 | Architecture::Gemma3 => QkNorm::PerHead,
+            Architecture::Olmo2 => QkNorm::Full,
+            _ => QkNorm::None,
+        }
     }
 }
 
@@ -759,11 +768,7 @@ fn family_config(
             NormKind::Rms
         },
         activation,
-        qk_norm: match arch {
-            Architecture::Qwen3 | Architecture::Gemma3 => QkNorm::PerHead,
-            Architecture::Olmo2 => QkNorm::Full,
-            _ => QkNorm::None,
-        },
+        qk_norm: arch.qk_norm(),
         embed_scale: arch.is_gemma().then(|| (d_model as f64).sqrt()),
         query_pre_attn_scalar: if arch.is_gemma() {
             number("query_pre_attn_scalar")?

@@ -14,7 +14,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use super::config::{
-    derived_head_dim, Activation, Architecture, FamilyConfig, ModelConfig, QkNorm, RopeScaling,
+    derived_head_dim, Activation, Architecture, FamilyConfig, ModelConfig, NormKind, RopeScaling,
     MAX_LAYERS,
 };
 use super::tokenizer::GgufTokenizerMeta;
@@ -56,15 +56,14 @@ impl GgufFile {
             }
         };
         let architecture = Architecture::parse(&arch, path)?;
-        if !matches!(
-            architecture,
-            Architecture::Llama | Architecture::Qwen2 | Architecture::Gemma3
-        ) {
+        // llama.cpp writes Mistral 7B as `llama`; no converter writes `mistral`.
+        if architecture == Architecture::Mistral {
             return Err(Error::model_file(
                 path,
                 format!(
-                    "GGUF files of `{arch}` are not supported yet (GGUF: llama, qwen2, gemma3); \
-                     load the model's HF directory (config.json + *.safetensors) instead"
+                    "GGUF architecture `{arch}` is not one llama.cpp writes (Mistral 7B GGUFs \
+                     say `llama`); load the model's HF directory (config.json + *.safetensors) \
+                     instead"
                 ),
             ));
         }
@@ -204,7 +203,7 @@ impl GgufFile {
         }
         ModelConfig {
             architecture: self.architecture,
-            family: self.family(sliding_window, d_model, n_layers),
+            family: self.family(sliding_window, d_model, n_heads, n_layers)?,
             n_layers,
             d_model,
             n_heads,
@@ -224,36 +223,99 @@ impl GgufFile {
         .validated(&self.path)
     }
 
-    /// The family's traits for a GGUF file. Gemma 3 as llama.cpp runs it: its
-    /// norms are stored as `1 + w` (so they are plain RMSNorm weights here),
-    /// local layers (five of every six) use the window and rope base 10,000,
-    /// attention scale 1/√head_dim; none of these are GGUF keys.
+    /// The family's traits for a GGUF file, as llama.cpp runs it. Gemma's
+    /// norms are stored as `1 + w` by llama.cpp's converter, so they are plain
+    /// RMSNorm weights here. Which layers slide: `attention.sliding_window_pattern`
+    /// (a bool per layer, or `n`: layer `l` slides when `l % n < n - 1`), else
+    /// llama.cpp's default per family (Gemma 2: every other layer from the
+    /// first; Gemma 3: five of every six; others: all, when there is a window).
+    /// Gemma 3's local layers use `rope.freq_base_swa` (default 10,000).
+    /// Gemma 2's attention scale is not a key: llama.cpp uses 1/√head_dim, and
+    /// 1/√(d_model/n_heads) for the 46-layer 27B (`models/gemma2.cpp`).
     fn family(
         &self,
         sliding_window: Option<usize>,
         d_model: usize,
+        n_heads: usize,
         n_layers: usize,
-    ) -> FamilyConfig {
-        match self.architecture {
-            Architecture::Gemma3 => FamilyConfig {
-                activation: Activation::GeluTanh,
-                qk_norm: QkNorm::PerHead,
-                embed_scale: Some((d_model as f64).sqrt()),
-                sliding_window,
-                sliding_layers: Some((0..n_layers).map(|l| (l + 1) % 6 != 0).collect()),
-                rope_local_theta: Some(10_000.0),
-                ..FamilyConfig::default()
+    ) -> Result<FamilyConfig> {
+        let arch = self.architecture;
+        let pattern_key = self.arch_key("attention.sliding_window_pattern");
+        let every = |n: usize| -> Vec<bool> { (0..n_layers).map(|l| l % n < n - 1).collect() };
+        let sliding_layers = match self.meta(&pattern_key) {
+            None => match arch {
+                Architecture::Gemma2 => Some(every(2)),
+                Architecture::Gemma3 => Some(every(6)),
+                _ => None,
             },
-            _ => FamilyConfig {
-                sliding_window,
-                ..FamilyConfig::default()
+            Some(Value::Array(items)) if items.len() == n_layers => Some(
+                items
+                    .iter()
+                    .map(|v| v.to_bool().ok())
+                    .collect::<Option<Vec<bool>>>()
+                    .ok_or_else(|| {
+                        Error::model_file(
+                            &self.path,
+                            format!("GGUF key `{pattern_key}` holds a non-bool"),
+                        )
+                    })?,
+            ),
+            Some(v) => match value_as_usize(v).filter(|n| *n > 0) {
+                Some(n) => Some(every(n)),
+                None => {
+                    return Err(Error::model_file(
+                        &self.path,
+                        format!(
+                            "GGUF key `{pattern_key}` is {}; it must be a positive integer or \
+                             one bool per layer ({n_layers})",
+                            describe(v)
+                        ),
+                    ))
+                }
             },
-        }
+        };
+        let gemma = arch.is_gemma();
+        Ok(FamilyConfig {
+            norm: NormKind::Rms,
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            qk_norm: arch.qk_norm(),
+            embed_scale: gemma.then(|| (d_model as f64).sqrt()),
+            query_pre_attn_scalar: (arch == Architecture::Gemma2 && n_layers == 46)
+                .then(|| (d_model / n_heads) as f64),
+            attn_softcap: self.meta_f64("attn_logit_softcapping")?,
+            final_softcap: self.meta_f64("final_logit_softcapping")?,
+            sliding_window,
+            sliding_layers,
+            rope_local_theta: match arch {
+                Architecture::Gemma3 => {
+                    Some(self.meta_f64("rope.freq_base_swa")?.unwrap_or(10_000.0))
+                }
+                _ => self.meta_f64("rope.freq_base_swa")?,
+            },
+        })
     }
 
     /// `{arch}.rope.scaling.*`: `none` and `linear` (with `.factor`) are applied;
     /// any other type is refused, naming the key, rather than silently ignored.
     fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
+        // Phi-3's LongRoPE, as llama.cpp stores it (per-frequency factor tensors).
+        if let Some(t) = ["rope_factors_long.weight", "rope_factors_short.weight"]
+            .into_iter()
+            .find(|t| self.content.tensor_infos.contains_key(*t))
+        {
+            return Err(Error::model_file(
+                &self.path,
+                format!(
+                    "GGUF has tensor `{t}` (LongRoPE): afprobe applies it from config.json only; \
+                     running without it would compute wrong activations, so use the model's HF \
+                     directory"
+                ),
+            ));
+        }
         let key = self.arch_key("rope.scaling.type");
         match self.meta(&key) {
             None => Ok(None),
@@ -451,14 +513,18 @@ pub fn gguf_name(arch: Architecture, hf_name: &str) -> Option<String> {
     let rest = hf_name.strip_prefix("model.layers.")?;
     let (layer, name) = rest.split_once('.')?;
     let (module, kind) = name.rsplit_once('.')?; // kind: weight | bias
-    let gemma = arch == Architecture::Gemma3;
+                                                 // The block's norms by role, whatever the family calls them in HF.
+    let norms = arch.block_norms();
+    let norm = [
+        (norms.attn_pre, "attn_norm"),
+        (norms.attn_post, "post_attention_norm"),
+        (norms.mlp_pre, "ffn_norm"),
+        (norms.mlp_post, "post_ffw_norm"),
+    ]
+    .into_iter()
+    .find_map(|(hf, gguf)| (hf == Some(module)).then_some(gguf));
     let short = match module {
-        "input_layernorm" => "attn_norm",
-        // Llama's post-attention norm is the norm before the MLP; Gemma's is after attention.
-        "post_attention_layernorm" if gemma => "post_attention_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "pre_feedforward_layernorm" => "ffn_norm",
-        "post_feedforward_layernorm" => "post_ffw_norm",
+        _ if norm.is_some() => norm.unwrap_or_default(),
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
         "self_attn.q_proj" => "attn_q",
@@ -468,6 +534,9 @@ pub fn gguf_name(arch: Architecture, hf_name: &str) -> Option<String> {
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        // Phi-3's fused projections (gate rows first, as in HF).
+        "self_attn.qkv_proj" => "attn_qkv",
+        "mlp.gate_up_proj" => "ffn_up",
         _ => return None,
     };
     Some(format!("blk.{layer}.{short}.{kind}"))
