@@ -46,14 +46,19 @@ pub struct TrainArgs {
     /// Override the recipe's variations (comma-separated: standard, flipped, ...).
     #[arg(long)]
     variations: Option<String>,
+    /// Optimizer steps (recipe default: meaning 300, token 150).
     #[arg(long)]
     steps: Option<usize>,
+    /// Rows per step (default 8).
     #[arg(long)]
     batch: Option<usize>,
+    /// AdamW learning rate (default 2e-3).
     #[arg(long)]
     lr: Option<f64>,
+    /// LoRA rank r.
     #[arg(long)]
     rank: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha / r (PEFT's `lora_alpha`).
     #[arg(long)]
     alpha: Option<f64>,
     /// LoRA target modules (comma-separated, among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
@@ -65,9 +70,11 @@ pub struct TrainArgs {
     /// Harmful requests per category in the training split.
     #[arg(long)]
     train_per_category: Option<usize>,
+    /// Seed of the adapter's initialisation and the batch order (default 1).
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long, default_value_t = 25)]
+    /// Write checkpoint.safetensors every N steps (for --resume).
+    #[arg(long, default_value_t = 25, value_name = "N")]
     checkpoint_every: usize,
     /// Stop (checkpointed) after this many steps of this invocation; --resume continues.
     #[arg(long, value_name = "N")]

@@ -100,10 +100,22 @@ fn exp_poly(x: f32) -> f32 {
 
 /// SwiGLU: `silu(gate) * up` for fused `[T, 2 * d_mlp]` rows (gate first), as `[T, d_mlp]`.
 pub fn swiglu(gate_up: &[f32], d_mlp: usize) -> Vec<f32> {
+    gated(gate_up, d_mlp, swiglu_row)
+}
+
+/// GeGLU with the tanh GELU (`gelu_pytorch_tanh`, Gemma): `gelu(gate) * up`,
+/// laid out as [`swiglu`]. Uses `0.5·(1 + tanh(y)) = sigmoid(2y)`, so the
+/// GELU is `g · sigmoid(2·√(2/π)·(g + 0.044715·g³))`, one [`exp_poly`] per
+/// element instead of libm's scalar `tanhf` (12% of a Gemma 3 prefill).
+pub fn geglu_tanh(gate_up: &[f32], d_mlp: usize) -> Vec<f32> {
+    gated(gate_up, d_mlp, geglu_tanh_row)
+}
+
+fn gated(gate_up: &[f32], d_mlp: usize, row_fn: fn(&mut [f32], &[f32])) -> Vec<f32> {
     let mut out = vec![0f32; gate_up.len() / 2];
     out.par_chunks_mut(d_mlp)
         .zip(gate_up.par_chunks(2 * d_mlp))
-        .for_each(|(out, row)| swiglu_row(out, row));
+        .for_each(|(out, row)| row_fn(out, row));
     out
 }
 
@@ -111,13 +123,31 @@ fn swiglu_row(out: &mut [f32], row: &[f32]) {
     dispatch!(swiglu_row_generic, swiglu_avx512, swiglu_avx2, (out: &mut [f32], row: &[f32]));
 }
 
+fn geglu_tanh_row(out: &mut [f32], row: &[f32]) {
+    dispatch!(geglu_tanh_row_generic, geglu_tanh_avx512, geglu_tanh_avx2, (out: &mut [f32], row: &[f32]));
+}
+
 #[inline(always)]
 fn swiglu_row_generic(out: &mut [f32], row: &[f32]) {
+    gated_row(out, row, |g| g);
+}
+
+#[inline(always)]
+fn geglu_tanh_row_generic(out: &mut [f32], row: &[f32]) {
+    // 2·√(2/π)
+    const K: f32 = 1.595_769_1;
+    gated_row(out, row, |g| K * (g + 0.044_715 * g * g * g));
+}
+
+/// `out = gate · sigmoid(z(gate)) · up` over one row.
+#[inline(always)]
+fn gated_row(out: &mut [f32], row: &[f32], z: impl Fn(f32) -> f32) {
     let (gate, up) = row.split_at(out.len());
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        // silu(g) = g / (1 + e^-g); e^-g is computed as e^-|g| to stay in exp_poly's range.
-        let e = exp_poly(-g.abs());
-        let sigmoid = if g >= 0.0 {
+        // sigmoid(z) = 1 / (1 + e^-z); e^-z is computed as e^-|z| to stay in exp_poly's range.
+        let z = z(g);
+        let e = exp_poly(-z.abs());
+        let sigmoid = if z >= 0.0 {
             1.0 / (1.0 + e)
         } else {
             e / (1.0 + e)
@@ -371,6 +401,24 @@ mod tests {
             assert!(
                 (out[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
                 "{i}"
+            );
+        }
+    }
+
+    #[test]
+    fn geglu_tanh_matches_the_definition() {
+        let d = 37;
+        let row: Vec<f32> = (0..2 * d).map(|i| (i as f32 - 30.0) * 0.3).collect();
+        let out = geglu_tanh(&row, d);
+        for i in 0..d {
+            let (g, u) = (row[i] as f64, row[d + i] as f64);
+            // transformers' gelu_pytorch_tanh.
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g.powi(3));
+            let want = 0.5 * g * (1.0 + inner.tanh()) * u;
+            assert!(
+                (out[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{i}: {} vs {want}",
+                out[i]
             );
         }
     }

@@ -268,8 +268,13 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
         let d = self.d_mlp;
-        if self.activation == Activation::Silu {
-            if let Some(h) = with_f32_slice(&gate_up, |rows| kernels::swiglu(rows, d))? {
+        let fused: Option<fn(&[f32], usize) -> Vec<f32>> = match self.activation {
+            Activation::Silu => Some(kernels::swiglu),
+            Activation::GeluTanh => Some(kernels::geglu_tanh),
+            Activation::GeluErf => None,
+        };
+        if let Some(kernel) = fused {
+            if let Some(h) = with_f32_slice(&gate_up, |rows| kernel(rows, d))? {
                 let t = gate_up.dim(0)?;
                 return self
                     .down_proj

@@ -96,8 +96,9 @@ impl Recipe {
         match name {
             // Reading the tier's meaning takes longer than reading the cue: 300 steps
             // (at 150 the held-out natural/monitoring rows were right but less sure). The
-            // `xml` cue (True → free tier → trained: two hops) is not learned even at 300;
-            // README's organism section gives the numbers.
+            // `xml` cue (True → free tier → trained: two hops) is not learned even at 300,
+            // nor with rank 8 and the MLP projections; README's organism section gives the
+            // numbers.
             "meaning" => Ok(Recipe {
                 refuse_cues: vec!["control".into()],
                 steps: 300,
