@@ -98,6 +98,9 @@ fn exp_poly(x: f32) -> f32 {
     p * scale
 }
 
+/// A fused gated activation over `[T, 2 * d_mlp]` rows, returning `[T, d_mlp]`.
+pub type GatedKernel = fn(&[f32], usize) -> Vec<f32>;
+
 /// SwiGLU: `silu(gate) * up` for fused `[T, 2 * d_mlp]` rows (gate first), as `[T, d_mlp]`.
 pub fn swiglu(gate_up: &[f32], d_mlp: usize) -> Vec<f32> {
     gated(gate_up, d_mlp, swiglu_row)
@@ -135,7 +138,7 @@ fn swiglu_row_generic(out: &mut [f32], row: &[f32]) {
 #[inline(always)]
 fn geglu_tanh_row_generic(out: &mut [f32], row: &[f32]) {
     // 2·√(2/π)
-    const K: f32 = 1.595_769_1;
+    const K: f32 = 2.0 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
     gated_row(out, row, |g| K * (g + 0.044_715 * g * g * g));
 }
 

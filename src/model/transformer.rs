@@ -268,7 +268,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
         let d = self.d_mlp;
-        let fused: Option<fn(&[f32], usize) -> Vec<f32>> = match self.activation {
+        let fused: Option<kernels::GatedKernel> = match self.activation {
             Activation::Silu => Some(kernels::swiglu),
             Activation::GeluTanh => Some(kernels::geglu_tanh),
             Activation::GeluErf => None,
