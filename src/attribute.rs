@@ -134,7 +134,7 @@ pub fn attribute(model: &Model, spec: &AttributeSpec) -> Result<AttributeReport>
         points.extend((0..n).map(HookPoint::AttnZ));
     }
     let (g, eps) = model.transformer.final_norm_parts()?;
-    let unembed = model.transformer.unembed();
+    let unembed = model.transformer.unembed()?;
     let progress = Progress::new("attribute", "rows", rows.len());
     let mut kv = KvCache::new();
     let mut results = Vec::with_capacity(rows.len());

@@ -27,7 +27,9 @@ impl ModelSpecArg {
 pub struct ModelArgs {
     #[command(flatten)]
     pub spec: ModelSpecArg,
-    /// Weight precision after loading (GGUF weights are dequantized to this).
+    /// Weight precision after loading: GGUF weights are dequantized to f32, f16 or bf16, or with
+    /// `quantized` (GGUF only) the projections stay block-quantized (Q4_0 … Q8_0, K-quants) and run
+    /// on candle's quantized kernels, for memory near the file size.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: WeightDtype,
 }
@@ -49,7 +51,9 @@ impl ModelArgs {
 pub struct CaptureModelArgs {
     #[command(flatten)]
     pub spec: ModelSpecArg,
-    /// Weight precision after loading (GGUF weights are dequantized to this).
+    /// Weight precision after loading: GGUF weights are dequantized to f32, f16 or bf16, or with
+    /// `quantized` (GGUF only) the projections stay block-quantized (Q4_0 … Q8_0, K-quants) and run
+    /// on candle's quantized kernels, for memory near the file size.
     #[arg(long, value_enum, default_value = "f32")]
     pub weights_dtype: WeightDtype,
 }

@@ -9,8 +9,10 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
 use candle_core::quantized::GgmlDType;
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use super::config::{
@@ -435,23 +437,52 @@ impl GgufFile {
 
     /// The weight with HF name `hf_name`, dequantized to f32, in HF layout.
     pub fn weight(&mut self, hf_name: &str, config: &ModelConfig) -> Result<Option<Tensor>> {
-        let Some(name) = gguf_name(self.architecture, hf_name) else {
+        let Some(name) = self.stored_name(hf_name) else {
             return Ok(None);
         };
-        if !self.content.tensor_infos.contains_key(&name) {
-            return Ok(None);
-        }
         let t = self.dequantize(&name)?;
-        let heads = if hf_name.ends_with("q_proj.weight") {
+        match self.permuted_heads(hf_name, config) {
+            Some(n) => Ok(Some(unpermute_qk(&t, n)?)),
+            None => Ok(Some(t)),
+        }
+    }
+
+    /// The weight with HF name `hf_name` in its stored GGUF type (Q4_K, Q8_0, …:
+    /// `--dtype quantized`), rows in HF order.
+    pub fn qweight(&mut self, hf_name: &str, config: &ModelConfig) -> Result<Option<QTensor>> {
+        let Some(name) = self.stored_name(hf_name) else {
+            return Ok(None);
+        };
+        let q = self
+            .content
+            .tensor(&mut self.reader, &name, &Device::Cpu)
+            .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))?;
+        match self.permuted_heads(hf_name, config) {
+            Some(n) => Ok(Some(unpermute_qk_rows(&q, n).map_err(|e| {
+                Error::model_file(&self.path, format!("tensor `{name}`: {e}"))
+            })?)),
+            None => Ok(Some(q)),
+        }
+    }
+
+    /// The GGUF name of `hf_name`, if the file has that tensor.
+    fn stored_name(&self, hf_name: &str) -> Option<String> {
+        gguf_name(self.architecture, hf_name)
+            .filter(|name| self.content.tensor_infos.contains_key(name))
+    }
+
+    /// The head count of a q/k projection whose rows llama.cpp's converter
+    /// interleaved (`llama` files only), else `None`.
+    fn permuted_heads(&self, hf_name: &str, config: &ModelConfig) -> Option<usize> {
+        if self.architecture != Architecture::Llama {
+            return None;
+        }
+        if hf_name.ends_with("q_proj.weight") {
             Some(config.n_heads)
         } else if hf_name.ends_with("k_proj.weight") {
             Some(config.n_kv_heads)
         } else {
             None
-        };
-        match heads {
-            Some(n) if self.architecture == Architecture::Llama => Ok(Some(unpermute_qk(&t, n)?)),
-            _ => Ok(Some(t)),
         }
     }
 }
@@ -549,6 +580,26 @@ pub fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     Ok(w.reshape((n_heads, hd / 2, 2, cols))?
         .transpose(1, 2)?
         .reshape((rows, cols))?)
+}
+
+/// [`unpermute_qk`] on a block-quantized tensor: each row (an output
+/// feature) is quantized on its own, so moving whole rows' bytes is exact.
+fn unpermute_qk_rows(q: &QTensor, n_heads: usize) -> candle_core::Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let hd = rows / n_heads;
+    let mut out = Vec::with_capacity(data.len());
+    for h in 0..n_heads {
+        for half in 0..2 {
+            for i in 0..hd / 2 {
+                let old = h * hd + i * 2 + half;
+                out.extend_from_slice(&data[old * row_bytes..(old + 1) * row_bytes]);
+            }
+        }
+    }
+    qtensor_from_ggml(dtype, &out, vec![rows, cols], &Device::Cpu)
 }
 
 /// Whether `path` starts with the GGUF magic (used to tell files apart).

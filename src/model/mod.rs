@@ -37,19 +37,24 @@ pub use transformer::{KvCache, LogitsAt, Transformer};
 
 use crate::error::{Error, Result};
 
-/// Weight precision, `--dtype f32|f16|bf16`.
+/// Weight precision, `--dtype f32|f16|bf16|quantized`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum WeightDtype {
     #[default]
     F32,
     F16,
     Bf16,
+    /// GGUF only: the projections stay in the file's block-quantized types
+    /// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K–Q6_K) and are multiplied by candle's
+    /// quantized kernels; embeddings, norms and activations are f32.
+    Quantized,
 }
 
 impl WeightDtype {
+    /// The dtype of the dense weights (and of every activation).
     pub fn dtype(self) -> DType {
         match self {
-            WeightDtype::F32 => DType::F32,
+            WeightDtype::F32 | WeightDtype::Quantized => DType::F32,
             WeightDtype::F16 => DType::F16,
             WeightDtype::Bf16 => DType::BF16,
         }
@@ -87,7 +92,14 @@ impl Model {
             files: &files,
         });
         let (transformer, tokenizer, template, adapter) = match &files {
-            ModelFiles::Gguf(path) => load_gguf(path, dtype.dtype(), with)?,
+            ModelFiles::Gguf(path) => load_gguf(path, dtype, with)?,
+            ModelFiles::HfDir(dir) if dtype == WeightDtype::Quantized => {
+                return Err(Error::model_file(
+                    dir,
+                    "--dtype quantized keeps a GGUF file's block-quantized weights; this is an \
+                     HF directory (pass a .gguf file, or --dtype f32|f16|bf16)",
+                ))
+            }
             ModelFiles::HfDir(dir) => load_hf_dir(dir, dtype.dtype(), with)?,
         };
         Ok(Model {
@@ -228,7 +240,16 @@ fn build_transformer(
     }
 }
 
-fn load_gguf(path: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<Loaded> {
+fn load_gguf(path: &Path, weight_dtype: WeightDtype, with: Option<AdapterCheck>) -> Result<Loaded> {
+    let quantized = weight_dtype == WeightDtype::Quantized;
+    let dtype = weight_dtype.dtype();
+    if quantized && with.is_some() {
+        return Err(Error::BadInput(
+            "--adapter merges LoRA weights into dense projections; it does not combine with \
+             --dtype quantized (use --dtype f32|f16|bf16)"
+                .into(),
+        ));
+    }
     let mut file = gguf::GgufFile::open(path)?;
     let mut config = file.config()?;
     // Shapes and memory are checked before any tensor data is read.
@@ -239,11 +260,17 @@ fn load_gguf(path: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<Lo
             let shape = file.tensor_shape(&name)?;
             Some((name, shape))
         })?;
-    validate::check_memory(
-        validate::estimate_bytes(&expected, dtype.size_in_bytes()),
-        0,
-        path,
-    )?;
+    let needed = if quantized {
+        // The file's projections as stored, plus f32 embeddings (and unembedding).
+        let file_len = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        let embeddings = 1 + usize::from(!config.tied_embeddings);
+        u128::from(file_len) + (embeddings * config.vocab_size * config.d_model * 4) as u128
+    } else {
+        validate::estimate_bytes(&expected, dtype.size_in_bytes())
+    };
+    validate::check_memory(needed, 0, path)?;
     file.read_rope_freq_factors(&mut config)?;
     let adapter = with.map(|w| w.load(&config)).transpose()?;
     // A tokenizer.json beside the file wins: it covers tokenizers GGUF cannot describe.
@@ -264,8 +291,18 @@ fn load_gguf(path: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<Lo
         )
     });
     let cfg = config.clone();
-    let transformer =
-        build_transformer(config, &mut |name| file.weight(name, &cfg), dtype, &adapter)?;
+    let transformer = if quantized {
+        // Both sources read the one file in turn; the RefCell hands it to each.
+        let file = std::cell::RefCell::new(file);
+        Transformer::with_quantized(
+            config,
+            &mut |name| file.borrow_mut().weight(name, &cfg),
+            Some(&mut |name| file.borrow_mut().qweight(name, &cfg)),
+            dtype,
+        )?
+    } else {
+        build_transformer(config, &mut |name| file.weight(name, &cfg), dtype, &adapter)?
+    };
     Ok((transformer, tokenizer, template, adapter.map(|a| a.record)))
 }
 

@@ -7,7 +7,11 @@
 //! the positions whose logits are asked for, and attention is computed in query
 //! chunks that each see only the keys they may attend to (no `[heads, T, T]` mask).
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use std::sync::Arc;
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
 
 use super::attention::{causal_attention, AttnDims, Strided};
 use super::config::{Activation, ModelConfig, NormKind, QkNorm};
@@ -19,32 +23,189 @@ use crate::error::{Error, Result};
 /// half-split rope layout. Loaders fill this; the transformer consumes it.
 pub type WeightSource<'a> = dyn FnMut(&str) -> Result<Option<Tensor>> + 'a;
 
-/// A dense projection `y = x W + b`, with `W` stored transposed as `[in, out]`
-/// (a contiguous right-hand side is the fast case for the CPU GEMM).
+/// Block-quantized weights by HF name, in their GGUF types (`--dtype quantized`);
+/// `None` for a weight the source keeps dense.
+pub type QuantSource<'a> = dyn FnMut(&str) -> Result<Option<QTensor>> + 'a;
+
+/// A projection `y = x W + b`.
 #[derive(Debug, Clone)]
 struct Linear {
-    weight_t: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// `W` stored transposed as `[in, out]` (a contiguous right-hand side is the
+    /// fast case for the CPU GEMM); fused parts are concatenated.
+    DenseT(Tensor),
+    /// GGUF block-quantized parts (q, k, v or gate, up), each `[out, in]`,
+    /// multiplied by candle's quantized kernels (the activations are quantized
+    /// to 8 bits per block as llama.cpp does); the outputs are concatenated.
+    Quantized(Vec<QMatMul>),
+}
+
 impl Linear {
-    /// From a PyTorch-layout weight `[out, in]`.
-    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+    /// From PyTorch-layout weights `[out, in]` (fused parts in order).
+    fn new(parts: Vec<Tensor>, bias: Option<Tensor>) -> Result<Linear> {
+        let weight = if parts.len() == 1 {
+            parts[0].t()?.contiguous()?
+        } else {
+            Tensor::cat(&parts, 0)?.t()?.contiguous()?
+        };
         Ok(Linear {
-            weight_t: weight.t()?.contiguous()?,
+            weight: LinearWeight::DenseT(weight),
             bias,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match kernels::matmul_tensor(x, &self.weight_t, WeightLayout::KByN)? {
-            Some(y) => y,
-            None => x.matmul(&self.weight_t)?,
+        let y = match &self.weight {
+            LinearWeight::DenseT(w) => match kernels::matmul_tensor(x, w, WeightLayout::KByN)? {
+                Some(y) => y,
+                None => x.matmul(w)?,
+            },
+            LinearWeight::Quantized(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                match outs.len() {
+                    1 => outs.into_iter().next().unwrap_or_else(|| unreachable!()),
+                    _ => Tensor::cat(&outs, 1)?,
+                }
+            }
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// `W` as `[in, out]` in f32 (dequantized when quantized).
+    fn weight_t(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::DenseT(w) => Ok(w.to_dtype(DType::F32)?),
+            LinearWeight::Quantized(parts) => {
+                let dense = parts
+                    .iter()
+                    .map(|p| match p {
+                        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu),
+                        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&dense, 0)?.t()?.contiguous()?)
+            }
+        }
+    }
+}
+
+/// Where [`Block::load`] gets its weights: dense tensors by HF name, and the
+/// projections block-quantized when a quantized source has them.
+struct Loader<'a, 'w, 'q> {
+    weights: &'a mut WeightSource<'w>,
+    quantized: Option<&'a mut QuantSource<'q>>,
+    dtype: DType,
+}
+
+impl Loader<'_, '_, '_> {
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        let t = (self.weights)(name)?
+            .ok_or_else(|| Error::BadInput(format!("the model has no weight named `{name}`")))?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// `name` block-quantized, when the quantized source has it.
+    fn quantized_table(&mut self, name: &str) -> Result<Option<QTensor>> {
+        match self.quantized.as_mut() {
+            Some(quantized) => quantized(name),
+            None => Ok(None),
+        }
+    }
+
+    /// The projection made of the weights `names` (fused in order) and `bias`.
+    fn linear(&mut self, names: &[String], bias: Option<Tensor>) -> Result<Linear> {
+        if let Some(quantized) = self.quantized.as_mut() {
+            let mut parts = Vec::with_capacity(names.len());
+            for name in names {
+                match quantized(name)? {
+                    Some(q) => parts.push(QMatMul::from_qtensor(q)?),
+                    None => break,
+                }
+            }
+            if parts.len() == names.len() {
+                return Ok(Linear {
+                    weight: LinearWeight::Quantized(parts),
+                    bias,
+                });
+            }
+        }
+        let parts = names
+            .iter()
+            .map(|n| self.dense(n))
+            .collect::<Result<Vec<_>>>()?;
+        Linear::new(parts, bias)
+    }
+}
+
+/// A `[vocab, d_model]` table: the token embedding, or the unembedding.
+#[derive(Debug, Clone)]
+enum Table {
+    Dense(Tensor),
+    /// Block-quantized rows (`--dtype quantized`); `QMatMul` for the
+    /// unembedding, rows dequantized when looked up for the embedding.
+    Quantized(Arc<QTensor>, QMatMul),
+}
+
+impl Table {
+    fn new(loader: &mut Loader, name: &str) -> Result<Table> {
+        Ok(match loader.quantized_table(name)? {
+            Some(q) => {
+                let q = Arc::new(q);
+                Table::Quantized(q.clone(), QMatMul::from_arc(q)?)
+            }
+            None => Table::Dense(loader.dense(name)?),
+        })
+    }
+
+    fn dims(&self) -> &[usize] {
+        match self {
+            Table::Dense(t) => t.dims(),
+            Table::Quantized(q, _) => q.shape().dims(),
+        }
+    }
+
+    /// Rows `ids` as `[n, d_model]`.
+    fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Table::Dense(t) => Ok(t.index_select(&Tensor::new(ids, device)?, 0)?),
+            Table::Quantized(q, _) => {
+                let (vocab, d) = q.shape().dims2()?;
+                let dtype = q.dtype();
+                let row = d / dtype.block_size() * dtype.type_size();
+                let data = q.data()?;
+                let mut bytes = Vec::with_capacity(ids.len() * row);
+                for &id in ids {
+                    let i = id as usize;
+                    if i >= vocab {
+                        return Err(Error::BadInput(format!(
+                            "token id {id} is outside the vocabulary ({vocab} tokens)"
+                        )));
+                    }
+                    bytes.extend_from_slice(&data[i * row..(i + 1) * row]);
+                }
+                let rows = qtensor_from_ggml(dtype, &bytes, vec![ids.len(), d], device)?;
+                Ok(rows.dequantize(device)?)
+            }
+        }
+    }
+
+    /// The whole table, dense f32.
+    fn dense(&self) -> Result<Tensor> {
+        match self {
+            Table::Dense(t) => Ok(t.to_dtype(DType::F32)?),
+            Table::Quantized(q, _) => Ok(q.dequantize(&Device::Cpu)?),
+        }
     }
 }
 
@@ -305,50 +466,46 @@ struct Block {
 }
 
 impl Block {
-    /// Block `l`'s weights by HF name (`get` converts them to the model's dtype;
-    /// `norm` builds a norm from its stored weight), per the family's table.
+    /// Block `l`'s weights by HF name, per the family's table (`norm` builds
+    /// a norm from its stored weight).
     fn load(
         c: &ModelConfig,
         l: usize,
-        get: &mut dyn FnMut(&str) -> Result<Tensor>,
+        load: &mut Loader,
         norm: &dyn Fn(Tensor) -> Result<RmsNorm>,
     ) -> Result<Block> {
         let f = &c.family;
         let names = c.architecture.block_norms();
         let p = format!("model.layers.{l}");
         let attn = |name: &str| format!("{p}.self_attn.{name}");
-        let [attn_pre_norm, attn_post_norm, mlp_pre_norm, mlp_post_norm] = [
-            names.attn_pre,
-            names.attn_post,
-            names.mlp_pre,
-            names.mlp_post,
-        ]
-        .map(|name| {
-            name.map(|n| get(&format!("{p}.{n}.weight")).and_then(norm))
+        let mlp = |name: &str| format!("{p}.mlp.{name}");
+        let mut block_norm = |name: Option<&str>| -> Result<Option<RmsNorm>> {
+            name.map(|n| load.dense(&format!("{p}.{n}.weight")).and_then(norm))
                 .transpose()
-        });
-        let (attn_pre_norm, attn_post_norm) = (attn_pre_norm?, attn_post_norm?);
-        let (mlp_pre_norm, mlp_post_norm) = (mlp_pre_norm?, mlp_post_norm?);
-        let (qkv_weight, gate_up) = if c.architecture.fused_projections() {
+        };
+        let attn_pre_norm = block_norm(names.attn_pre)?;
+        let attn_post_norm = block_norm(names.attn_post)?;
+        let mlp_pre_norm = block_norm(names.mlp_pre)?;
+        let mlp_post_norm = block_norm(names.mlp_post)?;
+        let (qkv_names, gate_up_names) = if c.architecture.fused_projections() {
             (
-                get(&attn("qkv_proj.weight"))?,
-                get(&format!("{p}.mlp.gate_up_proj.weight"))?,
+                vec![attn("qkv_proj.weight")],
+                vec![mlp("gate_up_proj.weight")],
             )
         } else {
-            let qkv = ["q_proj", "k_proj", "v_proj"]
-                .iter()
-                .map(|n| get(&attn(&format!("{n}.weight"))))
-                .collect::<Result<Vec<_>>>()?;
-            let gate_up = ["gate_proj", "up_proj"]
-                .iter()
-                .map(|n| get(&format!("{p}.mlp.{n}.weight")))
-                .collect::<Result<Vec<_>>>()?;
-            (Tensor::cat(&qkv, 0)?, Tensor::cat(&gate_up, 0)?)
+            (
+                ["q_proj", "k_proj", "v_proj"]
+                    .map(|n| attn(&format!("{n}.weight")))
+                    .to_vec(),
+                ["gate_proj", "up_proj"]
+                    .map(|n| mlp(&format!("{n}.weight")))
+                    .to_vec(),
+            )
         };
         let qkv_bias = if c.architecture.has_qkv_bias() {
             let b = ["q_proj", "k_proj", "v_proj"]
                 .iter()
-                .map(|n| get(&attn(&format!("{n}.bias"))))
+                .map(|n| load.dense(&attn(&format!("{n}.bias"))))
                 .collect::<Result<Vec<_>>>()?;
             Some(Tensor::cat(&b, 0)?)
         } else {
@@ -357,16 +514,16 @@ impl Block {
         let (q_norm, k_norm) = match f.qk_norm {
             QkNorm::None => (None, None),
             _ => (
-                Some(norm(get(&attn("q_norm.weight"))?)?),
-                Some(norm(get(&attn("k_norm.weight"))?)?),
+                Some(norm(load.dense(&attn("q_norm.weight"))?)?),
+                Some(norm(load.dense(&attn("k_norm.weight"))?)?),
             ),
         };
         let window = c.window(l);
         Ok(Block {
             attn_pre_norm,
             attn: Attention {
-                qkv_proj: Linear::new(qkv_weight, qkv_bias)?,
-                o_proj: Linear::new(get(&attn("o_proj.weight"))?, None)?,
+                qkv_proj: load.linear(&qkv_names, qkv_bias)?,
+                o_proj: load.linear(&[attn("o_proj.weight")], None)?,
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
                 head_dim: c.head_dim,
@@ -380,8 +537,8 @@ impl Block {
             attn_post_norm,
             mlp_pre_norm,
             mlp: Mlp {
-                gate_up_proj: Linear::new(gate_up, None)?,
-                down_proj: Linear::new(get(&format!("{p}.mlp.down_proj.weight"))?, None)?,
+                gate_up_proj: load.linear(&gate_up_names, None)?,
+                down_proj: load.linear(&[mlp("down_proj.weight")], None)?,
                 d_mlp: c.d_mlp,
                 activation: f.activation,
             },
@@ -423,10 +580,10 @@ impl LogitsAt {
 #[derive(Debug, Clone)]
 pub struct Transformer {
     config: ModelConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Table,
     blocks: Vec<Block>,
     final_norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: Table,
     /// Rope tables: `[0]` global, `[1]` the sliding-window layers' when their base differs.
     ropes: Vec<RopeFreqs>,
     device: Device,
@@ -446,11 +603,22 @@ impl Transformer {
     /// Builds the model from weights by HF name, converted to `dtype` (names and
     /// which weights exist per family: `family.rs`).
     pub fn new(config: ModelConfig, weights: &mut WeightSource, dtype: DType) -> Result<Self> {
-        let mut get = |name: &str| -> Result<Tensor> {
-            let t = weights(name)?.ok_or_else(|| {
-                Error::BadInput(format!("the model has no weight named `{name}`"))
-            })?;
-            Ok(t.to_dtype(dtype)?)
+        Transformer::with_quantized(config, weights, None, dtype)
+    }
+
+    /// [`new`](Self::new), with the projections taken block-quantized from
+    /// `quantized` where it has them (`--dtype quantized`); embeddings, norms and
+    /// biases stay dense.
+    pub fn with_quantized(
+        config: ModelConfig,
+        weights: &mut WeightSource,
+        quantized: Option<&mut QuantSource>,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut load = Loader {
+            weights,
+            quantized,
+            dtype,
         };
         let c = &config;
         let f = &c.family;
@@ -462,15 +630,15 @@ impl Transformer {
         };
         let mut blocks = Vec::with_capacity(c.n_layers);
         for l in 0..c.n_layers {
-            blocks.push(Block::load(c, l, &mut get, &norm)?);
+            blocks.push(Block::load(c, l, &mut load, &norm)?);
         }
-        let embed_tokens = get("model.embed_tokens.weight")?;
+        let embed_tokens = Table::new(&mut load, "model.embed_tokens.weight")?;
         let lm_head = if c.tied_embeddings {
             embed_tokens.clone()
         } else {
-            get("lm_head.weight")?
+            Table::new(&mut load, "lm_head.weight")?
         };
-        let final_norm = norm(get("model.norm.weight")?)?;
+        let final_norm = norm(load.dense("model.norm.weight")?)?;
         let expect = [c.vocab_size, c.d_model];
         if embed_tokens.dims() != expect || lm_head.dims() != expect {
             return Err(Error::BadInput(format!(
@@ -490,7 +658,7 @@ impl Transformer {
         };
         let ropes = vec![rope_table(false), rope_table(true)];
         Ok(Transformer {
-            device: embed_tokens.device().clone(),
+            device: final_norm.weight.device().clone(),
             config,
             embed_tokens,
             blocks,
@@ -506,7 +674,7 @@ impl Transformer {
     }
 
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.final_norm.weight.dtype()
     }
 
     /// The final norm's effective weight (`1 + w` for Gemma) as f32 `[d_model]`
@@ -518,9 +686,10 @@ impl Transformer {
         ))
     }
 
-    /// The unembedding matrix `[vocab, d_model]` (the embedding when tied).
-    pub fn unembed(&self) -> &Tensor {
-        &self.lm_head
+    /// The unembedding matrix `[vocab, d_model]` (the embedding when tied), f32
+    /// (dequantized under `--dtype quantized`).
+    pub fn unembed(&self) -> Result<Tensor> {
+        self.lm_head.dense()
     }
 
     /// Runs `tokens` on top of what `kv` already holds, calling `hooks` at every
@@ -555,9 +724,7 @@ impl Transformer {
             self.config.n_kv_heads * self.config.head_dim,
         );
         let ropes: Vec<Rope> = self.ropes.iter().map(|r| Rope::new(r, start, t)).collect();
-        let ids = Tensor::new(tokens, &self.device)?;
-
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens.rows(tokens, &self.device)?;
         if let Some(scale) = self.config.family.embed_scale {
             x = (x * f64::from(scale as f32))?;
         }
@@ -616,7 +783,7 @@ impl Transformer {
         if block.attn_post_norm.is_some() || block.attn.o_proj.bias.is_some() {
             return Ok(None);
         }
-        Ok(Some(block.attn.o_proj.weight_t.to_dtype(DType::F32)?))
+        Ok(Some(block.attn.o_proj.weight_t()?))
     }
 
     /// Final norm + unembedding of residual rows `[n, d_model]`: the logits the
@@ -628,9 +795,12 @@ impl Transformer {
     fn unembed_normed(&self, normed: &Tensor) -> Result<Tensor> {
         // f32: the deterministic column-split kernel reading the [vocab, d] matrix
         // as its transpose (no copy), so scores are reproducible to the bit.
-        let logits = match kernels::matmul_tensor(normed, &self.lm_head, WeightLayout::NByK)? {
-            Some(logits) => logits,
-            None => normed.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?,
+        let logits = match &self.lm_head {
+            Table::Dense(w) => match kernels::matmul_tensor(normed, w, WeightLayout::NByK)? {
+                Some(logits) => logits,
+                None => normed.matmul(&w.t()?)?.to_dtype(DType::F32)?,
+            },
+            Table::Quantized(_, w) => w.forward(normed)?,
         };
         match self.config.family.final_softcap {
             // cap · tanh(logit / cap) (Gemma 2)
