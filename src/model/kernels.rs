@@ -2,10 +2,11 @@
 //! compiler vectorises them, and compiled for AVX-512 / AVX2 with a runtime check
 //! (release builds target baseline x86-64, which has neither).
 
-use candle_core::{CpuStorage, Storage, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Runs `$generic(args)` compiled for the best vector unit this CPU has.
 macro_rules! dispatch {
@@ -357,6 +358,105 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
+}
+
+/// Whether [`quantized_matmul`] multiplies weights of block type `dtype`.
+pub fn has_quantized_matmul(dtype: candle_core::quantized::GgmlDType) -> bool {
+    use candle_core::quantized::GgmlDType as G;
+    matches!(
+        dtype,
+        G::Q4_0
+            | G::Q4_1
+            | G::Q5_0
+            | G::Q5_1
+            | G::Q8_0
+            | G::Q2K
+            | G::Q3K
+            | G::Q4K
+            | G::Q5K
+            | G::Q6K
+            | G::Q8K
+    )
+}
+
+/// `x Wᵀ` for f32 `x: [m, k]` and a block-quantized `W: [n, k]`, as `[m, n]`:
+/// candle's `k_quants::matmul` (the activations quantized per block to the
+/// weight type's dot-product type, as llama.cpp does) straight on the stored
+/// blocks. Not `QMatMul`: on x86 it repacks Q4_K/Q6_K/Q8_0 weights into
+/// expanded tiles on first use and keeps both copies, which took a 669 MB
+/// Q4_K_M file to 2.49 GB of RSS; this path stays at the file's size.
+pub fn quantized_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
+    use candle_core::quantized::k_quants::*;
+    use candle_core::quantized::GgmlDType as G;
+    let (n, k) = w.shape().dims2()?;
+    let (m, kx) = x.dims2()?;
+    if kx != k {
+        return Err(Error::BadInput(format!(
+            "quantized matmul: input width {kx} for a weight of {n} x {k}"
+        )));
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let data = w.data()?;
+    let mut dst = vec![0f32; m * n];
+    let product = with_f32_slice(&x, |lhs| -> candle_core::Result<()> {
+        macro_rules! blocks {
+            ($block:ty) => {{
+                // Safety: the bytes are the QTensor's own storage, a Vec of this
+                // block type (so aligned for it), viewed as the blocks they are.
+                let blocks = unsafe {
+                    std::slice::from_raw_parts(
+                        data.as_ptr() as *const $block,
+                        data.len() / std::mem::size_of::<$block>(),
+                    )
+                };
+                matmul::<$block>((m, k, n), lhs, blocks, &mut dst)
+            }};
+        }
+        match w.dtype() {
+            G::Q4_0 => blocks!(BlockQ4_0),
+            G::Q4_1 => blocks!(BlockQ4_1),
+            G::Q5_0 => blocks!(BlockQ5_0),
+            G::Q5_1 => blocks!(BlockQ5_1),
+            G::Q8_0 => blocks!(BlockQ8_0),
+            G::Q2K => blocks!(BlockQ2K),
+            G::Q3K => blocks!(BlockQ3K),
+            G::Q4K => blocks!(BlockQ4K),
+            G::Q5K => blocks!(BlockQ5K),
+            G::Q6K => blocks!(BlockQ6K),
+            G::Q8K => blocks!(BlockQ8K),
+            other => candle_core::bail!("no quantized matmul for {other:?}"),
+        }
+    })?;
+    match product {
+        Some(result) => result?,
+        None => {
+            return Err(Error::BadInput(
+                "quantized matmul needs f32 input on the CPU".into(),
+            ))
+        }
+    }
+    Ok(Tensor::from_vec(dst, (m, n), x.device())?)
+}
+
+/// Runs `load` (reading a model) with every buffer of 1 MiB or more mapped on
+/// its own, so that the temporary copy candle makes of each tensor goes back
+/// to the OS when freed instead of staying in the heap that
+/// [`keep_freed_memory`] keeps (which took a 669 MB Q4_K file to 1.48 GB of
+/// peak RSS); restores that setting and trims the heap afterwards.
+pub fn while_loading<T>(load: impl FnOnce() -> T) -> T {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // Safety: mallopt only changes allocator thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+    let out = load();
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // Safety: as above; malloc_trim only returns unused heap pages.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::malloc_trim(0);
+    }
+    out
 }
 
 #[cfg(test)]

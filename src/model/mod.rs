@@ -91,17 +91,18 @@ impl Model {
             names: model_names(spec, &files),
             files: &files,
         });
-        let (transformer, tokenizer, template, adapter) = match &files {
-            ModelFiles::Gguf(path) => load_gguf(path, dtype, with)?,
-            ModelFiles::HfDir(dir) if dtype == WeightDtype::Quantized => {
-                return Err(Error::model_file(
-                    dir,
-                    "--dtype quantized keeps a GGUF file's block-quantized weights; this is an \
-                     HF directory (pass a .gguf file, or --dtype f32|f16|bf16)",
-                ))
-            }
-            ModelFiles::HfDir(dir) => load_hf_dir(dir, dtype.dtype(), with)?,
-        };
+        let (transformer, tokenizer, template, adapter) =
+            kernels::while_loading(|| {
+                match &files {
+            ModelFiles::Gguf(path) => load_gguf(path, dtype, with),
+            ModelFiles::HfDir(dir) if dtype == WeightDtype::Quantized => Err(Error::model_file(
+                dir,
+                "--dtype quantized keeps a GGUF file's block-quantized weights; this is an HF \
+                 directory (pass a .gguf file, or --dtype f32|f16|bf16)",
+            )),
+            ModelFiles::HfDir(dir) => load_hf_dir(dir, dtype.dtype(), with),
+        }
+            })?;
         Ok(Model {
             transformer,
             tokenizer,

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::attention::{causal_attention, AttnDims, Strided};
 use super::config::{Activation, ModelConfig, NormKind, QkNorm};
@@ -40,9 +40,8 @@ enum LinearWeight {
     /// fast case for the CPU GEMM); fused parts are concatenated.
     DenseT(Tensor),
     /// GGUF block-quantized parts (q, k, v or gate, up), each `[out, in]`,
-    /// multiplied by candle's quantized kernels (the activations are quantized
-    /// to 8 bits per block as llama.cpp does); the outputs are concatenated.
-    Quantized(Vec<QMatMul>),
+    /// multiplied by [`kernels::quantized_matmul`]; the outputs are concatenated.
+    Quantized(Vec<Arc<QTensor>>),
 }
 
 impl Linear {
@@ -68,8 +67,8 @@ impl Linear {
             LinearWeight::Quantized(parts) => {
                 let outs = parts
                     .iter()
-                    .map(|p| p.forward(x))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
+                    .map(|p| kernels::quantized_matmul(p, x))
+                    .collect::<Result<Vec<_>>>()?;
                 match outs.len() {
                     1 => outs.into_iter().next().unwrap_or_else(|| unreachable!()),
                     _ => Tensor::cat(&outs, 1)?,
@@ -89,10 +88,7 @@ impl Linear {
             LinearWeight::Quantized(parts) => {
                 let dense = parts
                     .iter()
-                    .map(|p| match p {
-                        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu),
-                        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
-                    })
+                    .map(|p| p.dequantize(&Device::Cpu))
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&dense, 0)?.t()?.contiguous()?)
             }
@@ -129,8 +125,8 @@ impl Loader<'_, '_, '_> {
             let mut parts = Vec::with_capacity(names.len());
             for name in names {
                 match quantized(name)? {
-                    Some(q) => parts.push(QMatMul::from_qtensor(q)?),
-                    None => break,
+                    Some(q) if is_block_quantized(&q) => parts.push(with_kernel(name, q)?),
+                    _ => break,
                 }
             }
             if parts.len() == names.len() {
@@ -148,30 +144,45 @@ impl Loader<'_, '_, '_> {
     }
 }
 
+/// Whether `q` is stored in blocks (F32/F16/BF16 tensors are read dense).
+fn is_block_quantized(q: &QTensor) -> bool {
+    !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// `q` for the quantized path: an error naming the weight when no kernel
+/// multiplies its block type.
+fn with_kernel(name: &str, q: QTensor) -> Result<Arc<QTensor>> {
+    if !kernels::has_quantized_matmul(q.dtype()) {
+        return Err(Error::BadInput(format!(
+            "weight `{name}` is stored as {:?}, which --dtype quantized has no kernel for \
+             (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, Q8_K); use --dtype f32",
+            q.dtype()
+        )));
+    }
+    Ok(Arc::new(q))
+}
+
 /// A `[vocab, d_model]` table: the token embedding, or the unembedding.
 #[derive(Debug, Clone)]
 enum Table {
     Dense(Tensor),
-    /// Block-quantized rows (`--dtype quantized`); `QMatMul` for the
-    /// unembedding, rows dequantized when looked up for the embedding.
-    Quantized(Arc<QTensor>, QMatMul),
+    /// Block-quantized rows (`--dtype quantized`): [`kernels::quantized_matmul`]
+    /// for the unembedding, rows dequantized when looked up for the embedding.
+    Quantized(Arc<QTensor>),
 }
 
 impl Table {
     fn new(loader: &mut Loader, name: &str) -> Result<Table> {
         Ok(match loader.quantized_table(name)? {
-            Some(q) => {
-                let q = Arc::new(q);
-                Table::Quantized(q.clone(), QMatMul::from_arc(q)?)
-            }
-            None => Table::Dense(loader.dense(name)?),
+            Some(q) if is_block_quantized(&q) => Table::Quantized(with_kernel(name, q)?),
+            _ => Table::Dense(loader.dense(name)?),
         })
     }
 
     fn dims(&self) -> &[usize] {
         match self {
             Table::Dense(t) => t.dims(),
-            Table::Quantized(q, _) => q.shape().dims(),
+            Table::Quantized(q) => q.shape().dims(),
         }
     }
 
@@ -179,7 +190,7 @@ impl Table {
     fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
             Table::Dense(t) => Ok(t.index_select(&Tensor::new(ids, device)?, 0)?),
-            Table::Quantized(q, _) => {
+            Table::Quantized(q) => {
                 let (vocab, d) = q.shape().dims2()?;
                 let dtype = q.dtype();
                 let row = d / dtype.block_size() * dtype.type_size();
@@ -204,7 +215,7 @@ impl Table {
     fn dense(&self) -> Result<Tensor> {
         match self {
             Table::Dense(t) => Ok(t.to_dtype(DType::F32)?),
-            Table::Quantized(q, _) => Ok(q.dequantize(&Device::Cpu)?),
+            Table::Quantized(q) => Ok(q.dequantize(&Device::Cpu)?),
         }
     }
 }
@@ -800,7 +811,7 @@ impl Transformer {
                 Some(logits) => logits,
                 None => normed.matmul(&w.t()?)?.to_dtype(DType::F32)?,
             },
-            Table::Quantized(_, w) => w.forward(normed)?,
+            Table::Quantized(w) => kernels::quantized_matmul(w, normed)?,
         };
         match self.config.family.final_softcap {
             // cap · tanh(logit / cap) (Gemma 2)

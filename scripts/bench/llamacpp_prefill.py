@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Prefill tokens/s and peak RSS of llama.cpp (llama-cpp-python) on a GGUF, the
+peer for `afprobe bench prefill --dtype quantized` (README, Performance).
+
+    VENV/bin/python scripts/bench/llamacpp_prefill.py MODEL.gguf --lengths 256,1024 --repeats 3 --threads 2
+
+One process per length (run it once per length for per-length RSS): random
+token ids, the whole prompt in one batch, logits at the last position only;
+one warm-up, then the median of --repeats timed evaluations.
+"""
+import argparse
+import resource
+import statistics
+import time
+
+import numpy as np
+from llama_cpp import Llama
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--length", type=int, required=True)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    n = a.length
+    llm = Llama(model_path=a.model, n_ctx=n + 8, n_batch=n, n_ubatch=n, n_threads=a.threads,
+                n_threads_batch=a.threads, logits_all=False, verbose=False, seed=0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(100, llm.n_vocab() - 100, size=n).tolist()
+    times = []
+    for i in range(a.repeats + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"llama.cpp {n} tokens: {n / statistics.median(times):.1f} tok/s, peak RSS {rss_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""A Llama-3.2-1B-shaped GGUF with random weights, quantized to Q4_K_M by
+llama.cpp, for `--dtype quantized` memory and speed (README, Performance).
+
+The body is Llama 3.2 1B's (16 layers, d_model 2048, 32 query and 8 key/value
+heads of 64, MLP 8192, rope base 500000, tied embeddings); the vocabulary is
+SmolLM2's (49,152 tokens, copied with its tokenizer metadata from the default
+model's GGUF) so that afprobe and llama.cpp both load it with a real tokenizer.
+Weights are N(0, 0.02), norms 1, seeded.
+
+Needs `gguf` and numpy, and llama-cpp-python (built from source with the
+CMAKE_ARGS in ../shared/ref/ref_llamacpp.py) for llama.cpp's quantizer; from
+the repository root:
+
+    VENV/bin/python scripts/bench/make_llama1b_q4k.py SmolLM2-135M-Instruct.Q4_1.gguf OUT_DIR
+
+Writes OUT_DIR/llama1b-f16.gguf (2.3 GB, removed afterwards unless --keep-f16)
+and OUT_DIR/llama1b-q4_k_m.gguf.
+"""
+import argparse
+import ctypes
+import os
+
+import gguf
+import numpy as np
+
+LAYERS, D, HEADS, KV_HEADS, HEAD_DIM, MLP = 16, 2048, 32, 8, 64, 8192
+
+
+def copy_tokenizer(src, w):
+    r = gguf.GGUFReader(src)
+    for key, field in r.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        if key == "tokenizer.ggml.model":
+            w.add_tokenizer_model(value)
+        elif key == "tokenizer.ggml.pre":
+            w.add_tokenizer_pre(value)
+        elif key == "tokenizer.ggml.tokens":
+            w.add_token_list(value)
+        elif key == "tokenizer.ggml.token_type":
+            w.add_token_types(value)
+        elif key == "tokenizer.ggml.merges":
+            w.add_token_merges(value)
+        elif key == "tokenizer.ggml.bos_token_id":
+            w.add_bos_token_id(value)
+        elif key == "tokenizer.ggml.eos_token_id":
+            w.add_eos_token_id(value)
+        elif key == "tokenizer.chat_template":
+            w.add_chat_template(value)
+    return len(r.fields["tokenizer.ggml.tokens"].contents())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tokenizer_gguf")
+    ap.add_argument("out_dir")
+    ap.add_argument("--keep-f16", action="store_true")
+    a = ap.parse_args()
+    os.makedirs(a.out_dir, exist_ok=True)
+    f16 = os.path.join(a.out_dir, "llama1b-f16.gguf")
+    q4k = os.path.join(a.out_dir, "llama1b-q4_k_m.gguf")
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(f16, "llama")
+    w.add_name("random Llama-3.2-1B-shaped model")
+    w.add_block_count(LAYERS)
+    w.add_context_length(8192)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(MLP)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
+    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    vocab = copy_tokenizer(a.tokenizer_gguf, w)
+
+    def normal(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+    w.add_tensor("token_embd.weight", normal(vocab, D))
+    w.add_tensor("output_norm.weight", np.ones(D, dtype=np.float32))
+    for l in range(LAYERS):
+        p = f"blk.{l}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(D, dtype=np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(D, dtype=np.float32))
+        w.add_tensor(p + "attn_q.weight", normal(HEADS * HEAD_DIM, D))
+        w.add_tensor(p + "attn_k.weight", normal(KV_HEADS * HEAD_DIM, D))
+        w.add_tensor(p + "attn_v.weight", normal(KV_HEADS * HEAD_DIM, D))
+        w.add_tensor(p + "attn_output.weight", normal(D, HEADS * HEAD_DIM))
+        w.add_tensor(p + "ffn_gate.weight", normal(MLP, D))
+        w.add_tensor(p + "ffn_up.weight", normal(MLP, D))
+        w.add_tensor(p + "ffn_down.weight", normal(D, MLP))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(f16.encode(), q4k.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed: {rc}")
+    if not a.keep_f16:
+        os.remove(f16)
+    print(q4k, os.path.getsize(q4k), "bytes")
+
+
+if __name__ == "__main__":
+    main()
