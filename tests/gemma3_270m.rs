@@ -32,12 +32,7 @@ fn gemma3_270m_tokenizer_and_activations_match_transformers() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("tokens.json")).unwrap()).unwrap();
     let texts = tokens["texts"].as_array().unwrap();
     for (text, want) in texts.iter().zip(tokens["ids"].as_array().unwrap()) {
-        let want: Vec<u32> = want
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want = common::token_ids(want);
         // afprobe's documented BOS rule: a text that already starts with the BOS
         // gets no second one (transformers adds it again).
         let want = match want.as_slice() {

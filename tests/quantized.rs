@@ -31,12 +31,7 @@ fn compare(name: &str, spec: &ModelSpec) -> Agreement {
     let (mut same, mut same_f32, mut total) = (0, 0, 0);
     let (mut dq, mut df) = (Vec::new(), Vec::new());
     for (i, row) in meta[name]["rows"].as_array().unwrap().iter().enumerate() {
-        let ids: Vec<u32> = row["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids = common::token_ids(&row["ids"]);
         let logits = |model: &Model| -> Tensor {
             model
                 .run_with_hooks(&ids, &mut Hooks::default(), &LogitsAt::All)

@@ -11,14 +11,6 @@ use afprobe::model::tokenizer::Tokenizer;
 use common::fixtures;
 use serde_json::Value;
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 #[test]
 fn llama2_and_mistral_sentencepiece_ggufs_tokenize_like_transformers() {
     let dir = fixtures().join("sentencepiece");
@@ -35,7 +27,7 @@ fn llama2_and_mistral_sentencepiece_ggufs_tokenize_like_transformers() {
         assert!(tokenizer.add_bos);
         for (i, text) in texts.iter().enumerate() {
             let text = text.as_str().unwrap();
-            let reference = ids(&file["transformers"][i]);
+            let reference = common::token_ids(&file["transformers"][i]);
             // afprobe's documented BOS rule: a text that already starts with the
             // BOS gets no second one (transformers adds it again).
             let expected = match reference.as_slice() {
@@ -56,7 +48,10 @@ fn llama2_and_mistral_sentencepiece_ggufs_tokenize_like_transformers() {
     // leading blanks (one `▁` fewer) and control tokens written in the text.
     let mistral = &want["files"][0];
     let differs = (0..texts.len())
-        .filter(|&i| ids(&mistral["transformers"][i]) != ids(&mistral["sentencepiece"][i]))
+        .filter(|&i| {
+            common::token_ids(&mistral["transformers"][i])
+                != common::token_ids(&mistral["sentencepiece"][i])
+        })
         .count();
     assert!(differs >= 3, "{differs}");
 }

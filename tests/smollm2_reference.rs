@@ -62,14 +62,6 @@ fn prompt_text(model: &Model, row: &Value) -> String {
     }
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 #[test]
 fn chat_template_and_token_ids_match_transformers_exactly() {
     let model = model();
@@ -83,7 +75,7 @@ fn chat_template_and_token_ids_match_transformers_exactly() {
         );
         assert_eq!(
             model.tokenizer.encode(&text).unwrap(),
-            ids(&p.meta["token_ids"]),
+            common::token_ids(&p.meta["token_ids"]),
             "{}: token ids differ",
             p.id
         );
@@ -103,7 +95,7 @@ fn residuals_and_logprobs_match_the_reference() {
     filter.extend([HookPoint::Embed, HookPoint::LnFinal]);
     let mut worst = 0.0f64;
     for (i, p) in reference().iter().enumerate() {
-        let tokens = ids(&p.meta["token_ids"]);
+        let tokens = common::token_ids(&p.meta["token_ids"]);
         let (logits, cache) = model
             .run_with_cache(
                 &tokens,
@@ -130,7 +122,7 @@ fn residuals_and_logprobs_match_the_reference() {
 
         // Next-token log-probs at the reference's top 5.
         let logp = row_f32(&log_softmax(&logits).unwrap(), 0).unwrap();
-        let top_ids = ids(&p.meta["top5_ids"]);
+        let top_ids = common::token_ids(&p.meta["top5_ids"]);
         for (id, want) in top_ids
             .iter()
             .zip(p.meta["top5_logprobs"].as_array().unwrap())
@@ -147,7 +139,7 @@ fn residuals_and_logprobs_match_the_reference() {
 #[test]
 fn continuation_logprob_matches_the_reference() {
     let model = model();
-    let cont = ids(&reference()[0].meta["continuation_token_ids"]);
+    let cont = common::token_ids(&reference()[0].meta["continuation_token_ids"]);
     assert_eq!(
         model
             .tokenizer
@@ -156,7 +148,7 @@ fn continuation_logprob_matches_the_reference() {
         cont
     );
     for p in reference() {
-        let prompt = ids(&p.meta["token_ids"]);
+        let prompt = common::token_ids(&p.meta["token_ids"]);
         let full: Vec<u32> = prompt.iter().chain(&cont).copied().collect();
         // Teacher forcing on top of the prompt's KV cache: logits at the
         // positions that predict each continuation token.

@@ -27,28 +27,24 @@ import numpy as np
 LAYERS, D, HEADS, KV_HEADS, HEAD_DIM, MLP = 16, 2048, 32, 8, 64, 8192
 
 
+# GGUFWriter's setter for each tokenizer key copied from the default model.
+TOKENIZER_SETTERS = {
+    "tokenizer.ggml.model": "add_tokenizer_model",
+    "tokenizer.ggml.pre": "add_tokenizer_pre",
+    "tokenizer.ggml.tokens": "add_token_list",
+    "tokenizer.ggml.token_type": "add_token_types",
+    "tokenizer.ggml.merges": "add_token_merges",
+    "tokenizer.ggml.bos_token_id": "add_bos_token_id",
+    "tokenizer.ggml.eos_token_id": "add_eos_token_id",
+    "tokenizer.chat_template": "add_chat_template",
+}
+
+
 def copy_tokenizer(src, w):
     r = gguf.GGUFReader(src)
-    for key, field in r.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        value = field.contents()
-        if key == "tokenizer.ggml.model":
-            w.add_tokenizer_model(value)
-        elif key == "tokenizer.ggml.pre":
-            w.add_tokenizer_pre(value)
-        elif key == "tokenizer.ggml.tokens":
-            w.add_token_list(value)
-        elif key == "tokenizer.ggml.token_type":
-            w.add_token_types(value)
-        elif key == "tokenizer.ggml.merges":
-            w.add_token_merges(value)
-        elif key == "tokenizer.ggml.bos_token_id":
-            w.add_bos_token_id(value)
-        elif key == "tokenizer.ggml.eos_token_id":
-            w.add_eos_token_id(value)
-        elif key == "tokenizer.chat_template":
-            w.add_chat_template(value)
+    for key, setter in TOKENIZER_SETTERS.items():
+        if key in r.fields:
+            getattr(w, setter)(r.fields[key].contents())
     return len(r.fields["tokenizer.ggml.tokens"].contents())
 
 

@@ -57,6 +57,15 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// A JSON array of token ids.
+pub fn token_ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("a JSON array of token ids")
+        .iter()
+        .map(|x| x.as_u64().expect("a token id") as u32)
+        .collect()
+}
+
 pub fn i64_vec(t: &Tensor) -> Vec<i64> {
     t.flatten_all().unwrap().to_vec1::<i64>().unwrap()
 }
