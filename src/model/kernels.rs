@@ -439,10 +439,10 @@ pub fn quantized_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
 }
 
 /// Runs `load` (reading a model) with every buffer of 1 MiB or more mapped on
-/// its own, so that the temporary copy candle makes of each tensor goes back
-/// to the OS when freed instead of staying in the heap that
-/// [`keep_freed_memory`] keeps (which took a 669 MB Q4_K file to 1.48 GB of
-/// peak RSS); restores that setting and trims the heap afterwards.
+/// its own, so that the temporary copies made while reading tensors go back to
+/// the OS when freed instead of staying in the heap that [`keep_freed_memory`]
+/// keeps (the default model's f32 peak RSS: 685 MB before, 603 MB after);
+/// then sets [`keep_freed_memory`]'s threshold again and trims the heap.
 pub fn while_loading<T>(load: impl FnOnce() -> T) -> T {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // Safety: mallopt only changes allocator thresholds.

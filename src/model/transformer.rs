@@ -47,13 +47,8 @@ enum LinearWeight {
 impl Linear {
     /// From PyTorch-layout weights `[out, in]` (fused parts in order).
     fn new(parts: Vec<Tensor>, bias: Option<Tensor>) -> Result<Linear> {
-        let weight = if parts.len() == 1 {
-            parts[0].t()?.contiguous()?
-        } else {
-            Tensor::cat(&parts, 0)?.t()?.contiguous()?
-        };
         Ok(Linear {
-            weight: LinearWeight::DenseT(weight),
+            weight: LinearWeight::DenseT(Tensor::cat(&parts, 0)?.t()?.contiguous()?),
             bias,
         })
     }
@@ -69,10 +64,8 @@ impl Linear {
                     .iter()
                     .map(|p| kernels::quantized_matmul(p, x))
                     .collect::<Result<Vec<_>>>()?;
-                match outs.len() {
-                    1 => outs.into_iter().next().unwrap_or_else(|| unreachable!()),
-                    _ => Tensor::cat(&outs, 1)?,
-                }
+                // One part: cat returns it as is.
+                Tensor::cat(&outs, 1)?
             }
         };
         Ok(match &self.bias {
@@ -617,9 +610,9 @@ impl Transformer {
         Transformer::with_quantized(config, weights, None, dtype)
     }
 
-    /// [`new`](Self::new), with the projections taken block-quantized from
-    /// `quantized` where it has them (`--dtype quantized`); embeddings, norms and
-    /// biases stay dense.
+    /// [`new`](Self::new), with the projections, the embedding and the
+    /// unembedding taken block-quantized from `quantized` where it has them
+    /// (`--dtype quantized`); norms and biases stay dense.
     pub fn with_quantized(
         config: ModelConfig,
         weights: &mut WeightSource,
