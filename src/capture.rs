@@ -17,7 +17,9 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::io::sha256_file;
-use crate::model::{CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter};
+use crate::model::{
+    CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter, WeightDtype,
+};
 use crate::progress::Progress;
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::score::{score_prompt, RefusalOpenings};
@@ -216,6 +218,7 @@ fn manifest(model: &Model, spec: &CaptureSpec, n_rows: usize) -> Result<Manifest
             d_model: model.config().d_model,
             n_layers: model.config().n_layers,
             adapter: model.adapter.clone(),
+            weights_dtype: (model.weights != WeightDtype::F32).then(|| model.weights.name().into()),
         },
         prompts: PromptsRecord {
             file: spec.prompts.display().to_string(),

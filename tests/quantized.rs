@@ -113,3 +113,34 @@ fn quantized_dtype_refuses_hf_directories_and_adapters() {
         "{err}"
     );
 }
+
+#[test]
+fn a_capture_records_the_quantized_weights_and_will_not_resume_at_f32() {
+    let out = tempfile::tempdir().unwrap();
+    let store = out.path().join("store");
+    let prompts = fixtures().join("ref_prompts.jsonl");
+    let capture = |extra: &[&str]| {
+        let mut args = vec![
+            "capture",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--hooks",
+            "resid_post",
+            "--layers",
+            "1",
+            "--positions",
+            "last",
+            "--out",
+            store.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        common::afprobe(&args)
+    };
+    let done = capture(&["--weights-dtype", "quantized"]);
+    assert!(done.status.success(), "{}", common::stderr(&done));
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(store.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["model"]["weights_dtype"], "quantized");
+    common::assert_fails_with(&capture(&["--resume"]), &["differs in model"]);
+}

@@ -51,6 +51,16 @@ pub enum WeightDtype {
 }
 
 impl WeightDtype {
+    /// The name `--dtype` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+            WeightDtype::Bf16 => "bf16",
+            WeightDtype::Quantized => "quantized",
+        }
+    }
+
     /// The dtype of the dense weights (and of every activation).
     pub fn dtype(self) -> DType {
         match self {
@@ -71,6 +81,8 @@ pub struct Model {
     pub files: ModelFiles,
     /// The LoRA adapter applied at load (`--adapter`), if any.
     pub adapter: Option<AdapterRecord>,
+    /// The weight precision it was loaded at (`--dtype`).
+    pub weights: WeightDtype,
 }
 
 impl Model {
@@ -110,6 +122,7 @@ impl Model {
             spec: spec.clone(),
             files,
             adapter,
+            weights: dtype,
         })
     }
 

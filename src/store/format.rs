@@ -116,6 +116,10 @@ pub struct ModelRecord {
     /// The LoRA adapter applied to the model (`--adapter`), with its sha256.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter: Option<crate::model::AdapterRecord>,
+    /// The weight precision the activations were computed at, when not f32
+    /// (`f16`, `bf16`, `quantized`: GGUF blocks kept as stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_dtype: Option<String>,
 }
 
 /// Which prompt file a store was captured from.

@@ -142,6 +142,7 @@ pub fn write_store_files(
             d_model: shape.d_model,
             n_layers: shape.n_layers,
             adapter: None,
+            weights_dtype: None,
         },
         prompts: PromptsRecord {
             file: "p.jsonl".into(),
