@@ -292,12 +292,9 @@ impl GgufFile {
             final_softcap: self.meta_f64("final_logit_softcapping")?,
             sliding_window,
             sliding_layers,
-            rope_local_theta: match arch {
-                Architecture::Gemma3 => {
-                    Some(self.meta_f64("rope.freq_base_swa")?.unwrap_or(10_000.0))
-                }
-                _ => self.meta_f64("rope.freq_base_swa")?,
-            },
+            rope_local_theta: self
+                .meta_f64("rope.freq_base_swa")?
+                .or((arch == Architecture::Gemma3).then_some(10_000.0)),
         })
     }
 
@@ -426,12 +423,16 @@ impl GgufFile {
         }
     }
 
-    fn dequantize(&mut self, name: &str) -> Result<Tensor> {
-        let q = self
-            .content
+    /// The tensor `name` as stored (an error names it).
+    fn read(&mut self, name: &str) -> Result<QTensor> {
+        self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))?;
-        q.dequantize(&Device::Cpu)
+            .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))
+    }
+
+    fn dequantize(&mut self, name: &str) -> Result<Tensor> {
+        self.read(name)?
+            .dequantize(&Device::Cpu)
             .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))
     }
 
@@ -453,10 +454,7 @@ impl GgufFile {
         let Some(name) = self.stored_name(hf_name) else {
             return Ok(None);
         };
-        let q = self
-            .content
-            .tensor(&mut self.reader, &name, &Device::Cpu)
-            .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))?;
+        let q = self.read(&name)?;
         match self.permuted_heads(hf_name, config) {
             Some(n) => Ok(Some(unpermute_qk_rows(&q, n).map_err(|e| {
                 Error::model_file(&self.path, format!("tensor `{name}`: {e}"))
