@@ -87,7 +87,8 @@ fn exp_poly(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     const LN2_HI: f32 = 0.693_359_4; // few mantissa bits, so n * LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = shifted - MAGIC;
     let a = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + a * (1.0
@@ -95,7 +96,10 @@ fn exp_poly(x: f32) -> f32 {
                 + a * (1.0 / 6.0
                     + a * (1.0 / 24.0
                         + a * (1.0 / 120.0 + a * (1.0 / 720.0 + a * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n as an integer from the shifted float's bits (MAGIC's ulp is 1), not
+    // `n as i32`: that saturating cast does not vectorise.
+    let n_int = shifted.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
     p * scale
 }
 
