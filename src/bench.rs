@@ -375,16 +375,20 @@ pub fn capture_bench(model: &Model, b: &CaptureBench) -> Result<Vec<CaptureResul
     };
     let workload = af_workload(b.rows, b.system_paragraphs);
     let mut results = Vec::new();
-    for (label, n, share) in [
-        ("afprobe, prefix sharing", b.rows, true),
-        ("afprobe, no sharing", b.unshared_rows.min(b.rows), false),
+    let batch = crate::capture::DEFAULT_BATCH_ROWS;
+    let batched = format!("afprobe, {batch} rows per call");
+    for (label, n, share, batch_rows) in [
+        (batched.as_str(), b.rows, true, batch),
+        ("afprobe, row by row", b.rows, true, 1),
+        ("afprobe, no sharing", b.unshared_rows.min(b.rows), false, 1),
     ] {
         let prompts = write(&format!("prompts-{n}.jsonl"), &workload[..n])?;
         let spec = CaptureSpec {
             share_prefix: share,
+            batch_rows,
             ..CaptureSpec::scored(
                 prompts,
-                b.work_dir.join(if share { "shared" } else { "unshared" }),
+                b.work_dir.join(format!("store-{share}-{batch_rows}")),
                 parse_hooks("resid_post", "all", model.config().n_layers)?,
                 vec![Position::Last],
                 Existing::Overwrite,

@@ -7,6 +7,14 @@
 //! is computed once per block and results do not depend on where a run was
 //! interrupted or how it was sliced: `--resume` and `--shard I/N` + merge give
 //! the same store as one uninterrupted run.
+//!
+//! Within a block, up to `batch_rows` consecutive rows run as one forward call:
+//! a token tree holding each row's tokens past the part they share, and under
+//! each row's last token its continuations, so one read of the weights serves
+//! every row and every score. Batches are cut the same way on every run (from
+//! the block's first row), so a resumed or sharded capture equals one
+//! uninterrupted run to the bit; a batched store equals a row-by-row one
+//! (`batch_rows = 1`) to float rounding (~1e-6), not to the bit.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,16 +25,24 @@ use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::io::sha256_file;
+use crate::model::transformer::log_softmax;
 use crate::model::{
-    CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter, WeightDtype,
+    CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter, TokenTree, WeightDtype,
 };
 use crate::progress::Progress;
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
-use crate::score::{score_prompt, RefusalOpenings};
+use crate::score::{score_prompt, sum_logprobs, RefusalOpenings, Scores};
 use crate::store::{
     Existing, Manifest, ModelRecord, NamedTensors, Position, PromptsRecord, Slice, StoreWriter,
     TensorName, FORMAT,
 };
+
+/// Rows per batched forward call unless told otherwise (`--batch-rows`).
+pub const DEFAULT_BATCH_ROWS: usize = 8;
+
+/// A batch stops growing before its token tree passes this many tokens, which
+/// bounds its memory (captured rows, logits, attention scratch).
+const MAX_TREE_TOKENS: usize = 4096;
 
 /// What to capture.
 #[derive(Debug, Clone)]
@@ -45,6 +61,8 @@ pub struct CaptureSpec {
     pub existing: Existing,
     /// Reuse the KV cache of shared prompt prefixes (off only to measure it).
     pub share_prefix: bool,
+    /// Rows per forward call (a token tree); 1 runs row by row.
+    pub batch_rows: usize,
 }
 
 impl CaptureSpec {
@@ -70,6 +88,7 @@ impl CaptureSpec {
             slice: None,
             existing,
             share_prefix: true,
+            batch_rows: DEFAULT_BATCH_ROWS,
         }
     }
 }
@@ -119,6 +138,11 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
     if spec.shard_rows == 0 {
         return Err(Error::BadInput("--shard-rows must be at least 1".into()));
     }
+    if spec.batch_rows == 0 {
+        return Err(Error::BadInput(
+            "--batch-rows must be at least 1 (1 runs row by row)".into(),
+        ));
+    }
     if let Some(p) = spec.hooks.iter().find(|p| p.is_attention_internal()) {
         return Err(Error::BadInput(format!(
             "`{p}` is not stored by capture (its shape is per head); read attention \
@@ -155,16 +179,45 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
         let start = block * spec.shard_rows;
         let end = (start + spec.shard_rows).min(rows.len());
         let mut block_state = Block::default();
-        for i in start..end {
-            let r = &rendered[i];
-            let computed = capture_row(model, spec, &rows[i], r, i, &mut block_state, &mut stats)?;
-            stats.rows += 1;
-            stats.prompt_tokens += r.tokens.len();
+        let mut i = start;
+        while i < end {
+            let n = batch_len(spec, &rendered[i..end]);
+            let batch = i..i + n;
+            let computed = match capture_batch(
+                model,
+                spec,
+                &rows[batch.clone()],
+                &rendered[batch.clone()],
+                i,
+                &mut block_state,
+                &mut stats,
+            )? {
+                Some(computed) => computed,
+                // One by one where the model cannot run the rows as one tree.
+                None => batch
+                    .clone()
+                    .map(|j| {
+                        capture_row(
+                            model,
+                            spec,
+                            &rows[j],
+                            &rendered[j],
+                            j,
+                            &mut block_state,
+                            &mut stats,
+                        )
+                    })
+                    .sum::<Result<usize>>()?,
+            };
+            let batch_tokens: usize = rendered[batch].iter().map(|r| r.tokens.len()).sum();
+            stats.rows += n;
+            stats.prompt_tokens += batch_tokens;
             stats.computed_tokens += computed;
-            tokens_done += r.tokens.len();
+            tokens_done += batch_tokens;
+            i += n;
             let secs = progress.elapsed().max(1e-9);
             progress.advance(
-                1,
+                n,
                 Some(format!(
                     "{:.1} rows/s, {:.0} tok/s",
                     stats.rows as f64 / secs,
@@ -231,6 +284,11 @@ fn manifest(model: &Model, spec: &CaptureSpec, n_rows: usize) -> Result<Manifest
         score: spec.score,
         refusal_openings: spec.refusal.as_ref().map(|o| o.texts.clone()),
         shard_rows: spec.shard_rows,
+        batch_rows: if spec.share_prefix {
+            spec.batch_rows
+        } else {
+            1
+        },
         slice: spec.slice,
         row_count: 0,
         shards: Vec::new(),
@@ -291,18 +349,12 @@ fn capture_row(
     let Block { kv, shard } = block;
     let t = &model.transformer;
     // Reuse the shared prefix, but never past the first position we must capture.
-    let first_needed = spec
-        .positions
-        .iter()
-        .flat_map(|&p| token_positions(r, p))
-        .min()
-        .unwrap_or(r.last());
     let shared = if spec.share_prefix {
         kv.shared_prefix_len(&r.tokens)
     } else {
         0
     };
-    let reuse = shared.min(first_needed);
+    let reuse = shared.min(first_needed(spec, r));
     kv.truncate(reuse)?;
     let mut hooks = Hooks::capture(NamesFilter::Only(spec.hooks.clone()), CaptureRows::All);
     let started = Instant::now();
@@ -315,38 +367,13 @@ fn capture_row(
     }
     let mut computed = r.tokens.len() - reuse;
 
-    // Rows of the captured window (it starts at `reuse`) each position reads; the same for every hook.
-    let picks = spec
-        .positions
-        .iter()
-        .map(|&p| {
-            let rows: Vec<u32> = token_positions(r, p)
-                .into_iter()
-                .map(|pos| (pos - reuse) as u32)
-                .collect();
-            Ok((p, Tensor::new(rows, &candle_core::Device::Cpu)?))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    for &hook in &spec.hooks {
-        let acts = hooks.cache.require(hook)?;
-        for (p, rows) in &picks {
-            let picked = acts.index_select(rows, 0)?;
-            let value = match p {
-                Position::Mean => picked.mean_keepdim(0)?,
-                _ => picked,
-            };
-            shard.push(TensorName { hook, position: *p }.to_string(), value);
-        }
-    }
+    // The captured window starts at `reuse`.
+    push_activations(spec, r, &hooks, shard, |pos| pos - reuse)?;
 
     let mut record = row_record(spec, row, r, index);
     if spec.score || spec.refusal.is_some() {
         let started = Instant::now();
-        let named = if spec.score {
-            r.continuations.clone()
-        } else {
-            BTreeMap::new()
-        };
+        let named = scored_continuations(spec, r);
         let (scores, tokens) = score_prompt(
             t,
             kv,
@@ -365,6 +392,234 @@ fn capture_row(
         spec.positions.contains(&Position::All),
     );
     Ok(computed)
+}
+
+/// The first absolute position whose activations the row's capture stores.
+fn first_needed(spec: &CaptureSpec, r: &RenderedPrompt) -> usize {
+    spec.positions
+        .iter()
+        .flat_map(|&p| token_positions(r, p))
+        .min()
+        .unwrap_or(r.last())
+}
+
+/// Pushes the row's activations at each position onto `shard`: `row_of(pos)`
+/// is the row of the captured tensors holding absolute position `pos`.
+fn push_activations(
+    spec: &CaptureSpec,
+    r: &RenderedPrompt,
+    hooks: &Hooks,
+    shard: &mut ShardBuilder,
+    row_of: impl Fn(usize) -> usize,
+) -> Result<()> {
+    // Rows each position reads; the same for every hook.
+    let picks = spec
+        .positions
+        .iter()
+        .map(|&p| {
+            let rows: Vec<u32> = token_positions(r, p)
+                .into_iter()
+                .map(|pos| row_of(pos) as u32)
+                .collect();
+            Ok((p, Tensor::new(rows, &candle_core::Device::Cpu)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for &hook in &spec.hooks {
+        let acts = hooks.cache.require(hook)?;
+        for (p, rows) in &picks {
+            let picked = acts.index_select(rows, 0)?;
+            let value = match p {
+                Position::Mean => picked.mean_keepdim(0)?,
+                _ => picked,
+            };
+            shard.push(TensorName { hook, position: *p }.to_string(), value);
+        }
+    }
+    Ok(())
+}
+
+/// The continuations a row's capture scores (see [`crate::score::continuations`]).
+fn scored_continuations(spec: &CaptureSpec, r: &RenderedPrompt) -> BTreeMap<String, Vec<u32>> {
+    if spec.score {
+        r.continuations.clone()
+    } else {
+        BTreeMap::new()
+    }
+}
+
+/// Where rows `rendered[..n]` stop sharing a prefix the batch can start from:
+/// their common leading tokens, cut before the first position any of them
+/// stores and before the last token of each (its logits are needed).
+fn batch_shared(spec: &CaptureSpec, rendered: &[RenderedPrompt]) -> usize {
+    let first = &rendered[0].tokens;
+    rendered
+        .iter()
+        .map(|r| {
+            let common = first
+                .iter()
+                .zip(&r.tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common.min(first_needed(spec, r)).min(r.last())
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+/// How many of `rendered`'s leading rows the next batch takes: up to
+/// `batch_rows`, while the tree stays under [`MAX_TREE_TOKENS`] (at least one).
+fn batch_len(spec: &CaptureSpec, rendered: &[RenderedPrompt]) -> usize {
+    if !spec.share_prefix {
+        return 1;
+    }
+    // At most: every continuation as long as the longest.
+    let scored = |r: &RenderedPrompt| {
+        let n = scored_continuations(spec, r).len()
+            + spec.refusal.as_ref().map_or(0, |o| o.tokens.len());
+        n * longest(r, spec.refusal.as_ref())
+    };
+    let mut n = 1;
+    while n < spec.batch_rows.min(rendered.len()) {
+        let shared = batch_shared(spec, &rendered[..=n]);
+        let size: usize = rendered[..=n]
+            .iter()
+            .map(|r| r.tokens.len() - shared + scored(r))
+            .sum();
+        if size > MAX_TREE_TOKENS {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Runs consecutive rows as one token tree on the block's cache (brought to
+/// the part they share), storing what [`capture_row`] stores for each; returns
+/// the tokens computed, or `None` where the model cannot run the tree (an
+/// activated adapter whose invocation is not in the shared part): the caller
+/// then runs the rows one by one.
+fn capture_batch(
+    model: &Model,
+    spec: &CaptureSpec,
+    rows: &[PromptRow],
+    rendered: &[RenderedPrompt],
+    first_index: usize,
+    block: &mut Block,
+    stats: &mut CaptureStats,
+) -> Result<Option<usize>> {
+    if rows.len() < 2 {
+        return Ok(None);
+    }
+    let Block { kv, shard } = block;
+    let t = &model.transformer;
+    let shared = batch_shared(spec, rendered);
+    let head = &rendered[0].tokens[..shared];
+    let reuse = kv.shared_prefix_len(head);
+    kv.truncate(reuse)?;
+    let mut computed = 0;
+    if reuse < shared {
+        let started = Instant::now();
+        t.forward(&head[reuse..], kv, &mut Hooks::none(), &LogitsAt::None)?;
+        stats.prefix_seconds += started.elapsed().as_secs_f64();
+        computed += shared - reuse;
+    }
+    // Branches: each row's own tokens, then each continuation but its last token after them.
+    let named: Vec<BTreeMap<String, Vec<u32>>> = rendered
+        .iter()
+        .map(|r| scored_continuations(spec, r))
+        .collect();
+    let conts: Vec<Vec<&[u32]>> = named
+        .iter()
+        .map(|n| crate::score::continuations(n, spec.refusal.as_ref()))
+        .collect();
+    let mut branches: Vec<Vec<u32>> = Vec::new();
+    for (r, conts) in rendered.iter().zip(&conts) {
+        let own = &r.tokens[shared..];
+        branches.push(own.to_vec());
+        for c in conts {
+            branches.push([own, &c[..c.len().saturating_sub(1)]].concat());
+        }
+    }
+    let refs: Vec<&[u32]> = branches.iter().map(Vec::as_slice).collect();
+    let (tree, paths) = TokenTree::trie(&refs);
+    // Per row: its own path, then one path per continuation.
+    let starts: Vec<usize> = conts
+        .iter()
+        .scan(0, |at, c| {
+            let start = *at;
+            *at += 1 + c.len();
+            Some(start)
+        })
+        .collect();
+    let per_row = |k: usize| {
+        let at = starts[k];
+        (&paths[at], &paths[at + 1..at + 1 + conts[k].len()])
+    };
+    // Captured rows: every position any row stores; logits: each row's last
+    // token and the nodes under it.
+    let mut keep = std::collections::BTreeSet::new();
+    let mut logit_nodes = std::collections::BTreeSet::new();
+    for (k, r) in rendered.iter().enumerate() {
+        let (own, cont_paths) = per_row(k);
+        for &p in &spec.positions {
+            keep.extend(
+                token_positions(r, p)
+                    .into_iter()
+                    .map(|pos| own[pos - shared]),
+            );
+        }
+        if !cont_paths.is_empty() {
+            logit_nodes.insert(*own.last().expect("a row keeps its last token"));
+        }
+        for path in cont_paths {
+            logit_nodes.extend(&path[own.len()..]);
+        }
+    }
+    let keep: Vec<usize> = keep.into_iter().collect();
+    let logit_nodes: Vec<usize> = logit_nodes.into_iter().collect();
+    let mut hooks = Hooks::capture(
+        NamesFilter::Only(spec.hooks.clone()),
+        CaptureRows::Rows(keep.clone()),
+    );
+    let started = Instant::now();
+    let logits_at = if logit_nodes.is_empty() {
+        LogitsAt::None
+    } else {
+        LogitsAt::Rows(logit_nodes.clone())
+    };
+    let Some(logits) = t.forward_tree(&tree, kv, &mut hooks, &logits_at)? else {
+        return Ok(None);
+    };
+    stats.suffix_seconds += started.elapsed().as_secs_f64();
+    computed += tree.len();
+    let logprobs = log_softmax(&logits)?.to_vec2::<f32>()?;
+    let logit_row = |node: usize| {
+        &logprobs[logit_nodes
+            .binary_search(&node)
+            .expect("logits at every scored node")][..]
+    };
+    for (k, (row, r)) in rows.iter().zip(rendered).enumerate() {
+        let (own, cont_paths) = per_row(k);
+        push_activations(spec, r, &hooks, shard, |pos| {
+            keep.binary_search(&own[pos - shared]).expect("kept")
+        })?;
+        let mut record = row_record(spec, row, r, first_index + k);
+        if spec.score || spec.refusal.is_some() {
+            // Paths past the row's own tokens, as sum_logprobs reads them.
+            let tails: Vec<Vec<usize>> =
+                cont_paths.iter().map(|p| p[own.len()..].to_vec()).collect();
+            let first = logit_row(*own.last().expect("a row keeps its last token"));
+            let logprobs = sum_logprobs(&conts[k], &tails, first, logit_row);
+            Scores::from_logprobs(&named[k], spec.refusal.as_ref(), &logprobs)
+                .write_into(&mut record);
+        }
+        shard.add_row(
+            Value::Object(record),
+            &r.tokens,
+            spec.positions.contains(&Position::All),
+        );
+    }
+    Ok(Some(computed))
 }
 
 /// The row's line of `rows.jsonl` before its scores: id, index, metadata,

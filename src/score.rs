@@ -12,7 +12,7 @@ use std::path::Path;
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
-use crate::model::transformer::{log_softmax, row_f32, Transformer};
+use crate::model::transformer::{log_softmax, row_f32, TokenTree, Transformer};
 use crate::model::{Hooks, KvCache, LogitsAt, Model};
 
 /// Refusal openings scored by default (`capture --p-refuse`), as the model
@@ -150,32 +150,123 @@ pub fn score_prompt(
     named: &BTreeMap<String, Vec<u32>>,
     openings: Option<&RefusalOpenings>,
 ) -> Result<(Scores, usize)> {
-    let mut conts: Vec<&[u32]> = named.values().map(Vec::as_slice).collect();
-    if let Some(o) = openings {
-        conts.extend(o.tokens.iter().map(Vec::as_slice));
-    }
+    let conts = continuations(named, openings);
     let (logprobs, computed) = continuation_logprobs(t, kv, hooks, last_logits, &conts)?;
-    let (tags, refusal) = logprobs.split_at(named.len());
-    let scores = Scores {
-        logprob: named.keys().cloned().zip(tags.iter().copied()).collect(),
-        refusal: openings.map(|o| {
-            o.texts
-                .iter()
-                .cloned()
-                .zip(refusal.iter().copied())
-                .collect()
-        }),
-    };
-    Ok((scores, computed))
+    Ok((Scores::from_logprobs(named, openings, &logprobs), computed))
+}
+
+/// What scoring a prompt runs: the named continuations (in name order), then the refusal openings.
+pub fn continuations<'a>(
+    named: &'a BTreeMap<String, Vec<u32>>,
+    openings: Option<&'a RefusalOpenings>,
+) -> Vec<&'a [u32]> {
+    let openings = openings.into_iter().flat_map(|o| &o.tokens);
+    named.values().chain(openings).map(Vec::as_slice).collect()
+}
+
+impl Scores {
+    /// The scores from the log-probabilities of [`continuations`]`(named, openings)`.
+    pub fn from_logprobs(
+        named: &BTreeMap<String, Vec<u32>>,
+        openings: Option<&RefusalOpenings>,
+        logprobs: &[f64],
+    ) -> Scores {
+        let (tags, refusal) = logprobs.split_at(named.len());
+        Scores {
+            logprob: named.keys().cloned().zip(tags.iter().copied()).collect(),
+            refusal: openings.map(|o| {
+                o.texts
+                    .iter()
+                    .cloned()
+                    .zip(refusal.iter().copied())
+                    .collect()
+            }),
+        }
+    }
+}
+
+/// Σ log p of each continuation: `first` (log-probabilities after the prompt)
+/// scores its first token, and `node(path[j])` (after the tree node of its
+/// token j) its token j + 1; `paths` as [`TokenTree::trie`] returns them for
+/// the continuations without their last tokens.
+pub fn sum_logprobs<'a>(
+    conts: &[&[u32]],
+    paths: &[Vec<usize>],
+    first: &'a [f32],
+    node: impl Fn(usize) -> &'a [f32],
+) -> Vec<f64> {
+    conts
+        .iter()
+        .zip(paths)
+        .map(|(cont, path)| {
+            let rows = std::iter::once(first).chain(path.iter().map(|&n| node(n)));
+            rows.zip(cont.iter())
+                .map(|(row, &token)| row[token as usize] as f64)
+                .sum()
+        })
+        .collect()
 }
 
 /// Σ log p(cont[j] | prompt, cont[..j]) for each continuation, teacher-forced on
 /// the prompt in `kv`; returns them in input order with the number of tokens run.
-/// Continuation i runs with `hooks[i]` (the last entry past the end of the slice);
-/// a shared leading token is run once, with the hooks of the first continuation
-/// in sorted order, so hooks must agree on shared prefixes (patches do: the
-/// activations there do not depend on what follows).
+///
+/// With one `hooks` entry, every continuation runs in a single forward call as
+/// a token tree (their shared leading tokens once); the sums equal the
+/// one-by-one walk's to float rounding. With several entries (or an activated
+/// adapter whose invocation is not cached yet), continuations are walked one
+/// by one: continuation i runs with `hooks[i]` (the last entry past the end of
+/// the slice), and a shared leading token is run once, with the hooks of the
+/// first continuation in sorted order, so hooks must agree on shared prefixes
+/// (patches do: the activations there do not depend on what follows).
 pub fn continuation_logprobs(
+    t: &Transformer,
+    kv: &mut KvCache,
+    hooks: &mut [Hooks],
+    last_logits: &candle_core::Tensor,
+    conts: &[&[u32]],
+) -> Result<(Vec<f64>, usize)> {
+    if let [hooks] = hooks {
+        if let Some(scored) = tree_logprobs(t, kv, hooks, last_logits, conts)? {
+            return Ok(scored);
+        }
+    }
+    walk_logprobs(t, kv, hooks, last_logits, conts)
+}
+
+/// [`continuation_logprobs`] as one token-tree forward call; `None` where the
+/// model cannot run it as one (see [`Transformer::forward_tree`]).
+fn tree_logprobs(
+    t: &Transformer,
+    kv: &mut KvCache,
+    hooks: &mut Hooks,
+    last_logits: &candle_core::Tensor,
+    conts: &[&[u32]],
+) -> Result<Option<(Vec<f64>, usize)>> {
+    // Every token but a continuation's last is fed; each fed token's logits
+    // predict the next one.
+    let fed: Vec<&[u32]> = conts
+        .iter()
+        .map(|c| &c[..c.len().saturating_sub(1)])
+        .collect();
+    let (tree, paths) = TokenTree::trie(&fed);
+    let logprobs = if tree.is_empty() {
+        None
+    } else {
+        match t.forward_tree(&tree, kv, hooks, &LogitsAt::All)? {
+            Some(logits) => Some(log_softmax(&logits)?.to_vec2::<f32>()?),
+            None => return Ok(None),
+        }
+    };
+    let first = row_f32(&log_softmax(last_logits)?, 0)?;
+    let totals = sum_logprobs(conts, &paths, &first, |n| {
+        &logprobs.as_ref().expect("a fed token")[n]
+    });
+    Ok(Some((totals, tree.len())))
+}
+
+/// [`continuation_logprobs`] one continuation after another, depth-first in
+/// sorted order, cutting the cache back only to the part the next one shares.
+pub fn walk_logprobs(
     t: &Transformer,
     kv: &mut KvCache,
     hooks: &mut [Hooks],
@@ -265,6 +356,48 @@ mod tests {
                 .map(|(j, &c)| row_f32(&lp, prompt.len() - 1 + j).unwrap()[c as usize] as f64)
                 .sum();
             assert!((got - want).abs() < 1e-4, "{cont:?}: {got} vs {want}");
+        }
+    }
+
+    /// The token-tree pass equals the one-by-one walk, with a steering edit
+    /// inside the continuations and a patch at the first continuation token.
+    #[test]
+    fn tree_scoring_equals_the_walk_with_edits() {
+        let model = tiny();
+        let t = &model.transformer;
+        let prompt: Vec<u32> = (5..40).collect();
+        let conts: Vec<Vec<u32>> = vec![vec![9, 4, 7, 2], vec![3], vec![9, 4], vec![3, 3, 1]];
+        let slices: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
+        let d = model.config().d_model;
+        let dev = candle_core::Device::Cpu;
+        let mut hooks = Hooks::none();
+        hooks
+            .add_edit(
+                crate::model::HookPoint::ResidPost(0),
+                crate::model::Edit::Add {
+                    vector: candle_core::Tensor::ones(d, candle_core::DType::F32, &dev).unwrap(),
+                    positions: crate::model::Positions::From(prompt.len() + 1),
+                },
+            )
+            .add_edit(
+                crate::model::HookPoint::ResidPre(1),
+                crate::model::Edit::Replace {
+                    positions: vec![prompt.len()],
+                    values: candle_core::Tensor::zeros((1, d), candle_core::DType::F32, &dev)
+                        .unwrap(),
+                },
+            );
+        let mut kv = KvCache::new();
+        let logits = t
+            .forward(&prompt, &mut kv, &mut Hooks::none(), &LogitsAt::Last)
+            .unwrap();
+        let (tree, tree_tokens) =
+            continuation_logprobs(t, &mut kv, &mut [hooks.clone()], &logits, &slices).unwrap();
+        let (walk, walk_tokens) =
+            walk_logprobs(t, &mut kv, &mut [hooks], &logits, &slices).unwrap();
+        assert_eq!((tree_tokens, walk_tokens), (5, 5));
+        for (a, b) in tree.iter().zip(&walk) {
+            assert!((a - b).abs() < 1e-5, "{tree:?} vs {walk:?}");
         }
     }
 

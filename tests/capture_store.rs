@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use afprobe::capture::{capture, CaptureSpec};
 use afprobe::model::parse_hooks;
 use afprobe::model::{HookPoint, Model, ModelSpec, WeightDtype};
+use afprobe::score::RefusalOpenings;
 use afprobe::store::{self, Existing, Position, Slice, Store};
 use common::{afprobe, assert_fails_with as fails, fixtures, load_fixture};
 use ndarray::{s, Array2, Axis};
@@ -65,6 +66,7 @@ fn spec(prompts: &Path, out: &Path, model: &Model, positions: &[Position]) -> Ca
         slice: None,
         existing: Existing::Refuse,
         share_prefix: true,
+        batch_rows: 3,
     }
 }
 
@@ -303,29 +305,42 @@ fn prefix_sharing_slices_and_f16_agree_with_a_plain_run() {
     capture(&model, &spec(&prompts, &base, &model, &positions)).unwrap();
     let base_store = Store::open(&base).unwrap();
 
-    // No prefix sharing: equal to 1e-5, scores too.
-    let plain = tmp.path().join("plain");
-    let mut sp = spec(&prompts, &plain, &model, &positions);
-    sp.share_prefix = false;
-    let stats = capture(&model, &sp).unwrap();
-    let plain_store = Store::open(&plain).unwrap();
-    for name in base_store.manifest.tensor_names().unwrap() {
-        assert!(
-            max_diff(
-                &base_store.load(&name).unwrap(),
-                &plain_store.load(&name).unwrap()
-            ) < 1e-5,
-            "{name}"
-        );
+    // Batched (3 rows per call) against row by row, with and without prefix
+    // sharing: equal to 1e-5, every score too (refusal openings included).
+    let openings = RefusalOpenings::default_for(&model).unwrap();
+    let scored = |name: &str, share: bool, batch_rows: usize| {
+        let dir = tmp.path().join(name);
+        let mut sp = spec(&prompts, &dir, &model, &positions);
+        (sp.share_prefix, sp.batch_rows) = (share, batch_rows);
+        sp.refusal = Some(openings.clone());
+        let stats = capture(&model, &sp).unwrap();
+        (Store::open(&dir).unwrap(), stats)
+    };
+    let (batched, batched_stats) = scored("batched", true, 3);
+    for (other, (store, stats)) in [
+        ("row by row", scored("rows", true, 1)),
+        ("unshared", scored("plain", false, 3)),
+    ] {
+        for name in batched.manifest.tensor_names().unwrap() {
+            let err = max_diff(&batched.load(&name).unwrap(), &store.load(&name).unwrap());
+            assert!(err < 1e-5, "{other}: {name} differs by {err}");
+        }
+        for (a, b) in batched.rows().iter().zip(store.rows()) {
+            for key in ["logprob", "refusal_logprob"] {
+                let (a, b) = (a[key].as_object().unwrap(), b[key].as_object().unwrap());
+                assert_eq!(a.len(), b.len());
+                for (k, x) in a {
+                    let err = (x.as_f64().unwrap() - b[k].as_f64().unwrap()).abs();
+                    assert!(err < 1e-5, "{other}: {key}.{k} differs by {err}");
+                }
+            }
+        }
+        assert!(stats.computed_tokens >= stats.prompt_tokens, "{other}");
+        if other == "unshared" {
+            assert!(batched_stats.computed_tokens < stats.computed_tokens);
+        }
     }
-    for (a, b) in base_store.rows().iter().zip(plain_store.rows()) {
-        assert!(
-            (a["logprob"]["accept"].as_f64().unwrap() - b["logprob"]["accept"].as_f64().unwrap())
-                .abs()
-                < 1e-5
-        );
-    }
-    assert!(stats.computed_tokens >= stats.prompt_tokens);
+    assert_eq!(batched.manifest.batch_rows, 3);
 
     // Three slices merged: identical files to the single run.
     let parts: Vec<PathBuf> = (0..3)

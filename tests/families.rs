@@ -13,7 +13,8 @@ mod common;
 use std::path::PathBuf;
 
 use afprobe::model::{
-    CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, ModelSpec, NamesFilter, WeightDtype,
+    CaptureRows, Edit, HookPoint, Hooks, KvCache, LogitsAt, Model, ModelSpec, NamesFilter,
+    Positions, TokenTree, WeightDtype,
 };
 use candle_core::{DType, Tensor};
 use common::{fixtures, load_fixture, rel_l2};
@@ -121,6 +122,72 @@ fn a_forward_split_over_the_kv_cache_equals_one_pass() {
             err < 1e-5,
             "{family}: split vs one pass, relative L2 {err:e}"
         );
+    }
+}
+
+/// Several branches of different lengths (longer than the windows), with shared
+/// and unshared leading tokens and a steering edit at one position, run as one
+/// token tree: every row's logits and residuals equal running its branch alone.
+#[test]
+fn a_token_tree_equals_each_branch_run_alone() {
+    let branches: [&[u32]; 5] = [
+        &[40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50],
+        &[40, 41, 60],
+        &[40, 70, 71, 72],
+        &[80],
+        &[40, 41, 42, 43, 90, 91, 92, 93, 94, 95, 96, 97],
+    ];
+    for family in FAMILIES {
+        let model = load(family);
+        let t = &model.transformer;
+        let d = model.config().d_model;
+        let prompt: Vec<u32> = (0..13).map(|i| (i * 37 + 11) % 290 + 3).collect();
+        let mut kv = KvCache::new();
+        t.forward(&prompt, &mut kv, &mut Hooks::none(), &LogitsAt::None)
+            .unwrap();
+        let steer = Tensor::ones(d, DType::F32, &candle_core::Device::Cpu).unwrap();
+        let hooks = || {
+            let mut h = Hooks::capture(
+                NamesFilter::Only(vec![HookPoint::ResidPost(1)]),
+                CaptureRows::All,
+            );
+            h.add_edit(
+                HookPoint::ResidPre(1),
+                Edit::Add {
+                    vector: steer.clone(),
+                    positions: Positions::At(vec![prompt.len() + 2]),
+                },
+            );
+            h
+        };
+        let (tree, paths) = TokenTree::trie(&branches);
+        let mut tree_hooks = hooks();
+        let logits = t
+            .forward_tree(&tree, &mut kv, &mut tree_hooks, &LogitsAt::All)
+            .unwrap()
+            .expect("no adapter: the tree runs");
+        assert_eq!(kv.len(), prompt.len(), "{family}: the cache is unchanged");
+        let resid = tree_hooks.cache.get(HookPoint::ResidPost(1)).unwrap();
+        for (branch, path) in branches.iter().zip(&paths) {
+            let mut alone_hooks = hooks();
+            let alone = t
+                .forward(branch, &mut kv.clone(), &mut alone_hooks, &LogitsAt::All)
+                .unwrap();
+            let rows = Tensor::new(
+                path.iter().map(|&n| n as u32).collect::<Vec<_>>(),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let pick = |x: &Tensor| x.index_select(&rows, 0).unwrap();
+            let err = common::max_abs_diff(&pick(&logits), &alone);
+            assert!(err < 1e-4, "{family} {branch:?}: logits differ by {err:e}");
+            let alone_resid = alone_hooks.cache.get(HookPoint::ResidPost(1)).unwrap();
+            let err = rel_l2(&pick(resid), alone_resid);
+            assert!(
+                err < 1e-5,
+                "{family} {branch:?}: resid_post.1 relative L2 {err:e}"
+            );
+        }
     }
 }
 

@@ -29,7 +29,9 @@ I am sorry, Sorry, I apologize, I'm unable, I am unable, I'm not able, As an AI,
 I refuse; --refusal-openings FILE gives your own, one per line). Each opening is tokenised as the \
 model writes it after the prompt; openings that share leading tokens share their forward passes. \
 Compliance = 1 - p_refuse. Rows get p_refuse and refusal_logprob (per opening).\n\n\
-Rows sharing a prefix (a long system prompt) reuse its KV cache. Rows are written in shards of \
+Rows sharing a prefix (a long system prompt) reuse its KV cache, and --batch-rows consecutive \
+rows run as one forward call (a token tree: each row's own tokens after the shared part, and its \
+continuations under its last token). Rows are written in shards of \
 --shard-rows; a killed run continues with --resume and gives the same store as an uninterrupted \
 one. --shard I/N captures every N-th shard block (for cluster array jobs); join the slices with \
 `afprobe store merge`.";
@@ -82,9 +84,14 @@ pub struct CaptureArgs {
     /// Overwrite a store already in --out.
     #[arg(long)]
     force: bool,
-    /// Do not reuse the KV cache of shared prefixes (for benchmarks and checks).
+    /// Do not reuse the KV cache of shared prefixes (for benchmarks and checks; runs row by row).
     #[arg(long)]
     no_prefix_sharing: bool,
+    /// Rows per forward call: consecutive rows and all their continuations run as one
+    /// token tree, so a read of the weights serves them all; 1 runs row by row (results
+    /// equal to float rounding, ~1e-6).
+    #[arg(long, default_value_t = capture::DEFAULT_BATCH_ROWS, value_name = "N")]
+    batch_rows: usize,
     /// Output directory, e.g. activations/NAME.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -148,6 +155,7 @@ pub fn capture(a: CaptureArgs) -> anyhow::Result<()> {
             _ => Existing::Refuse,
         },
         share_prefix: !a.no_prefix_sharing,
+        batch_rows: a.batch_rows,
     };
     let stats = capture::capture(&model, &spec)?;
     eprintln!("afprobe: captured {}", stats.summary());

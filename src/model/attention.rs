@@ -45,6 +45,53 @@ pub(crate) struct Strided<'a> {
     pub offset: usize,
 }
 
+/// Which new keys each new query sees when the call's tokens form a tree (many
+/// continuations of one cached prompt in one call): its ancestors and itself,
+/// besides every cached key; the tokens sit at `cache len + depth`.
+#[derive(Debug, Clone)]
+pub(crate) struct TreeMask {
+    /// Absolute position of each new token.
+    pub positions: Vec<usize>,
+    /// Row `i`, bit `j`: new token `j` is `i` or an ancestor of `i`.
+    sees: Vec<u64>,
+    words: usize,
+}
+
+impl TreeMask {
+    /// From each new token's parent (an earlier new token, or `None` for the
+    /// end of the `past` cached tokens). Errors name a parent that is not earlier.
+    pub fn new(parents: &[Option<usize>], past: usize) -> Result<TreeMask, String> {
+        let t = parents.len();
+        let words = t.div_ceil(64);
+        let mut sees = vec![0u64; t * words];
+        let mut positions = Vec::with_capacity(t);
+        for (i, parent) in parents.iter().enumerate() {
+            match *parent {
+                Some(p) if p >= i => {
+                    return Err(format!(
+                        "token {i} of the tree names token {p} as its parent; a parent must come earlier"
+                    ))
+                }
+                Some(p) => {
+                    sees.copy_within(p * words..(p + 1) * words, i * words);
+                    positions.push(positions[p] + 1);
+                }
+                None => positions.push(past),
+            }
+            sees[i * words + i / 64] |= 1 << (i % 64);
+        }
+        Ok(TreeMask {
+            positions,
+            sees,
+            words,
+        })
+    }
+
+    fn sees(&self, query: usize, key: usize) -> bool {
+        self.sees[query * self.words + key / 64] & (1 << (key % 64)) != 0
+    }
+}
+
 /// Per-thread scratch: stacked queries, scores, and the group's output.
 #[derive(Default)]
 struct Scratch {
@@ -61,13 +108,20 @@ thread_local! {
 /// head, as `[T, n_heads * head_dim]`.
 ///
 /// `q` holds `T` rows; `k` and `v` hold `past + T` rows (the cache including the
-/// new tokens). Query `i` sees keys `0..=past + i`. Query head `h` reads kv head
-/// `h / (n_heads / n_kv_heads)`, as HF's `repeat_kv` does.
+/// new tokens). Query `i` sees keys `0..=past + i`, or with a `tree` the cached
+/// keys and its ancestors' (the window then counts tree positions). Query head
+/// `h` reads kv head `h / (n_heads / n_kv_heads)`, as HF's `repeat_kv` does.
 ///
 /// Panics if the buffers are shorter than `d` implies or the head counts do not
 /// group (the model checks its config at load; these O(1) checks keep the
 /// raw-pointer GEMMs below in bounds whatever the caller passes).
-pub(crate) fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) -> Vec<f32> {
+pub(crate) fn causal_attention(
+    q: Strided,
+    k: Strided,
+    v: Strided,
+    d: AttnDims,
+    tree: Option<&TreeMask>,
+) -> Vec<f32> {
     let AttnDims {
         n_heads,
         n_kv_heads,
@@ -135,14 +189,33 @@ pub(crate) fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) 
             }
             for (row, scores) in scratch.scores.chunks_exact_mut(n_keys).enumerate() {
                 // Keys [first, visible): causal, and within the window if any.
-                let visible = past + start + row % len + 1;
-                let first = window.map_or(0, |w| visible.saturating_sub(w));
+                let query = start + row % len;
+                let visible = past + query + 1;
+                let position = tree.map_or(past + query, |m| m.positions[query]);
+                let lowest = window.map_or(0, |w| (position + 1).saturating_sub(w));
+                let first = lowest.min(past + query);
                 if let Some(cap) = softcap {
                     for s in &mut scores[first..visible] {
                         *s = cap * (*s / cap).tanh();
                     }
                 }
+                let hidden = |j: usize| {
+                    tree.is_some_and(|m| {
+                        j >= past && (!m.sees(query, j - past) || m.positions[j - past] < lowest)
+                    })
+                };
+                if tree.is_some() {
+                    // exp(-inf) clamps to ~1e-38 in the softmax; zeroed after it.
+                    (first.max(past)..visible)
+                        .filter(|&j| hidden(j))
+                        .for_each(|j| scores[j] = f32::NEG_INFINITY);
+                }
                 softmax_in_place(&mut scores[first..visible]);
+                if tree.is_some() {
+                    (first.max(past)..visible)
+                        .filter(|&j| hidden(j))
+                        .for_each(|j| scores[j] = 0.0);
+                }
                 scores[..first].fill(0.0);
                 scores[visible..].fill(0.0);
             }
@@ -178,18 +251,53 @@ pub(crate) fn causal_attention(q: Strided, k: Strided, v: Strided, d: AttnDims) 
 mod tests {
     use super::*;
 
-    /// Naive attention, one query at a time, for comparison.
-    fn naive(q: &[f32], k: &[f32], v: &[f32], d: AttnDims) -> Vec<f32> {
+    /// Naive attention, one query at a time, for comparison: query `i` sees the
+    /// cached keys and, causally or along `parents` (a token tree), the new ones.
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        d: AttnDims,
+        parents: Option<&[Option<usize>]>,
+    ) -> Vec<f32> {
         let (nh, nkv, hd) = (d.n_heads, d.n_kv_heads, d.head_dim);
+        // (key row, position) of every key query i sees.
+        let seen = |i: usize| -> Vec<(usize, usize)> {
+            let mut new = vec![];
+            match parents {
+                None => new.extend((0..=i).map(|j| (d.past + j, d.past + j))),
+                Some(parents) => {
+                    let mut chain = vec![i];
+                    while let Some(p) = parents[*chain.last().unwrap()] {
+                        chain.push(p);
+                    }
+                    let depth = chain.len() - 1;
+                    new.extend(
+                        chain
+                            .iter()
+                            .rev()
+                            .enumerate()
+                            .map(|(dep, &j)| (d.past + j, d.past + dep)),
+                    );
+                    debug_assert_eq!(new.last().unwrap().1, d.past + depth);
+                }
+            }
+            let pos = new.last().unwrap().1;
+            (0..d.past)
+                .map(|j| (j, j))
+                .chain(new)
+                .filter(|&(_, p)| d.window.is_none_or(|w| pos - p < w))
+                .collect()
+        };
         let mut out = vec![0f32; d.t * nh * hd];
         for i in 0..d.t {
+            let keys = seen(i);
             for h in 0..nh {
                 let g = h / (nh / nkv);
                 let qi = &q[i * nh * hd + h * hd..][..hd];
-                let keys = d.past + i + 1;
-                let first = d.window.map_or(0, |w| keys.saturating_sub(w));
-                let s: Vec<f64> = (first..keys)
-                    .map(|j| {
+                let s: Vec<f64> = keys
+                    .iter()
+                    .map(|&(j, _)| {
                         let kj = &k[j * nkv * hd + g * hd..][..hd];
                         let s = qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>()
                             * d.scale as f64;
@@ -199,13 +307,23 @@ mod tests {
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                 for c in 0..hd {
-                    out[i * nh * hd + h * hd + c] = (first..keys)
-                        .map(|j| (s[j - first] - m).exp() / z * v[j * nkv * hd + g * hd + c] as f64)
+                    out[i * nh * hd + h * hd + c] = keys
+                        .iter()
+                        .zip(&s)
+                        .map(|(&(j, _), sj)| {
+                            (sj - m).exp() / z * v[j * nkv * hd + g * hd + c] as f64
+                        })
                         .sum::<f64>() as f32;
                 }
             }
         }
         out
+    }
+
+    #[test]
+    fn a_parent_must_come_earlier() {
+        let err = TreeMask::new(&[None, Some(2), Some(0)], 0).unwrap_err();
+        assert!(err.contains("token 1") && err.contains("earlier"), "{err}");
     }
 
     #[test]
@@ -246,14 +364,31 @@ mod tests {
                     offset: 0,
                 }
             }
-            let got = causal_attention(s(&q, 48), s(&k, 16), s(&v, 16), d);
-            let want = naive(&q, &k, &v, d);
+            let got = causal_attention(s(&q, 48), s(&k, 16), s(&v, 16), d, None);
+            let want = naive(&q, &k, &v, d, None);
             let err = got
                 .iter()
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(err < 1e-5, "t={t} past={past}: max error {err}");
+            // The same tokens as a tree: branches of several depths (past one query chunk).
+            let parents: Vec<Option<usize>> = (0..t)
+                .map(|i| match i % 7 {
+                    0 => None,
+                    3 => Some(i / 2),
+                    _ => Some(i - 1),
+                })
+                .collect();
+            let mask = TreeMask::new(&parents, past).unwrap();
+            let got = causal_attention(s(&q, 48), s(&k, 16), s(&v, 16), d, Some(&mask));
+            let want = naive(&q, &k, &v, d, Some(&parents));
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "tree t={t} past={past}: max error {err}");
         }
     }
 }

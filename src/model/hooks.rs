@@ -287,6 +287,9 @@ pub enum CaptureRows {
     All,
     /// Only the final token (`[1, d_model]`): what probes at `last` need.
     Last,
+    /// These rows of the call, in this order (a token tree's rows that a
+    /// batched capture stores).
+    Rows(Vec<usize>),
 }
 
 /// A write to the residual stream (or any hook point) during the forward pass.
@@ -325,10 +328,10 @@ pub enum Positions {
 }
 
 impl Positions {
-    /// 0/1 mask over the window `[start, start + len)` of absolute positions.
-    fn mask(&self, start: usize, len: usize) -> Vec<f32> {
-        (start..start + len)
-            .map(|p| match self {
+    /// 0/1 mask over rows at the absolute positions `at`.
+    fn mask(&self, at: &[usize]) -> Vec<f32> {
+        at.iter()
+            .map(|&p| match self {
                 Positions::All => 1.0,
                 Positions::From(first) => (p >= *first) as u8 as f32,
                 Positions::At(ps) => ps.contains(&p) as u8 as f32,
@@ -421,22 +424,28 @@ impl Hooks {
         self.filter.matches(point) || self.edits.contains_key(&point)
     }
 
-    /// Called by the forward pass at `point` with activations `x` (`[T, d]`) for
-    /// the absolute positions `[start, start + T)`. Returns the (possibly edited) `x`.
-    pub fn run(&mut self, point: HookPoint, x: Tensor, start: usize) -> Result<Tensor> {
+    /// Called by the forward pass at `point` with activations `x` (`[T, d]`) whose
+    /// rows sit at the absolute positions `at` (`[start, start + T)` for one
+    /// sequence; a token tree's rows share positions across branches). Returns
+    /// the (possibly edited) `x`.
+    pub fn run(&mut self, point: HookPoint, x: Tensor, at: &[usize]) -> Result<Tensor> {
         if !self.is_active(point) {
             return Ok(x);
         }
         let mut x = x;
         if let Some(edits) = self.edits.get(&point) {
             for edit in edits {
-                x = apply_edit(edit, &x, start)?;
+                x = apply_edit(edit, &x, at)?;
             }
         }
         if self.filter.matches(point) {
-            let kept = match self.rows {
+            let kept = match &self.rows {
                 CaptureRows::All => x.clone(),
                 CaptureRows::Last => x.i(x.dim(0)? - 1..)?,
+                CaptureRows::Rows(rows) => {
+                    let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                    x.index_select(&Tensor::new(rows, x.device())?, 0)?
+                }
             };
             let kept = kept.to_dtype(DType::F32)?;
             // Successive calls (prefix, then suffix; or generation steps) append rows.
@@ -457,8 +466,9 @@ impl Hooks {
     }
 }
 
-fn apply_edit(edit: &Edit, x: &Tensor, start: usize) -> Result<Tensor> {
+fn apply_edit(edit: &Edit, x: &Tensor, at: &[usize]) -> Result<Tensor> {
     let (len, d_model) = x.dims2()?;
+    debug_assert_eq!(at.len(), len, "one position per row");
     let check_vector = |v: &Tensor, what: &str| -> Result<Tensor> {
         if v.dims() != [d_model] {
             return Err(Error::BadInput(format!(
@@ -469,7 +479,7 @@ fn apply_edit(edit: &Edit, x: &Tensor, start: usize) -> Result<Tensor> {
         Ok(v.to_dtype(x.dtype())?.reshape((1, d_model))?)
     };
     let column = |positions: &Positions| -> Result<Tensor> {
-        let mask = positions.mask(start, len);
+        let mask = positions.mask(at);
         Ok(Tensor::from_vec(mask, (len, 1), x.device())?.to_dtype(x.dtype())?)
     };
     Ok(match edit {
@@ -497,9 +507,9 @@ fn apply_edit(edit: &Edit, x: &Tensor, start: usize) -> Result<Tensor> {
             let mut source = vec![0u32; len];
             let mut replaced = vec![0u8; len];
             for (row, &p) in positions.iter().enumerate() {
-                if (start..start + len).contains(&p) {
-                    source[p - start] = row as u32;
-                    replaced[p - start] = 1;
+                for (r, _) in at.iter().enumerate().filter(|(_, &q)| q == p) {
+                    source[r] = row as u32;
+                    replaced[r] = 1;
                 }
             }
             let dev = x.device();
@@ -550,7 +560,7 @@ mod tests {
                 positions: Positions::From(11),
             },
             &x,
-            10,
+            &[10, 11, 12, 13],
         )?;
         assert_eq!(
             added.to_vec2::<f32>()?,
@@ -563,7 +573,7 @@ mod tests {
                 positions: Positions::At(vec![10]),
             },
             &x,
-            10,
+            &[10, 11, 12, 13],
         )?;
         assert_eq!(ablated.to_vec2::<f32>()?[0], vec![0., 1.]);
         assert_eq!(ablated.to_vec2::<f32>()?[1], vec![1., 1.]);
@@ -573,17 +583,29 @@ mod tests {
                 values: Tensor::new(&[[5f32, 6.0], [7.0, 8.0]], &dev)?,
             },
             &x,
-            10,
+            &[10, 11, 12, 13],
         )?;
         assert_eq!(patched.to_vec2::<f32>()?[2], vec![5., 6.]);
         assert_eq!(patched.to_vec2::<f32>()?[3], vec![1., 1.]);
+        // A token tree: two branches share position 12; both are patched.
+        let branched = apply_edit(
+            &Edit::Replace {
+                positions: vec![12],
+                values: Tensor::new(&[[5f32, 6.0]], &dev)?,
+            },
+            &x,
+            &[11, 12, 12, 13],
+        )?;
+        let rows = branched.to_vec2::<f32>()?;
+        assert_eq!((&rows[1], &rows[2]), (&vec![5., 6.], &vec![5., 6.]));
+        assert_eq!(rows[3], vec![1., 1.]);
         let wrong = apply_edit(
             &Edit::Add {
                 vector: Tensor::new(&[1f32, 2.0, 3.0], &dev)?,
                 positions: Positions::All,
             },
             &x,
-            0,
+            &[0, 1, 2, 3],
         );
         assert!(wrong.unwrap_err().to_string().contains("d_model = 2"));
         Ok(())

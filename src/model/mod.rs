@@ -33,7 +33,7 @@ pub use kernels::keep_freed_memory;
 pub use spec::{ModelFiles, ModelSpec};
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::Tokenizer;
-pub use transformer::{KvCache, LogitsAt, Transformer};
+pub use transformer::{KvCache, LogitsAt, TokenTree, Transformer};
 
 use crate::error::{Error, Result};
 

@@ -7,13 +7,14 @@
 //! the positions whose logits are asked for, and attention is computed in query
 //! chunks that each see only the keys they may attend to (no `[heads, T, T]` mask).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, IndexOp, Tensor};
 
-use super::attention::{causal_attention, AttnDims, Strided};
+use super::attention::{causal_attention, AttnDims, Strided, TreeMask};
 use super::config::{Activation, ModelConfig, NormKind, QkNorm};
 use super::hooks::{HookPoint, Hooks};
 use super::kernels::{self, with_f32_slice, WeightLayout};
@@ -284,7 +285,7 @@ impl Attention {
         kv: &mut LayerKv,
         hooks: &mut Hooks,
         layer: usize,
-        start: usize,
+        at: &Layout,
     ) -> Result<Tensor> {
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -313,10 +314,16 @@ impl Attention {
             HookPoint::AttnZ(layer),
             HookPoint::AttnPattern(layer),
         ];
-        if internals.iter().any(|&p| hooks.is_active(p)) {
+        if let Some(&point) = internals.iter().find(|&&p| hooks.is_active(p)) {
+            if at.tree.is_some() {
+                return Err(Error::BadInput(format!(
+                    "`{point}` is not available in a batched (token-tree) forward call; \
+                     run the sequence on its own to read attention internals"
+                )));
+            }
             let values = self.internals(&qkv, kv, t, past, x.device())?;
             for (point, value) in internals.into_iter().zip(values) {
-                hooks.run(point, value, start)?;
+                hooks.run(point, value, &at.positions)?;
             }
         }
         let kv_view = |data| Strided {
@@ -342,6 +349,7 @@ impl Attention {
                 softcap: self.softcap,
                 window: self.window,
             },
+            at.tree.as_ref(),
         );
         let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.forward(&out)
@@ -580,6 +588,75 @@ impl LogitsAt {
     }
 }
 
+/// Several continuations of a cached prompt as one tree of tokens: token `i`
+/// follows `parents[i]` (an earlier token of the tree), or the cached tokens
+/// when `None`. A branch is the path from a root to a token.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenTree {
+    pub tokens: Vec<u32>,
+    pub parents: Vec<Option<usize>>,
+}
+
+impl TokenTree {
+    /// The prefix tree (trie) of `branches`, one node per distinct non-empty
+    /// prefix; returns it and, per branch, the node of each of its tokens.
+    pub fn trie(branches: &[&[u32]]) -> (TokenTree, Vec<Vec<usize>>) {
+        let mut tree = TokenTree::default();
+        let mut nodes: HashMap<(Option<usize>, u32), usize> = HashMap::new();
+        let paths = branches
+            .iter()
+            .map(|branch| {
+                let mut parent = None;
+                branch
+                    .iter()
+                    .map(|&token| {
+                        let node = *nodes.entry((parent, token)).or_insert_with(|| {
+                            tree.tokens.push(token);
+                            tree.parents.push(parent);
+                            tree.tokens.len() - 1
+                        });
+                        parent = Some(node);
+                        node
+                    })
+                    .collect()
+            })
+            .collect();
+        (tree, paths)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Whether some branch, read after `cached`, ends with `pattern` at one of its tokens.
+    fn completes(&self, cached: &[u32], pattern: &[u32]) -> bool {
+        (0..self.len()).any(|i| {
+            // The branch's last tokens up to i, newest first, continued into the cache.
+            let mut node = Some(i);
+            let branch = std::iter::from_fn(|| {
+                let n = node?;
+                node = self.parents[n];
+                Some(self.tokens[n])
+            });
+            let newest_first = branch.chain(cached.iter().rev().copied());
+            newest_first
+                .take(pattern.len())
+                .eq(pattern.iter().rev().copied())
+        })
+    }
+}
+
+/// Where one forward call's rows sit: their absolute positions, and the tree
+/// mask when they are not one contiguous run.
+struct Layout {
+    positions: Vec<usize>,
+    tree: Option<TreeMask>,
+}
+
 /// The decoder with its weights.
 #[derive(Debug, Clone)]
 pub struct Transformer {
@@ -711,6 +788,47 @@ impl Transformer {
         }
     }
 
+    /// Runs a token tree (many continuations of the cached prompt, see
+    /// [`TokenTree`]) in one call: each token sees the cache and its own
+    /// ancestors, at position `kv.len() + depth`, so every row of the result
+    /// equals what running its branch alone on the cache gives (to float
+    /// rounding: the GEMMs group rows differently, ~1e-6). Hooks see the
+    /// tree's rows in order with their absolute positions; edits by position
+    /// apply to every branch. Returns logits `[rows, vocab]` for `logits_at`
+    /// (rows of the tree); `kv` is left as it was.
+    ///
+    /// `None` when an activated adapter's weights would change inside the tree
+    /// (its invocation is not yet in the cache): run the branches one by one.
+    pub fn forward_tree(
+        &self,
+        tree: &TokenTree,
+        kv: &mut KvCache,
+        hooks: &mut Hooks,
+        logits_at: &LogitsAt,
+    ) -> Result<Option<Tensor>> {
+        let weights = match &self.activated {
+            None => self,
+            Some(act) => {
+                let boundary = act.start_in(kv.tokens());
+                let settled = boundary.is_some() && boundary == kv.adapted_from;
+                // A branch that completes a later invocation would move its boundary.
+                if !settled || tree.completes(kv.tokens(), &act.invocation) {
+                    return Ok(None);
+                }
+                &act.adapted
+            }
+        };
+        let past = kv.len();
+        let mask = TreeMask::new(&tree.parents, past).map_err(Error::BadInput)?;
+        let layout = Layout {
+            positions: mask.positions.clone(),
+            tree: Some(mask),
+        };
+        let logits = weights.run(&tree.tokens, &layout, kv, hooks, logits_at);
+        kv.forget_after(past);
+        logits.map(Some)
+    }
+
     /// [`forward`](Self::forward) with this transformer's own weights only.
     pub(crate) fn forward_base(
         &self,
@@ -720,35 +838,59 @@ impl Transformer {
         logits_at: &LogitsAt,
     ) -> Result<Tensor> {
         let start = kv.len();
+        let layout = Layout {
+            positions: (start..start + tokens.len()).collect(),
+            tree: None,
+        };
+        let logits = self.run(tokens, &layout, kv, hooks, logits_at)?;
+        kv.tokens.extend_from_slice(tokens);
+        Ok(logits)
+    }
+
+    /// The decoder over `tokens` laid out by `at`, appending their keys and
+    /// values to `kv`'s layers (the caller records or forgets the tokens).
+    fn run(
+        &self,
+        tokens: &[u32],
+        at: &Layout,
+        kv: &mut KvCache,
+        hooks: &mut Hooks,
+        logits_at: &LogitsAt,
+    ) -> Result<Tensor> {
         let t = tokens.len();
-        self.check_window(start, t)?;
+        let end = at.positions.iter().max().map_or(0, |&p| p + 1);
+        self.check_window(t, end)?;
         hooks.check(self.config.n_layers)?;
         kv.ensure_layers(
             self.config.n_layers,
             self.config.n_kv_heads * self.config.head_dim,
         );
-        let ropes: Vec<Rope> = self.ropes.iter().map(|r| Rope::new(r, start, t)).collect();
+        let ropes: Vec<Rope> = self
+            .ropes
+            .iter()
+            .map(|r| Rope::new(r, &at.positions))
+            .collect();
+        let pos = &at.positions;
         let mut x = self.embed_tokens.rows(tokens, &self.device)?;
         if let Some(scale) = self.config.family.embed_scale {
             x = (x * f64::from(scale as f32))?;
         }
-        x = hooks.run(HookPoint::Embed, x, start)?;
+        x = hooks.run(HookPoint::Embed, x, pos)?;
         for (l, block) in self.blocks.iter().enumerate() {
-            x = hooks.run(HookPoint::ResidPre(l), x, start)?;
+            x = hooks.run(HookPoint::ResidPre(l), x, pos)?;
             let h = norm_opt(&block.attn_pre_norm, x.clone())?;
             let rope = &ropes[block.attn.rope];
             let attn_out = block
                 .attn
-                .forward(&h, rope, &mut kv.layers[l], hooks, l, start)?;
+                .forward(&h, rope, &mut kv.layers[l], hooks, l, at)?;
             let attn_out = norm_opt(&block.attn_post_norm, attn_out)?;
-            let attn_out = hooks.run(HookPoint::AttnOut(l), attn_out, start)?;
-            x = hooks.run(HookPoint::ResidMid(l), (x + attn_out)?, start)?;
+            let attn_out = hooks.run(HookPoint::AttnOut(l), attn_out, pos)?;
+            x = hooks.run(HookPoint::ResidMid(l), (x + attn_out)?, pos)?;
             let h = norm_opt(&block.mlp_pre_norm, x.clone())?;
             let mlp_out = norm_opt(&block.mlp_post_norm, block.mlp.forward(&h)?)?;
-            let mlp_out = hooks.run(HookPoint::MlpOut(l), mlp_out, start)?;
-            x = hooks.run(HookPoint::ResidPost(l), (x + mlp_out)?, start)?;
+            let mlp_out = hooks.run(HookPoint::MlpOut(l), mlp_out, pos)?;
+            x = hooks.run(HookPoint::ResidPost(l), (x + mlp_out)?, pos)?;
         }
-        kv.tokens.extend_from_slice(tokens);
 
         // The final norm is per row: normalise only the rows that need logits,
         // unless `ln_final` is hooked and wants every row.
@@ -766,7 +908,7 @@ impl Transformer {
         )?;
         if hooks.is_active(HookPoint::LnFinal) {
             let normed = self.final_norm.forward(&x)?;
-            let normed = hooks.run(HookPoint::LnFinal, normed, start)?;
+            let normed = hooks.run(HookPoint::LnFinal, normed, pos)?;
             return self.unembed_normed(&normed.index_select(&rows, 0)?);
         }
         self.logit_lens(&x.index_select(&rows, 0)?)
@@ -815,21 +957,22 @@ impl Transformer {
 
     /// Errors unless a sequence of `n` tokens fits the context window.
     pub fn check_length(&self, n: usize) -> Result<()> {
-        self.check_window(0, n)
+        self.check_window(n, n)
     }
 
-    fn check_window(&self, start: usize, t: usize) -> Result<()> {
+    /// Errors unless a call of `t` tokens, the furthest at position `end - 1`, fits.
+    fn check_window(&self, t: usize, end: usize) -> Result<()> {
         let max = self.config.max_position_embeddings;
         if t == 0 {
             return Err(Error::BadInput(
                 "cannot run the model on zero tokens".into(),
             ));
         }
-        if start + t > max {
+        if end > max {
             return Err(Error::BadInput(format!(
                 "the sequence would be {} tokens long, but the model's context window is {max} \
                  tokens; shorten the prompt (or the number of tokens to generate)",
-                start + t
+                end
             )));
         }
         Ok(())
@@ -909,6 +1052,13 @@ impl KvCache {
         Ok(())
     }
 
+    /// Drops keys and values past the first `len` tokens that no token records
+    /// (those a token tree appended for its own call).
+    fn forget_after(&mut self, len: usize) {
+        let width = self.kv_width;
+        self.layers.iter_mut().for_each(|l| l.truncate(len, width));
+    }
+
     /// Length of the longest run of token ids this cache shares with the start of `tokens`.
     pub fn shared_prefix_len(&self, tokens: &[u32]) -> usize {
         self.tokens
@@ -939,7 +1089,7 @@ impl KvCache {
     }
 }
 
-/// Rotary tables (`cos`, `sin`: `[T, head_dim / 2]`) for the absolute positions of one forward call.
+/// Rotary tables (`cos`, `sin`: `[T, head_dim / 2]`) for the absolute positions of one forward call's rows.
 struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -947,12 +1097,12 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(freqs: &RopeFreqs, past: usize, t: usize) -> Rope {
+    fn new(freqs: &RopeFreqs, positions: &[usize]) -> Rope {
         let half = freqs.inv_freq.len();
         let a = freqs.attention_factor;
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for pos in past..past + t {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &pos in positions {
             for &f in &freqs.inv_freq {
                 // f32 angle, as transformers computes it, so long positions agree.
                 let angle = pos as f32 * f;

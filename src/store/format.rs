@@ -181,10 +181,23 @@ pub struct Manifest {
     pub refusal_openings: Option<Vec<String>>,
     /// Prompt rows per shard block.
     pub shard_rows: usize,
+    /// Rows per batched forward call (`capture --batch-rows`); batching changes
+    /// results by float rounding, so a resume or merge must not mix it.
+    /// Absent (1: row by row) in stores written before batching.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub batch_rows: usize,
     pub slice: Option<Slice>,
     /// Rows in the complete shards.
     pub row_count: usize,
     pub shards: Vec<ShardRecord>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl Manifest {
@@ -212,6 +225,7 @@ impl Manifest {
             self.refusal_openings == other.refusal_openings,
         );
         check("shard rows", self.shard_rows == other.shard_rows);
+        check("batch rows", self.batch_rows == other.batch_rows);
         check("slice", self.slice == other.slice);
         diff
     }

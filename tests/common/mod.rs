@@ -155,6 +155,7 @@ pub fn write_store_files(
         score,
         refusal_openings: None,
         shard_rows: n,
+        batch_rows: 1,
         slice: None,
         row_count: 0,
         shards: vec![],
