@@ -427,6 +427,100 @@ pub fn capture_bench(model: &Model, b: &CaptureBench) -> Result<Vec<CaptureResul
     Ok(results)
 }
 
+/// Settings of `afprobe bench sample`.
+#[derive(Debug, Clone)]
+pub struct SampleBench {
+    pub rows: usize,
+    pub n: usize,
+    pub max_new_tokens: usize,
+    pub work_dir: PathBuf,
+}
+
+/// One side of the sampling benchmark.
+#[derive(Debug, Clone)]
+pub struct SampleResult {
+    pub label: String,
+    pub samples: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+/// Samples `n` responses per row of the AF workload (two system paragraphs)
+/// in lockstep and one by one, same seeds, and counts the generated tokens.
+pub fn sample_bench(model: &Model, b: &SampleBench) -> Result<Vec<SampleResult>> {
+    use crate::study::sample::{read_rows, sample, SampleSpec};
+    std::fs::create_dir_all(&b.work_dir).map_err(|e| Error::io(&b.work_dir, e))?;
+    let prompts = b.work_dir.join("prompts.jsonl");
+    let text: String = af_workload(b.rows, 2)
+        .iter()
+        .map(|r| format!("{r}\n"))
+        .collect();
+    std::fs::write(&prompts, text).map_err(|e| Error::io(&prompts, e))?;
+    let mut results = Vec::new();
+    for (label, one_by_one) in [
+        (format!("afprobe, {} samples in lockstep", b.n), false),
+        ("afprobe, one by one".to_string(), true),
+    ] {
+        let out = b
+            .work_dir
+            .join(if one_by_one { "one-by-one" } else { "lockstep" });
+        eprintln!(
+            "afprobe: bench sample, {label}, {} rows x {} ...",
+            b.rows, b.n
+        );
+        let started = Instant::now();
+        sample(
+            model,
+            &SampleSpec {
+                prompts: prompts.clone(),
+                out: out.clone(),
+                n: b.n,
+                temperature: 1.0,
+                top_p: 1.0,
+                seed: 0,
+                max_new_tokens: b.max_new_tokens,
+                one_by_one,
+                force: true,
+                resume: false,
+            },
+        )?;
+        let seconds = started.elapsed().as_secs_f64();
+        let transcripts = std::fs::read_to_string(out.join("transcripts.jsonl"))
+            .map_err(|e| Error::io(&out, e))?;
+        let tokens = transcripts
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["n_tokens"].as_u64())
+            .sum::<u64>() as usize;
+        let samples = read_rows(&out)?.len() * b.n;
+        results.push(SampleResult {
+            label,
+            samples,
+            tokens,
+            seconds,
+        });
+    }
+    Ok(results)
+}
+
+/// Prints the sampling benchmark table.
+pub fn print_sample_table(results: &[SampleResult]) {
+    println!(
+        "{:<34} {:>8} {:>8} {:>9} {:>10}",
+        "run", "samples", "tokens", "seconds", "tokens/s"
+    );
+    for r in results {
+        println!(
+            "{:<34} {:>8} {:>8} {:>9.1} {:>10.1}",
+            r.label,
+            r.samples,
+            r.tokens,
+            r.seconds,
+            r.tokens as f64 / r.seconds
+        );
+    }
+}
+
 /// `afprobe bench probe`: per-layer logistic probes on every hook and position
 /// of a store, afprobe beside the reference (scikit-learn, ref_probe.py).
 pub struct ProbeBench {

@@ -27,11 +27,11 @@ use crate::error::{Error, Result};
 use crate::io::sha256_file;
 use crate::model::transformer::log_softmax;
 use crate::model::{
-    CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter, TokenTree, WeightDtype,
+    CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter, WeightDtype,
 };
 use crate::progress::Progress;
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
-use crate::score::{score_prompt, sum_logprobs, RefusalOpenings, Scores};
+use crate::score::{continuations, score_prompt, PromptTree, RefusalOpenings, Scores};
 use crate::store::{
     Existing, Manifest, ModelRecord, NamedTensors, Position, PromptsRecord, Slice, StoreWriter,
     TensorName, FORMAT,
@@ -523,93 +523,54 @@ fn capture_batch(
         stats.prefix_seconds += started.elapsed().as_secs_f64();
         computed += shared - reuse;
     }
-    // Branches: each row's own tokens, then each continuation but its last token after them.
     let named: Vec<BTreeMap<String, Vec<u32>>> = rendered
         .iter()
         .map(|r| scored_continuations(spec, r))
         .collect();
-    let conts: Vec<Vec<&[u32]>> = named
-        .iter()
-        .map(|n| crate::score::continuations(n, spec.refusal.as_ref()))
-        .collect();
-    let mut branches: Vec<Vec<u32>> = Vec::new();
-    for (r, conts) in rendered.iter().zip(&conts) {
-        let own = &r.tokens[shared..];
-        branches.push(own.to_vec());
-        for c in conts {
-            branches.push([own, &c[..c.len().saturating_sub(1)]].concat());
-        }
-    }
-    let refs: Vec<&[u32]> = branches.iter().map(Vec::as_slice).collect();
-    let (tree, paths) = TokenTree::trie(&refs);
-    // Per row: its own path, then one path per continuation.
-    let starts: Vec<usize> = conts
-        .iter()
-        .scan(0, |at, c| {
-            let start = *at;
-            *at += 1 + c.len();
-            Some(start)
-        })
-        .collect();
-    let per_row = |k: usize| {
-        let at = starts[k];
-        (&paths[at], &paths[at + 1..at + 1 + conts[k].len()])
-    };
-    // Captured rows: every position any row stores; logits: each row's last
-    // token and the nodes under it.
+    let prompts = PromptTree::new(
+        rendered
+            .iter()
+            .zip(&named)
+            .map(|(r, n)| (&r.tokens[shared..], continuations(n, spec.refusal.as_ref())))
+            .collect(),
+    );
+    // Captured rows: every position any row stores.
     let mut keep = std::collections::BTreeSet::new();
-    let mut logit_nodes = std::collections::BTreeSet::new();
     for (k, r) in rendered.iter().enumerate() {
-        let (own, cont_paths) = per_row(k);
         for &p in &spec.positions {
             keep.extend(
                 token_positions(r, p)
                     .into_iter()
-                    .map(|pos| own[pos - shared]),
+                    .map(|pos| prompts.node(k, pos - shared)),
             );
-        }
-        if !cont_paths.is_empty() {
-            logit_nodes.insert(*own.last().expect("a row keeps its last token"));
-        }
-        for path in cont_paths {
-            logit_nodes.extend(&path[own.len()..]);
         }
     }
     let keep: Vec<usize> = keep.into_iter().collect();
-    let logit_nodes: Vec<usize> = logit_nodes.into_iter().collect();
+    let nodes = prompts.logit_nodes();
+    let logits_at = if nodes.is_empty() {
+        LogitsAt::None
+    } else {
+        LogitsAt::Rows(nodes.clone())
+    };
     let mut hooks = Hooks::capture(
         NamesFilter::Only(spec.hooks.clone()),
         CaptureRows::Rows(keep.clone()),
     );
     let started = Instant::now();
-    let logits_at = if logit_nodes.is_empty() {
-        LogitsAt::None
-    } else {
-        LogitsAt::Rows(logit_nodes.clone())
-    };
-    let Some(logits) = t.forward_tree(&tree, kv, &mut hooks, &logits_at)? else {
+    let Some(logits) = t.forward_tree(&prompts.tree, kv, &mut hooks, &logits_at)? else {
         return Ok(None);
     };
     stats.suffix_seconds += started.elapsed().as_secs_f64();
-    computed += tree.len();
+    computed += prompts.tree.len();
     let logprobs = log_softmax(&logits)?.to_vec2::<f32>()?;
-    let logit_row = |node: usize| {
-        &logprobs[logit_nodes
-            .binary_search(&node)
-            .expect("logits at every scored node")][..]
-    };
     for (k, (row, r)) in rows.iter().zip(rendered).enumerate() {
-        let (own, cont_paths) = per_row(k);
         push_activations(spec, r, &hooks, shard, |pos| {
-            keep.binary_search(&own[pos - shared]).expect("kept")
+            let node = prompts.node(k, pos - shared);
+            keep.binary_search(&node).expect("kept")
         })?;
         let mut record = row_record(spec, row, r, first_index + k);
         if spec.score || spec.refusal.is_some() {
-            // Paths past the row's own tokens, as sum_logprobs reads them.
-            let tails: Vec<Vec<usize>> =
-                cont_paths.iter().map(|p| p[own.len()..].to_vec()).collect();
-            let first = logit_row(*own.last().expect("a row keeps its last token"));
-            let logprobs = sum_logprobs(&conts[k], &tails, first, logit_row);
+            let logprobs = prompts.logprobs(k, &nodes, &logprobs);
             Scores::from_logprobs(&named[k], spec.refusal.as_ref(), &logprobs)
                 .write_into(&mut record);
         }

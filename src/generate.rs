@@ -86,6 +86,72 @@ pub fn generate_with_cache(
     Ok(generated)
 }
 
+/// Samples `samplings.len()` continuations of `prompt` in lockstep: each
+/// forward call carries the next token of every unfinished sample (a token tree
+/// on the prompt's cache, see [`Transformer::grow_tree`]), so one read of the
+/// weights serves them all. Sample k picks with `samplings[k]` (its own seed),
+/// as [`generate_with_cache`] would, so it gives the same tokens up to float
+/// rounding of the logits (~1e-6), which can only matter at a near-tie.
+/// Returns each sample's ids (without the stop token), or `None` where the
+/// model cannot run the tree (then generate one by one). `kv` must hold a
+/// prefix of `prompt`; it holds the prompt and the samples' branches after.
+///
+/// [`Transformer::grow_tree`]: crate::model::Transformer::grow_tree
+pub fn generate_lockstep(
+    model: &Model,
+    kv: &mut KvCache,
+    prompt: &[u32],
+    samplings: &[Sampling],
+) -> Result<Option<Vec<Vec<u32>>>> {
+    let t = &model.transformer;
+    kv.truncate(kv.len().min(prompt.len() - 1))?;
+    let rest = &prompt[kv.len()..];
+    let first = row_f32(
+        &t.forward(rest, kv, &mut Hooks::none(), &LogitsAt::Last)?,
+        0,
+    )?;
+    let mut rngs: Vec<StdRng> = samplings
+        .iter()
+        .map(|s| StdRng::seed_from_u64(s.seed))
+        .collect();
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); samplings.len()];
+    // Per sample: its last node in the cache's branches; `None` once it stopped.
+    let mut last: Vec<Option<Option<usize>>> = vec![Some(None); samplings.len()];
+    let mut logits: Vec<Vec<f32>> = vec![first; samplings.len()];
+    let mut nodes = 0;
+    loop {
+        let mut step = crate::model::TokenTree::default();
+        let mut running = Vec::new();
+        for (k, sampling) in samplings.iter().enumerate() {
+            let Some(parent) = last[k] else { continue };
+            let next = pick(&logits[k], sampling, &mut rngs[k]);
+            if model.tokenizer.stop_ids.contains(&next) || sampling.max_new_tokens == 0 {
+                last[k] = None;
+                continue;
+            }
+            generated[k].push(next);
+            if generated[k].len() == sampling.max_new_tokens {
+                last[k] = None;
+                continue;
+            }
+            step.tokens.push(next);
+            step.parents.push(parent);
+            last[k] = Some(Some(nodes + running.len()));
+            running.push(k);
+        }
+        if running.is_empty() {
+            return Ok(Some(generated));
+        }
+        let Some(out) = t.grow_tree(&step, kv, &mut Hooks::none(), &LogitsAt::All)? else {
+            return Ok(None);
+        };
+        nodes += running.len();
+        for (row, &k) in running.iter().enumerate() {
+            logits[k] = row_f32(&out, row)?;
+        }
+    }
+}
+
 /// Picks the next token from one row of logits.
 pub fn pick(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
     if sampling.temperature <= 0.0 {
@@ -185,6 +251,53 @@ mod tests {
         for _ in 0..200 {
             let id = pick(&logits, &nucleus, &mut rng);
             assert!(id == 1 || id == 2, "sampled {id} outside the nucleus");
+        }
+    }
+
+    /// Lockstep samples equal one-by-one generation (greedy and seeded
+    /// sampling, samples of different lengths, a shared cached prefix), on the
+    /// tiny Llama and on a family with a sliding window.
+    #[test]
+    fn lockstep_samples_equal_one_by_one_generation() {
+        use crate::model::{ModelSpec, WeightDtype};
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for dir in [
+            fixtures.join("tiny_llama3"),
+            fixtures.join("families/gemma2"),
+        ] {
+            let model = Model::load(&ModelSpec::Path(dir.clone()), WeightDtype::F32).unwrap();
+            let prompt: Vec<u32> = (0..17).map(|i| (i * 37 + 11) % 200 + 3).collect();
+            let samplings: Vec<Sampling> = (0..6)
+                .map(|k| Sampling {
+                    temperature: if k == 0 { 0.0 } else { 1.0 },
+                    top_p: 0.95,
+                    seed: 40 + k as u64,
+                    max_new_tokens: 5 + 3 * k,
+                })
+                .collect();
+            let mut kv = KvCache::new();
+            model
+                .transformer
+                .forward(&prompt[..9], &mut kv, &mut Hooks::none(), &LogitsAt::None)
+                .unwrap();
+            let lockstep = generate_lockstep(&model, &mut kv, &prompt, &samplings)
+                .unwrap()
+                .expect("no adapter: the tree runs");
+            for (k, sampling) in samplings.iter().enumerate() {
+                let alone = generate_with_cache(
+                    &model,
+                    &mut KvCache::new(),
+                    &prompt,
+                    sampling,
+                    &mut Hooks::none(),
+                    |_| {},
+                )
+                .unwrap();
+                assert_eq!(lockstep[k], alone, "{} sample {k}", dir.display());
+            }
+            // The cache still holds the prompt: a linear forward drops the branches.
+            kv.truncate(prompt.len()).unwrap();
+            assert_eq!(kv.tokens(), &prompt[..]);
         }
     }
 

@@ -207,6 +207,114 @@ pub fn sum_logprobs<'a>(
         .collect()
 }
 
+/// Prompts (their tokens past a cache they share) and each one's
+/// continuations as one token tree, and where each token lands in it: what a
+/// batched capture or an edited run computes in one forward call.
+pub struct PromptTree<'a> {
+    pub tree: TokenTree,
+    /// Per prompt: the node of each of its own tokens.
+    own: Vec<Vec<usize>>,
+    /// Per prompt: its continuations, and the nodes of their fed tokens (all but the last).
+    conts: Vec<Vec<&'a [u32]>>,
+    fed: Vec<Vec<Vec<usize>>>,
+}
+
+impl<'a> PromptTree<'a> {
+    /// `prompts[i]`: prompt i's tokens after the cache (at least one) and its continuations.
+    pub fn new(prompts: Vec<(&'a [u32], Vec<&'a [u32]>)>) -> PromptTree<'a> {
+        let mut branches: Vec<Vec<u32>> = Vec::new();
+        for (own, conts) in &prompts {
+            branches.push(own.to_vec());
+            for c in conts {
+                branches.push([own, &c[..c.len().saturating_sub(1)]].concat());
+            }
+        }
+        let refs: Vec<&[u32]> = branches.iter().map(Vec::as_slice).collect();
+        let (tree, mut paths) = TokenTree::trie(&refs);
+        let mut own = Vec::new();
+        let mut fed = Vec::new();
+        let mut paths = paths.drain(..);
+        for (tokens, conts) in &prompts {
+            own.push(paths.next().expect("a path per branch"));
+            fed.push(
+                conts
+                    .iter()
+                    .map(|_| paths.next().expect("a path per branch")[tokens.len()..].to_vec())
+                    .collect(),
+            );
+        }
+        PromptTree {
+            tree,
+            own,
+            conts: prompts.into_iter().map(|(_, c)| c).collect(),
+            fed,
+        }
+    }
+
+    /// The node of prompt `i`'s token at `offset` past the cache.
+    pub fn node(&self, i: usize, offset: usize) -> usize {
+        self.own[i][offset]
+    }
+
+    /// The nodes whose logits scoring reads, sorted: each prompt's last token
+    /// (when it has continuations) and its continuations' fed tokens.
+    pub fn logit_nodes(&self) -> Vec<usize> {
+        let mut nodes = std::collections::BTreeSet::new();
+        for (i, fed) in self.fed.iter().enumerate() {
+            if !fed.is_empty() {
+                nodes.insert(*self.own[i].last().expect("a prompt has a token"));
+            }
+            nodes.extend(fed.iter().flatten());
+        }
+        nodes.into_iter().collect()
+    }
+
+    /// Σ log p of prompt `i`'s continuations, in their order, from the
+    /// log-probabilities `logprobs[k]` at node `nodes[k]` (`nodes` as
+    /// [`logit_nodes`](Self::logit_nodes) returns them).
+    pub fn logprobs(&self, i: usize, nodes: &[usize], logprobs: &[Vec<f32>]) -> Vec<f64> {
+        let at = |node: usize| {
+            let k = nodes
+                .binary_search(&node)
+                .expect("logits at every scored node");
+            logprobs[k].as_slice()
+        };
+        match self.own[i].last() {
+            Some(&last) if !self.fed[i].is_empty() => {
+                sum_logprobs(&self.conts[i], &self.fed[i], at(last), at)
+            }
+            _ => vec![],
+        }
+    }
+}
+
+/// Runs `rest` (the prompt's tokens after `kv`, at least one) and every
+/// continuation of `named` and `openings` as one token tree with `hooks`,
+/// leaving `kv` as it was; returns the scores and the tokens run, or `None`
+/// where the model cannot run the tree (see [`Transformer::forward_tree`]).
+pub fn score_rest_as_tree(
+    t: &Transformer,
+    kv: &mut KvCache,
+    hooks: &mut Hooks,
+    rest: &[u32],
+    named: &BTreeMap<String, Vec<u32>>,
+    openings: Option<&RefusalOpenings>,
+) -> Result<Option<(Scores, usize)>> {
+    let prompt = PromptTree::new(vec![(rest, continuations(named, openings))]);
+    let nodes = prompt.logit_nodes();
+    let logits_at = if nodes.is_empty() {
+        LogitsAt::None
+    } else {
+        LogitsAt::Rows(nodes.clone())
+    };
+    let Some(logits) = t.forward_tree(&prompt.tree, kv, hooks, &logits_at)? else {
+        return Ok(None);
+    };
+    let logprobs = log_softmax(&logits)?.to_vec2::<f32>()?;
+    let scores = Scores::from_logprobs(named, openings, &prompt.logprobs(0, &nodes, &logprobs));
+    Ok(Some((scores, prompt.tree.len())))
+}
+
 /// Σ log p(cont[j] | prompt, cont[..j]) for each continuation, teacher-forced on
 /// the prompt in `kv`; returns them in input order with the number of tokens run.
 ///

@@ -48,6 +48,33 @@ afprobe capture --prompts study.jsonl --positions last,cue --score --out activat
 afprobe bench probe --acts activations/study --ref-python ref-venv/bin/python"
     )]
     Probe(ProbeBenchArgs),
+    /// Sampling tokens/s with several samples per row, in lockstep beside one by one.
+    #[command(
+        long_about = "Sampling throughput: `afprobe sample` on --rows prompts of the \
+alignment-faking workload (two system paragraphs, ~250 tokens), -n samples per row at \
+temperature 1 with --max-new-tokens each, run in lockstep (one forward call per step carries \
+every unfinished sample's next token) and one by one (--one-by-one), same seeds. Reports \
+generated tokens per second, model loading excluded."
+    )]
+    Sample(SampleBenchArgs),
+}
+
+#[derive(Args)]
+pub struct SampleBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompts sampled.
+    #[arg(long, default_value_t = 4)]
+    rows: usize,
+    /// Samples per prompt.
+    #[arg(short = 'n', long = "n", default_value_t = 8)]
+    n: usize,
+    /// Token budget per sample.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Where the runs go (default: a fresh temporary directory).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -137,6 +164,7 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Prefill(a) => bench_prefill(a),
         BenchCommand::Capture(a) => bench_capture(a),
         BenchCommand::Probe(a) => bench_probe(a),
+        BenchCommand::Sample(a) => bench_sample(a),
     }
 }
 
@@ -157,6 +185,32 @@ fn bench_probe(a: ProbeBenchArgs) -> anyhow::Result<()> {
     );
     bench::print_probe_table(&rows);
     eprintln!("afprobe: exports and outputs in {}", work_dir.display());
+    Ok(())
+}
+
+fn bench_sample(a: SampleBenchArgs) -> anyhow::Result<()> {
+    let model = a.model.load()?;
+    let work_dir = a.work_dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("afprobe-bench-{}", std::process::id()))
+    });
+    let results = bench::sample_bench(
+        &model,
+        &bench::SampleBench {
+            rows: a.rows,
+            n: a.n,
+            max_new_tokens: a.max_new_tokens,
+            work_dir: work_dir.clone(),
+        },
+    )?;
+    println!(
+        "sample: {} rows x {} samples, temperature 1, up to {} new tokens, {} threads",
+        a.rows,
+        a.n,
+        a.max_new_tokens,
+        rayon::current_num_threads()
+    );
+    bench::print_sample_table(&results);
+    eprintln!("afprobe: runs in {}", work_dir.display());
     Ok(())
 }
 

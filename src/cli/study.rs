@@ -80,6 +80,10 @@ pub struct SampleArgs {
     /// Token budget per response (CoT needs more).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    /// Decode a row's samples one after another rather than in lockstep (one forward call
+    /// per step carrying every sample's next token); for speed comparisons.
+    #[arg(long)]
+    one_by_one: bool,
     /// Overwrite a sampling run already in --out.
     #[arg(long, conflicts_with = "resume")]
     force: bool,
@@ -160,6 +164,7 @@ pub fn sample(a: SampleArgs) -> anyhow::Result<()> {
             top_p: a.top_p,
             seed: a.seed,
             max_new_tokens: a.max_new_tokens,
+            one_by_one: a.one_by_one,
             force: a.force,
             resume: a.resume,
         },

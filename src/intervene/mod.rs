@@ -23,7 +23,7 @@ use crate::model::{Hooks, KvCache, LogitsAt, Model};
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::rows::cell;
 use crate::rows::{Filter, Table};
-use crate::score::{score_prompt, Scores};
+use crate::score::{score_prompt, score_rest_as_tree, Scores};
 
 /// A prompt row rendered for the model.
 pub struct Row {
@@ -182,6 +182,20 @@ impl RowCache {
             )?;
             count.computed += start - self.clean;
             self.clean = start;
+        }
+        let t = &model.transformer;
+        self.kv.truncate(start)?;
+        let rest = &tokens[start..];
+        // One hooks entry: the rest of the prompt and every continuation as one token tree.
+        if let [one] = hooks {
+            let named = &row.rendered.continuations;
+            if let Some((scores, n)) = score_rest_as_tree(t, &mut self.kv, one, rest, named, None)?
+            {
+                count.computed += n;
+                count.naive += start + n;
+                self.clean = start;
+                return Ok(scores);
+            }
         }
         let scores = self.forward_and_score(model, row, start, hooks, count)?;
         self.clean = start;

@@ -18,14 +18,14 @@ use serde_json::{json, Value};
 
 use super::{load_rows, p_accept, prepare_out, write_run, Row, RowCache, TokenCount};
 use crate::error::{Error, Result};
-use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{
     ActivationCache, CaptureRows, Edit, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter,
+    TokenTree,
 };
 use crate::progress::Progress;
 use crate::prompts::RenderedPrompt;
 use crate::rows::Filter;
-use crate::score::Scores;
+use crate::score::{continuation_logprobs, Scores};
 use crate::stats::quantile_sorted;
 
 /// The file that marks a finished patching run.
@@ -105,80 +105,94 @@ pub struct PatchSpec {
     pub force: bool,
 }
 
-/// The source row run once per continuation over prompt + continuation (its
-/// own forward from scratch), capturing `points` at every position, the
-/// continuation's included; returns the captures in continuation-name order
-/// and the source's p_accept from the same runs.
+/// The source row run once: its activations at the patched points, the prompt
+/// then its continuations' fed tokens as one token tree on the prompt's cache.
+struct Source {
+    acts: ActivationCache,
+    prompt_len: usize,
+    /// Per continuation (in name order): the captured row of each fed token.
+    cont_rows: Vec<Vec<usize>>,
+}
+
 fn run_source(
     model: &Model,
     row: &Row,
     points: &[HookPoint],
     count: &mut TokenCount,
-) -> Result<(Vec<ActivationCache>, f64)> {
+) -> Result<(Source, f64)> {
+    let t = &model.transformer;
     let tokens = &row.rendered.tokens;
-    let mut captures = Vec::new();
-    let mut logprob = BTreeMap::new();
-    for (name, cont) in &row.rendered.continuations {
-        let seq: Vec<u32> = tokens
-            .iter()
-            .chain(&cont[..cont.len() - 1])
-            .copied()
-            .collect();
-        let mut hooks = Hooks::capture(NamesFilter::Only(points.to_vec()), CaptureRows::All);
-        let rows = LogitsAt::Rows((tokens.len() - 1..seq.len()).collect());
-        let logits = model
-            .transformer
-            .forward(&seq, &mut KvCache::new(), &mut hooks, &rows)?;
-        let logprobs = log_softmax(&logits)?;
-        let mut total = 0.0;
-        for (j, &c) in cont.iter().enumerate() {
-            total += row_f32(&logprobs, j)?[c as usize] as f64;
-        }
-        logprob.insert(name.clone(), total);
-        count.computed += seq.len();
-        count.naive += seq.len();
-        captures.push(hooks.cache);
+    let mut hooks = Hooks::capture(NamesFilter::Only(points.to_vec()), CaptureRows::All);
+    let mut kv = KvCache::new();
+    let last = t.forward(tokens, &mut kv, &mut hooks, &LogitsAt::Last)?;
+    let named = &row.rendered.continuations;
+    let conts: Vec<&[u32]> = named.values().map(Vec::as_slice).collect();
+    let (logprobs, scored) =
+        continuation_logprobs(t, &mut kv, std::slice::from_mut(&mut hooks), &last, &conts)?;
+    // The tree's rows follow the prompt's: the trie of the fed tokens, as scoring built it.
+    let fed: Vec<&[u32]> = conts.iter().map(|c| &c[..c.len() - 1]).collect();
+    let (tree, paths) = TokenTree::trie(&fed);
+    let captured = points.first().map_or(Ok(0), |&p| {
+        hooks.cache.require(p).and_then(|a| Ok(a.dim(0)?))
+    })?;
+    if captured != tokens.len() + tree.len() {
+        return Err(Error::BadInput(format!(
+            "row `{}`: the source's continuations did not run as one token tree",
+            row.prompt.id
+        )));
     }
-    let scores = Scores {
-        logprob,
-        refusal: None,
+    count.computed += tokens.len() + scored;
+    count.naive += tokens.len() + scored;
+    let cont_rows = paths
+        .into_iter()
+        .map(|p| p.into_iter().map(|n| tokens.len() + n).collect())
+        .collect();
+    let scores = Scores::from_logprobs(named, None, &logprobs);
+    let source = Source {
+        acts: hooks.cache,
+        prompt_len: tokens.len(),
+        cont_rows,
     };
-    Ok((captures, p_accept(&scores)))
+    Ok((source, p_accept(&scores)))
 }
 
-/// One Replace edit per continuation: the aligned prompt positions, and for
-/// `all` the continuation's positions too, take the source's activations.
+/// The patch of one cell: the aligned prompt positions take the source's
+/// activations; for `all`, each continuation's positions take the source's on
+/// that continuation, one hooks entry per continuation (else one for all).
 fn patch_hooks(
     point: HookPoint,
     position: PatchPosition,
     aligned: &[(usize, usize)],
     dst: &Row,
-    src: &Row,
-    src_acts: &[ActivationCache],
+    src: &Source,
 ) -> Result<Vec<Hooks>> {
-    let (td, ts) = (dst.rendered.tokens.len(), src.rendered.tokens.len());
-    dst.rendered
-        .continuations
-        .values()
-        .zip(src_acts)
-        .map(|(cont, acts)| {
+    let td = dst.rendered.tokens.len();
+    let replace = |pairs: Vec<(usize, usize)>| -> Result<Hooks> {
+        let src_rows: Vec<u32> = pairs.iter().map(|&(_, s)| s as u32).collect();
+        let values = src
+            .acts
+            .require(point)?
+            .index_select(&Tensor::new(src_rows, &candle_core::Device::Cpu)?, 0)?;
+        let mut hooks = Hooks::none();
+        hooks.add_edit(
+            point,
+            Edit::Replace {
+                positions: pairs.iter().map(|&(d, _)| d).collect(),
+                values,
+            },
+        );
+        Ok(hooks)
+    };
+    if position != PatchPosition::All {
+        return Ok(vec![replace(aligned.to_vec())?]);
+    }
+    debug_assert!(aligned.iter().all(|&(_, s)| s < src.prompt_len));
+    src.cont_rows
+        .iter()
+        .map(|rows| {
             let mut pairs = aligned.to_vec();
-            if position == PatchPosition::All {
-                pairs.extend((0..cont.len() - 1).map(|j| (td + j, ts + j)));
-            }
-            let src_rows: Vec<u32> = pairs.iter().map(|&(_, s)| s as u32).collect();
-            let values = acts
-                .require(point)?
-                .index_select(&Tensor::new(src_rows, &candle_core::Device::Cpu)?, 0)?;
-            let mut hooks = Hooks::none();
-            hooks.add_edit(
-                point,
-                Edit::Replace {
-                    positions: pairs.iter().map(|&(d, _)| d).collect(),
-                    values,
-                },
-            );
-            Ok(hooks)
+            pairs.extend(rows.iter().enumerate().map(|(j, &s)| (td + j, s)));
+            replace(pairs)
         })
         .collect()
 }
@@ -470,7 +484,7 @@ fn patch_pair(
     spec: &PatchSpec,
     count: &mut TokenCount,
 ) -> Result<(PairResult, RowCache)> {
-    let (src_acts, p_source) = run_source(model, src, &spec.points, count)?;
+    let (source, p_source) = run_source(model, src, &spec.points, count)?;
     let (mut dst_cache, dst_scores) =
         RowCache::run(model, dst, previous, &mut Hooks::none(), count)?;
     let mut patched = vec![f64::NAN; cells.len()];
@@ -506,7 +520,7 @@ fn patch_pair(
             }
         };
         let (point, position) = cells[c];
-        let mut hooks = patch_hooks(point, position, &aligned, dst, src, &src_acts)?;
+        let mut hooks = patch_hooks(point, position, &aligned, dst, &source)?;
         let scores = dst_cache.run_edited(model, dst, start, &mut hooks, count)?;
         patched[c] = p_accept(&scores);
     }

@@ -45,50 +45,67 @@ pub(crate) struct Strided<'a> {
     pub offset: usize,
 }
 
-/// Which new keys each new query sees when the call's tokens form a tree (many
-/// continuations of one cached prompt in one call): its ancestors and itself,
-/// besides every cached key; the tokens sit at `cache len + depth`.
+/// Which keys each query sees when the cache ends in a token tree (many
+/// continuations of one prompt, or samples decoded in lockstep): the cache's
+/// `start` linear rows, then tree nodes, the cached ones and this call's.
+/// A query sees every linear row and its own ancestors in the tree (itself
+/// included); a node sits at position `start + depth`.
 #[derive(Debug, Clone)]
 pub(crate) struct TreeMask {
-    /// Absolute position of each new token.
+    /// Linear cache rows before the tree.
+    pub start: usize,
+    /// Tree nodes already in the cache (this call's queries follow them).
+    cached: usize,
+    /// Absolute position of every tree node.
     pub positions: Vec<usize>,
-    /// Row `i`, bit `j`: new token `j` is `i` or an ancestor of `i`.
+    /// Query `i` (node `cached + i`), bit `j`: node `j` is it or its ancestor.
     sees: Vec<u64>,
     words: usize,
 }
 
 impl TreeMask {
-    /// From each new token's parent (an earlier new token, or `None` for the
-    /// end of the `past` cached tokens). Errors name a parent that is not earlier.
-    pub fn new(parents: &[Option<usize>], past: usize) -> Result<TreeMask, String> {
-        let t = parents.len();
-        let words = t.div_ceil(64);
-        let mut sees = vec![0u64; t * words];
-        let mut positions = Vec::with_capacity(t);
+    /// From every tree node's parent (an earlier node, or `None` for the end of
+    /// the `start` linear rows); the last `parents.len() - cached` nodes are
+    /// this call's queries. Errors name a parent that is not earlier.
+    pub fn new(parents: &[Option<usize>], start: usize, cached: usize) -> Result<TreeMask, String> {
+        let n = parents.len();
+        let mut positions: Vec<usize> = Vec::with_capacity(n);
         for (i, parent) in parents.iter().enumerate() {
-            match *parent {
+            positions.push(match *parent {
                 Some(p) if p >= i => {
                     return Err(format!(
                         "token {i} of the tree names token {p} as its parent; a parent must come earlier"
                     ))
                 }
-                Some(p) => {
-                    sees.copy_within(p * words..(p + 1) * words, i * words);
-                    positions.push(positions[p] + 1);
-                }
-                None => positions.push(past),
+                Some(p) => positions[p] + 1,
+                None => start,
+            });
+        }
+        let words = n.div_ceil(64);
+        let mut sees = vec![0u64; (n - cached) * words];
+        for (q, row) in sees.chunks_exact_mut(words.max(1)).enumerate() {
+            let mut node = Some(cached + q);
+            while let Some(j) = node {
+                row[j / 64] |= 1 << (j % 64);
+                node = parents[j];
             }
-            sees[i * words + i / 64] |= 1 << (i % 64);
         }
         Ok(TreeMask {
+            start,
+            cached,
             positions,
             sees,
             words,
         })
     }
 
-    fn sees(&self, query: usize, key: usize) -> bool {
-        self.sees[query * self.words + key / 64] & (1 << (key % 64)) != 0
+    /// Position of query `i` of this call.
+    pub fn query_position(&self, i: usize) -> usize {
+        self.positions[self.cached + i]
+    }
+
+    fn sees(&self, query: usize, node: usize) -> bool {
+        self.sees[query * self.words + node / 64] & (1 << (node % 64)) != 0
     }
 }
 
@@ -191,7 +208,7 @@ pub(crate) fn causal_attention(
                 // Keys [first, visible): causal, and within the window if any.
                 let query = start + row % len;
                 let visible = past + query + 1;
-                let position = tree.map_or(past + query, |m| m.positions[query]);
+                let position = tree.map_or(past + query, |m| m.query_position(query));
                 let lowest = window.map_or(0, |w| (position + 1).saturating_sub(w));
                 let first = lowest.min(past + query);
                 if let Some(cap) = softcap {
@@ -199,23 +216,23 @@ pub(crate) fn causal_attention(
                         *s = cap * (*s / cap).tanh();
                     }
                 }
+                // Tree keys that are not the query's ancestors, or fell out of its window.
+                let tree_keys = tree.map_or(0..0, |m| first.max(m.start)..visible);
                 let hidden = |j: usize| {
                     tree.is_some_and(|m| {
-                        j >= past && (!m.sees(query, j - past) || m.positions[j - past] < lowest)
+                        let node = j - m.start;
+                        !m.sees(query, node) || m.positions[node] < lowest
                     })
                 };
-                if tree.is_some() {
-                    // exp(-inf) clamps to ~1e-38 in the softmax; zeroed after it.
-                    (first.max(past)..visible)
-                        .filter(|&j| hidden(j))
-                        .for_each(|j| scores[j] = f32::NEG_INFINITY);
-                }
+                // exp(-inf) clamps to ~1e-38 in the softmax; zeroed after it.
+                tree_keys
+                    .clone()
+                    .filter(|&j| hidden(j))
+                    .for_each(|j| scores[j] = f32::NEG_INFINITY);
                 softmax_in_place(&mut scores[first..visible]);
-                if tree.is_some() {
-                    (first.max(past)..visible)
-                        .filter(|&j| hidden(j))
-                        .for_each(|j| scores[j] = 0.0);
-                }
+                tree_keys
+                    .filter(|&j| hidden(j))
+                    .for_each(|j| scores[j] = 0.0);
                 scores[..first].fill(0.0);
                 scores[visible..].fill(0.0);
             }
@@ -322,7 +339,7 @@ mod tests {
 
     #[test]
     fn a_parent_must_come_earlier() {
-        let err = TreeMask::new(&[None, Some(2), Some(0)], 0).unwrap_err();
+        let err = TreeMask::new(&[None, Some(2), Some(0)], 0, 0).unwrap_err();
         assert!(err.contains("token 1") && err.contains("earlier"), "{err}");
     }
 
@@ -380,7 +397,7 @@ mod tests {
                     _ => Some(i - 1),
                 })
                 .collect();
-            let mask = TreeMask::new(&parents, past).unwrap();
+            let mask = TreeMask::new(&parents, past, 0).unwrap();
             let got = causal_attention(s(&q, 48), s(&k, 16), s(&v, 16), d, Some(&mask));
             let want = naive(&q, &k, &v, d, Some(&parents));
             let err = got
@@ -389,6 +406,27 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(err < 1e-5, "tree t={t} past={past}: max error {err}");
+            // The tree's first third already cached, the rest queried.
+            let c = t / 3;
+            let split = TreeMask::new(&parents, past, c).unwrap();
+            let dims = AttnDims {
+                t: t - c,
+                past: past + c,
+                ..d
+            };
+            let got = causal_attention(
+                s(&q[c * 48..], 48),
+                s(&k, 16),
+                s(&v, 16),
+                dims,
+                Some(&split),
+            );
+            let err = got
+                .iter()
+                .zip(&want[c * 48..])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "cached tree t={t} past={past}: max error {err}");
         }
     }
 }

@@ -632,9 +632,10 @@ impl TokenTree {
         self.tokens.is_empty()
     }
 
-    /// Whether some branch, read after `cached`, ends with `pattern` at one of its tokens.
-    fn completes(&self, cached: &[u32], pattern: &[u32]) -> bool {
-        (0..self.len()).any(|i| {
+    /// Whether some branch through a node from `from` on, read after the
+    /// linear tokens `cached`, ends with `pattern` at that node.
+    fn completes(&self, from: usize, cached: &[u32], pattern: &[u32]) -> bool {
+        (from..self.len()).any(|i| {
             // The branch's last tokens up to i, newest first, continued into the cache.
             let mut node = Some(i);
             let branch = std::iter::from_fn(|| {
@@ -806,26 +807,66 @@ impl Transformer {
         hooks: &mut Hooks,
         logits_at: &LogitsAt,
     ) -> Result<Option<Tensor>> {
+        if !kv.branches.is_empty() {
+            return Err(Error::BadInput(
+                "forward_tree runs on a linear cache; this one ends in branches (grow_tree)".into(),
+            ));
+        }
+        self.tree_call(tree, kv, hooks, logits_at, false)
+    }
+
+    /// Like [`forward_tree`](Self::forward_tree), but keeps the new nodes in
+    /// `kv` after its branches of earlier calls (lockstep decoding: each call
+    /// adds one token per sample). `tree.parents` index the cache's branch
+    /// nodes followed by this call's (`None`: the end of the linear tokens).
+    /// A truncation of `kv` drops every branch.
+    pub fn grow_tree(
+        &self,
+        tree: &TokenTree,
+        kv: &mut KvCache,
+        hooks: &mut Hooks,
+        logits_at: &LogitsAt,
+    ) -> Result<Option<Tensor>> {
+        self.tree_call(tree, kv, hooks, logits_at, true)
+    }
+
+    fn tree_call(
+        &self,
+        tree: &TokenTree,
+        kv: &mut KvCache,
+        hooks: &mut Hooks,
+        logits_at: &LogitsAt,
+        keep: bool,
+    ) -> Result<Option<Tensor>> {
+        let cached = kv.branches.len();
+        let all = TokenTree {
+            tokens: [&kv.branches.tokens[..], &tree.tokens].concat(),
+            parents: [&kv.branches.parents[..], &tree.parents].concat(),
+        };
         let weights = match &self.activated {
             None => self,
             Some(act) => {
                 let boundary = act.start_in(kv.tokens());
                 let settled = boundary.is_some() && boundary == kv.adapted_from;
                 // A branch that completes a later invocation would move its boundary.
-                if !settled || tree.completes(kv.tokens(), &act.invocation) {
+                if !settled || all.completes(cached, kv.tokens(), &act.invocation) {
                     return Ok(None);
                 }
                 &act.adapted
             }
         };
-        let past = kv.len();
-        let mask = TreeMask::new(&tree.parents, past).map_err(Error::BadInput)?;
+        let start = kv.len();
+        let mask = TreeMask::new(&all.parents, start, cached).map_err(Error::BadInput)?;
         let layout = Layout {
-            positions: mask.positions.clone(),
+            positions: mask.positions[cached..].to_vec(),
             tree: Some(mask),
         };
         let logits = weights.run(&tree.tokens, &layout, kv, hooks, logits_at);
-        kv.forget_after(past);
+        if keep && logits.is_ok() {
+            kv.branches = all;
+        } else {
+            kv.forget_after(start + cached);
+        }
         logits.map(Some)
     }
 
@@ -837,6 +878,8 @@ impl Transformer {
         hooks: &mut Hooks,
         logits_at: &LogitsAt,
     ) -> Result<Tensor> {
+        // Linear tokens follow the linear ones: drop branches a lockstep decode left.
+        kv.truncate(kv.len())?;
         let start = kv.len();
         let layout = Layout {
             positions: (start..start + tokens.len()).collect(),
@@ -1020,6 +1063,8 @@ pub struct KvCache {
     kv_width: usize,
     /// First cached position computed with activated-LoRA weights (`adapter.rs`).
     pub(crate) adapted_from: Option<usize>,
+    /// Nodes kept after the linear tokens by [`Transformer::grow_tree`].
+    branches: TokenTree,
 }
 
 impl KvCache {
@@ -1027,7 +1072,7 @@ impl KvCache {
         KvCache::default()
     }
 
-    /// Number of tokens cached.
+    /// Number of linear tokens cached (branches not counted).
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
@@ -1041,8 +1086,12 @@ impl KvCache {
         &self.tokens
     }
 
-    /// Keeps only the first `len` tokens.
+    /// Keeps only the first `len` tokens (and no branches).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if !self.branches.is_empty() {
+            self.forget_after(self.tokens.len());
+            self.branches = TokenTree::default();
+        }
         if len < self.tokens.len() {
             self.tokens.truncate(len);
             self.adapted_from = self.adapted_from.filter(|&a| a < len);
@@ -1084,6 +1133,7 @@ impl KvCache {
             self.layers = vec![LayerKv::default(); n];
             self.tokens.clear();
             self.adapted_from = None;
+            self.branches = TokenTree::default();
             self.kv_width = kv_width;
         }
     }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::generate::{generate_with_cache, Sampling};
+use crate::generate::{generate_lockstep, generate_with_cache, Sampling};
 use crate::io::write_atomic;
 use crate::model::{Hooks, KvCache, Model};
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
@@ -57,6 +57,8 @@ pub struct SampleSpec {
     pub top_p: f64,
     pub seed: u64,
     pub max_new_tokens: usize,
+    /// Decode a row's samples one after another instead of in lockstep (speed comparisons).
+    pub one_by_one: bool,
     pub force: bool,
     /// Continue a killed run with the same settings in `out`.
     #[serde(skip)]
@@ -102,7 +104,8 @@ pub fn sample(model: &Model, spec: &SampleSpec) -> Result<()> {
     let settings = json!({"model": model.spec.to_string(), "weights_sha256": model.weights_sha256()?,
                           "prompts_sha256": crate::io::sha256_file(&spec.prompts)?, "rows": rows.len(),
                           "n": spec.n, "temperature": spec.temperature, "top_p": spec.top_p,
-                          "seed": spec.seed, "max_new_tokens": spec.max_new_tokens});
+                          "seed": spec.seed, "max_new_tokens": spec.max_new_tokens,
+                          "lockstep": !spec.one_by_one});
     prepare_dir(spec, &settings)?;
     let n_blocks = rows.len().div_ceil(BLOCK_ROWS);
     let started = std::time::Instant::now();
@@ -151,16 +154,35 @@ fn sample_row(
     let mut transcripts = String::new();
     // Keep the longest common token prefix with the previous row (the system prompt).
     kv.truncate(kv.shared_prefix_len(&r.tokens))?;
-    for k in 0..spec.n {
-        let sampling = Sampling {
+    let samplings: Vec<Sampling> = (0..spec.n)
+        .map(|k| Sampling {
             temperature: spec.temperature,
             top_p: spec.top_p,
             seed: sample_seed(spec.seed, i, k),
             max_new_tokens: spec.max_new_tokens,
-        };
-        let ids = generate_with_cache(model, kv, &r.tokens, &sampling, &mut Hooks::none(), |_| {})?;
-        kv.truncate(r.tokens.len())?;
-        let text = model.tokenizer.decode(&ids)?;
+        })
+        .collect();
+    // All samples in lockstep; one by one where the model cannot run them as a tree.
+    let lockstep = if spec.one_by_one {
+        None
+    } else {
+        generate_lockstep(model, kv, &r.tokens, &samplings)?
+    };
+    let samples = match lockstep {
+        Some(samples) => samples,
+        None => samplings
+            .iter()
+            .map(|sampling| {
+                let ids =
+                    generate_with_cache(model, kv, &r.tokens, sampling, &mut Hooks::none(), |_| {});
+                kv.truncate(r.tokens.len())?;
+                ids
+            })
+            .collect::<Result<_>>()?,
+    };
+    kv.truncate(r.tokens.len())?;
+    for (k, (ids, sampling)) in samples.iter().zip(&samplings).enumerate() {
+        let text = model.tokenizer.decode(ids)?;
         let answer = classify(&text);
         match answer {
             Answer::Accept => accept += 1,
