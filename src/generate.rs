@@ -86,61 +86,89 @@ pub fn generate_with_cache(
     Ok(generated)
 }
 
-/// Samples `samplings.len()` continuations of `prompt` in lockstep: each
-/// forward call carries the next token of every unfinished sample (a token tree
-/// on the prompt's cache, see [`Transformer::grow_tree`]), so one read of the
-/// weights serves them all. Sample k picks with `samplings[k]` (its own seed),
-/// as [`generate_with_cache`] would, so it gives the same tokens up to float
-/// rounding of the logits (~1e-6), which can only matter at a near-tie.
-/// Returns each sample's ids (without the stop token), or `None` where the
-/// model cannot run the tree (then generate one by one). `kv` must hold a
-/// prefix of `prompt`; it holds the prompt and the samples' branches after.
+/// Samples continuations of several prompts in lockstep: `samplings[p]`
+/// holds one [`Sampling`] per sample of `prompts[p]`. The prompts' tokens past
+/// the part they share run as one token tree on that shared cache, then each
+/// forward call carries the next token of every unfinished sample, as
+/// branches kept on the cache ([`Transformer::grow_tree`]), so one read of the
+/// weights serves every sample of every prompt. Each sample picks with its
+/// own seed exactly as [`generate_with_cache`] would, so it gives the same
+/// tokens up to float rounding of the logits (~1e-6), which can only matter at
+/// a near-exact tie. Returns per prompt, per sample, the ids (without the stop
+/// token), or `None` where the model cannot run the tree (then generate one by
+/// one). `kv` is reused up to the prompts' shared part and holds that part and
+/// the branches after.
 ///
 /// [`Transformer::grow_tree`]: crate::model::Transformer::grow_tree
 pub fn generate_lockstep(
     model: &Model,
     kv: &mut KvCache,
-    prompt: &[u32],
-    samplings: &[Sampling],
-) -> Result<Option<Vec<Vec<u32>>>> {
+    prompts: &[&[u32]],
+    samplings: &[Vec<Sampling>],
+) -> Result<Option<Vec<Vec<Vec<u32>>>>> {
     let t = &model.transformer;
-    kv.truncate(kv.len().min(prompt.len() - 1))?;
-    let rest = &prompt[kv.len()..];
-    let first = row_f32(
-        &t.forward(rest, kv, &mut Hooks::none(), &LogitsAt::Last)?,
-        0,
-    )?;
-    let mut rngs: Vec<StdRng> = samplings
+    // The linear part every prompt shares, leaving each at least its last token.
+    let shared = prompts
         .iter()
-        .map(|s| StdRng::seed_from_u64(s.seed))
+        .map(|p| {
+            let common = p.iter().zip(prompts[0]).take_while(|(a, b)| a == b).count();
+            common.min(p.len() - 1)
+        })
+        .min()
+        .unwrap_or(0);
+    kv.truncate(kv.shared_prefix_len(&prompts[0][..shared]))?;
+    if kv.len() < shared {
+        let head = &prompts[0][kv.len()..shared];
+        t.forward(head, kv, &mut Hooks::none(), &LogitsAt::None)?;
+    }
+    let rests: Vec<&[u32]> = prompts.iter().map(|p| &p[shared..]).collect();
+    let (tree, paths) = crate::model::TokenTree::trie(&rests);
+    let ends: Vec<usize> = paths.iter().map(|p| *p.last().expect("a token")).collect();
+    let Some(first) = t.grow_tree(&tree, kv, &mut Hooks::none(), &LogitsAt::Rows(ends.clone()))?
+    else {
+        return Ok(None);
+    };
+    // Every sample of every prompt, flattened: (prompt, sampling).
+    let all: Vec<(usize, &Sampling)> = samplings
+        .iter()
+        .enumerate()
+        .flat_map(|(p, s)| s.iter().map(move |s| (p, s)))
         .collect();
-    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); samplings.len()];
+    let mut rngs: Vec<StdRng> = all
+        .iter()
+        .map(|(_, s)| StdRng::seed_from_u64(s.seed))
+        .collect();
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); all.len()];
     // Per sample: its last node in the cache's branches; `None` once it stopped.
-    let mut last: Vec<Option<Option<usize>>> = vec![Some(None); samplings.len()];
-    let mut logits: Vec<Vec<f32>> = vec![first; samplings.len()];
-    let mut nodes = 0;
+    let mut last: Vec<Option<usize>> = all.iter().map(|&(p, _)| Some(ends[p])).collect();
+    let mut logits: Vec<Vec<f32>> = all
+        .iter()
+        .map(|&(p, _)| row_f32(&first, p))
+        .collect::<Result<_>>()?;
+    let mut nodes = tree.len();
     loop {
         let mut step = crate::model::TokenTree::default();
         let mut running = Vec::new();
-        for (k, sampling) in samplings.iter().enumerate() {
+        for (k, &(_, sampling)) in all.iter().enumerate() {
             let Some(parent) = last[k] else { continue };
+            last[k] = None;
+            if sampling.max_new_tokens == 0 {
+                continue;
+            }
             let next = pick(&logits[k], sampling, &mut rngs[k]);
-            if model.tokenizer.stop_ids.contains(&next) || sampling.max_new_tokens == 0 {
-                last[k] = None;
+            if model.tokenizer.stop_ids.contains(&next) {
                 continue;
             }
             generated[k].push(next);
-            if generated[k].len() == sampling.max_new_tokens {
-                last[k] = None;
-                continue;
+            if generated[k].len() < sampling.max_new_tokens {
+                step.tokens.push(next);
+                step.parents.push(Some(parent));
+                last[k] = Some(nodes + running.len());
+                running.push(k);
             }
-            step.tokens.push(next);
-            step.parents.push(parent);
-            last[k] = Some(Some(nodes + running.len()));
-            running.push(k);
         }
         if running.is_empty() {
-            return Ok(Some(generated));
+            break;
         }
         let Some(out) = t.grow_tree(&step, kv, &mut Hooks::none(), &LogitsAt::All)? else {
             return Ok(None);
@@ -150,6 +178,13 @@ pub fn generate_lockstep(
             logits[k] = row_f32(&out, row)?;
         }
     }
+    let mut samples = generated.into_iter();
+    Ok(Some(
+        samplings
+            .iter()
+            .map(|s| samples.by_ref().take(s.len()).collect())
+            .collect(),
+    ))
 }
 
 /// Picks the next token from one row of logits.
@@ -280,24 +315,40 @@ mod tests {
                 .transformer
                 .forward(&prompt[..9], &mut kv, &mut Hooks::none(), &LogitsAt::None)
                 .unwrap();
-            let lockstep = generate_lockstep(&model, &mut kv, &prompt, &samplings)
+            // A second prompt sharing the first 12 tokens, a third sharing 5.
+            let second: Vec<u32> = prompt[..12].iter().chain(&[7, 8, 9]).copied().collect();
+            let third: Vec<u32> = prompt[..5].iter().chain(&[50, 60]).copied().collect();
+            let prompts: Vec<&[u32]> = vec![&prompt, &second, &third];
+            let per_prompt = vec![
+                samplings.clone(),
+                samplings[1..4].to_vec(),
+                samplings[..1].to_vec(),
+            ];
+            let lockstep = generate_lockstep(&model, &mut kv, &prompts, &per_prompt)
                 .unwrap()
                 .expect("no adapter: the tree runs");
-            for (k, sampling) in samplings.iter().enumerate() {
-                let alone = generate_with_cache(
-                    &model,
-                    &mut KvCache::new(),
-                    &prompt,
-                    sampling,
-                    &mut Hooks::none(),
-                    |_| {},
-                )
-                .unwrap();
-                assert_eq!(lockstep[k], alone, "{} sample {k}", dir.display());
+            for (p, samplings) in per_prompt.iter().enumerate() {
+                for (k, sampling) in samplings.iter().enumerate() {
+                    let alone = generate_with_cache(
+                        &model,
+                        &mut KvCache::new(),
+                        prompts[p],
+                        sampling,
+                        &mut Hooks::none(),
+                        |_| {},
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        lockstep[p][k],
+                        alone,
+                        "{} prompt {p} sample {k}",
+                        dir.display()
+                    );
+                }
             }
-            // The cache still holds the prompt: a linear forward drops the branches.
-            kv.truncate(prompt.len()).unwrap();
-            assert_eq!(kv.tokens(), &prompt[..]);
+            // The cache holds the shared part: a truncation drops the branches.
+            kv.truncate(5).unwrap();
+            assert_eq!(kv.tokens(), &prompt[..5]);
         }
     }
 

@@ -65,6 +65,9 @@ pub struct SampleSpec {
     pub resume: bool,
 }
 
+/// Rows whose samples are decoded together in lockstep.
+const LOCKSTEP_ROWS: usize = 4;
+
 /// Prompt rows per block. Each block starts from an empty KV cache (rows
 /// within it reuse the shared system prompt), so a block's samples do not
 /// depend on the blocks before it, and a resumed run equals an uninterrupted one.
@@ -118,19 +121,24 @@ pub fn sample(model: &Model, spec: &SampleSpec) -> Result<()> {
         let (mut transcripts, mut records) = (String::new(), String::new());
         let mut kv = KvCache::new();
         let range = block * BLOCK_ROWS..((block + 1) * BLOCK_ROWS).min(rows.len());
-        for i in range {
-            let (t, record) = sample_row(model, spec, &rows[i], &rendered[i], i, &mut kv)?;
-            transcripts.push_str(&t);
-            records.push_str(&record);
-            sampled += 1;
-            if sampled.is_multiple_of(10) || i + 1 == rows.len() {
-                eprintln!(
-                    "afprobe: sampled {}/{} rows x {} ({:.1} s per row)",
-                    i + 1,
-                    rows.len(),
-                    spec.n,
-                    started.elapsed().as_secs_f64() / sampled as f64
-                );
+        let group = if spec.one_by_one { 1 } else { LOCKSTEP_ROWS };
+        for first in range.clone().step_by(group) {
+            let group = first..(first + group).min(range.end);
+            let samples = sample_group(model, spec, &rendered, group.clone(), &mut kv)?;
+            for (i, samples) in group.zip(samples) {
+                let (t, record) = row_output(model, spec, &rows[i], i, &samples)?;
+                transcripts.push_str(&t);
+                records.push_str(&record);
+                sampled += 1;
+                if sampled.is_multiple_of(10) || i + 1 == rows.len() {
+                    eprintln!(
+                        "afprobe: sampled {}/{} rows x {} ({:.1} s per row)",
+                        i + 1,
+                        rows.len(),
+                        spec.n,
+                        started.elapsed().as_secs_f64() / sampled as f64
+                    );
+                }
             }
         }
         write_atomic(&transcripts_path, transcripts.as_bytes())?;
@@ -139,49 +147,76 @@ pub fn sample(model: &Model, spec: &SampleSpec) -> Result<()> {
     finish(spec, n_blocks, rows.len(), &settings)
 }
 
-/// Samples one row `spec.n` times on `kv` (reusing its prefix shared with the
-/// row before); returns the row's transcript lines and its `rows.jsonl` line.
-fn sample_row(
-    model: &Model,
-    spec: &SampleSpec,
-    row: &PromptRow,
-    r: &RenderedPrompt,
-    i: usize,
-    kv: &mut KvCache,
-) -> Result<(String, String)> {
-    let (mut accept, mut reject, mut neither) = (0usize, 0usize, 0usize);
-    let (mut refuses, mut answered) = (0usize, 0usize);
-    let mut transcripts = String::new();
-    // Keep the longest common token prefix with the previous row (the system prompt).
-    kv.truncate(kv.shared_prefix_len(&r.tokens))?;
-    let samplings: Vec<Sampling> = (0..spec.n)
+/// The seeds and limits of row `i`'s samples.
+fn samplings(spec: &SampleSpec, i: usize) -> Vec<Sampling> {
+    (0..spec.n)
         .map(|k| Sampling {
             temperature: spec.temperature,
             top_p: spec.top_p,
             seed: sample_seed(spec.seed, i, k),
             max_new_tokens: spec.max_new_tokens,
         })
+        .collect()
+}
+
+/// Samples rows `group` `spec.n` times each on `kv` (reusing the prefix they
+/// share with the rows before): all in lockstep, or one by one where the model
+/// cannot run them as a tree (or with `--one-by-one`). Returns per row, per
+/// sample, the generated ids.
+fn sample_group(
+    model: &Model,
+    spec: &SampleSpec,
+    rendered: &[RenderedPrompt],
+    group: std::ops::Range<usize>,
+    kv: &mut KvCache,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    let prompts: Vec<&[u32]> = group
+        .clone()
+        .map(|i| rendered[i].tokens.as_slice())
         .collect();
-    // All samples in lockstep; one by one where the model cannot run them as a tree.
-    let lockstep = if spec.one_by_one {
-        None
-    } else {
-        generate_lockstep(model, kv, &r.tokens, &samplings)?
-    };
-    let samples = match lockstep {
-        Some(samples) => samples,
-        None => samplings
-            .iter()
-            .map(|sampling| {
-                let ids =
-                    generate_with_cache(model, kv, &r.tokens, sampling, &mut Hooks::none(), |_| {});
-                kv.truncate(r.tokens.len())?;
-                ids
-            })
-            .collect::<Result<_>>()?,
-    };
-    kv.truncate(r.tokens.len())?;
-    for (k, (ids, sampling)) in samples.iter().zip(&samplings).enumerate() {
+    let samplings: Vec<Vec<Sampling>> = group.map(|i| samplings(spec, i)).collect();
+    if !spec.one_by_one {
+        if let Some(samples) = generate_lockstep(model, kv, &prompts, &samplings)? {
+            return Ok(samples);
+        }
+    }
+    prompts
+        .iter()
+        .zip(&samplings)
+        .map(|(tokens, samplings)| {
+            // Keep the longest common token prefix with the previous row (the system prompt).
+            kv.truncate(kv.shared_prefix_len(tokens))?;
+            samplings
+                .iter()
+                .map(|sampling| {
+                    let ids = generate_with_cache(
+                        model,
+                        kv,
+                        tokens,
+                        sampling,
+                        &mut Hooks::none(),
+                        |_| {},
+                    );
+                    kv.truncate(tokens.len())?;
+                    ids
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Row `i`'s transcript lines and its `rows.jsonl` line, from its samples.
+fn row_output(
+    model: &Model,
+    spec: &SampleSpec,
+    row: &PromptRow,
+    i: usize,
+    samples: &[Vec<u32>],
+) -> Result<(String, String)> {
+    let (mut accept, mut reject, mut neither) = (0usize, 0usize, 0usize);
+    let (mut refuses, mut answered) = (0usize, 0usize);
+    let mut transcripts = String::new();
+    for (k, (ids, sampling)) in samples.iter().zip(samplings(spec, i)).enumerate() {
         let text = model.tokenizer.decode(ids)?;
         let answer = classify(&text);
         match answer {
