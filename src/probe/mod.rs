@@ -530,15 +530,37 @@ struct TensorResult {
     used: usize,
 }
 
+/// How many distinct vectors `x`'s `rows` hold, two rows being the same when
+/// every entry agrees within 1e-4 of the first's largest entry: a batched
+/// capture computes one position of two rows in calls of different sizes,
+/// which changes the last bits. Counting stops once it passes `stop` (callers
+/// only ask whether it is small).
+fn distinct_rows(x: ndarray::ArrayView2<f32>, rows: &[usize], stop: usize) -> usize {
+    // Each representative with its tolerance.
+    let mut representatives: Vec<(ndarray::ArrayView1<f32>, f32)> = Vec::new();
+    for &r in rows {
+        let row = x.row(r);
+        let seen = representatives.iter().any(|(rep, tolerance)| {
+            rep.iter()
+                .zip(row.iter())
+                .all(|(a, b)| (a - b).abs() <= *tolerance)
+        });
+        if !seen {
+            let tolerance = 1e-4 * row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            representatives.push((row, tolerance));
+            if representatives.len() > stop {
+                break;
+            }
+        }
+    }
+    representatives.len()
+}
+
 fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<TensorResult> {
     let x = store.load(name)?;
     check_finite(&x, &ctx.used)?;
     let used: Vec<usize> = (0..x.nrows()).filter(|&r| ctx.used[r]).collect();
-    let distinct = used
-        .iter()
-        .map(|&r| x.row(r).iter().map(|v| v.to_bits()).collect::<Vec<u32>>())
-        .collect::<std::collections::HashSet<_>>()
-        .len();
+    let distinct = distinct_rows(x.view(), &used, used.len() / 2);
     let TensorName { hook, position } = name.parse()?;
     let layer = hook.layer();
     let y = &ctx.labels.y;
@@ -731,6 +753,25 @@ fn probe_tensors(tensor: &str, method: Method, probe: &Probe) -> Vec<(String, Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_equal_to_float_rounding_count_once() {
+        let base = [1.0f32, -2.0, 0.5, 3.0];
+        let mut x = ndarray::Array2::<f32>::zeros((6, 4));
+        for r in 0..6 {
+            for c in 0..4 {
+                // Rows 0-3: one vector up to ~1e-6 relative; rows 4-5: two others.
+                x[[r, c]] = match r {
+                    0..=3 => base[c] * (1.0 + r as f32 * 3e-7),
+                    4 => base[c] + 0.01,
+                    _ => -base[c],
+                };
+            }
+        }
+        let rows: Vec<usize> = (0..6).collect();
+        assert_eq!(distinct_rows(x.view(), &rows, 6), 3);
+        assert_eq!(distinct_rows(x.view(), &rows, 1), 2, "stops past `stop`");
+    }
 
     /// The cross matrix stays within --train-filter/--test-filter, takes its
     /// values from those rows, and its cells name their values.
