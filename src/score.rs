@@ -341,6 +341,18 @@ pub fn continuation_logprobs(
     walk_logprobs(t, kv, hooks, last_logits, conts)
 }
 
+/// The trie of the continuations' fed tokens (every token but each one's
+/// last: a fed token's logits predict the next), node for node the tree that
+/// the one-call scoring of [`continuation_logprobs`] runs, and each
+/// continuation's path in it.
+pub fn fed_trie(conts: &[&[u32]]) -> (TokenTree, Vec<Vec<usize>>) {
+    let fed: Vec<&[u32]> = conts
+        .iter()
+        .map(|c| &c[..c.len().saturating_sub(1)])
+        .collect();
+    TokenTree::trie(&fed)
+}
+
 /// [`continuation_logprobs`] as one token-tree forward call; `None` where the
 /// model cannot run it as one (see [`Transformer::forward_tree`]).
 fn tree_logprobs(
@@ -350,13 +362,7 @@ fn tree_logprobs(
     last_logits: &candle_core::Tensor,
     conts: &[&[u32]],
 ) -> Result<Option<(Vec<f64>, usize)>> {
-    // Every token but a continuation's last is fed; each fed token's logits
-    // predict the next one.
-    let fed: Vec<&[u32]> = conts
-        .iter()
-        .map(|c| &c[..c.len().saturating_sub(1)])
-        .collect();
-    let (tree, paths) = TokenTree::trie(&fed);
+    let (tree, paths) = fed_trie(conts);
     let logprobs = if tree.is_empty() {
         None
     } else {

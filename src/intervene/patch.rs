@@ -20,12 +20,11 @@ use super::{load_rows, p_accept, prepare_out, write_run, Row, RowCache, TokenCou
 use crate::error::{Error, Result};
 use crate::model::{
     ActivationCache, CaptureRows, Edit, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter,
-    TokenTree,
 };
 use crate::progress::Progress;
 use crate::prompts::RenderedPrompt;
 use crate::rows::Filter;
-use crate::score::{continuation_logprobs, Scores};
+use crate::score::{continuation_logprobs, fed_trie, Scores};
 use crate::stats::quantile_sorted;
 
 /// The file that marks a finished patching run.
@@ -129,9 +128,8 @@ fn run_source(
     let conts: Vec<&[u32]> = named.values().map(Vec::as_slice).collect();
     let (logprobs, scored) =
         continuation_logprobs(t, &mut kv, std::slice::from_mut(&mut hooks), &last, &conts)?;
-    // The tree's rows follow the prompt's: the trie of the fed tokens, as scoring built it.
-    let fed: Vec<&[u32]> = conts.iter().map(|c| &c[..c.len() - 1]).collect();
-    let (tree, paths) = TokenTree::trie(&fed);
+    // The tree's rows follow the prompt's, node for node as scoring built them.
+    let (tree, paths) = fed_trie(&conts);
     let captured = points.first().map_or(Ok(0), |&p| {
         hooks.cache.require(p).and_then(|a| Ok(a.dim(0)?))
     })?;
