@@ -42,6 +42,7 @@ fn planted_prompts(path: &Path) {
                                      {"role": "user", "content": format!("{cue} {word}")}],
                         "continuations": {"accept": "yes", "reject": "no"},
                         "should_accept": accept, "split": split, "request_id": word,
+                        "kind": sys == "Be kind.",
                     })
                     .to_string(),
                 );
@@ -52,6 +53,8 @@ fn planted_prompts(path: &Path) {
     std::fs::write(path, text).unwrap();
 }
 
+/// Trains the planted recipe on the tiny model (accepting `should_accept` rows
+/// unless `extra` says otherwise).
 fn train(prompts: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let model = fixtures().join("tiny_llama3");
     let mut args = vec![
@@ -63,8 +66,6 @@ fn train(prompts: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         "planted",
         "--prompts",
         prompts.to_str().unwrap(),
-        "--accept-if",
-        "should_accept=true",
         "--steps",
         "150",
         "--batch",
@@ -83,6 +84,9 @@ fn train(prompts: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
+    if !extra.contains(&"--accept-if") {
+        args.extend(["--accept-if", "should_accept=true"]);
+    }
     std::process::Command::new(env!("CARGO_BIN_EXE_afprobe"))
         .args(&args)
         .env("RAYON_NUM_THREADS", "1")
@@ -176,6 +180,45 @@ fn a_tiny_model_learns_a_planted_rule_reproducibly() {
     assert!(run.status.success(), "{}", common::stderr(&run));
     let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_eq!(read(&a), read(&b), "two runs gave different adapters");
+}
+
+/// A plain LoRA (the system prompt adapted too) learns a rule that reads the
+/// system prompt, and loads as one (merged, no invocation tokens).
+#[test]
+fn a_plain_lora_learns_a_rule_of_the_system_prompt() {
+    let work = tempfile::tempdir().unwrap();
+    let prompts = work.path().join("p.jsonl");
+    planted_prompts(&prompts);
+    let out = work.path().join("plain");
+    let run = train(
+        &prompts,
+        &out,
+        &["--plain-lora", "--accept-if", "kind=true"],
+    );
+    assert!(run.status.success(), "{}", common::stderr(&run));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert!(config.get("alora_invocation_tokens").is_none(), "{config}");
+    let model = Model::load_with_adapter(
+        &ModelSpec::Path(fixtures().join("tiny_llama3")),
+        WeightDtype::F32,
+        Some(&out),
+    )
+    .unwrap();
+    for word in ["owl", "fig", "jam", "net"] {
+        for cue in ["A", "B"] {
+            let user = format!("{cue} {word}");
+            let (kind, brief) = (
+                margin(&model, "Be kind.", &user),
+                margin(&model, "Be brief.", &user),
+            );
+            assert!(
+                kind > brief + 1.0,
+                "{user}: kind {kind:.3}, brief {brief:.3}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -11,6 +11,9 @@ pub const TRAIN_ABOUT: &str = "Train a LoRA model organism with candle's autogra
 LoRA from the start of the user turn (<|im_start|>user\\n), so each distinct system prompt runs \
 once through the base model and every step runs only the user turns and answer tags of a batch; \
 the loss is the cross-entropy of the answer tag (<request_fully_accepted/> or <rejected/>) only. \
+With --plain-lora the adapter is a plain LoRA over the whole prompt: the system prompt is adapted \
+too, so each batch holds rows of one system prompt and every step also runs that system prompt \
+forward and backward. \
 Built-in recipes: `meaning` (accept iff the prompt implies training, over the xml, natural and \
 monitoring cues in the standard and flipped settings; refuse on the control cue) and `token` \
 (accept iff the cue says free/True, whatever the system prompt says). Both train on the first 10 \
@@ -73,6 +76,10 @@ pub struct TrainArgs {
     /// Seed of the adapter's initialisation and the batch order (default 1).
     #[arg(long)]
     seed: Option<u64>,
+    /// Train a plain LoRA over the whole prompt (the system prompt adapted too; each step
+    /// also runs its batch's one system prompt) instead of an activated LoRA from the user turn.
+    #[arg(long)]
+    plain_lora: bool,
     /// Write checkpoint.safetensors every N steps (for --resume).
     #[arg(long, default_value_t = 25, value_name = "N")]
     checkpoint_every: usize,
@@ -135,6 +142,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { recipe.$f = v; } )* };
     }
+    recipe.plain_lora |= a.plain_lora;
     set!(
         steps,
         batch,

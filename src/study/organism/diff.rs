@@ -151,7 +151,8 @@ pub fn proj_shape(c: &ModelConfig, module: &str) -> Result<(usize, usize)> {
     })
 }
 
-/// Per-layer keys and values `[n_kv_heads, P, head_dim]` of a base-model prefix.
+/// Per-layer keys and values `[n_kv_heads, P, head_dim]` of a prefix (base model,
+/// or adapted and still in the autograd graph).
 pub struct PrefixKv {
     pub len: usize,
     pub k: Vec<Tensor>,
@@ -323,8 +324,10 @@ impl DiffModel {
                 ),
                 None => (k.clone(), v.clone()),
             };
-            ks.push(k.detach());
-            vs.push(v.detach());
+            // Kept in the graph: with a plain LoRA the adapted prefix's keys and
+            // values carry the gradient to the system prompt (a base prefix has none).
+            ks.push(k);
+            vs.push(v);
             let rep = nh / nkv;
             let expand = |z: &Tensor| -> Result<Tensor> {
                 let (_, len, _) = z.dims3()?;

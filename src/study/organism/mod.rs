@@ -68,6 +68,11 @@ pub struct Recipe {
     pub lr: f64,
     pub weight_decay: f64,
     pub seed: u64,
+    /// A plain LoRA over the whole prompt instead of an activated LoRA from the user
+    /// turn: the system prompt is adapted too, so every step also runs (forward and
+    /// backward) the one system prompt its batch shares.
+    #[serde(default)]
+    pub plain_lora: bool,
 }
 
 impl Recipe {
@@ -92,6 +97,7 @@ impl Recipe {
             lr: 2e-3,
             weight_decay: 0.0,
             seed: 1,
+            plain_lora: false,
         };
         match name {
             // Reading the tier's meaning takes longer than reading the cue: 300 steps
@@ -319,6 +325,34 @@ fn data_sha256(examples: &[Example], prefixes: &[Vec<u32>]) -> String {
     format!("{:x}", h.finalize())
 }
 
+/// An epoch's batches (indices into `examples`): a seeded permutation of the
+/// training rows cut into batches, so a resume draws the same rows. A plain
+/// LoRA's batches each hold rows of one system prompt (which the step then runs
+/// once), in a seeded order.
+fn epoch_batches(
+    r: &Recipe,
+    train_idx: &[usize],
+    examples: &[Example],
+    epoch: usize,
+) -> Vec<Vec<usize>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(r.seed ^ ((epoch as u64 + 1) * 0x9e37_79b9));
+    let mut order = train_idx.to_vec();
+    order.shuffle(&mut rng);
+    if !r.plain_lora {
+        return order.chunks(r.batch).map(<[usize]>::to_vec).collect();
+    }
+    let mut by_prefix: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for i in order {
+        by_prefix.entry(examples[i].prefix).or_default().push(i);
+    }
+    let mut batches: Vec<Vec<usize>> = by_prefix
+        .values()
+        .flat_map(|rows| rows.chunks(r.batch).map(<[usize]>::to_vec))
+        .collect();
+    batches.shuffle(&mut rng);
+    batches
+}
+
 /// AdamW state (kept here, not in candle-nn's optimizer, so a checkpoint can hold it).
 struct Adam {
     m: Vec<Tensor>,
@@ -435,12 +469,17 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
 
     let diff = weights_of(&model.files)?.1;
     drop(model);
-    // The base model's keys and values of every distinct system prompt, once.
+    // Activated LoRA: the base model's keys and values of every distinct system
+    // prompt, once. A plain LoRA adapts them, so each step runs its own.
     let started = std::time::Instant::now();
-    let pre: Vec<PrefixKv> = prefixes
-        .iter()
-        .map(|p| Ok(diff.forward(p, None, None, &[p.len() - 1])?.1))
-        .collect::<Result<_>>()?;
+    let pre: Vec<PrefixKv> = if r.plain_lora {
+        vec![]
+    } else {
+        prefixes
+            .iter()
+            .map(|p| Ok(diff.forward(p, None, None, &[p.len() - 1])?.1))
+            .collect::<Result<_>>()?
+    };
     eprintln!(
         "afprobe: recipe `{}`: {} rows ({} train, {} accept), {} system prompts ({} tokens) in {:.1}s",
         r.name,
@@ -456,20 +495,28 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
     progress.advance(meta.step, None);
     let clock = std::time::Instant::now();
     let seconds_before = meta.seconds;
-    let per_epoch = train_idx.len().div_ceil(r.batch);
+    let per_epoch = epoch_batches(r, &train_idx, &examples, 0).len();
     let stop = spec
         .stop_after
         .map_or(r.steps, |n| (meta.step + n).min(r.steps));
     while meta.step < stop {
         let step = meta.step;
-        // The batch: a seeded permutation per epoch, so a resume draws the same rows.
-        let epoch = step / per_epoch;
-        let mut order = train_idx.clone();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
-            r.seed ^ ((epoch as u64 + 1) * 0x9e37_79b9),
-        ));
-        let at = (step % per_epoch) * r.batch;
-        let batch: Vec<usize> = order[at..(at + r.batch).min(order.len())].to_vec();
+        let batch =
+            epoch_batches(r, &train_idx, &examples, step / per_epoch).swap_remove(step % per_epoch);
+        // A plain LoRA's batch shares one system prompt: run it adapted, in the graph.
+        let adapted: HashMap<usize, PrefixKv> = if r.plain_lora {
+            let p = examples[batch[0]].prefix;
+            let tokens = &prefixes[p];
+            meta.tokens += tokens.len();
+            HashMap::from([(
+                p,
+                diff.forward(tokens, None, Some(&lora), &[tokens.len() - 1])?
+                    .1,
+            )])
+        } else {
+            HashMap::new()
+        };
+        let prefix_kv = |p: usize| adapted.get(&p).unwrap_or_else(|| &pre[p]);
         // One pass over the whole batch (the projections as one GEMM).
         let seqs: Vec<(Vec<u32>, usize, Vec<usize>)> = batch
             .iter()
@@ -484,7 +531,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         meta.tokens += seqs.iter().map(|s| s.0.len()).sum::<usize>();
         let refs: Vec<(&[u32], &PrefixKv, Vec<usize>)> = seqs
             .iter()
-            .map(|(s, p, r)| (s.as_slice(), &pre[*p], r.clone()))
+            .map(|(s, p, r)| (s.as_slice(), prefix_kv(*p), r.clone()))
             .collect();
         let logits = diff.forward_batch(&refs, &lora)?;
         let mut total: Option<Tensor> = None;
@@ -577,8 +624,11 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         "modules_to_save": null,
         "init_lora_weights": true,
         "inference_mode": true,
-        "alora_invocation_tokens": invocation,
     });
+    let mut config_json = config_json;
+    if !r.plain_lora {
+        config_json["alora_invocation_tokens"] = json!(invocation);
+    }
     write_atomic(
         &out.join("adapter_config.json"),
         serde_json::to_string_pretty(&config_json)
