@@ -642,15 +642,27 @@ fn probe_part(md: &mut String, pc: &PositiveControl) {
         ),
         _ => "has no score".into(),
     };
+    // Whether the meaning organism reads the `xml` cue's meaning (its flipped gap reverses).
+    let xml_learned = pc
+        .runs
+        .iter()
+        .find(|r| r.subject.name == "meaning")
+        .and_then(|r| r.gap.by_cue.get("xml@flipped"))
+        .is_some_and(|s| s.gap <= -0.5);
     let _ = writeln!(
         md,
-        "**Reading.** On the `natural` rows, which both organisms learned, the transfer probe {}. \
-         On the `xml` and `natural` rows together it {}: the meaning organism never learned the \
-         `xml` cue (see Behaviour), so half of its rows carry no meaning to find, and a linear \
-         probe reads whatever separates the training rows — on standard rows the cue token and \
-         its meaning coincide.\n",
+        "**Reading.** On the `natural` rows the transfer probe {}. On the `xml` and `natural` \
+         rows together it {}{}\n",
         reading(probes[1].1),
-        reading(probes[0].1)
+        reading(probes[0].1),
+        if xml_learned {
+            "."
+        } else {
+            ": the meaning organism did not learn the `xml` cue (its flipped gap does not \
+             reverse, see Behaviour), so half of its rows carry no meaning to find, and a linear \
+             probe reads whatever separates the training rows — on standard rows the cue token \
+             and its meaning coincide."
+        }
     );
 }
 
