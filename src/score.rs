@@ -299,6 +299,7 @@ pub fn score_rest_as_tree(
     rest: &[u32],
     named: &BTreeMap<String, Vec<u32>>,
     openings: Option<&RefusalOpenings>,
+    from: Option<(usize, &candle_core::Tensor)>,
 ) -> Result<Option<(Scores, usize)>> {
     let prompt = PromptTree::new(vec![(rest, continuations(named, openings))]);
     let nodes = prompt.logit_nodes();
@@ -307,7 +308,13 @@ pub fn score_rest_as_tree(
     } else {
         LogitsAt::Rows(nodes.clone())
     };
-    let Some(logits) = t.forward_tree(&prompt.tree, kv, hooks, &logits_at)? else {
+    let logits = match from {
+        Some((layer, resid_pre)) => {
+            t.forward_tree_from(&prompt.tree, kv, hooks, &logits_at, layer, resid_pre)?
+        }
+        None => t.forward_tree(&prompt.tree, kv, hooks, &logits_at)?,
+    };
+    let Some(logits) = logits else {
         return Ok(None);
     };
     let logprobs = log_softmax(&logits)?.to_vec2::<f32>()?;

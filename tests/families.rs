@@ -188,6 +188,38 @@ fn a_token_tree_equals_each_branch_run_alone() {
                 "{family} {branch:?}: resid_post.1 relative L2 {err:e}"
             );
         }
+        // From block 1 on, seeded with a clean run's resid_pre.1: the edit at
+        // block 1 gives the full run's logits and resid_post.1, bit for bit.
+        let mut clean = Hooks::capture(
+            NamesFilter::Only(vec![HookPoint::ResidPre(1)]),
+            CaptureRows::All,
+        );
+        t.forward_tree(&tree, &mut kv, &mut clean, &LogitsAt::None)
+            .unwrap();
+        let seed = clean.cache.get(HookPoint::ResidPre(1)).unwrap();
+        let mut from_hooks = hooks();
+        let from = t
+            .forward_tree_from(&tree, &mut kv, &mut from_hooks, &LogitsAt::All, 1, seed)
+            .unwrap()
+            .expect("no adapter: the tree runs");
+        assert_eq!(kv.len(), prompt.len(), "{family}: the cache is unchanged");
+        assert_eq!(
+            common::max_abs_diff(&from, &logits),
+            0.0,
+            "{family}: logits"
+        );
+        let from_resid = from_hooks.cache.get(HookPoint::ResidPost(1)).unwrap();
+        assert_eq!(
+            common::max_abs_diff(from_resid, resid),
+            0.0,
+            "{family}: resid_post.1"
+        );
+        // A seed of the wrong shape is a clear error.
+        let err = t
+            .forward_tree_from(&tree, &mut kv, &mut hooks(), &LogitsAt::All, 1, &logits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("resid_pre rows"), "{family}: {err}");
     }
 }
 

@@ -12,18 +12,22 @@ pub mod direction;
 pub mod patch;
 pub mod steer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
-use crate::model::{Hooks, KvCache, LogitsAt, Model};
+use candle_core::Tensor;
+
+use crate::model::{
+    ActivationCache, CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter,
+};
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::rows::cell;
 use crate::rows::{Filter, Table};
-use crate::score::{score_prompt, score_rest_as_tree, Scores};
+use crate::score::{continuations, score_prompt, score_rest_as_tree, PromptTree, Scores};
 
 /// A prompt row rendered for the model.
 pub struct Row {
@@ -121,6 +125,22 @@ pub struct TokenCount {
     pub naive: usize,
 }
 
+/// An unedited run from one start: its scores and the clean `hook_resid_pre`
+/// rows edited runs from the same start resume from.
+pub struct Clean {
+    pub scores: Scores,
+    resid_pre: ActivationCache,
+}
+
+impl Clean {
+    /// Where a run edited at `point` can start: its block and the clean rows
+    /// there (`None`: from the embedding).
+    pub fn resume(&self, point: HookPoint) -> Option<(usize, &Tensor)> {
+        let l = point.layer()?;
+        Some((l, self.resid_pre.get(HookPoint::ResidPre(l))?))
+    }
+}
+
 /// A row's KV cache: its first `clean` positions hold the unedited run, so an
 /// edit starting at p reuses them when p ≤ `clean`.
 pub struct RowCache {
@@ -160,7 +180,10 @@ impl RowCache {
     /// Runs the row with `hooks` (edits at positions ≥ `start`, absolute) and
     /// scores its continuations; positions before `start` come from the clean
     /// cache. The prompt runs with `hooks[0]`, continuation i with `hooks[i]`
-    /// (the last entry past the end: one entry serves all).
+    /// (the last entry past the end: one entry serves all). `from` (a block and
+    /// the `hook_resid_pre` rows a clean run from the same `start` captured
+    /// there) lets a one-entry run skip the blocks below, which its edits
+    /// cannot change; it is ignored where the run is not one token tree.
     pub fn run_edited(
         &mut self,
         model: &Model,
@@ -168,6 +191,7 @@ impl RowCache {
         start: usize,
         hooks: &mut [Hooks],
         count: &mut TokenCount,
+        from: Option<(usize, &Tensor)>,
     ) -> Result<Scores> {
         let tokens = &row.rendered.tokens;
         let start = start.min(tokens.len() - 1);
@@ -189,7 +213,8 @@ impl RowCache {
         // One hooks entry: the rest of the prompt and every continuation as one token tree.
         if let [one] = hooks {
             let named = &row.rendered.continuations;
-            if let Some((scores, n)) = score_rest_as_tree(t, &mut self.kv, one, rest, named, None)?
+            if let Some((scores, n)) =
+                score_rest_as_tree(t, &mut self.kv, one, rest, named, None, from)?
             {
                 count.computed += n;
                 count.naive += start + n;
@@ -200,6 +225,53 @@ impl RowCache {
         let scores = self.forward_and_score(model, row, start, hooks, count)?;
         self.clean = start;
         Ok(scores)
+    }
+
+    /// The unedited run from `start` (as [`run_edited`](Self::run_edited) with
+    /// no hooks), also capturing `hook_resid_pre` at the blocks of `points`:
+    /// what [`Clean::resume`] hands edited runs from the same `start`, so that
+    /// each skips the blocks below its edit.
+    pub fn run_clean(
+        &mut self,
+        model: &Model,
+        row: &Row,
+        start: usize,
+        points: &[HookPoint],
+        count: &mut TokenCount,
+    ) -> Result<Clean> {
+        let blocks: BTreeSet<usize> = points.iter().filter_map(HookPoint::layer).collect();
+        let mut hooks = Hooks::capture(
+            NamesFilter::Only(blocks.into_iter().map(HookPoint::ResidPre).collect()),
+            CaptureRows::All,
+        );
+        let scores = self.run_edited(
+            model,
+            row,
+            start,
+            std::slice::from_mut(&mut hooks),
+            count,
+            None,
+        )?;
+        // Rows of anything but the one tree (an activated adapter's walk) cannot seed it.
+        let rest = &row.rendered.tokens[start.min(row.rendered.tokens.len() - 1)..];
+        let tree_len = PromptTree::new(vec![(
+            rest,
+            continuations(&row.rendered.continuations, None),
+        )])
+        .tree
+        .len();
+        let cache = &hooks.cache;
+        let fits = cache
+            .points()
+            .all(|&p| cache.get(p).and_then(|t| t.dim(0).ok()) == Some(tree_len));
+        Ok(Clean {
+            scores,
+            resid_pre: if fits {
+                hooks.cache
+            } else {
+                ActivationCache::default()
+            },
+        })
     }
 
     fn forward_and_score(

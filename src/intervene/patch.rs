@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{load_rows, p_accept, prepare_out, write_run, Row, RowCache, TokenCount};
+use super::{load_rows, p_accept, prepare_out, write_run, Clean, Row, RowCache, TokenCount};
 use crate::error::{Error, Result};
 use crate::model::{
     ActivationCache, CaptureRows, Edit, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter,
@@ -501,25 +501,25 @@ fn patch_pair(
     let first = |aligned: &[(usize, usize)]| aligned.iter().map(|a| a.0).min().unwrap_or(0);
     plan.sort_by_key(|(_, aligned, _)| std::cmp::Reverse(first(aligned)));
     // The unpatched destination at each start, computed on the same split as
-    // the patched runs, so a patch that changes nothing gives the same bits.
-    let mut unpatched: BTreeMap<usize, f64> = BTreeMap::new();
+    // the patched runs, so a patch that changes nothing gives the same bits;
+    // its residuals let each patched run start at its patch's block.
+    let mut unpatched: Option<(usize, Clean)> = None;
     for (c, aligned, unaligned) in plan {
         partly[c] = unaligned > 0;
         if aligned.is_empty() {
             continue;
         }
         let start = first(&aligned);
-        dest_at[c] = match unpatched.entry(start) {
-            std::collections::btree_map::Entry::Occupied(e) => *e.get(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                let scores =
-                    dst_cache.run_edited(model, dst, start, &mut [Hooks::none()], count)?;
-                *e.insert(p_accept(&scores))
-            }
-        };
+        if unpatched.as_ref().is_none_or(|(s, _)| *s != start) {
+            let clean = dst_cache.run_clean(model, dst, start, &spec.points, count)?;
+            unpatched = Some((start, clean));
+        }
+        let clean = &unpatched.as_ref().expect("set above").1;
+        dest_at[c] = p_accept(&clean.scores);
         let (point, position) = cells[c];
         let mut hooks = patch_hooks(point, position, &aligned, dst, &source)?;
-        let scores = dst_cache.run_edited(model, dst, start, &mut hooks, count)?;
+        let scores =
+            dst_cache.run_edited(model, dst, start, &mut hooks, count, clean.resume(point))?;
         patched[c] = p_accept(&scores);
     }
     let result = PairResult {

@@ -298,9 +298,10 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
             (SteerPositions::Last, _) => (last, Positions::At(vec![last])),
             _ => (0, Positions::All),
         };
-        // Unsteered on the same split as the steered runs, so α = 0 gives the same bits.
-        let unsteered =
-            p_accept(&cache.run_edited(model, row, start, &mut [Hooks::none()], &mut count)?);
+        // Unsteered on the same split as the steered runs, so α = 0 gives the same
+        // bits; its residuals let each steered run start at the steered block.
+        let clean = cache.run_clean(model, row, start, &spec.points, &mut count)?;
+        let unsteered = p_accept(&clean.scores);
         let mut by_cell = serde_json::Map::new();
         for (c, &(p, alpha, kind)) in cells.iter().enumerate() {
             let point = spec.points[p];
@@ -318,6 +319,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
                 start,
                 std::slice::from_mut(&mut hooks),
                 &mut count,
+                clean.resume(point),
             )?);
             steered[c].push(p_steered);
             by_cell.insert(cell_name(point, alpha, kind), json!(p_steered));

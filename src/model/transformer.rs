@@ -656,6 +656,8 @@ impl TokenTree {
 struct Layout {
     positions: Vec<usize>,
     tree: Option<TreeMask>,
+    /// Start at this block with these `hook_resid_pre` rows (lower blocks skipped).
+    from: Option<(usize, Tensor)>,
 }
 
 /// The decoder with its weights.
@@ -812,7 +814,40 @@ impl Transformer {
                 "forward_tree runs on a linear cache; this one ends in branches (grow_tree)".into(),
             ));
         }
-        self.tree_call(tree, kv, hooks, logits_at, false)
+        self.tree_call(tree, kv, hooks, logits_at, false, None)
+    }
+
+    /// [`forward_tree`](Self::forward_tree) from block `layer` on: its
+    /// `hook_resid_pre` rows are `resid_pre` (`[tree rows, d_model]`, f32), as
+    /// a clean run of the same tree on the same cache captured them, and the
+    /// blocks below are skipped (their hooks do not run). Used where an edit
+    /// at block `layer` cannot change what lies below it (a patching cell),
+    /// so the result equals the full run's, bit for bit.
+    pub fn forward_tree_from(
+        &self,
+        tree: &TokenTree,
+        kv: &mut KvCache,
+        hooks: &mut Hooks,
+        logits_at: &LogitsAt,
+        layer: usize,
+        resid_pre: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let (rows, d) = resid_pre.dims2()?;
+        if layer >= self.config.n_layers || rows != tree.len() || d != self.config.d_model {
+            return Err(Error::BadInput(format!(
+                "a tree run from block {layer} of {} needs [{}, {}] resid_pre rows, got [{rows}, {d}]",
+                self.config.n_layers,
+                tree.len(),
+                self.config.d_model
+            )));
+        }
+        if !kv.branches.is_empty() {
+            return Err(Error::BadInput(
+                "forward_tree runs on a linear cache; this one ends in branches (grow_tree)".into(),
+            ));
+        }
+        let from = (layer, resid_pre.to_dtype(self.dtype())?);
+        self.tree_call(tree, kv, hooks, logits_at, false, Some(from))
     }
 
     /// Like [`forward_tree`](Self::forward_tree), but keeps the new nodes in
@@ -827,7 +862,7 @@ impl Transformer {
         hooks: &mut Hooks,
         logits_at: &LogitsAt,
     ) -> Result<Option<Tensor>> {
-        self.tree_call(tree, kv, hooks, logits_at, true)
+        self.tree_call(tree, kv, hooks, logits_at, true, None)
     }
 
     fn tree_call(
@@ -837,6 +872,7 @@ impl Transformer {
         hooks: &mut Hooks,
         logits_at: &LogitsAt,
         keep: bool,
+        from: Option<(usize, Tensor)>,
     ) -> Result<Option<Tensor>> {
         let cached = kv.branches.len();
         let all = TokenTree {
@@ -860,6 +896,7 @@ impl Transformer {
         let layout = Layout {
             positions: mask.positions[cached..].to_vec(),
             tree: Some(mask),
+            from,
         };
         let logits = weights.run(&tree.tokens, &layout, kv, hooks, logits_at);
         if keep && logits.is_ok() {
@@ -884,6 +921,7 @@ impl Transformer {
         let layout = Layout {
             positions: (start..start + tokens.len()).collect(),
             tree: None,
+            from: None,
         };
         let logits = self.run(tokens, &layout, kv, hooks, logits_at)?;
         kv.tokens.extend_from_slice(tokens);
@@ -914,12 +952,17 @@ impl Transformer {
             .map(|r| Rope::new(r, &at.positions))
             .collect();
         let pos = &at.positions;
-        let mut x = self.embed_tokens.rows(tokens, &self.device)?;
-        if let Some(scale) = self.config.family.embed_scale {
-            x = (x * f64::from(scale as f32))?;
-        }
-        x = hooks.run(HookPoint::Embed, x, pos)?;
-        for (l, block) in self.blocks.iter().enumerate() {
+        let (first, mut x) = match &at.from {
+            Some((layer, resid_pre)) => (*layer, resid_pre.clone()),
+            None => {
+                let mut x = self.embed_tokens.rows(tokens, &self.device)?;
+                if let Some(scale) = self.config.family.embed_scale {
+                    x = (x * f64::from(scale as f32))?;
+                }
+                (0, hooks.run(HookPoint::Embed, x, pos)?)
+            }
+        };
+        for (l, block) in self.blocks.iter().enumerate().skip(first) {
             x = hooks.run(HookPoint::ResidPre(l), x, pos)?;
             let h = norm_opt(&block.attn_pre_norm, x.clone())?;
             let rope = &ropes[block.attn.rope];
