@@ -253,16 +253,31 @@ impl Operand {
 unsafe impl Send for Operand {}
 unsafe impl Sync for Operand {}
 
-/// `dst = scale · lhs · rhs` for `(m, n, k)` shapes, single-threaded; `dst` is
-/// row-major with `dst_row_stride` elements between rows.
+/// `dst = scale · lhs · rhs` for `(m, n, k)` shapes, single-threaded; `dst`
+/// has `dst_row_stride` elements between rows (1 between columns).
 ///
 /// # Safety
 /// Every element addressed through the pointers and strides must be inside
 /// its buffer, and no other thread may touch the `dst` block meanwhile.
 pub(crate) unsafe fn gemm_into(
-    (m, n, k): (usize, usize, usize),
+    shape: (usize, usize, usize),
     dst: *mut f32,
     dst_row_stride: usize,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+) {
+    gemm_strided(shape, dst, (dst_row_stride, 1), lhs, rhs, scale)
+}
+
+/// [`gemm_into`] with `dst` strided as `(row stride, column stride)`.
+///
+/// # Safety
+/// As [`gemm_into`].
+pub(crate) unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_row_stride, dst_col_stride): (usize, usize),
     lhs: Operand,
     rhs: Operand,
     scale: f32,
@@ -272,7 +287,7 @@ pub(crate) unsafe fn gemm_into(
         n,
         k,
         dst,
-        1,
+        dst_col_stride as isize,
         dst_row_stride as isize,
         false,
         lhs.ptr,
