@@ -809,11 +809,6 @@ impl Transformer {
         hooks: &mut Hooks,
         logits_at: &LogitsAt,
     ) -> Result<Option<Tensor>> {
-        if !kv.branches.is_empty() {
-            return Err(Error::BadInput(
-                "forward_tree runs on a linear cache; this one ends in branches (grow_tree)".into(),
-            ));
-        }
         self.tree_call(tree, kv, hooks, logits_at, false, None)
     }
 
@@ -840,11 +835,6 @@ impl Transformer {
                 tree.len(),
                 self.config.d_model
             )));
-        }
-        if !kv.branches.is_empty() {
-            return Err(Error::BadInput(
-                "forward_tree runs on a linear cache; this one ends in branches (grow_tree)".into(),
-            ));
         }
         let from = (layer, resid_pre.to_dtype(self.dtype())?);
         self.tree_call(tree, kv, hooks, logits_at, false, Some(from))
@@ -874,6 +864,11 @@ impl Transformer {
         keep: bool,
         from: Option<(usize, Tensor)>,
     ) -> Result<Option<Tensor>> {
+        if !keep && !kv.branches.is_empty() {
+            return Err(Error::BadInput(
+                "forward_tree runs on a linear cache; this one ends in branches (grow_tree)".into(),
+            ));
+        }
         let cached = kv.branches.len();
         let all = TokenTree {
             tokens: [&kv.branches.tokens[..], &tree.tokens].concat(),
