@@ -27,7 +27,7 @@ use crate::model::{
 use crate::prompts::{read_prompt_file, render, PromptRow, RenderedPrompt};
 use crate::rows::cell;
 use crate::rows::{Filter, Table};
-use crate::score::{continuations, score_prompt, score_rest_as_tree, PromptTree, Scores};
+use crate::score::{score_prompt, score_rest_as_tree, Scores};
 
 /// A prompt row rendered for the model.
 pub struct Row {
@@ -252,25 +252,11 @@ impl RowCache {
             count,
             None,
         )?;
-        // Rows of anything but the one tree (an activated adapter's walk) cannot seed it.
-        let rest = &row.rendered.tokens[start.min(row.rendered.tokens.len() - 1)..];
-        let tree_len = PromptTree::new(vec![(
-            rest,
-            continuations(&row.rendered.continuations, None),
-        )])
-        .tree
-        .len();
-        let cache = &hooks.cache;
-        let fits = cache
-            .points()
-            .all(|&p| cache.get(p).and_then(|t| t.dim(0).ok()) == Some(tree_len));
+        // Where the run was not one tree (an activated adapter's walk), edited
+        // runs from this start cannot be one either, and never read these rows.
         Ok(Clean {
             scores,
-            resid_pre: if fits {
-                hooks.cache
-            } else {
-                ActivationCache::default()
-            },
+            resid_pre: hooks.cache,
         })
     }
 

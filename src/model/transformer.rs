@@ -817,7 +817,8 @@ impl Transformer {
     /// a clean run of the same tree on the same cache captured them, and the
     /// blocks below are skipped (their hooks do not run). Used where an edit
     /// at block `layer` cannot change what lies below it (a patching cell),
-    /// so the result equals the full run's, bit for bit.
+    /// so the result equals the full run's, bit for bit. Errors when the tree
+    /// runs and `resid_pre` is not `[tree rows, d_model]` or `layer` is past the last block.
     pub fn forward_tree_from(
         &self,
         tree: &TokenTree,
@@ -827,15 +828,6 @@ impl Transformer {
         layer: usize,
         resid_pre: &Tensor,
     ) -> Result<Option<Tensor>> {
-        let (rows, d) = resid_pre.dims2()?;
-        if layer >= self.config.n_layers || rows != tree.len() || d != self.config.d_model {
-            return Err(Error::BadInput(format!(
-                "a tree run from block {layer} of {} needs [{}, {}] resid_pre rows, got [{rows}, {d}]",
-                self.config.n_layers,
-                tree.len(),
-                self.config.d_model
-            )));
-        }
         let from = (layer, resid_pre.to_dtype(self.dtype())?);
         self.tree_call(tree, kv, hooks, logits_at, false, Some(from))
     }
@@ -886,6 +878,20 @@ impl Transformer {
                 &act.adapted
             }
         };
+        // Checked only once the tree will run: where it cannot (above), a
+        // caller's seed from a run that was not one tree is never read.
+        if let Some((layer, resid_pre)) = &from {
+            let (rows, d) = resid_pre.dims2()?;
+            if *layer >= self.config.n_layers || rows != tree.len() || d != self.config.d_model {
+                return Err(Error::BadInput(format!(
+                    "a tree run from block {layer} of {} needs [{}, {}] resid_pre rows, got \
+                     [{rows}, {d}]",
+                    self.config.n_layers,
+                    tree.len(),
+                    self.config.d_model
+                )));
+            }
+        }
         let start = kv.len();
         let mask = TreeMask::new(&all.parents, start, cached).map_err(Error::BadInput)?;
         let layout = Layout {

@@ -504,19 +504,17 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         let batch =
             epoch_batches(r, &train_idx, &examples, step / per_epoch).swap_remove(step % per_epoch);
         // A plain LoRA's batch shares one system prompt: run it adapted, in the graph.
-        let adapted: HashMap<usize, PrefixKv> = if r.plain_lora {
-            let p = examples[batch[0]].prefix;
-            let tokens = &prefixes[p];
+        let adapted: Option<PrefixKv> = if r.plain_lora {
+            let tokens = &prefixes[examples[batch[0]].prefix];
             meta.tokens += tokens.len();
-            HashMap::from([(
-                p,
+            Some(
                 diff.forward(tokens, None, Some(&lora), &[tokens.len() - 1])?
                     .1,
-            )])
+            )
         } else {
-            HashMap::new()
+            None
         };
-        let prefix_kv = |p: usize| adapted.get(&p).unwrap_or_else(|| &pre[p]);
+        let prefix_kv = |p: usize| adapted.as_ref().unwrap_or_else(|| &pre[p]);
         // One pass over the whole batch (the projections as one GEMM).
         let seqs: Vec<(Vec<u32>, usize, Vec<usize>)> = batch
             .iter()
@@ -608,7 +606,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         ModelSpec::Default => "HuggingFaceTB/SmolLM2-135M-Instruct".to_string(),
         s => s.to_string(),
     };
-    let config_json = json!({
+    let mut config_json = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_name,
@@ -625,7 +623,6 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         "init_lora_weights": true,
         "inference_mode": true,
     });
-    let mut config_json = config_json;
     if !r.plain_lora {
         config_json["alora_invocation_tokens"] = json!(invocation);
     }
