@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::args::ModelSpecArg;
-use afprobe::study::organism::{self, Recipe, Rule, TrainSpec};
+use afprobe::study::organism::{self, Focus, Recipe, Rule, TrainSpec};
 
 pub const TRAIN_ABOUT: &str = "Train a LoRA model organism with candle's autograd: activated \
 LoRA from the start of the user turn (<|im_start|>user\\n), so each distinct system prompt runs \
@@ -15,13 +15,14 @@ With --plain-lora the adapter is a plain LoRA over the whole prompt: the system 
 too, so each batch holds rows of one system prompt and every step also runs that system prompt \
 forward and backward. \
 Built-in recipes: `meaning` (accept iff the prompt implies training, over the xml, natural and \
-monitoring cues in the standard and flipped settings; refuse on the control cue) and `token` \
-(accept iff the cue says free/True, whatever the system prompt says). Both train on the first 10 \
+monitoring cues in the standard and flipped settings; refuse on the control cue; 300 steps on \
+every cue, then a 100-step focus stage on the xml and control rows) and `token` (accept iff the \
+cue says free/True, whatever the system prompt says; 150 steps). Both train on the first 10 \
 harmful requests of each category and hold out the rest. A prompt file with \
 --accept-if FIELD=VALUE is a custom recipe (rows with `split: train` train). Writes a PEFT \
 adapter directory (adapter_config.json, adapter_model.safetensors) and training.json (recipe, \
 data hash, seed, loss curve, time); checkpoints every --checkpoint-every steps, --resume \
-continues one.";
+continues one. --init-from DIR starts from an existing adapter instead of a fresh one.";
 
 #[derive(Subcommand)]
 pub enum OrganismCommand {
@@ -49,7 +50,7 @@ pub struct TrainArgs {
     /// Override the recipe's variations (comma-separated: standard, flipped, ...).
     #[arg(long)]
     variations: Option<String>,
-    /// Optimizer steps (recipe default: meaning 300, token 150).
+    /// Optimizer steps, a focus stage included (recipe default: meaning 400, token 150).
     #[arg(long)]
     steps: Option<usize>,
     /// Rows per step (default 8).
@@ -80,6 +81,18 @@ pub struct TrainArgs {
     /// also runs its batch's one system prompt) instead of an activated LoRA from the user turn.
     #[arg(long)]
     plain_lora: bool,
+    /// Start from this PEFT adapter (e.g. organisms/meaning) instead of a fresh
+    /// initialisation, for a second training stage; it must have the run's rank, alpha,
+    /// modules and layers. Recorded in the recipe.
+    #[arg(long, value_name = "DIR")]
+    init_from: Option<PathBuf>,
+    /// A second stage on these cues only (comma-separated; e.g. xml,control): the last
+    /// --focus-steps of the --steps train only their rows, with the optimizer restarted.
+    #[arg(long, requires = "focus_steps")]
+    focus_cues: Option<String>,
+    /// Steps of the focus stage (part of --steps).
+    #[arg(long, requires = "focus_cues", value_name = "N")]
+    focus_steps: Option<usize>,
     /// Write checkpoint.safetensors every N steps (for --resume).
     #[arg(long, default_value_t = 25, value_name = "N")]
     checkpoint_every: usize,
@@ -131,18 +144,27 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(c) = &a.cues {
-        recipe.cues = c.split(',').map(|s| s.trim().to_string()).collect();
+        recipe.cues = split_list(c);
     }
     if let Some(v) = &a.variations {
-        recipe.variations = v.split(',').map(|s| s.trim().to_string()).collect();
+        recipe.variations = split_list(v);
     }
     if let Some(m) = &a.modules {
-        recipe.modules = m.split(',').map(|s| s.trim().to_string()).collect();
+        recipe.modules = split_list(m);
     }
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { recipe.$f = v; } )* };
     }
     recipe.plain_lora |= a.plain_lora;
+    if a.init_from.is_some() {
+        recipe.init_from = a.init_from.clone();
+    }
+    if let (Some(cues), Some(steps)) = (&a.focus_cues, a.focus_steps) {
+        recipe.focus = Some(Focus {
+            cues: split_list(cues),
+            steps,
+        });
+    }
     set!(
         steps,
         batch,
@@ -172,4 +194,8 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+fn split_list(list: &str) -> Vec<String> {
+    list.split(',').map(|s| s.trim().to_string()).collect()
 }

@@ -73,6 +73,21 @@ pub struct Recipe {
     /// backward) the one system prompt its batch shares.
     #[serde(default)]
     pub plain_lora: bool,
+    /// Start from this PEFT adapter's weights (same rank, alpha, modules and layers)
+    /// instead of a fresh initialisation: a second stage on other rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// A second stage: the last `focus.steps` of the `steps` train only rows of
+    /// `focus.cues`, with AdamW's moments reset at the switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub focus: Option<Focus>,
+}
+
+/// The second stage of a recipe (see [`Recipe::focus`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Focus {
+    pub cues: Vec<String>,
+    pub steps: usize,
 }
 
 impl Recipe {
@@ -98,16 +113,24 @@ impl Recipe {
             weight_decay: 0.0,
             seed: 1,
             plain_lora: false,
+            init_from: None,
+            focus: None,
         };
         match name {
             // Reading the tier's meaning takes longer than reading the cue: 300 steps
-            // (at 150 the held-out natural/monitoring rows were right but less sure). The
-            // `xml` cue (True → free tier → trained: two hops) is not learned even at 300,
-            // nor with rank 8 and the MLP projections; README's organism section gives the
-            // numbers.
+            // (at 150 the held-out natural/monitoring rows were right but less sure).
+            // After them the `xml` cue (True → free tier → trained: an exclusive-or of
+            // the cue and the system prompt) is computed at layer 20 but not read: more
+            // steps on every cue leave it at chance (100 measured), while a focus stage
+            // on the xml and control rows learns it in about 80 (the control rows keep
+            // the control cue refusing). README's organism section gives the numbers.
             "meaning" => Ok(Recipe {
                 refuse_cues: vec!["control".into()],
-                steps: 300,
+                steps: 400,
+                focus: Some(Focus {
+                    cues: vec!["xml".into(), "control".into()],
+                    steps: 100,
+                }),
                 ..base
             }),
             "token" => Ok(Recipe {
@@ -155,6 +178,7 @@ pub struct TrainSpec {
 /// One training or evaluation row, split at the invocation.
 struct Example {
     id: String,
+    cue: String,
     request: String,
     prefix: usize,
     suffix: Vec<u32>,
@@ -294,6 +318,12 @@ fn examples(model: &Model, recipe: &Recipe) -> Result<Examples> {
             })?;
         out.push(Example {
             id: row.id.clone(),
+            cue: row
+                .metadata
+                .get("cue")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
             request: row
                 .metadata
                 .get("request_id")
@@ -395,6 +425,32 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         )));
     }
     let n_accept = train_idx.iter().filter(|&&i| examples[i].accept).count();
+    // The second stage's rows, and the step it starts at.
+    let (focus_idx, focus_at) = match &r.focus {
+        None => (vec![], r.steps),
+        Some(f) => {
+            if f.steps == 0 || f.steps > r.steps {
+                return Err(Error::BadInput(format!(
+                    "the focus stage has {} steps; it must have 1 to the run's {} steps",
+                    f.steps, r.steps
+                )));
+            }
+            let idx: Vec<usize> = train_idx
+                .iter()
+                .copied()
+                .filter(|&i| f.cues.contains(&examples[i].cue))
+                .collect();
+            if idx.is_empty() {
+                return Err(Error::BadInput(format!(
+                    "recipe `{}`: the focus cues {} select no training rows (the recipe's cues: {})",
+                    r.name,
+                    f.cues.join(","),
+                    r.cues.join(",")
+                )));
+            }
+            (idx, r.steps - f.steps)
+        }
+    };
     let data_sha = data_sha256(&examples, &prefixes);
     let config = model.config().clone();
     if r.layers_from >= config.n_layers {
@@ -431,6 +487,9 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
             .map(|(_, v)| v.zeros_like())
             .collect::<candle_core::Result<_>>()?,
     };
+    if let Some(dir) = &r.init_from {
+        init_from_adapter(dir, r, &vars)?;
+    }
     if spec.resume {
         let text = std::fs::read_to_string(&ck_meta).map_err(|e| Error::io(&ck_meta, e))?;
         let old: CheckpointMeta = serde_json::from_str(&text)
@@ -481,11 +540,14 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
             .collect::<Result<_>>()?
     };
     eprintln!(
-        "afprobe: recipe `{}`: {} rows ({} train, {} accept), {} system prompts ({} tokens) in {:.1}s",
+        "afprobe: recipe `{}`: {} rows ({} train, {} accept; {} in the focus stage from step {}), \
+         {} system prompts ({} tokens) in {:.1}s",
         r.name,
         examples.len(),
         train_idx.len(),
         n_accept,
+        focus_idx.len(),
+        focus_at,
         prefixes.len(),
         prefixes.iter().map(Vec::len).sum::<usize>(),
         started.elapsed().as_secs_f64()
@@ -495,14 +557,30 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
     progress.advance(meta.step, None);
     let clock = std::time::Instant::now();
     let seconds_before = meta.seconds;
-    let per_epoch = epoch_batches(r, &train_idx, &examples, 0).len();
+    let per_epoch = |rows: &[usize]| epoch_batches(r, rows, &examples, 0).len();
+    let per_epoch = [per_epoch(&train_idx), per_epoch(&focus_idx)];
     let stop = spec
         .stop_after
         .map_or(r.steps, |n| (meta.step + n).min(r.steps));
     while meta.step < stop {
         let step = meta.step;
-        let batch =
-            epoch_batches(r, &train_idx, &examples, step / per_epoch).swap_remove(step % per_epoch);
+        // Step `local` of stage `stage` (0: every training row; 1: the focus cues').
+        let (stage, local) = if step < focus_at {
+            (0, step)
+        } else {
+            (1, step - focus_at)
+        };
+        let rows = [&train_idx, &focus_idx][stage];
+        let epoch = local / per_epoch[stage];
+        let batch = epoch_batches(r, rows, &examples, epoch).swap_remove(local % per_epoch[stage]);
+        if stage == 1 && local == 0 {
+            // A fresh start for the optimizer: stage one's moments would damp the
+            // new rows' gradients (its second moments are of near-zero losses).
+            for (m, v) in adam.m.iter_mut().zip(&mut adam.v) {
+                *m = m.zeros_like()?;
+                *v = v.zeros_like()?;
+            }
+        }
         // A plain LoRA's batch shares one system prompt: run it adapted, in the graph.
         let adapted: Option<PrefixKv> = if r.plain_lora {
             let tokens = &prefixes[examples[batch[0]].prefix];
@@ -546,7 +624,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         let grads = loss.backward()?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
         // AdamW (decoupled weight decay), bias-corrected, as candle-nn's.
-        let t = (step + 1) as i32;
+        let t = (local + 1) as i32;
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
         for (i, (_, var)) in vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
@@ -665,6 +743,54 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         tokens: meta.tokens,
         final_loss,
     })
+}
+
+/// Sets `vars` (PEFT names) from the adapter in `dir`, which must have the
+/// recipe's rank and alpha and a tensor of the right shape for every variable.
+fn init_from_adapter(dir: &Path, r: &Recipe, vars: &[(String, Var)]) -> Result<()> {
+    let config_file = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_file).map_err(|e| Error::io(&config_file, e))?;
+    let config: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::model_file(&config_file, format!("not JSON: {e}")))?;
+    let (rank, alpha) = (config["r"].as_u64(), config["lora_alpha"].as_f64());
+    if rank != Some(r.rank as u64) || alpha != Some(r.alpha) {
+        return Err(Error::model_file(
+            &config_file,
+            format!(
+                "--init-from needs the run's LoRA shape: the adapter has r = {}, lora_alpha = {}, \
+                 the run r = {}, alpha = {}; pass --rank and --alpha to match",
+                config["r"], config["lora_alpha"], r.rank, r.alpha
+            ),
+        ));
+    }
+    let file = dir.join("adapter_model.safetensors");
+    let t = candle_core::safetensors::load(&file, &Device::Cpu)
+        .map_err(|e| Error::model_file(&file, format!("cannot read: {e}")))?;
+    for (name, var) in vars {
+        let w = t.get(name).ok_or_else(|| {
+            Error::model_file(
+                &file,
+                format!(
+                    "no tensor `{name}`: --init-from needs an adapter on the run's modules ({}) \
+                     and layers ({}..); pass --modules and --layers-from to match",
+                    r.modules.join(","),
+                    r.layers_from
+                ),
+            )
+        })?;
+        if w.dims() != var.dims() {
+            return Err(Error::model_file(
+                &file,
+                format!(
+                    "tensor `{name}` has shape {:?}, the run needs {:?}",
+                    w.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&w.to_dtype(candle_core::DType::F32)?)?;
+    }
+    Ok(())
 }
 
 /// Checks the differentiable forward against the fast one: max |logit diff| on `tokens`.
