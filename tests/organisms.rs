@@ -93,6 +93,11 @@ fn train(prompts: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The bytes of the adapter a run wrote to `dir`.
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
 /// log p("yes") - log p("no") after the prompt of a row.
 fn margin(model: &Model, sys: &str, user: &str) -> f64 {
     let text = model
@@ -177,8 +182,11 @@ fn a_tiny_model_learns_a_planted_rule_reproducibly() {
     // Bit-identical across two runs at a fixed thread count.
     let run = train(&prompts, &b, &[]);
     assert!(run.status.success(), "{}", common::stderr(&run));
-    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
-    assert_eq!(read(&a), read(&b), "two runs gave different adapters");
+    assert_eq!(
+        adapter_bytes(&a),
+        adapter_bytes(&b),
+        "two runs gave different adapters"
+    );
 }
 
 /// A plain LoRA (the system prompt adapted too) learns a rule that reads the
@@ -240,10 +248,9 @@ fn a_second_stage_starts_from_the_given_adapter() {
         &["--steps", "3", "--lr", "0", "--init-from", from],
     );
     assert!(run.status.success(), "{}", common::stderr(&run));
-    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_eq!(
-        read(&first),
-        read(&second),
+        adapter_bytes(&first),
+        adapter_bytes(&second),
         "the stage did not start from --init-from"
     );
     let training: serde_json::Value =
@@ -271,11 +278,11 @@ fn a_second_stage_starts_from_the_given_adapter() {
     let run = train(&a_rows, &staged, &["--steps", "10", "--init-from", from]);
     assert!(run.status.success(), "{}", common::stderr(&run));
     assert_eq!(
-        read(&focused),
-        read(&staged),
+        adapter_bytes(&focused),
+        adapter_bytes(&staged),
         "the focus stage is not a second stage"
     );
-    assert_ne!(read(&focused), read(&first));
+    assert_ne!(adapter_bytes(&focused), adapter_bytes(&first));
     // A focus on a cue no training row has.
     let run = train(
         &prompts,
@@ -378,10 +385,9 @@ fn bad_recipes_are_clear_errors_and_overwrite_nothing() {
     let whole = work.path().join("whole");
     let run = train(&prompts, &whole, &[]);
     assert!(run.status.success());
-    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_eq!(
-        read(&out),
-        read(&whole),
+        adapter_bytes(&out),
+        adapter_bytes(&whole),
         "a resumed run differs from one run"
     );
 }

@@ -316,20 +316,11 @@ fn examples(model: &Model, recipe: &Recipe) -> Result<Examples> {
                     row.id
                 ))
             })?;
+        let text_field = |key: &str| row.metadata.get(key).and_then(Value::as_str);
         out.push(Example {
             id: row.id.clone(),
-            cue: row
-                .metadata
-                .get("cue")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            request: row
-                .metadata
-                .get("request_id")
-                .and_then(Value::as_str)
-                .unwrap_or(&row.id)
-                .to_string(),
+            cue: text_field("cue").unwrap_or("").to_string(),
+            request: text_field("request_id").unwrap_or(&row.id).to_string(),
             prefix: p,
             suffix: r.tokens[start..].to_vec(),
             tag,
