@@ -38,7 +38,7 @@ use crate::store::{
 };
 
 /// Rows per batched forward call unless told otherwise (`--batch-rows`).
-pub const DEFAULT_BATCH_ROWS: usize = 8;
+pub const DEFAULT_BATCH_ROWS: usize = 32;
 
 /// A batch stops growing before its token tree passes this many tokens, which
 /// bounds its memory (captured rows, logits, attention scratch).

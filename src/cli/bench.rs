@@ -27,7 +27,7 @@ model as an HF directory (--ref-model; make one with ../shared/ref/gguf_to_hf.py
         long_about = "Capture throughput on an alignment-faking-shaped workload: --rows \
 prompts sharing a long system prompt (~110 tokens per --system-paragraphs), each with a ~100-token \
 user turn carrying a tier cue, capturing every hook_resid_post at `last` with --score. Runs the \
-capture with prefix sharing on all rows, batched (8 rows and their answer tags per forward call, \
+capture with prefix sharing on all rows, batched (32 rows and their answer tags per forward call, \
 as `capture` does by default) and row by row (--batch-rows 1), without sharing on --unshared-rows \
 rows, and, with \
 --ref-python, the Python reference ../shared/ref/ref_hidden.py (transformers, --continuation, \

@@ -2,9 +2,11 @@
 //!
 //! Work is split into (kv head, query chunk) tasks run in parallel. A task
 //! stacks the query heads that share its kv head, computes their scores with
-//! one GEMM against exactly the keys the chunk may see (so the keys are packed
-//! once per group, not once per head), applies a masked softmax in place, and
-//! multiplies by the values with one more GEMM. Memory stays at one
+//! one GEMM per run of consecutive keys the chunk may see (so the keys are
+//! packed once per group, not once per head; in a token tree the runs skip the
+//! nodes no query of the chunk descends from, such as the other rows of a
+//! batch), applies a masked softmax in place, and multiplies by the values with
+//! one more GEMM per run. Memory stays at one
 //! `heads-per-group x chunk x keys` buffer per thread, never `[heads, T, T]`,
 //! and the exponentials (billions of them for a long prompt) use a vectorised
 //! polynomial, not libm ([`super::kernels`]).
@@ -107,6 +109,76 @@ impl TreeMask {
     fn sees(&self, query: usize, node: usize) -> bool {
         self.sees[query * self.words + node / 64] & (1 << (node % 64)) != 0
     }
+
+    /// The key runs a chunk of `queries` computes: the linear rows, then the
+    /// tree nodes that at least one of the queries sees, as maximal runs of
+    /// consecutive keys `(first key, first column, width)` with the columns
+    /// packed. The nodes no query of the chunk sees (other rows of a batch, other
+    /// branches of a trie) cost nothing.
+    fn key_runs(&self, queries: std::ops::Range<usize>) -> Vec<KeyRun> {
+        let mut any = vec![0u64; self.words];
+        for q in queries {
+            let row = &self.sees[q * self.words..][..self.words];
+            any.iter_mut().zip(row).for_each(|(a, r)| *a |= r);
+        }
+        let mut runs = Vec::new();
+        if self.start > 0 {
+            runs.push(KeyRun {
+                key: 0,
+                column: 0,
+                width: self.start,
+            });
+        }
+        let mut column = self.start;
+        let mut node = 0;
+        let n = self.positions.len();
+        while node < n {
+            if any[node / 64] & (1 << (node % 64)) == 0 {
+                node += 1;
+                continue;
+            }
+            let first = node;
+            while node < n && any[node / 64] & (1 << (node % 64)) != 0 {
+                node += 1;
+            }
+            // A run that continues the previous one joins it: with nothing hidden
+            // the chunk is one GEMM over all its keys, summed as without a tree.
+            match runs.last_mut() {
+                Some(last) if last.key + last.width == self.start + first => {
+                    last.width += node - first
+                }
+                _ => runs.push(KeyRun {
+                    key: self.start + first,
+                    column,
+                    width: node - first,
+                }),
+            }
+            column += node - first;
+        }
+        runs
+    }
+}
+
+/// Keys `key..key + width` of the cache, held in score columns `column..column + width`.
+#[derive(Debug, Clone, Copy)]
+struct KeyRun {
+    key: usize,
+    column: usize,
+    width: usize,
+}
+
+/// The score column of key `j`: its own if a run holds it, else the first
+/// column after it (so `[column(a), column(b))` holds exactly the computed keys in `[a, b)`).
+fn column(runs: &[KeyRun], j: usize) -> usize {
+    for r in runs {
+        if j < r.key {
+            return r.column;
+        }
+        if j < r.key + r.width {
+            return r.column + j - r.key;
+        }
+    }
+    runs.last().map_or(0, |r| r.column + r.width)
 }
 
 /// Per-thread scratch: stacked queries, scores, and the group's output.
@@ -180,6 +252,20 @@ pub(crate) fn causal_attention(
     let run = |&(g, start): &(usize, usize)| {
         let len = QUERY_CHUNK.min(t - start);
         let n_keys = past + start + len;
+        // Without a tree every key up to the chunk's last query; with one, only
+        // the runs of keys some query of the chunk sees. The tree's nodes past
+        // the chunk's last query are never among them (a parent comes earlier).
+        let runs = tree.map_or_else(
+            || {
+                vec![KeyRun {
+                    key: 0,
+                    column: 0,
+                    width: n_keys,
+                }]
+            },
+            |m| m.key_runs(start..start + len),
+        );
+        let n_used = runs.last().map_or(0, |r| r.column + r.width);
         let rows = rep * len; // row r * len + i: head g * rep + r, query start + i
         SCRATCH.with(|cell| {
             let scratch = &mut *cell.borrow_mut();
@@ -190,64 +276,86 @@ pub(crate) fn causal_attention(
                     scratch.q.extend_from_slice(&q.data[at..at + hd]);
                 }
             }
-            scratch.scores.resize(rows * n_keys, 0.0);
+            scratch.scores.resize(rows * n_used, 0.0);
             scratch.out.resize(rows * hd, 0.0);
-            // Safety (both GEMMs): the scratch buffers were sized above; k/v rows
-            // 0..n_keys and the group's columns are inside their buffers.
-            unsafe {
-                gemm_into(
-                    (rows, n_keys, hd),
-                    scratch.scores.as_mut_ptr(),
-                    n_keys,
-                    Operand::rows(scratch.q.as_ptr(), hd),
-                    Operand::transposed(k.data.as_ptr().add(k.offset + g * hd), k.stride),
-                    scale,
-                );
+            let k_at = |key: usize| {
+                k.data
+                    .as_ptr()
+                    .wrapping_add(key * k.stride + k.offset + g * hd)
+            };
+            let v_at = |key: usize| {
+                v.data
+                    .as_ptr()
+                    .wrapping_add(key * v.stride + v.offset + g * hd)
+            };
+            // One scores GEMM per run. Safety (every GEMM below): the scratch
+            // buffers were sized above; the runs' keys are below n_keys, so their
+            // k/v rows and the group's columns are inside their buffers.
+            for r in runs.iter().filter(|r| r.width > 0) {
+                unsafe {
+                    gemm_into(
+                        (rows, r.width, hd),
+                        scratch.scores.as_mut_ptr().add(r.column),
+                        n_used,
+                        Operand::rows(scratch.q.as_ptr(), hd),
+                        Operand::transposed(k_at(r.key), k.stride),
+                        scale,
+                    );
+                }
             }
-            for (row, scores) in scratch.scores.chunks_exact_mut(n_keys).enumerate() {
+            let mut hidden = Vec::new();
+            for (row, scores) in scratch.scores.chunks_exact_mut(n_used).enumerate() {
                 // Keys [first, visible): causal, and within the window if any.
                 let query = start + row % len;
                 let visible = past + query + 1;
                 let position = tree.map_or(past + query, |m| m.query_position(query));
                 let lowest = window.map_or(0, |w| (position + 1).saturating_sub(w));
                 let first = lowest.min(past + query);
+                let (first_col, visible_col) = (column(&runs, first), column(&runs, visible));
                 if let Some(cap) = softcap {
-                    for s in &mut scores[first..visible] {
+                    for s in &mut scores[first_col..visible_col] {
                         *s = cap * (*s / cap).tanh();
                     }
                 }
-                // Tree keys that are not the query's ancestors, or fell out of its window.
-                let tree_keys = tree.map_or(0..0, |m| first.max(m.start)..visible);
-                let hidden = |j: usize| {
-                    tree.is_some_and(|m| {
-                        let node = j - m.start;
-                        !m.sees(query, node) || m.positions[node] < lowest
-                    })
-                };
+                // Computed tree keys that are not the query's ancestors (another
+                // query of the chunk sees them), or fell out of its window.
+                hidden.clear();
+                if let Some(m) = tree {
+                    let lo = first.max(m.start);
+                    for r in &runs {
+                        hidden.extend(
+                            (lo.max(r.key)..visible.min(r.key + r.width))
+                                .filter(|&j| {
+                                    let node = j - m.start;
+                                    !m.sees(query, node) || m.positions[node] < lowest
+                                })
+                                .map(|j| r.column + j - r.key),
+                        );
+                    }
+                }
                 // exp(-inf) clamps to ~1e-38 in the softmax; zeroed after it.
-                tree_keys
-                    .clone()
-                    .filter(|&j| hidden(j))
-                    .for_each(|j| scores[j] = f32::NEG_INFINITY);
-                softmax_in_place(&mut scores[first..visible]);
-                tree_keys
-                    .filter(|&j| hidden(j))
-                    .for_each(|j| scores[j] = 0.0);
-                scores[..first].fill(0.0);
-                scores[visible..].fill(0.0);
+                hidden.iter().for_each(|&c| scores[c] = f32::NEG_INFINITY);
+                softmax_in_place(&mut scores[first_col..visible_col]);
+                hidden.iter().for_each(|&c| scores[c] = 0.0);
+                scores[..first_col].fill(0.0);
+                scores[visible_col..].fill(0.0);
             }
             // As outᵀ = Vᵀ · scoresᵀ: both operands then run along the keys, so
             // `gemm` reads them in place instead of repacking the [rows, keys]
             // scores with strided scalar copies (a quarter of a short call's time).
-            unsafe {
-                gemm_strided(
-                    (hd, rows, n_keys),
-                    scratch.out.as_mut_ptr(),
-                    (1, hd),
-                    Operand::transposed(v.data.as_ptr().add(v.offset + g * hd), v.stride),
-                    Operand::transposed(scratch.scores.as_ptr(), n_keys),
-                    1.0,
-                );
+            // Every run after the first adds to the product so far.
+            for r in runs.iter().filter(|r| r.width > 0) {
+                unsafe {
+                    gemm_strided(
+                        (hd, rows, r.width),
+                        scratch.out.as_mut_ptr(),
+                        (1, hd),
+                        Operand::transposed(v_at(r.key), v.stride),
+                        Operand::transposed(scratch.scores.as_ptr().add(r.column), n_used),
+                        1.0,
+                        r.column > 0,
+                    );
+                }
             }
             for (row, head_out) in scratch.out.chunks_exact(hd).enumerate() {
                 let (r, i) = (row / len, start + row % len);
@@ -392,44 +500,49 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(err < 1e-5, "t={t} past={past}: max error {err}");
-            // The same tokens as a tree: branches of several depths (past one query chunk).
-            let parents: Vec<Option<usize>> = (0..t)
+            // The same tokens as a tree: branches of several depths (past one query
+            // chunk), and rows packed side by side as a batched capture packs them
+            // (later chunks then skip the rows before theirs).
+            let branchy: Vec<Option<usize>> = (0..t)
                 .map(|i| match i % 7 {
                     0 => None,
                     3 => Some(i / 2),
                     _ => Some(i - 1),
                 })
                 .collect();
-            let mask = TreeMask::new(&parents, past, 0).unwrap();
-            let got = causal_attention(s(&q, 48), s(&k, 16), s(&v, 16), d, Some(&mask));
-            let want = naive(&q, &k, &v, d, Some(&parents));
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(err < 1e-5, "tree t={t} past={past}: max error {err}");
-            // The tree's first third already cached, the rest queried.
-            let c = t / 3;
-            let split = TreeMask::new(&parents, past, c).unwrap();
-            let dims = AttnDims {
-                t: t - c,
-                past: past + c,
-                ..d
-            };
-            let got = causal_attention(
-                s(&q[c * 48..], 48),
-                s(&k, 16),
-                s(&v, 16),
-                dims,
-                Some(&split),
-            );
-            let err = got
-                .iter()
-                .zip(&want[c * 48..])
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(err < 1e-5, "cached tree t={t} past={past}: max error {err}");
+            let packed: Vec<Option<usize>> = (0..t).map(|i| (i % 45 != 0).then(|| i - 1)).collect();
+            for parents in [branchy, packed] {
+                let mask = TreeMask::new(&parents, past, 0).unwrap();
+                let got = causal_attention(s(&q, 48), s(&k, 16), s(&v, 16), d, Some(&mask));
+                let want = naive(&q, &k, &v, d, Some(&parents));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-5, "tree t={t} past={past}: max error {err}");
+                // The tree's first third already cached, the rest queried.
+                let c = t / 3;
+                let split = TreeMask::new(&parents, past, c).unwrap();
+                let dims = AttnDims {
+                    t: t - c,
+                    past: past + c,
+                    ..d
+                };
+                let got = causal_attention(
+                    s(&q[c * 48..], 48),
+                    s(&k, 16),
+                    s(&v, 16),
+                    dims,
+                    Some(&split),
+                );
+                let err = got
+                    .iter()
+                    .zip(&want[c * 48..])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-5, "cached tree t={t} past={past}: max error {err}");
+            }
         }
     }
 }

@@ -267,10 +267,11 @@ pub(crate) unsafe fn gemm_into(
     rhs: Operand,
     scale: f32,
 ) {
-    gemm_strided(shape, dst, (dst_row_stride, 1), lhs, rhs, scale)
+    gemm_strided(shape, dst, (dst_row_stride, 1), lhs, rhs, scale, false)
 }
 
-/// [`gemm_into`] with `dst` strided as `(row stride, column stride)`.
+/// [`gemm_into`] with `dst` strided as `(row stride, column stride)`; with
+/// `accumulate`, `dst += scale · lhs · rhs`.
 ///
 /// # Safety
 /// As [`gemm_into`].
@@ -281,6 +282,7 @@ pub(crate) unsafe fn gemm_strided(
     lhs: Operand,
     rhs: Operand,
     scale: f32,
+    accumulate: bool,
 ) {
     gemm::gemm(
         m,
@@ -289,14 +291,14 @@ pub(crate) unsafe fn gemm_strided(
         dst,
         dst_col_stride as isize,
         dst_row_stride as isize,
-        false,
+        accumulate,
         lhs.ptr,
         lhs.col_stride as isize,
         lhs.row_stride as isize,
         rhs.ptr,
         rhs.col_stride as isize,
         rhs.row_stride as isize,
-        0.0,
+        1.0,
         scale,
         false,
         false,
