@@ -448,6 +448,13 @@ mod tests {
         out
     }
 
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    }
+
     #[test]
     fn a_parent_must_come_earlier() {
         let err = TreeMask::new(&[None, Some(2), Some(0)], 0, 0).unwrap_err();
@@ -494,11 +501,7 @@ mod tests {
             }
             let got = causal_attention(s(&q, 48), s(&k, 16), s(&v, 16), d, None);
             let want = naive(&q, &k, &v, d, None);
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let err = max_abs_diff(&got, &want);
             assert!(err < 1e-5, "t={t} past={past}: max error {err}");
             // The same tokens as a tree: branches of several depths (past one query
             // chunk), and rows packed side by side as a batched capture packs them
@@ -515,11 +518,7 @@ mod tests {
                 let mask = TreeMask::new(&parents, past, 0).unwrap();
                 let got = causal_attention(s(&q, 48), s(&k, 16), s(&v, 16), d, Some(&mask));
                 let want = naive(&q, &k, &v, d, Some(&parents));
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let err = max_abs_diff(&got, &want);
                 assert!(err < 1e-5, "tree t={t} past={past}: max error {err}");
                 // The tree's first third already cached, the rest queried.
                 let c = t / 3;
@@ -536,11 +535,7 @@ mod tests {
                     dims,
                     Some(&split),
                 );
-                let err = got
-                    .iter()
-                    .zip(&want[c * 48..])
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let err = max_abs_diff(&got, &want[c * 48..]);
                 assert!(err < 1e-5, "cached tree t={t} past={past}: max error {err}");
             }
         }
