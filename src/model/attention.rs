@@ -249,22 +249,29 @@ pub(crate) fn causal_attention(
     let tasks: Vec<(usize, usize)> = (0..n_kv_heads)
         .flat_map(|g| (0..t).step_by(QUERY_CHUNK).map(move |s| (g, s)))
         .collect();
+    // Each chunk's keys, shared by its kv heads' tasks: without a tree every key
+    // up to the chunk's last query; with one, only the runs of keys some query
+    // of the chunk sees. The tree's nodes past the chunk's last query are never
+    // among them (a parent comes earlier).
+    let chunk_runs: Vec<Vec<KeyRun>> = (0..t)
+        .step_by(QUERY_CHUNK)
+        .map(|start| {
+            let len = QUERY_CHUNK.min(t - start);
+            tree.map_or_else(
+                || {
+                    vec![KeyRun {
+                        key: 0,
+                        column: 0,
+                        width: past + start + len,
+                    }]
+                },
+                |m| m.key_runs(start..start + len),
+            )
+        })
+        .collect();
     let run = |&(g, start): &(usize, usize)| {
         let len = QUERY_CHUNK.min(t - start);
-        let n_keys = past + start + len;
-        // Without a tree every key up to the chunk's last query; with one, only
-        // the runs of keys some query of the chunk sees. The tree's nodes past
-        // the chunk's last query are never among them (a parent comes earlier).
-        let runs = tree.map_or_else(
-            || {
-                vec![KeyRun {
-                    key: 0,
-                    column: 0,
-                    width: n_keys,
-                }]
-            },
-            |m| m.key_runs(start..start + len),
-        );
+        let runs = &chunk_runs[start / QUERY_CHUNK];
         let n_used = runs.last().map_or(0, |r| r.column + r.width);
         let rows = rep * len; // row r * len + i: head g * rep + r, query start + i
         SCRATCH.with(|cell| {
@@ -289,7 +296,7 @@ pub(crate) fn causal_attention(
                     .wrapping_add(key * v.stride + v.offset + g * hd)
             };
             // One scores GEMM per run. Safety (every GEMM below): the scratch
-            // buffers were sized above; the runs' keys are below n_keys, so their
+            // buffers were sized above; the runs end at the chunk's last query, so their
             // k/v rows and the group's columns are inside their buffers.
             for r in runs.iter().filter(|r| r.width > 0) {
                 unsafe {
@@ -311,7 +318,7 @@ pub(crate) fn causal_attention(
                 let position = tree.map_or(past + query, |m| m.query_position(query));
                 let lowest = window.map_or(0, |w| (position + 1).saturating_sub(w));
                 let first = lowest.min(past + query);
-                let (first_col, visible_col) = (column(&runs, first), column(&runs, visible));
+                let (first_col, visible_col) = (column(runs, first), column(runs, visible));
                 if let Some(cap) = softcap {
                     for s in &mut scores[first_col..visible_col] {
                         *s = cap * (*s / cap).tanh();
@@ -322,7 +329,7 @@ pub(crate) fn causal_attention(
                 hidden.clear();
                 if let Some(m) = tree {
                     let lo = first.max(m.start);
-                    for r in &runs {
+                    for r in runs {
                         hidden.extend(
                             (lo.max(r.key)..visible.min(r.key + r.width))
                                 .filter(|&j| {
