@@ -159,7 +159,8 @@ impl TreeMask {
     }
 }
 
-/// Keys `key..key + width` of the cache, held in score columns `column..column + width`.
+/// Keys `key..key + width` of the cache (never empty), held in score columns
+/// `column..column + width`; a chunk's first run starts at column 0.
 #[derive(Debug, Clone, Copy)]
 struct KeyRun {
     key: usize,
@@ -298,7 +299,7 @@ pub(crate) fn causal_attention(
             // One scores GEMM per run. Safety (every GEMM below): the scratch
             // buffers were sized above; the runs end at the chunk's last query, so their
             // k/v rows and the group's columns are inside their buffers.
-            for r in runs.iter().filter(|r| r.width > 0) {
+            for r in runs {
                 unsafe {
                     gemm_into(
                         (rows, r.width, hd),
@@ -351,7 +352,7 @@ pub(crate) fn causal_attention(
             // `gemm` reads them in place instead of repacking the [rows, keys]
             // scores with strided scalar copies (a quarter of a short call's time).
             // Every run after the first adds to the product so far.
-            for r in runs.iter().filter(|r| r.width > 0) {
+            for r in runs {
                 unsafe {
                     gemm_strided(
                         (hd, rows, r.width),
