@@ -1,10 +1,9 @@
 //! Model inputs that made afprobe panic, abort or give a wrong value (issue 14,
-//! kinds 1-4 and 6): each case in `../shared/cases/` (beside the repository)
+//! kinds 1-4 and 6): each case in `tests/fixtures/cases/`
 //! run through the built binary under the 4 GiB address-space limit the
 //! fuzzing campaign used, with the right outcome asserted: a non-zero exit
 //! whose message names the file and the field or tensor, no panic, no abort;
-//! or the value transformers gives. Skipped, with a message, when the cases
-//! folder is absent.
+//! or the value transformers gives.
 
 mod common;
 
@@ -13,21 +12,8 @@ use std::process::{Command, Output};
 
 use afprobe::model::{Message, Model, ModelSpec, WeightDtype};
 use afprobe::prompts::{read_prompt_file, render};
-use common::{fixtures, stderr};
+use common::{cases, fixtures, stderr};
 
-/// `../shared/cases`, or `None` (and a note on stderr) when it is not there.
-fn cases() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/cases");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipping: {} is absent (the failing inputs of issue 14 live beside the repository)",
-            dir.display()
-        );
-        None
-    }
-}
 
 /// Runs afprobe on `args` under `ulimit -v 4194304`, as the cases' cmd.sh do.
 fn afprobe_limited(args: &[&str]) -> Output {
@@ -67,7 +53,7 @@ fn s(p: &Path) -> String {
 
 /// `model info` and `generate` on one fuzz case: each command must fail cleanly.
 fn fuzz_case(case: &str, file: &str, needles: &[&str]) {
-    let Some(cases) = cases() else { return };
+    let cases = cases();
     let model = cases.join("fuzz").join(case).join("case").join(file);
     assert!(model.exists(), "{} is missing", model.display());
     let model = s(&model);
@@ -205,7 +191,7 @@ fn case15_general_alignment_zero_is_refused() {
 
 #[test]
 fn peer_gguf_alignment_zero_is_refused() {
-    let Some(cases) = cases() else { return };
+    let cases = cases();
     let path = s(&cases.join("peer-reports/gguf/llama_align0.gguf"));
     let out = afprobe_limited(&["model", "info", "--model", &path]);
     assert_clean_error(
@@ -255,7 +241,7 @@ fn assert_resid_post_1(model_path: &Path, want: [f32; 4]) {
 /// `llama.rope.scaling.type = linear` (factor 4) is applied, as transformers does.
 #[test]
 fn peer_gguf_linear_rope_scaling_is_applied() {
-    let Some(cases) = cases() else { return };
+    let cases = cases();
     assert_resid_post_1(
         &cases.join("peer-reports/gguf/llama_rope_linear.gguf"),
         [10.679, 9.676, 9.041, 6.261],
@@ -265,7 +251,7 @@ fn peer_gguf_linear_rope_scaling_is_applied() {
 /// Mistral's sliding window (4) is applied on prompts longer than it.
 #[test]
 fn peer_mistral_sliding_window_is_applied() {
-    let Some(cases) = cases() else { return };
+    let cases = cases();
     assert_resid_post_1(
         &cases.join("peer-reports/models/mistral_swa"),
         [-10.195, 11.221, 0.871, -6.060],
@@ -300,7 +286,7 @@ fn peer_model(cases: &Path, name: &str) -> tempfile::TempDir {
 
 #[test]
 fn peer_llama3_style_bos_raw_text_gets_the_post_processor_bos() {
-    let Some(cases) = cases() else { return };
+    let cases = cases();
     let dir = peer_model(&cases, "llama3_style_bos");
     let model = load(dir.path());
     let rows_path = cases.join("peer-reports/prompts/bos_rows.jsonl");
@@ -333,7 +319,7 @@ fn peer_llama3_style_bos_raw_text_gets_the_post_processor_bos() {
 /// `tmpl_rows.jsonl` (the expected renders are in issue 14).
 #[test]
 fn peer_templates_render_as_transformers() {
-    let Some(cases) = cases() else { return };
+    let cases = cases();
     let messages = vec![
         Message::new("system", "Be <brief> & 'exact'"),
         Message::new("user", "héllo"),
@@ -441,7 +427,7 @@ fn a_safetensors_index_cannot_point_outside_the_model_directory() {
 /// path (see [`peer_model`]) fail cleanly, naming the file.
 #[test]
 fn peer_models_with_unreadable_weights_fail_cleanly() {
-    let Some(cases) = cases() else { return };
+    let cases = cases();
     for name in [
         "llama3_style_bos",
         "tmpl_loopcontrols",

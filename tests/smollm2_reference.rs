@@ -1,6 +1,6 @@
 //! The real default model (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to f32)
 //! against the Python reference: `tests/fixtures/ref_smollm2.*` were written by
-//! ../shared/ref/ref_hidden.py (transformers, float64) on `ref_prompts.jsonl`.
+//! scripts/ref/ref_hidden.py (transformers, float64) on `ref_prompts.jsonl`.
 //! The model is fetched on first use (CI fetches it in `.ci/run`).
 
 mod common;

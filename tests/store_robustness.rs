@@ -1,5 +1,5 @@
 //! Damaged activation stores: the fuzzing campaign's store cases
-//! (`../shared/cases/fuzz/case{03,06,07,14}`), the same stores with a correct
+//! (`tests/fixtures/cases/fuzz/case{03,06,07,14}`), the same stores with a correct
 //! `format` (so the deeper checks are reached), shard paths that point outside
 //! the store, damaged shard headers, and a bounded mutation loop. Each must give
 //! a clean error naming the file and the field, never a panic.
@@ -13,16 +13,6 @@ use candle_core::{Device, Tensor};
 use common::{afprobe, assert_fails_with, write_store, StoreShape};
 use serde_json::{json, Value};
 
-/// `../shared/cases/fuzz`, or `None` (with a note) where this checkout has no cases.
-fn fuzz_cases() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/cases/fuzz");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipped: {} is absent", dir.display());
-        None
-    }
-}
 
 /// A writable copy of a case's `case/store` in a fresh temporary directory.
 fn copy_store(case: &Path) -> (tempfile::TempDir, PathBuf) {
@@ -56,7 +46,7 @@ fn case_command(case: &str, store: &Path, out: &Path) -> Vec<String> {
 
 #[test]
 fn fuzz_store_cases_fail_cleanly_naming_the_field() {
-    let Some(cases) = fuzz_cases() else { return };
+    let cases = common::cases().join("fuzz");
     // What each case's store gets wrong beyond its shortened `format`.
     let deeper = [
         ("case03", "listed twice"),

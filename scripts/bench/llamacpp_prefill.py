@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Prefill tokens/s and peak RSS of llama.cpp (llama-cpp-python) on a GGUF, the
-peer for `afprobe bench prefill --dtype quantized` (README, Performance).
+peer for `afprobe bench prefill --dtype quantized` (docs/performance.md).
 
     VENV/bin/python scripts/bench/llamacpp_prefill.py MODEL.gguf --lengths 256,1024 --repeats 3 --threads 2
 

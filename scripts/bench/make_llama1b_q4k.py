@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A Llama-3.2-1B-shaped GGUF with random weights, quantized to Q4_K_M by
-llama.cpp, for `--dtype quantized` memory and speed (README, Performance).
+llama.cpp, for `--dtype quantized` memory and speed (docs/performance.md).
 
 The body is Llama 3.2 1B's (16 layers, d_model 2048, 32 query and 8 key/value
 heads of 64, MLP 8192, rope base 500000, tied embeddings); the vocabulary is
@@ -9,7 +9,7 @@ model's GGUF) so that afprobe and llama.cpp both load it with a real tokenizer.
 Weights are N(0, 0.02), norms 1, seeded.
 
 Needs `gguf` and numpy, and llama-cpp-python (built from source with the
-CMAKE_ARGS in ../shared/ref/ref_llamacpp.py) for llama.cpp's quantizer; from
+CMAKE_ARGS in scripts/ref/ref_llamacpp.py) for llama.cpp's quantizer; from
 the repository root:
 
     VENV/bin/python scripts/bench/make_llama1b_q4k.py SmolLM2-135M-Instruct.Q4_1.gguf OUT_DIR

@@ -15,9 +15,9 @@ pub enum BenchCommand {
 non-special tokens (batch 1), capturing every blocks.{l}.hook_resid_post at the last token, \
 with logits at the last token only. Reports the median of --repeats runs after a warm-up, and \
 peak RSS. Each length runs in its own process so RSS is per length.\n\n\
-With --ref-python, the Python reference (../shared/ref/bench_prefill.py: transformers, same \
+With --ref-python, the Python reference (scripts/ref/bench_prefill.py in the source tree: transformers, same \
 thread count) runs on the same machine and its numbers are printed beside ours. It needs the \
-model as an HF directory (--ref-model; make one with ../shared/ref/gguf_to_hf.py).",
+model as an HF directory (--ref-model; make one with scripts/ref/gguf_to_hf.py).",
         after_help = "Example:\n  afprobe bench prefill --lengths 256,1024,3000 \\\n    \
 --ref-python ref-venv/bin/python --ref-model models/smollm2-135m-hf"
     )]
@@ -30,7 +30,7 @@ user turn carrying a tier cue, capturing every hook_resid_post at `last` with --
 capture with prefix sharing on all rows, batched (32 rows and their answer tags per forward call, \
 as `capture` does by default) and row by row (--batch-rows 1), without sharing on --unshared-rows \
 rows, and, with \
---ref-python, the Python reference ../shared/ref/ref_hidden.py (transformers, --continuation, \
+--ref-python, the Python reference scripts/ref/ref_hidden.py (transformers, --continuation, \
 same thread count) on --ref-rows rows. Rates exclude model loading on both sides."
     )]
     Capture(CaptureBenchArgs),
@@ -92,7 +92,7 @@ pub struct ProbeBenchArgs {
     #[arg(long, value_name = "PYTHON")]
     ref_python: Option<PathBuf>,
     /// The reference probe script.
-    #[arg(long, default_value = "../shared/ref/ref_probe.py")]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ref/ref_probe.py"))]
     ref_script: PathBuf,
     /// Where exports and outputs go (default: a fresh temporary directory).
     #[arg(long, value_name = "DIR")]
@@ -119,7 +119,7 @@ pub struct CaptureBenchArgs {
     #[arg(long, value_name = "PYTHON")]
     ref_python: Option<PathBuf>,
     /// The reference capture script.
-    #[arg(long, default_value = "../shared/ref/ref_hidden.py")]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ref/ref_hidden.py"))]
     ref_script: PathBuf,
     /// HF directory of the same model, for the reference.
     #[arg(long, value_name = "DIR")]
@@ -149,7 +149,7 @@ pub struct PrefillArgs {
     #[arg(long, value_name = "PYTHON")]
     ref_python: Option<PathBuf>,
     /// The reference benchmark script.
-    #[arg(long, default_value = "../shared/ref/bench_prefill.py")]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ref/bench_prefill.py"))]
     ref_script: PathBuf,
     /// HF directory of the same model, for the reference.
     #[arg(long, value_name = "DIR")]

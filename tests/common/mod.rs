@@ -17,6 +17,20 @@ pub fn fixtures() -> PathBuf {
         .join("fixtures")
 }
 
+/// The failing inputs of the fuzzing campaigns and peer reports
+/// (`tests/fixtures/cases`, README there). Committed: a checkout without them
+/// is broken, so this panics rather than letting a test pass empty.
+#[allow(dead_code)]
+pub fn cases() -> PathBuf {
+    let dir = fixtures().join("cases");
+    assert!(
+        dir.is_dir(),
+        "{} is missing: the robustness tests need the committed cases",
+        dir.display()
+    );
+    dir
+}
+
 /// All tensors of a safetensors fixture.
 pub fn load_fixture(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu)
