@@ -8,7 +8,7 @@ use std::io::Write;
 
 use crate::error::Result;
 use crate::model::transformer::row_f32;
-use crate::model::{Hooks, KvCache, LogitsAt, Message, Model};
+use crate::model::{Hooks, KvCache, LogitsAt, Message, Model, Tokenizer};
 
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,8 +57,7 @@ pub fn generate_with_cache(
     mut on_text: impl FnMut(&str),
 ) -> Result<Vec<u32>> {
     let mut rng = StdRng::seed_from_u64(sampling.seed);
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
+    let mut stream = TextStream::default();
     // Logits for the first new token need the prompt's last token to run.
     kv.truncate(kv.len().min(prompt.len() - 1))?;
     let mut next_input = prompt[kv.len()..].to_vec();
@@ -70,20 +69,69 @@ pub fn generate_with_cache(
         if model.tokenizer.stop_ids.contains(&next) {
             break;
         }
-        generated.push(next);
-        // Decode everything so far and emit the new suffix once it is whole characters.
-        let text = model.tokenizer.decode(&generated)?;
-        if text.len() > printed && !text.ends_with('\u{FFFD}') {
-            on_text(&text[printed..]);
-            printed = text.len();
+        if let Some(piece) = stream.push(next, &model.tokenizer)? {
+            on_text(&piece);
         }
         next_input = vec![next];
     }
-    let text = model.tokenizer.decode(&generated)?;
-    if text.len() > printed {
-        on_text(&text[printed..]);
+    if let Some(piece) = stream.finish(&model.tokenizer)? {
+        on_text(&piece);
     }
-    Ok(generated)
+    Ok(stream.tokens)
+}
+
+/// Incremental detokenization for streamed text. Decoding all tokens so far
+/// and printing the new suffix breaks on byte-fallback vocabularies
+/// (SentencePiece): a run of byte tokens that is not yet valid UTF-8 decodes
+/// to one U+FFFD per byte, so text already printed changes. As Hugging Face's
+/// text-generation-inference does, decode a window from `prefix` twice, up to
+/// `read` and to the end, and emit the difference only once it is whole
+/// characters that extend the earlier decoding.
+#[derive(Debug, Default)]
+struct TextStream {
+    tokens: Vec<u32>,
+    /// Start of the decoding window (tokens before it are printed and settled).
+    prefix: usize,
+    /// End of what has been printed.
+    read: usize,
+}
+
+impl TextStream {
+    /// Adds a token; returns the text it completes, if any.
+    fn push(&mut self, token: u32, tokenizer: &Tokenizer) -> Result<Option<String>> {
+        self.tokens.push(token);
+        let piece = self.pending(tokenizer)?;
+        if piece.as_deref().is_some_and(|p| p.ends_with('\u{FFFD}')) {
+            return Ok(None);
+        }
+        if piece.is_some() {
+            self.prefix = self.read;
+            self.read = self.tokens.len();
+        }
+        Ok(piece)
+    }
+
+    /// The text not yet emitted when generation stops (an incomplete
+    /// character stays as U+FFFD, as a full decode shows it).
+    fn finish(&mut self, tokenizer: &Tokenizer) -> Result<Option<String>> {
+        let piece = self.pending(tokenizer)?;
+        self.read = self.tokens.len();
+        Ok(piece)
+    }
+
+    /// The decoded text of the tokens after `read`, when it extends the
+    /// decoding of `prefix..read` (never a slice across a character).
+    fn pending(&self, tokenizer: &Tokenizer) -> Result<Option<String>> {
+        if self.read == self.tokens.len() {
+            return Ok(None);
+        }
+        let settled = tokenizer.decode(&self.tokens[self.prefix..self.read])?;
+        let text = tokenizer.decode(&self.tokens[self.prefix..])?;
+        Ok(text
+            .strip_prefix(settled.as_str())
+            .filter(|p| !p.is_empty())
+            .map(str::to_string))
+    }
 }
 
 /// Samples continuations of several prompts in lockstep: `samplings[p]`

@@ -6,7 +6,8 @@ use clap::Args;
 /// `--model SPEC`.
 #[derive(Args, Clone)]
 pub struct ModelSpecArg {
-    /// Model: a .gguf file, an HF directory, a hub id org/name[@rev], or smollm2-135m (default).
+    /// Model: a .gguf file, an HF directory, a hub id org/name[@rev], or a fetchable alias:
+    /// smollm2-135m (the default), gemma3-270m, qwen2.5-coder-0.5b.
     #[arg(long, value_name = "SPEC")]
     pub model: Option<String>,
     /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to

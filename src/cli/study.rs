@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::args::ModelArgs;
 use afprobe::io::write_atomic;
+use afprobe::model::{fetch, ModelSpec};
 use afprobe::study::{demo, gap, sample, setting};
 
 pub const PROMPTS_ABOUT: &str = "Write the prompt rows of an alignment-faking study: for every cue, \
@@ -182,8 +183,13 @@ pub fn gap(a: GapArgs) -> anyhow::Result<()> {
 }
 
 pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    // The demo studies its own subject unless --model names another.
+    let spec = match a.model.spec.model {
+        None => ModelSpec::Fetch(fetch::DEMO_SUBJECT),
+        Some(_) => a.model.spec.spec(),
+    };
     Ok(demo::demo(
-        &a.model.spec.spec(),
+        &spec,
         &demo::DemoOptions {
             requests_per_category: a.requests_per_category,
             dtype: a.model.dtype,

