@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use afprobe::intervene::ablate::{ablate, AblateSpec};
 use afprobe::intervene::direction::DirectionSource;
 use afprobe::intervene::patch::{patch, PatchPosition, PatchSpec};
-use afprobe::intervene::steer::{steer, SteerPositions, SteerSpec};
+use afprobe::intervene::steer::{steer, SteerPositions, SteerScale, SteerSpec};
 use afprobe::model::{HookPoint, LogitsAt, Model, ModelSpec, WeightDtype};
 use afprobe::probe::Filter;
 use candle_core::{DType, Device, Tensor};
@@ -235,7 +235,10 @@ fn steering_with_alpha_zero_is_exact_and_steering_matches_a_hand_computation() {
         points: vec![HookPoint::ResidPost(0), last_layer],
         positions: SteerPositions::Last,
         alphas: vec![0.0, 2.0],
-        random: true,
+        scale: SteerScale::Norm,
+        scale_label: "tier".into(),
+        scale_positive: None,
+        random: 1,
         norm_rows: 2,
         filter: Filter::default(),
         resamples: 200,

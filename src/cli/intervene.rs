@@ -55,6 +55,10 @@ pub struct DirectionArgs {
     /// For a store: the positive class (default as in `afprobe probe`: true, free, ...).
     #[arg(long)]
     positive: Option<String>,
+    /// For a store: take the mean difference over the rows that pass this filter only
+    /// (FIELD=V|W,FIELD!=X), e.g. variation=standard,cue=natural.
+    #[arg(long, default_value = "all", value_name = "FILTER")]
+    direction_filter: String,
 }
 
 impl DirectionArgs {
@@ -64,23 +68,32 @@ impl DirectionArgs {
             &self.method,
             &self.label,
             self.positive.as_deref(),
+            &self.direction_filter.parse()?,
         )?)
     }
 }
 
 pub const STEER_ABOUT: &str = "Add a direction to the residual stream and measure how p_accept \
 moves.\n\n\
-For each --layers L, alpha of --alphas and row, the row runs with alpha * norm_L * v added at \
+For each --layers L, alpha of --alphas and row, the row runs with alpha * u_L * v added at \
 --hook of layer L at --positions (all; last = the last prompt token; from-cue = from the cue's \
-first token on, answer tokens included), where v is the unit direction and norm_L the mean \
-unsteered |x| at the last prompt token over the first --norm-rows rows: alpha = 1 adds a vector as \
-long as a typical residual, so sweeps compare across layers. v comes from --direction: a probe \
-directory (the hook's own @last probe direction, or --direction-tensor), a store (mean of \
---label's positive rows minus the negative rows), or a vector file. A random unit direction per \
-layer (seeded) gives the same-norm baseline. Each edited run reuses the row's unedited KV cache up \
-to the first steered position.\n\n\
-Writes OUT/rows.jsonl (p_accept unsteered and per cell) and OUT/steer.json (settings, norms, mean \
-p_accept per cell and per tier with bootstrap intervals); `afprobe plot OUT` draws the sweep.";
+first token on, answer tokens included), where v is the unit direction and u_L the unit of \
+--scale, measured on the unsteered residuals at the last prompt token of --norm-rows rows spread \
+over the rows: natural (the default) is the separation of --label's class means along v \
+(mean v.x of the positive rows minus the negative rows), so alpha = 1 moves the negative class's \
+mean onto the positive's and alpha = -1 the other way; norm is the mean |x|, so alpha = 1 adds a \
+vector as long as a typical residual. v comes from --direction: a probe directory (the hook's own \
+@last probe direction, or --direction-tensor), a store (mean of --label's positive rows minus the \
+negative rows, over the rows that pass --direction-filter), or a vector file.\n\n\
+The baseline: --random N seeded random unit directions per layer (default 16), each swept at the \
+same length alpha * u_L. steer.json's `summary` gives, per hook and alpha, the direction's mean \
+effect on p_accept (steered minus unsteered, with its bootstrap interval), its effect on the \
+free - paid gap, the 95% interval of the random directions' effects and the direction's \
+percentile among them: a direction that matters lies outside that interval. Each edited run reuses \
+the row's unedited KV cache up to the first steered position.\n\n\
+Writes OUT/rows.jsonl (p_accept unsteered and per cell) and OUT/steer.json (settings, units, mean \
+p_accept per cell and per tier with bootstrap intervals, summary); `afprobe plot OUT` draws the \
+sweep.";
 
 #[derive(Args)]
 pub struct SteerArgs {
@@ -97,7 +110,7 @@ pub struct SteerArgs {
     /// Where to add the vector: all, last, from-cue.
     #[arg(long, default_value = "all")]
     positions: String,
-    /// Steering strengths, in units of the typical residual norm at the hook.
+    /// Steering strengths, in units of --scale.
     #[arg(
         long,
         value_delimiter = ',',
@@ -105,10 +118,17 @@ pub struct SteerArgs {
         default_value = "-1,-0.5,0,0.5,1"
     )]
     alphas: Vec<f64>,
-    /// Skip the random-direction baseline.
+    /// The unit of alpha: natural (the class-mean separation of --label along the direction)
+    /// or norm (the mean residual norm at the hook).
+    #[arg(long, default_value = "natural")]
+    scale: String,
+    /// Random directions swept at the same length, the baseline (at most 1024).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    random: usize,
+    /// Skip the random-direction baseline (same as --random 0).
     #[arg(long)]
     no_random: bool,
-    /// Rows whose unsteered norm sets the alpha unit.
+    /// Rows whose unsteered last-token residuals set the alpha unit (spread over the rows).
     #[arg(long, default_value_t = 32)]
     norm_rows: usize,
 }
@@ -123,7 +143,10 @@ pub fn steer(a: SteerArgs) -> anyhow::Result<()> {
         points: parse_hooks(&a.hook, &a.layers, model.config().n_layers)?,
         positions: a.positions.parse()?,
         alphas: a.alphas,
-        random: !a.no_random,
+        scale: a.scale.parse()?,
+        scale_label: a.direction.label.clone(),
+        scale_positive: a.direction.positive.clone(),
+        random: if a.no_random { 0 } else { a.random },
         norm_rows: a.norm_rows,
         filter: a.common.filter.parse()?,
         resamples: a.common.resamples,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::probe::{self, Labels};
-use crate::rows::Table;
+use crate::rows::{Filter, Table};
 use crate::run_dir::RunKind;
 use crate::store::{Position, Store, TensorName};
 
@@ -15,11 +15,14 @@ use crate::store::{Position, Store, TensorName};
 pub enum DirectionSource {
     /// `probes/NAME`: the unit direction of a fitted probe (`{tensor}.{method}.direction`).
     Probe { dir: PathBuf, method: String },
-    /// `activations/NAME`: mean(positive rows) − mean(negative rows) of a label.
+    /// `activations/NAME`: mean(positive rows) − mean(negative rows) of a
+    /// label, over the rows that pass `filter` (e.g. `training_implied` on
+    /// `variation=standard,cue=natural`).
     MeanDiff {
         dir: PathBuf,
         label: String,
         positive: Option<String>,
+        filter: Filter,
     },
     /// A `.safetensors` file holding one vector (`[d_model]` or `[1, d_model]`),
     /// or a `.json` array of numbers.
@@ -33,8 +36,15 @@ impl DirectionSource {
     pub const DEFAULT_LABEL: &'static str = "tier";
 
     /// Reads `--direction PATH`: a probe directory (has report.json), a store
-    /// (has manifest.json), or a vector file.
-    pub fn parse(path: &Path, method: &str, label: &str, positive: Option<&str>) -> Result<Self> {
+    /// (has manifest.json; its rows that pass `filter` give the mean
+    /// difference), or a vector file.
+    pub fn parse(
+        path: &Path,
+        method: &str,
+        label: &str,
+        positive: Option<&str>,
+        filter: &Filter,
+    ) -> Result<Self> {
         let kind = RunKind::detect(path);
         if kind == Some(RunKind::Probes) {
             Ok(DirectionSource::Probe {
@@ -46,6 +56,7 @@ impl DirectionSource {
                 dir: path.into(),
                 label: label.into(),
                 positive: positive.map(String::from),
+                filter: filter.clone(),
             })
         } else if path.is_file() {
             Ok(DirectionSource::File(path.into()))
@@ -79,10 +90,11 @@ impl DirectionSource {
                 dir,
                 label,
                 positive,
+                filter,
             } => (
-                mean_difference(dir, tensor, label, positive.as_deref())?,
+                mean_difference(dir, tensor, label, positive.as_deref(), filter)?,
                 format!(
-                    "{}: mean difference of `{label}` at `{tensor}`",
+                    "{}: mean difference of `{label}` at `{tensor}` over rows {filter}",
                     dir.display()
                 ),
             ),
@@ -109,9 +121,10 @@ impl std::fmt::Display for DirectionSource {
                 dir,
                 label,
                 positive,
+                filter,
             } => write!(
                 f,
-                "mean difference of {label}{} in {}",
+                "mean difference of {label}{} in {} (rows {filter})",
                 positive.as_ref().map_or(String::new(), |p| format!("={p}")),
                 dir.display()
             ),
@@ -152,6 +165,7 @@ fn mean_difference(
     tensor: &str,
     label: &str,
     positive: Option<&str>,
+    filter: &Filter,
 ) -> Result<Vec<f32>> {
     let store = Store::open(dir)?;
     if tensor
@@ -164,20 +178,30 @@ fn mean_difference(
         )));
     }
     let acts = store.load(tensor)?;
-    let labels = Labels::read(&Table::from_store(&store), label, positive)?;
+    let table = Table::from_store(&store);
+    let labels = Labels::read(&table, label, positive)?;
+    let keep = filter.mask(&table)?;
     let d = acts.ncols();
     let (mut pos, mut neg) = (vec![0f64; d], vec![0f64; d]);
     let (mut n_pos, mut n_neg) = (0usize, 0usize);
-    for (row, y) in acts.rows().into_iter().zip(&labels.y) {
+    for ((row, y), keep) in acts.rows().into_iter().zip(&labels.y).zip(keep) {
         let (sum, n) = match y {
-            Some(true) => (&mut pos, &mut n_pos),
-            Some(false) => (&mut neg, &mut n_neg),
-            None => continue,
+            Some(true) if keep => (&mut pos, &mut n_pos),
+            Some(false) if keep => (&mut neg, &mut n_neg),
+            _ => continue,
         };
         for (s, x) in sum.iter_mut().zip(row) {
             *s += *x as f64;
         }
         *n += 1;
+    }
+    if n_pos == 0 || n_neg == 0 {
+        return Err(Error::BadInput(format!(
+            "{}: a mean difference of `{label}` needs rows of both classes among the rows \
+             {filter}; found {n_pos} positive and {n_neg} negative (change --direction-filter or \
+             --label)",
+            dir.display()
+        )));
     }
     Ok(pos
         .iter()

@@ -1,10 +1,16 @@
-//! `afprobe steer`: add α·‖x‖·v to the residual stream at chosen layers and
+//! `afprobe steer`: add α·u·v to the residual stream at chosen layers and
 //! positions, sweep α, and measure `p_accept` per row and per tier, beside the
-//! same sweep along random directions of the same norm.
+//! same sweep along N random directions of the same length.
 //!
-//! α is in units of the typical residual norm at the steered hook (the mean
-//! ‖x‖ at the last prompt token over the first rows, unsteered), so sweeps are
-//! comparable across layers.
+//! The unit u ([`SteerScale`]) is, by default, the direction's natural scale:
+//! the separation of the label's class means along v at the last prompt token
+//! (unsteered), so α = 1 moves the negative class's mean onto the positive
+//! class's. `--scale norm` takes the typical residual norm at the hook instead
+//! (the mean ‖x‖), so sweeps are comparable across layers. Random directions
+//! at the same length tell a direction that matters from one that merely
+//! pushes the residual off its usual manifold: per hook and α, `steer.json`
+//! gives the direction's effect, the random effects' 95% interval and the
+//! direction's percentile among them.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,8 +28,9 @@ use super::direction::{random_unit, DirectionSource};
 use super::{load_rows, p_accept, prepare_out, write_run, Row, RowCache, TokenCount};
 use crate::error::{Error, Result};
 use crate::model::{CaptureRows, Edit, HookPoint, Hooks, Model, NamesFilter, Positions};
+use crate::probe::Labels;
 use crate::progress::Progress;
-use crate::rows::Filter;
+use crate::rows::{Filter, Table};
 use crate::stats::mean_ci;
 use crate::store::{Position, TensorName};
 
@@ -65,6 +72,42 @@ impl FromStr for SteerPositions {
     }
 }
 
+/// The unit α is measured in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteerScale {
+    /// mean(v·x | positive) − mean(v·x | negative) of `--label` at the last
+    /// prompt token: α = 1 moves one class's mean onto the other's.
+    Natural,
+    /// The mean ‖x‖ at the last prompt token.
+    Norm,
+}
+
+impl fmt::Display for SteerScale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SteerScale::Natural => "natural",
+            SteerScale::Norm => "norm",
+        })
+    }
+}
+
+impl FromStr for SteerScale {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<SteerScale> {
+        match s.trim() {
+            "natural" => Ok(SteerScale::Natural),
+            "norm" => Ok(SteerScale::Norm),
+            other => Err(Error::BadInput(format!(
+                "unknown --scale `{other}`; valid: natural (class-mean separation along the \
+                 direction), norm (typical residual norm)"
+            ))),
+        }
+    }
+}
+
+/// Most random directions one sweep draws (each is a full set of cells).
+pub const MAX_RANDOM: usize = 1024;
+
 /// Settings of one steering run.
 #[derive(Debug, Clone, Serialize)]
 pub struct SteerSpec {
@@ -81,9 +124,16 @@ pub struct SteerSpec {
     #[serde(serialize_with = "super::display")]
     pub positions: SteerPositions,
     pub alphas: Vec<f64>,
-    /// Also sweep random directions of the same norm (the baseline).
-    pub random: bool,
-    /// Rows whose unsteered last-token norm sets the α unit.
+    #[serde(serialize_with = "super::display")]
+    pub scale: SteerScale,
+    /// The label whose class means set the natural scale (`--label`), and its
+    /// positive value (default as in `afprobe probe`).
+    pub scale_label: String,
+    pub scale_positive: Option<String>,
+    /// Random directions swept at the same length (the baseline); 0 for none.
+    pub random: usize,
+    /// Rows whose unsteered last-token residuals set the α unit (spread
+    /// evenly over the rows when there are more).
     pub norm_rows: usize,
     #[serde(serialize_with = "super::display")]
     pub filter: Filter,
@@ -100,6 +150,9 @@ pub struct SteerCell {
     pub alpha: f64,
     /// `direction` or `random`.
     pub kind: String,
+    /// Which random direction (0-based), for `random` cells.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub random_index: Option<usize>,
     pub p_accept: f64,
     pub ci95: [f64; 2],
     /// Mean p_accept and its interval per value of `tier` (when rows have it).
@@ -121,20 +174,42 @@ pub struct SteerReport {
     pub model: String,
     pub settings: SteerSpec,
     pub n_rows: usize,
-    /// The α unit per steered hook: mean unsteered ‖x‖ at the last prompt token.
+    /// The α unit per steered hook (`settings.scale`): the class-mean
+    /// separation along the direction, or the mean unsteered ‖x‖, at the last
+    /// prompt token.
     pub norms: BTreeMap<String, f64>,
     /// Unsteered p_accept per tier.
     pub baseline: BTreeMap<String, TierMean>,
     pub cells: Vec<SteerCell>,
+    /// Per hook and non-zero α: the direction against the random baseline.
+    pub summary: Vec<SteerSummary>,
     pub tokens: TokenCount,
     pub seconds: f64,
+}
+
+/// The direction's effect at one hook and α beside the random directions'.
+#[derive(Debug, Clone, Serialize)]
+pub struct SteerSummary {
+    pub hook: String,
+    pub alpha: f64,
+    /// Mean over rows of p_accept(steered) − p_accept(unsteered).
+    pub effect: f64,
+    /// The same effect's bootstrap 95% interval over rows.
+    pub effect_ci95: [f64; 2],
+    /// Effect on the free − paid gap (when rows have both tiers).
+    pub gap_effect: Option<f64>,
+    /// 2.5th and 97.5th percentiles of the random directions' effects.
+    pub random_ci95: Option<[f64; 2]>,
+    /// Share of random effects below the direction's, in percent (ties count half).
+    pub percentile: Option<f64>,
+    pub n_random: usize,
 }
 
 /// Each cell's mean p_accept over rows and per tier, with bootstrap intervals
 /// (cell `c` resamples with seed `seed ^ c`).
 fn summarize_cells(
     spec: &SteerSpec,
-    cells: &[(usize, f64, Along)],
+    cells: &[Cell],
     steered: &[Vec<f64>],
     tiers: &[Option<String>],
 ) -> Vec<SteerCell> {
@@ -142,14 +217,18 @@ fn summarize_cells(
         .iter()
         .zip(steered)
         .enumerate()
-        .map(|(c, (&(p, alpha, kind), values))| {
+        .map(|(c, (&Cell { point: p, alpha, along }, values))| {
             let seed = spec.seed ^ c as u64;
             let (mean, ci95) = mean_ci(values, spec.resamples, seed);
             SteerCell {
                 hook: spec.points[p].to_string(),
                 layer: spec.points[p].layer(),
                 alpha,
-                kind: kind.name().into(),
+                kind: along.name().into(),
+                random_index: match along {
+                    Along::Random(i) => Some(i),
+                    Along::Direction => None,
+                },
                 p_accept: mean,
                 ci95,
                 by_tier: by_tier(values, tiers, spec.resamples, seed),
@@ -174,14 +253,20 @@ fn validate(spec: &SteerSpec, n_layers: usize) -> Result<()> {
     if spec.resamples < 100 {
         return Err(Error::BadInput("--resamples must be at least 100".into()));
     }
+    if spec.random > MAX_RANDOM {
+        return Err(Error::BadInput(format!(
+            "--random {}: at most {MAX_RANDOM} random directions (each adds a cell per layer and α)",
+            spec.random
+        )));
+    }
     Ok(())
 }
 
 /// The unit vectors of a sweep, per steered point: the direction under test
-/// and the seeded random baseline.
+/// and the seeded random baseline (`random[p][i]`).
 struct Units {
     direction: Vec<Vec<f32>>,
-    random: Vec<Vec<f32>>,
+    random: Vec<Vec<Vec<f32>>>,
 }
 
 impl Units {
@@ -204,16 +289,16 @@ impl Units {
         let random = spec
             .points
             .iter()
-            .map(|_| random_unit(d, &mut rng))
+            .map(|_| (0..spec.random).map(|_| random_unit(d, &mut rng)).collect())
             .collect();
         Ok(Units { direction, random })
     }
 
-    /// The vector point `p` adds along `kind`, scaled to length `scale`.
-    fn scaled(&self, p: usize, kind: Along, scale: f64) -> Result<Tensor> {
-        let unit = match kind {
+    /// The vector point `p` adds along `along`, scaled to length `scale`.
+    fn scaled(&self, p: usize, along: Along, scale: f64) -> Result<Tensor> {
+        let unit = match along {
             Along::Direction => &self.direction[p],
-            Along::Random => &self.random[p],
+            Along::Random(i) => &self.random[p][i],
         };
         let vector: Vec<f32> = unit.iter().map(|x| x * scale as f32).collect();
         let d = vector.len();
@@ -226,27 +311,43 @@ impl Units {
 enum Along {
     /// The direction under test.
     Direction,
-    /// The same-norm random baseline.
-    Random,
+    /// The `i`th random direction of the same length.
+    Random(usize),
 }
 
 impl Along {
     fn name(self) -> &'static str {
         match self {
             Along::Direction => "direction",
-            Along::Random => "random",
+            Along::Random(_) => "random",
         }
     }
 }
 
-/// The sweep: (point index, α, what is added).
-fn sweep(spec: &SteerSpec) -> Vec<(usize, f64, Along)> {
+/// One point of the sweep: which steered point, α, what is added.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    point: usize,
+    alpha: f64,
+    along: Along,
+}
+
+/// The sweep, in the order rows.jsonl lists it.
+fn sweep(spec: &SteerSpec) -> Vec<Cell> {
     let mut cells = Vec::new();
-    for p in 0..spec.points.len() {
+    for point in 0..spec.points.len() {
         for &alpha in &spec.alphas {
-            cells.push((p, alpha, Along::Direction));
-            if spec.random && alpha != 0.0 {
-                cells.push((p, alpha, Along::Random));
+            cells.push(Cell {
+                point,
+                alpha,
+                along: Along::Direction,
+            });
+            if alpha != 0.0 {
+                cells.extend((0..spec.random).map(|i| Cell {
+                    point,
+                    alpha,
+                    along: Along::Random(i),
+                }));
             }
         }
     }
@@ -272,12 +373,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
 
     let started = Instant::now();
     let mut count = TokenCount::default();
-    let norms = typical_norms(
-        model,
-        &rows[..spec.norm_rows.clamp(1, rows.len())],
-        spec,
-        &mut count,
-    )?;
+    let norms = alpha_units(model, &rows, &units, spec, &mut count)?;
     let cells = sweep(spec);
     let progress = Progress::new("steer", "rows", rows.len());
     let mut base = Vec::with_capacity(rows.len());
@@ -303,13 +399,13 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
         let clean = cache.run_clean(model, row, start, &spec.points, &mut count)?;
         let unsteered = p_accept(&clean.scores);
         let mut by_cell = serde_json::Map::new();
-        for (c, &(p, alpha, kind)) in cells.iter().enumerate() {
+        for (c, &Cell { point: p, alpha, along }) in cells.iter().enumerate() {
             let point = spec.points[p];
             let mut hooks = Hooks::none();
             hooks.add_edit(
                 point,
                 Edit::Add {
-                    vector: units.scaled(p, kind, alpha * norms[p])?,
+                    vector: units.scaled(p, along, alpha * norms[p])?,
                     positions: positions.clone(),
                 },
             );
@@ -322,7 +418,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
                 clean.resume(point),
             )?);
             steered[c].push(p_steered);
-            by_cell.insert(cell_name(point, alpha, kind), json!(p_steered));
+            by_cell.insert(cell_name(point, alpha, along), json!(p_steered));
         }
         let mut record = row.record();
         record.insert("p_accept".into(), json!(unsteered));
@@ -335,6 +431,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
     progress.finish();
 
     let tiers: Vec<Option<String>> = rows.iter().map(|r| r.field("tier")).collect();
+    let summary = summarize_against_random(spec, &cells, &steered, &base, &tiers);
     let cells = summarize_cells(spec, &cells, &steered, &tiers);
     let report = SteerReport {
         format: "afprobe-steer/1".into(),
@@ -350,6 +447,7 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
             .collect(),
         baseline: by_tier(&base, &tiers, spec.resamples, spec.seed),
         cells,
+        summary,
         tokens: count,
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -381,6 +479,7 @@ impl TextSteering {
             DirectionSource::DEFAULT_METHOD,
             DirectionSource::DEFAULT_LABEL,
             None,
+            &Filter::default(),
         )?;
         let point = HookPoint::block(&self.hook, self.layer)?;
         point.check_layer(model.config().n_layers)?;
@@ -412,42 +511,161 @@ impl TextSteering {
     }
 }
 
-/// `blocks.12.hook_resid_post@a+4` (`/random` for the baseline).
-fn cell_name(point: HookPoint, alpha: f64, kind: Along) -> String {
-    format!(
-        "{point}@a{alpha:+}{}",
-        if kind == Along::Direction {
-            ""
-        } else {
-            "/random"
-        }
-    )
+/// `blocks.12.hook_resid_post@a+4` (`/random3` for the fourth random direction).
+fn cell_name(point: HookPoint, alpha: f64, along: Along) -> String {
+    match along {
+        Along::Direction => format!("{point}@a{alpha:+}"),
+        Along::Random(i) => format!("{point}@a{alpha:+}/random{i}"),
+    }
 }
 
-/// Mean unsteered ‖x‖ at the last prompt token per steered point, over `rows`.
-fn typical_norms(
+/// Per hook and non-zero α, the direction's mean effect on p_accept beside
+/// the random directions' effects (one number per random direction: its mean
+/// effect over the same rows).
+fn summarize_against_random(
+    spec: &SteerSpec,
+    cells: &[Cell],
+    steered: &[Vec<f64>],
+    base: &[f64],
+    tiers: &[Option<String>],
+) -> Vec<SteerSummary> {
+    let effects = |values: &[f64]| -> Vec<f64> {
+        values.iter().zip(base).map(|(s, b)| s - b).collect()
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let mut out = Vec::new();
+    for (c, cell) in cells.iter().enumerate() {
+        if cell.along != Along::Direction || cell.alpha == 0.0 {
+            continue;
+        }
+        let direction = effects(&steered[c]);
+        let (effect, effect_ci95) = mean_ci(&direction, spec.resamples, spec.seed ^ c as u64);
+        let mut random: Vec<f64> = cells
+            .iter()
+            .zip(steered)
+            .filter(|(r, _)| {
+                r.point == cell.point && r.alpha == cell.alpha && r.along != Along::Direction
+            })
+            .map(|(_, values)| mean(&effects(values)))
+            .collect();
+        random.sort_by(f64::total_cmp);
+        let (random_ci95, percentile) = if random.is_empty() {
+            (None, None)
+        } else {
+            let below = random.iter().filter(|r| **r < effect).count() as f64;
+            let ties = random.iter().filter(|r| **r == effect).count() as f64;
+            (
+                Some([quantile(&random, 0.025), quantile(&random, 0.975)]),
+                Some(100.0 * (below + ties / 2.0) / random.len() as f64),
+            )
+        };
+        out.push(SteerSummary {
+            hook: spec.points[cell.point].to_string(),
+            alpha: cell.alpha,
+            effect,
+            effect_ci95,
+            gap_effect: gap_of(&direction, tiers),
+            random_ci95,
+            percentile,
+            n_random: random.len(),
+        });
+    }
+    out
+}
+
+/// Mean over free rows minus mean over paid rows (`None` without both).
+fn gap_of(values: &[f64], tiers: &[Option<String>]) -> Option<f64> {
+    let of = |tier: &str| {
+        let v: Vec<f64> = values
+            .iter()
+            .zip(tiers)
+            .filter(|(_, t)| t.as_deref() == Some(tier))
+            .map(|(v, _)| *v)
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    Some(of("free")? - of("paid")?)
+}
+
+/// The `q` quantile of sorted values, linear between order statistics (numpy's default).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let at = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (at - lo as f64)
+}
+
+/// The α unit per steered point ([`SteerScale`]), from the unsteered last-token
+/// residuals of up to `spec.norm_rows` rows spread evenly over `rows`.
+fn alpha_units(
     model: &Model,
     rows: &[Row],
+    units: &Units,
     spec: &SteerSpec,
     count: &mut TokenCount,
 ) -> Result<Vec<f64>> {
-    let mut sums = vec![0.0; spec.points.len()];
-    for row in rows {
+    let n = spec.norm_rows.clamp(1, rows.len());
+    let picked: Vec<&Row> = (0..n).map(|i| &rows[i * rows.len() / n]).collect();
+    let labels = match spec.scale {
+        SteerScale::Norm => None,
+        SteerScale::Natural => Some(row_labels(&picked, spec)?),
+    };
+    let points = spec.points.len();
+    let mut norm_sums = vec![0.0; points];
+    // Per point: sums and counts of v·x over the positive and the negative class.
+    let mut class_sums = vec![[0.0f64; 2]; points];
+    let mut class_counts = [0usize; 2];
+    for (i, row) in picked.iter().enumerate() {
         let tokens = &row.rendered.tokens;
-        for (sum, norm) in sums
-            .iter_mut()
-            .zip(last_token_norms(model, tokens, &spec.points)?)
-        {
-            *sum += norm;
+        let residuals = last_token_residuals(model, tokens, &spec.points)?;
+        let class = labels.as_ref().and_then(|l| l[i]).map(usize::from);
+        if let Some(class) = class {
+            class_counts[class] += 1;
+        }
+        for (p, x) in residuals.iter().enumerate() {
+            norm_sums[p] += x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+            if let Some(class) = class {
+                let dot: f64 = x
+                    .iter()
+                    .zip(&units.direction[p])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                class_sums[p][class] += dot;
+            }
         }
         count.computed += tokens.len();
         count.naive += tokens.len();
     }
-    Ok(sums.into_iter().map(|s| s / rows.len() as f64).collect())
+    if spec.scale == SteerScale::Norm {
+        return Ok(norm_sums.into_iter().map(|s| s / n as f64).collect());
+    }
+    if class_counts.contains(&0) {
+        return Err(Error::BadInput(format!(
+            "--scale natural needs rows of both classes of `{}` among the {n} rows that set the \
+             scale (--norm-rows spreads them over the rows); found {} positive and {} negative. \
+             Steer rows of both classes, choose --label, or pass --scale norm",
+            spec.scale_label, class_counts[1], class_counts[0]
+        )));
+    }
+    Ok(class_sums
+        .iter()
+        .map(|[neg, pos]| pos / class_counts[1] as f64 - neg / class_counts[0] as f64)
+        .collect())
 }
 
-/// ‖x‖ at the last token of `tokens` at each of `points` (one unedited forward, no scoring).
-fn last_token_norms(model: &Model, tokens: &[u32], points: &[HookPoint]) -> Result<Vec<f64>> {
+/// `Some(is_positive)` of `spec.scale_label` per row (`None` where absent).
+fn row_labels(rows: &[&Row], spec: &SteerSpec) -> Result<Vec<Option<bool>>> {
+    let column: Vec<Option<String>> = rows.iter().map(|r| r.field(&spec.scale_label)).collect();
+    let table = Table::from_columns([(spec.scale_label.clone(), column)].into());
+    Ok(Labels::read(&table, &spec.scale_label, spec.scale_positive.as_deref())?.y)
+}
+
+/// The residual at the last token of `tokens` at each of `points` (one unedited
+/// forward, no scoring).
+fn last_token_residuals(
+    model: &Model,
+    tokens: &[u32],
+    points: &[HookPoint],
+) -> Result<Vec<Vec<f32>>> {
     let (_, cache) = model.run_with_cache(
         tokens,
         NamesFilter::Only(points.to_vec()),
@@ -455,11 +673,16 @@ fn last_token_norms(model: &Model, tokens: &[u32], points: &[HookPoint]) -> Resu
     )?;
     points
         .iter()
-        .map(|&point| {
-            let x: Vec<f32> = cache.require(point)?.flatten_all()?.to_vec1()?;
-            Ok(x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
-        })
+        .map(|&point| Ok(cache.require(point)?.flatten_all()?.to_vec1()?))
         .collect()
+}
+
+/// ‖x‖ at the last token of `tokens` at each of `points`.
+fn last_token_norms(model: &Model, tokens: &[u32], points: &[HookPoint]) -> Result<Vec<f64>> {
+    Ok(last_token_residuals(model, tokens, points)?
+        .iter()
+        .map(|x| x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
+        .collect())
 }
 
 /// Mean and bootstrap interval per tier value (rows without `tier` are left out).
@@ -495,7 +718,7 @@ fn by_tier(
 pub fn format_table(report: &SteerReport) -> String {
     let alphas = &report.settings.alphas;
     let mut out = format!(
-        "{} rows; unsteered p_accept {}\np_accept by α (in units of the mean residual norm at the hook):\n{:<36}",
+        "{} rows; unsteered p_accept {}\np_accept by α (in units of {}):\n{:<36}",
         report.n_rows,
         report
             .baseline
@@ -503,6 +726,13 @@ pub fn format_table(report: &SteerReport) -> String {
             .map(|(t, m)| format!("{t} {:.4}", m.p_accept))
             .collect::<Vec<_>>()
             .join(", "),
+        match report.settings.scale {
+            SteerScale::Natural => format!(
+                "the `{}` class-mean separation along the direction",
+                report.settings.scale_label
+            ),
+            SteerScale::Norm => "the mean residual norm at the hook".to_string(),
+        },
         "hook / direction"
     );
     for a in alphas {
@@ -510,24 +740,59 @@ pub fn format_table(report: &SteerReport) -> String {
     }
     out.push('\n');
     for point in &report.settings.points {
-        for kind in [Along::Direction, Along::Random].map(Along::name) {
-            let row: Vec<&SteerCell> = report
-                .cells
+        let kinds = [
+            ("direction", Some(None)),
+            ("random #0", Some(Some(0))),
+            ("random mean", None),
+        ];
+        for (label, index) in kinds {
+            let row: Vec<(f64, f64)> = alphas
                 .iter()
-                .filter(|c| c.hook == point.to_string() && c.kind == kind)
+                .filter_map(|a| {
+                    let hits: Vec<f64> = report
+                        .cells
+                        .iter()
+                        .filter(|c| c.hook == point.to_string() && c.alpha == *a)
+                        .filter(|c| match index {
+                            Some(i) => c.random_index == i,
+                            None => c.random_index.is_some(),
+                        })
+                        .map(|c| c.p_accept)
+                        .collect();
+                    (!hits.is_empty()).then(|| (*a, hits.iter().sum::<f64>() / hits.len() as f64))
+                })
                 .collect();
-            if row.is_empty() {
+            if row.is_empty() || (index.is_none() && report.settings.random < 2) {
                 continue;
             }
-            out.push_str(&format!("{:<36}", format!("{point} {kind}")));
+            out.push_str(&format!("{:<36}", format!("{point} {label}")));
             for a in alphas {
-                let v = row.iter().find(|c| c.alpha == *a);
+                let v = row.iter().find(|(x, _)| x == a);
                 out.push_str(&format!(
                     " {:>8}",
-                    v.map_or("-".into(), |c| format!("{:.4}", c.p_accept))
+                    v.map_or("-".into(), |(_, p)| format!("{p:.4}"))
                 ));
             }
             out.push('\n');
+        }
+    }
+    if report.settings.random > 0 {
+        out.push_str(&format!(
+            "effect on p_accept, the direction beside {} random directions of the same length:\n",
+            report.settings.random
+        ));
+        for s in &report.summary {
+            out.push_str(&format!(
+                "  {} α {:+}: {:+.4} [{:+.4}, {:+.4}]; random 95% {}; percentile {}\n",
+                s.hook,
+                s.alpha,
+                s.effect,
+                s.effect_ci95[0],
+                s.effect_ci95[1],
+                s.random_ci95
+                    .map_or("-".into(), |[lo, hi]| format!("[{lo:+.4}, {hi:+.4}]")),
+                s.percentile.map_or("-".into(), |p| format!("{p:.1}")),
+            ));
         }
     }
     out.push_str(&format!(

@@ -52,8 +52,29 @@ fn interval(v: &Value) -> Option<(f64, f64)> {
     Some((v.get(0)?.as_f64()?, v.get(1)?.as_f64()?))
 }
 
+/// The mean of the points at each α (several random directions per α), sorted by α.
+fn mean_per_alpha(points: Vec<LayerPoint>) -> Vec<LayerPoint> {
+    let mut out: Vec<(LayerPoint, usize)> = Vec::new();
+    for p in points {
+        match out.last_mut() {
+            Some((last, n)) if last.layer == p.layer => {
+                last.value += p.value;
+                *n += 1;
+            }
+            _ => out.push((p, 1)),
+        }
+    }
+    out.into_iter()
+        .map(|(p, n)| LayerPoint {
+            value: p.value / n as f64,
+            interval: None,
+            ..p
+        })
+        .collect()
+}
+
 /// One figure per steered hook: mean p_accept against α per tier, the steering
-/// direction solid with its interval band, the random direction dashed.
+/// direction solid with its interval band, the random directions' mean dashed.
 fn steer_figures(report: &Value, out: &Path) -> Result<Vec<PathBuf>> {
     let cells = report["cells"].as_array().cloned().unwrap_or_default();
     let mut by_hook: BTreeMap<(u64, String), Vec<&Value>> = BTreeMap::new();
@@ -126,6 +147,9 @@ fn steer_figures(report: &Value, out: &Path) -> Result<Vec<PathBuf>> {
             .into_iter()
             .map(|((kind, tier), mut points)| {
                 points.sort_by(|a, b| a.layer.total_cmp(&b.layer));
+                if kind == "random" {
+                    points = mean_per_alpha(points);
+                }
                 let color =
                     PALETTE[tiers.iter().position(|t| *t == tier).unwrap_or(0) % PALETTE.len()];
                 let random = kind == "random";
@@ -133,7 +157,7 @@ fn steer_figures(report: &Value, out: &Path) -> Result<Vec<PathBuf>> {
                     label: format!(
                         "{tier}, {}",
                         if random {
-                            "random direction"
+                            "random directions (mean)"
                         } else {
                             "steering direction"
                         }
