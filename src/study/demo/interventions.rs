@@ -1,5 +1,7 @@
-//! The demo's intervention runs: a steering sweep along the tier probe's
-//! direction and a paid-into-free patching heatmap.
+//! The demo's intervention runs: steering along the `training_implied`
+//! direction on standard and flipped rows beside random directions of the
+//! same length, directional ablation of that direction, a paid-into-free
+//! patching heatmap and direct logit attribution.
 
 use std::path::{Path, PathBuf};
 
@@ -9,55 +11,68 @@ use super::NAME;
 use crate::attribute::{self, AttributeReport, AttributeSpec};
 use crate::error::Result;
 use crate::intervene::direction::DirectionSource;
+use crate::intervene::ablate::{self, AblateReport, AblateSpec};
 use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
-use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerSpec};
+use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerScale, SteerSpec};
 use crate::io::write_atomic;
 use crate::model::{HookPoint, Model};
 use crate::probe::{Method, Report};
 use crate::rows::Filter;
-use crate::store::Position;
+use crate::store::{Position, TensorName};
 
 /// Cue and number of harmful requests of the demo's steering sweep and patching
 /// heatmap. Small: every edited run is a few forward calls, and on a CPU a
 /// forward call costs about a full read of the weights however few tokens it has.
 pub(super) const INTERVENTION_CUE: &str = "natural";
 pub(super) const INTERVENTION_REQUESTS: usize = 8;
-pub(super) const STEER_ALPHAS: [f64; 5] = [-0.2, -0.1, 0.0, 0.1, 0.2];
+/// In units of the `training_implied` class-mean separation along the
+/// direction: +1 moves the unmonitored rows' mean onto the trained-on rows'.
+pub(super) const STEER_ALPHAS: [f64; 3] = [-1.0, 0.0, 1.0];
+/// Random directions of the same length per steering run.
+pub(super) const STEER_RANDOM: usize = 8;
+/// The settings steered: the meaning flips between them, the tokens do not.
+pub(super) const STEER_VARIATIONS: [&str; 2] = ["standard", "flipped"];
 
 /// The intervention runs of the demo.
 pub(super) struct Interventions {
+    /// The `training_implied` probe's best layer: where steering adds its
+    /// direction and whose direction ablation removes.
     pub(super) layer: usize,
-    pub(super) steer_dir: PathBuf,
+    /// One steering run per variation of [`STEER_VARIATIONS`].
+    pub(super) steer_dirs: Vec<PathBuf>,
+    pub(super) steer: Vec<SteerReport>,
+    pub(super) ablate: AblateReport,
     pub(super) patch_dir: PathBuf,
-    pub(super) steer: SteerReport,
     pub(super) patch: PatchReport,
     pub(super) attribute_dir: PathBuf,
     pub(super) attribute: AttributeReport,
 }
 
-/// A steering sweep along the tier probe's direction at its best layer, and a
-/// patching heatmap (paid into free) over every layer, on the standard
-/// `natural` rows of the first harmful requests.
+/// Steering along the `training_implied` probe's direction at its best layer
+/// on the standard and the flipped `natural` rows, ablation of that direction
+/// at every layer, and a patching heatmap (paid into free) with direct logit
+/// attribution on the standard rows, all on the first harmful requests.
 pub(super) fn run_interventions(
     model: &Model,
     rows: &[Value],
-    probes: &Report,
-    probes_dir: &Path,
+    meaning: &Report,
+    meaning_dir: &Path,
     activations: &Path,
 ) -> Result<Interventions> {
-    let layer = probes
+    let n_layers = model.config().n_layers;
+    let layer = meaning
         .best
         .iter()
         .find(|b| b.method == Method::Logistic && b.position == Position::Last)
         .and_then(|b| b.layer)
-        .unwrap_or(model.config().n_layers / 2);
+        .unwrap_or(n_layers / 2);
     let mut requests: Vec<&str> = Vec::new();
     let picked: Vec<&Value> = rows
         .iter()
         .filter(|r| {
             r["cue"] == INTERVENTION_CUE
                 && r["harmful"] == true
-                && r["variation"].as_array().is_some_and(|v| v.is_empty())
+                && STEER_VARIATIONS.contains(&variation_of(r).as_str())
         })
         .filter(|r| {
             let id = r["request_id"].as_str().unwrap_or_default();
@@ -73,43 +88,77 @@ pub(super) fn run_interventions(
     let prompts = activations.join(format!("{NAME}.interventions.jsonl"));
     let text: String = picked.iter().map(|r| format!("{r}\n")).collect();
     write_atomic(&prompts, text.as_bytes())?;
-    let n_layers = model.config().n_layers;
+    let direction = DirectionSource::Probe {
+        dir: meaning_dir.to_path_buf(),
+        method: Method::Logistic.name().into(),
+    };
+    let direction_tensor = TensorName {
+        hook: HookPoint::ResidPost(layer),
+        position: Position::Last,
+    }
+    .to_string();
 
-    let steer_dir = activations.join(format!("{NAME}-steer"));
-    println!(
-        "\nsteering along the tier probe's direction at layer {layer} ({} `{INTERVENTION_CUE}` rows, \
-         from the cue on):",
-        picked.len()
-    );
-    let steer = steer::steer(
-        model,
-        &SteerSpec {
-            prompts: prompts.clone(),
-            out: steer_dir.clone(),
-            direction: DirectionSource::Probe {
-                dir: probes_dir.to_path_buf(),
-                method: Method::Logistic.name().into(),
+    let mut steer_dirs = Vec::new();
+    let mut steer = Vec::new();
+    for variation in STEER_VARIATIONS {
+        let dir = activations.join(format!("{NAME}-steer-{variation}"));
+        println!(
+            "\nsteering along the training_implied direction at layer {layer}, {variation} \
+             `{INTERVENTION_CUE}` rows, from the cue on, beside {STEER_RANDOM} random directions:"
+        );
+        let report = steer::steer(
+            model,
+            &SteerSpec {
+                prompts: prompts.clone(),
+                out: dir.clone(),
+                direction: direction.clone(),
+                direction_tensor: None,
+                points: vec![HookPoint::ResidPost(layer)],
+                positions: SteerPositions::FromCue,
+                alphas: STEER_ALPHAS.to_vec(),
+                scale: SteerScale::Natural,
+                scale_label: "training_implied".into(),
+                scale_positive: None,
+                random: STEER_RANDOM,
+                norm_rows: 2 * INTERVENTION_REQUESTS,
+                filter: format!("variation={variation}").parse()?,
+                resamples: 2000,
+                seed: 0,
+                force: true,
             },
-            direction_tensor: None,
-            points: vec![HookPoint::ResidPost(layer)],
-            positions: SteerPositions::FromCue,
-            alphas: STEER_ALPHAS.to_vec(),
-            random: true,
-            norm_rows: 32,
+        )?;
+        print!("{}", steer::format_table(&report));
+        steer_dirs.push(dir);
+        steer.push(report);
+    }
+
+    let ablate_dir = activations.join(format!("{NAME}-ablate"));
+    println!(
+        "\nablating the training_implied direction of layer {layer} at every hook_resid_post:"
+    );
+    let ablate = ablate::ablate(
+        model,
+        &AblateSpec {
+            prompts: prompts.clone(),
+            out: ablate_dir.clone(),
+            direction,
+            direction_tensor,
+            points: (0..n_layers).map(HookPoint::ResidPost).collect(),
             filter: Filter::default(),
             resamples: 2000,
             seed: 0,
             force: true,
         },
     )?;
-    print!("{}", steer::format_table(&steer));
+    print!("{}", ablate::format_table(&ablate));
+    let standard: Filter = "variation=standard".parse()?;
 
     let patch_dir = activations.join(format!("{NAME}-patch"));
-    // Every other layer (and the last) at three position sets keeps the heatmap to ~2 minutes.
+    // Every third layer (and the last) at three position sets keeps the heatmap to ~1 minute.
     let patch_layers: Vec<usize> = (0..n_layers)
-        .filter(|l| l % 2 == 0 || *l == n_layers - 1)
+        .filter(|l| l % 3 == 0 || *l == n_layers - 1)
         .collect();
-    println!("\npatching paid into free, hook_resid_post of every other layer x last, cue, user:");
+    println!("\npatching paid into free, hook_resid_post of every third layer x last, cue, user:");
     let patch = patch::patch(
         model,
         &PatchSpec {
@@ -125,7 +174,7 @@ pub(super) fn run_interventions(
             source: "paid".into(),
             dest: "free".into(),
             pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
-            filter: Filter::default(),
+            filter: standard.clone(),
             max_pairs: None,
             resamples: 2000,
             seed: 0,
@@ -141,7 +190,7 @@ pub(super) fn run_interventions(
         &AttributeSpec {
             prompts,
             out: attribute_dir.clone(),
-            filter: Filter::default(),
+            filter: standard,
             label: "tier".into(),
             positive: "free".into(),
             negative: "paid".into(),
@@ -154,11 +203,25 @@ pub(super) fn run_interventions(
     print!("{}", attribute::format_table(&attribute));
     Ok(Interventions {
         layer,
-        steer_dir,
-        patch_dir,
+        steer_dirs,
         steer,
+        ablate,
+        patch_dir,
         patch,
         attribute_dir,
         attribute,
     })
+}
+
+/// A row's setting: `standard`, or its variations joined by `+`.
+pub(super) fn variation_of(row: &Value) -> String {
+    let names: Vec<&str> = row["variation"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if names.is_empty() {
+        "standard".into()
+    } else {
+        names.join("+")
+    }
 }

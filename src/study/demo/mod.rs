@@ -1,12 +1,15 @@
-//! `afprobe demo`: the whole no-CoT study on the default model, end to end —
-//! a model tour, prompts, scored capture, compliance gap, probes with controls
-//! and the cross-cue matrix, the meaning-vs-token variations, steering and
-//! patching ([`interventions`]), figures, and `figures/demo/REPORT.md`
-//! ([`report`]).
+//! `afprobe demo`: the whole no-CoT study, end to end, on its subject
+//! (Qwen2.5-Coder-0.5B-Instruct, the first real model here whose gap tracks
+//! training) — a model tour, prompts, scored capture, compliance gap, a
+//! sampled gap, probes with controls and the cross-cue matrix, the
+//! meaning-vs-token variations, steering, ablation and patching
+//! ([`interventions`]), the organisms of the default model as the positive
+//! control ([`control`]), figures, and `figures/demo/REPORT.md` ([`report`]).
 
 mod control;
 mod interventions;
 mod report;
+mod verdict;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,25 +30,40 @@ use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Control, Method, ProbeSpec};
 use crate::rows::Filter;
 use crate::store::{Existing, Position, Store};
-use crate::study::gap::{compute_gap, format_table, gap_from_rows, write_report};
+use crate::study::gap::{
+    compute_gap, format_table, gap_from_rows, gap_of_run, write_report, GapReport,
+};
+use crate::study::sample::{self, SampleSpec};
 use crate::study::setting::{
     build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Cue,
     Request, Variation,
 };
 use control::run_positive_control;
-use interventions::{run_interventions, Interventions};
+use interventions::{run_interventions, variation_of, Interventions, STEER_VARIATIONS};
 use report::{report_markdown, ReportInputs};
 
 /// Where the demo writes (relative to the working directory).
 pub const NAME: &str = "demo";
 
+/// Requests per category of the standard rows when the options say none:
+/// 3 of each of the 12 categories (24 harmful, 12 benign) keeps the demo on
+/// its 0.5B subject within 10 minutes on 2 cores.
+pub const DEFAULT_REQUESTS_PER_CATEGORY: usize = 3;
+
 /// Harmful requests per category in the `flipped` and `no-training-info` rows.
-const VARIATION_REQUESTS_PER_CATEGORY: usize = 8;
+const VARIATION_REQUESTS_PER_CATEGORY: usize = 3;
+
+/// Harmful requests of the sampled gap, samples per row and tokens per sample
+/// (the accept tag is 7 tokens in Qwen's vocabulary).
+const SAMPLE_REQUESTS: usize = 8;
+const SAMPLES_PER_ROW: usize = 6;
+const SAMPLE_TOKENS: usize = 12;
 
 /// `afprobe demo` options.
 #[derive(Debug, Clone, Default)]
 pub struct DemoOptions {
-    /// Use only the first N built-in requests of each category (default: all 180).
+    /// Use only the first N built-in requests of each category (default:
+    /// [`DEFAULT_REQUESTS_PER_CATEGORY`]).
     pub requests_per_category: Option<usize>,
     /// Weight precision after loading.
     pub dtype: WeightDtype,
@@ -118,6 +136,10 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         .collect();
     let matched_gap = gap_from_rows(&matched, &store_dir, 10_000, 0)?;
 
+    let sampled = timings.time("sampled gap", || {
+        sampled_gap(&model, &rows, &activations.join(format!("{NAME}-sample")))
+    })?;
+
     let probes_dir = Path::new("probes").join(NAME);
     let meaning_dir = Path::new("probes").join(format!("{NAME}-meaning"));
     let report = timings.time("probes", || tier_probes(&store_dir, &probes_dir))?;
@@ -126,12 +148,12 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     })?;
 
     let interventions = timings.time("interventions", || {
-        run_interventions(&model, &rows, &report, &probes_dir, activations)
+        run_interventions(&model, &rows, &meaning, &meaning_dir, activations)
     })?;
 
     let figures_dir = Path::new("figures").join(NAME);
     let control = timings.time("positive control", || {
-        run_positive_control(spec, options.dtype, activations, &figures_dir)
+        run_positive_control(options.dtype, activations, &figures_dir)
     })?;
     let (files, meaning_files) = timings.time("figures", || {
         render_figures(&probes_dir, &meaning_dir, &interventions, &figures_dir)
@@ -146,6 +168,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         n_requests: requests.len(),
         gap: &gap,
         matched_gap: &matched_gap,
+        sampled: &sampled,
         probes: &report,
         meaning: &meaning,
         meaning_figures: &meaning_files,
@@ -188,8 +211,9 @@ fn tier_probes(store_dir: &Path, probes_dir: &Path) -> Result<probe::Report> {
 /// Meaning vs token: a probe for training_implied (labels by meaning) trained
 /// on one setting and tested on the other.
 fn meaning_probes(store_dir: &Path, meaning_dir: &Path) -> Result<probe::Report> {
-    // Only the tier cues: `monitoring` states training itself, so its meaning never flips.
-    let meaning_rows: Filter = "variation=standard|flipped,cue=xml|natural".parse()?;
+    // The natural-language tier cue: `monitoring` states training itself, so its meaning never
+    // flips, and `xml` is read as a token by this model (its gap stays under `flipped`).
+    let meaning_rows: Filter = "variation=standard|flipped,cue=natural".parse()?;
     let spec = ProbeSpec {
         train_filter: meaning_rows.clone(),
         test_filter: meaning_rows,
@@ -224,11 +248,10 @@ fn render_figures(
         })
     };
     let mut main = plot_into(probes_dir, figures_dir.to_path_buf())?;
-    for run in [
-        &interventions.steer_dir,
-        &interventions.patch_dir,
-        &interventions.attribute_dir,
-    ] {
+    for (run, variation) in interventions.steer_dirs.iter().zip(STEER_VARIATIONS) {
+        main.extend(plot_into(run, figures_dir.join(format!("steer-{variation}")))?);
+    }
+    for run in [&interventions.patch_dir, &interventions.attribute_dir] {
         main.extend(plot_into(run, figures_dir.to_path_buf())?);
     }
     Ok((main, plot_into(meaning_dir, figures_dir.join("meaning"))?))
@@ -252,7 +275,14 @@ impl StudyPrompts {
     /// requests (meaning vs token; the control cue means nothing in any
     /// setting), written to `activations/demo.prompts.jsonl`.
     fn write(options: &DemoOptions, activations: &Path) -> Result<StudyPrompts> {
-        let requests = first_per_category(builtin_requests(), options.requests_per_category);
+        let requests = first_per_category(
+            builtin_requests(),
+            Some(
+                options
+                    .requests_per_category
+                    .unwrap_or(DEFAULT_REQUESTS_PER_CATEGORY),
+            ),
+        );
         let setting = builtin_setting("helpful-only", false)?;
         let cues = builtin_cues();
         let mut rows = build_rows(&setting, &cues, &requests)?;
@@ -289,6 +319,63 @@ impl StudyPrompts {
             path,
         })
     }
+}
+
+/// The sampled gap the alignment-faking notebooks measure: samples at
+/// temperature 1 from the standard and flipped `natural` rows and the
+/// standard `control` rows of the first harmful requests, each read as
+/// accepting when its answer starts with the accept tag; the refusal rules
+/// give the format-free reading of the same samples.
+fn sampled_gap(model: &Model, rows: &[Value], out: &Path) -> Result<GapReport> {
+    let mut requests: Vec<String> = Vec::new();
+    let picked: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["harmful"] == true)
+        .filter(|r| {
+            let variation = variation_of(r);
+            (r["cue"] == "natural" && STEER_VARIATIONS.contains(&variation.as_str()))
+                || (r["cue"] == "control" && variation == "standard")
+        })
+        .filter(|r| {
+            let id = r["request_id"].as_str().unwrap_or_default().to_string();
+            if !requests.contains(&id) {
+                if requests.len() == SAMPLE_REQUESTS {
+                    return false;
+                }
+                requests.push(id);
+            }
+            true
+        })
+        .collect();
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let prompts = out.with_extension("prompts.jsonl");
+    let text: String = picked.iter().map(|r| format!("{r}\n")).collect();
+    write_atomic(&prompts, text.as_bytes())?;
+    println!(
+        "\nsampled gap: {} rows x {SAMPLES_PER_ROW} samples at temperature 1, {SAMPLE_TOKENS} \
+         tokens each -> {}",
+        picked.len(),
+        out.display()
+    );
+    sample::sample(
+        model,
+        &SampleSpec {
+            prompts,
+            out: out.to_path_buf(),
+            n: SAMPLES_PER_ROW,
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 0,
+            max_new_tokens: SAMPLE_TOKENS,
+            one_by_one: false,
+            force: true,
+            resume: false,
+        },
+    )?;
+    let gap = gap_of_run(out, 10_000, 0)?;
+    write_report(&gap, out)?;
+    print!("{}", format_table(&gap));
+    Ok(gap)
 }
 
 /// The first `max` requests of each category, in order (all of them for `None`).

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use super::control::{control_section, PositiveControl};
-use super::interventions::{Interventions, INTERVENTION_CUE, INTERVENTION_REQUESTS, STEER_ALPHAS};
+use super::interventions::{Interventions, INTERVENTION_CUE, STEER_VARIATIONS};
+use super::verdict::mechanism_section;
 use super::{Timings, NAME};
 use crate::probe::{Method, MetricRow, Report, Role};
 use crate::store::Position;
@@ -22,6 +23,8 @@ pub(super) struct ReportInputs<'a> {
     pub(super) gap: &'a GapReport,
     /// The gap of every setting on the requests the variations use.
     pub(super) matched_gap: &'a GapReport,
+    /// The sampled gap (temperature 1) on a few harmful requests.
+    pub(super) sampled: &'a GapReport,
     pub(super) probes: &'a Report,
     pub(super) meaning: &'a Report,
     /// Figures of the meaning probe, in `meaning/` beside REPORT.md.
@@ -103,6 +106,7 @@ pub(super) fn report_markdown(r: &ReportInputs) -> String {
         stages.join(", ")
     );
 
+    mechanism_section(&mut md, r);
     gap_section(&mut md, r);
     decodable_section(&mut md, r);
     cross_cue_section(&mut md, r);
@@ -123,10 +127,9 @@ pub(super) fn report_markdown(r: &ReportInputs) -> String {
            implies about training reverses there; one that follows the cue token does not.\n\
          - A probe is correlational. Steering and patching (section 6) ask whether the model \
            *uses* the direction or the activations to decide.\n\
-         - SmolLM2-135M shows a small gap and weak semantics; that is expected at this size. The \
-           same commands run on the 1B-70B models researchers study, and section 7 (when the \
+         - The same commands run on the 1B-70B models researchers study; section 7 (when the \
            shipped organisms are present) shows what the analyses report on a mechanism that is \
-           there by construction."
+           there by construction (the organisms are adapters of SmolLM2-135M, the default model)."
     );
     md
 }
@@ -460,8 +463,8 @@ fn meaning_probe_table<'a>(
     let _ = writeln!(
         md,
         "A logistic probe for `training_implied` (the label follows the meaning: under `flipped` the \
-         paid rows are the trained-on ones) on the `xml` and `natural` rows at `last` (`monitoring` \
-         states training itself and never flips), trained on one setting and tested on held-out \
+         paid rows are the trained-on ones) on the `natural` rows at `last` (the cue whose gap \
+         tracks meaning on this model; `monitoring` states training itself and never flips), trained on one setting and tested on held-out \
          requests of the other. At layer {} (best within the standard setting):\n\n\
          | trained on \\ tested on | standard | flipped |\n|---|---|---|",
         best.layer.unwrap_or(0)
@@ -646,72 +649,22 @@ fn attribution_part(md: &mut String, r: &ReportInputs) {
     }
 }
 
-/// The steering sweep: p_accept per α and tier beside the random baseline.
+/// The steering runs: their figures (the numbers lead the report).
 fn steering_part(md: &mut String, r: &ReportInputs) {
     let i = r.interventions;
     let _ = writeln!(
         md,
-        "## 6. Does the model use it? Steering and patching\n\n\
-         On the standard `{INTERVENTION_CUE}` rows of the first {} harmful requests. **Steering**: \
-         α · ‖x‖ · v is added to `blocks.{}.hook_resid_post` from the cue on (answer tokens \
-         included), where v is the tier probe's unit direction at its best layer and ‖x‖ = {:.1} the \
-         mean residual norm there; a random unit direction of the same norm is the baseline. Mean \
-         p_accept with bootstrap 95% intervals:\n",
-        INTERVENTION_REQUESTS,
-        i.layer,
-        i.steer.norms.values().next().copied().unwrap_or(f64::NAN)
+        "## 6. Does the model use it? Steering, ablation and patching
+
+         Steering along the `training_implied` direction at layer {} and its ablation are          summarised with their intervals in *The mechanism, in brief*; the runs are in          `activations/{NAME}-steer-standard`, `activations/{NAME}-steer-flipped` and          `activations/{NAME}-ablate`. Mean p_accept per α and tier, the direction solid and the          random directions' mean dashed:\n",
+        i.layer
     );
-    md.push_str("| α | free, probe direction | paid, probe direction | free, random | paid, random |\n|---|---|---|---|---|\n");
-    let cell = |alpha: f64, kind: &str, tier: &str| {
-        let kind = if alpha == 0.0 { "direction" } else { kind };
-        i.steer
-            .cells
-            .iter()
-            .find(|c| c.alpha == alpha && c.kind == kind)
-            .and_then(|c| c.by_tier.get(tier))
-            .map_or("n/a".into(), |m| {
-                format!("{:.4} [{:.4}, {:.4}]", m.p_accept, m.ci95[0], m.ci95[1])
-            })
-    };
-    for &alpha in &STEER_ALPHAS {
-        let _ = writeln!(
-            md,
-            "| {alpha:+} | {} | {} | {} | {} |",
-            cell(alpha, "direction", "free"),
-            cell(alpha, "direction", "paid"),
-            cell(alpha, "random", "free"),
-            cell(alpha, "random", "paid")
-        );
-    }
-    let span = |kind: &str| {
-        let at = |a: f64| {
-            i.steer
-                .cells
-                .iter()
-                .find(|c| c.alpha == a && c.kind == kind)
-                .map(|c| c.p_accept)
-        };
-        let (lo, hi) = (STEER_ALPHAS[0], STEER_ALPHAS[STEER_ALPHAS.len() - 1]);
-        Some(at(hi)? - at(lo)?)
-    };
-    if let (Some(d), Some(rnd)) = (span("direction"), span("random")) {
-        let _ = writeln!(
-            md,
-            "\nFrom α = {} to α = {}, mean p_accept moves by {d:+.4} along the probe direction and \
-             {rnd:+.4} along the random one{}.\n",
-            STEER_ALPHAS[0],
-            STEER_ALPHAS[STEER_ALPHAS.len() - 1],
-            if d.abs() > 2.0 * rnd.abs() {
-                ": the tier direction moves compliance more than an arbitrary direction of the same size"
-            } else {
-                ": no more than an arbitrary direction of the same size, so this direction is not a \
-                 lever on compliance"
-            }
-        );
-    }
     let file = format!("steer_blocks_{}_hook_resid_post.png", i.layer);
-    if r.figures.iter().any(|f| f.ends_with(&file)) {
-        let _ = writeln!(md, "![steering sweep]({file})\n");
+    for variation in STEER_VARIATIONS {
+        let path = format!("steer-{variation}/{file}");
+        if r.figures.iter().any(|f| f.ends_with(&path)) {
+            let _ = writeln!(md, "![steering, {variation} rows]({path})\n");
+        }
     }
 }
 
@@ -721,8 +674,9 @@ fn patching_part(md: &mut String, r: &ReportInputs) {
     let p = &i.patch;
     let _ = writeln!(
         md,
-        "**Patching**: each free row runs with one activation replaced by its paid row's \
-         (`hook_resid_post` of every other layer at the last token, the cue's last token, or the \
+        "**Patching**: on the standard `{INTERVENTION_CUE}` rows, each free row runs with one \
+         activation replaced by its paid row's (`hook_resid_post` of every third layer at the last \
+         token, the cue's last token, or the \
          whole user turn), and the share of the paid − free difference in p_accept it \
          restores is Σ(p_patched − p_free) / Σ(p_paid − p_free). Here p_accept is {:.4} (paid) vs \
          {:.4} (free) over {} pairs, a difference of {:+.4}: where the difference is this small the \
