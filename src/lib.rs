@@ -1,10 +1,14 @@
-//! afprobe: look inside open language models while they read alignment-faking prompts.
+#![doc = include_str!("../README.md")]
 //!
-//! The library behind the `afprobe` binary. Data flows one way (README, "Layout"):
-//! [`model`] (load a model, run it with TransformerLens-named hooks) →
-//! [`capture`] → [`store`] (activations on disk) → [`probe`] / [`intervene`] →
-//! [`plot`]. [`study`] is the first application on top: the alignment-faking
-//! settings, cues and requests, the compliance gap, sampling runs and the demo.
+//! ## The library
+//!
+//! The library behind the `afprobe` binary. Data flows one way
+//! (docs/architecture.md): [`model`] (load a model, run it with
+//! TransformerLens-named hooks) → [`capture`] → [`store`] (activations on
+//! disk) → [`probe`] / [`intervene`] → [`plot`]. [`study`] is the first
+//! application on top: the alignment-faking settings, cues and requests, the
+//! compliance gap, sampling runs and the demo. [`guide`] holds the API
+//! examples (compiled as doctests).
 
 pub mod attribute;
 pub mod bench;
@@ -26,3 +30,8 @@ pub mod store;
 pub mod study;
 
 pub use error::{Error, Result};
+
+/// Hook points and the Rust API, with examples that are compiled as doctests
+/// (docs/hooks-and-api.md).
+#[doc = include_str!("../docs/hooks-and-api.md")]
+pub mod guide {}

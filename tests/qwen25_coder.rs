@@ -53,7 +53,10 @@ fn qwen25_coder_tokenizer_template_and_activations_match_transformers() {
         assert_eq!(got, common::token_ids(want), "{text}");
     }
 
-    let template = model.template.as_ref().expect("the GGUF has a chat template");
+    let template = model
+        .template
+        .as_ref()
+        .expect("the GGUF has a chat template");
     for chat in fixture["chat"].as_array().unwrap() {
         let rendered = template.render(&messages(&chat["messages"]), true).unwrap();
         assert_eq!(rendered, chat["rendered"].as_str().unwrap());
@@ -68,8 +71,18 @@ fn qwen25_coder_tokenizer_template_and_activations_match_transformers() {
         let line = json!({"id": row["id"], "messages": row["messages"], "continuations": row["continuations"]});
         let parsed = parse_prompts(&format!("{line}\n"), Path::new("study.jsonl")).unwrap();
         let rendered = render(&model, &parsed[0], Path::new("study.jsonl")).unwrap();
-        assert_eq!(rendered.text, row["rendered"].as_str().unwrap(), "{}", row["id"]);
-        assert_eq!(rendered.tokens, common::token_ids(&row["ids"]), "{}", row["id"]);
+        assert_eq!(
+            rendered.text,
+            row["rendered"].as_str().unwrap(),
+            "{}",
+            row["id"]
+        );
+        assert_eq!(
+            rendered.tokens,
+            common::token_ids(&row["ids"]),
+            "{}",
+            row["id"]
+        );
     }
 
     let reference = load_fixture(&dir.join("reference.safetensors"));
@@ -103,7 +116,10 @@ fn qwen25_coder_tokenizer_template_and_activations_match_transformers() {
     assert!(err < 1e-4, "logits: relative L2 {err:e}");
 
     // Teacher-forced answer tags: the summed log-probability of each tag's tokens.
-    for (tag, key) in [("accept_ids", "logprob_accept"), ("reject_ids", "logprob_reject")] {
+    for (tag, key) in [
+        ("accept_ids", "logprob_accept"),
+        ("reject_ids", "logprob_reject"),
+    ] {
         let tag_ids: Vec<u32> = common::i64_vec(&reference[tag])
             .into_iter()
             .map(|t| t as u32)
@@ -117,7 +133,9 @@ fn qwen25_coder_tokenizer_template_and_activations_match_transformers() {
         let got: f64 = tag_ids
             .iter()
             .enumerate()
-            .map(|(i, &t)| afprobe::model::transformer::row_f32(&logp, i).unwrap()[t as usize] as f64)
+            .map(|(i, &t)| {
+                afprobe::model::transformer::row_f32(&logp, i).unwrap()[t as usize] as f64
+            })
             .sum();
         let want = reference[key]
             .to_dtype(candle_core::DType::F64)

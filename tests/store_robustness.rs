@@ -13,7 +13,6 @@ use candle_core::{Device, Tensor};
 use common::{afprobe, assert_fails_with, write_store, StoreShape};
 use serde_json::{json, Value};
 
-
 /// A writable copy of a case's `case/store` in a fresh temporary directory.
 fn copy_store(case: &Path) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();

@@ -217,23 +217,35 @@ fn summarize_cells(
         .iter()
         .zip(steered)
         .enumerate()
-        .map(|(c, (&Cell { point: p, alpha, along }, values))| {
-            let seed = spec.seed ^ c as u64;
-            let (mean, ci95) = mean_ci(values, spec.resamples, seed);
-            SteerCell {
-                hook: spec.points[p].to_string(),
-                layer: spec.points[p].layer(),
-                alpha,
-                kind: along.name().into(),
-                random_index: match along {
-                    Along::Random(i) => Some(i),
-                    Along::Direction => None,
-                },
-                p_accept: mean,
-                ci95,
-                by_tier: by_tier(values, tiers, spec.resamples, seed),
-            }
-        })
+        .map(
+            |(
+                c,
+                (
+                    &Cell {
+                        point: p,
+                        alpha,
+                        along,
+                    },
+                    values,
+                ),
+            )| {
+                let seed = spec.seed ^ c as u64;
+                let (mean, ci95) = mean_ci(values, spec.resamples, seed);
+                SteerCell {
+                    hook: spec.points[p].to_string(),
+                    layer: spec.points[p].layer(),
+                    alpha,
+                    kind: along.name().into(),
+                    random_index: match along {
+                        Along::Random(i) => Some(i),
+                        Along::Direction => None,
+                    },
+                    p_accept: mean,
+                    ci95,
+                    by_tier: by_tier(values, tiers, spec.resamples, seed),
+                }
+            },
+        )
         .collect()
 }
 
@@ -399,7 +411,15 @@ pub fn steer(model: &Model, spec: &SteerSpec) -> Result<SteerReport> {
         let clean = cache.run_clean(model, row, start, &spec.points, &mut count)?;
         let unsteered = p_accept(&clean.scores);
         let mut by_cell = serde_json::Map::new();
-        for (c, &Cell { point: p, alpha, along }) in cells.iter().enumerate() {
+        for (
+            c,
+            &Cell {
+                point: p,
+                alpha,
+                along,
+            },
+        ) in cells.iter().enumerate()
+        {
             let point = spec.points[p];
             let mut hooks = Hooks::none();
             hooks.add_edit(
@@ -529,9 +549,8 @@ fn summarize_against_random(
     base: &[f64],
     tiers: &[Option<String>],
 ) -> Vec<SteerSummary> {
-    let effects = |values: &[f64]| -> Vec<f64> {
-        values.iter().zip(base).map(|(s, b)| s - b).collect()
-    };
+    let effects =
+        |values: &[f64]| -> Vec<f64> { values.iter().zip(base).map(|(s, b)| s - b).collect() };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let mut out = Vec::new();
     for (c, cell) in cells.iter().enumerate() {

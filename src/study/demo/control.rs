@@ -14,7 +14,9 @@ use crate::capture::{capture, CaptureSpec};
 use crate::error::{Error, Result};
 use crate::intervene::direction::DirectionSource;
 use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
-use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerScale, SteerSpec, SteerSummary};
+use crate::intervene::steer::{
+    self, SteerPositions, SteerReport, SteerScale, SteerSpec, SteerSummary,
+};
 use crate::io::write_atomic;
 use crate::model::{load_model_with_adapter, parse_hooks, HookPoint, ModelSpec, WeightDtype};
 use crate::plot::{plot, PlotSpec};
@@ -33,15 +35,11 @@ use super::{first_per_category, NAME};
 /// Held-out harmful requests per category (benign: one per category). Small:
 /// the section runs three models, and every row costs a few forward calls.
 pub(super) const CONTROL_REQUESTS_PER_CATEGORY: usize = 1;
-/// Steering strengths (units of the mean residual norm).
-/// Larger than the main study's ±0.2: the organisms' decisions are saturated
-/// (p_accept within 0.001 of 0 or 1), so ±0.2 moved nothing; ±1 broke every
-/// model (p_accept 0 for both directions, random ones too).
-/// In units of the tier's class-mean separation along the probe direction:
-/// ±1 moves the paid rows' mean onto the free rows' and back.
+/// Steering strengths, in units of the tier's class-mean separation along the
+/// probe direction: ±1 moves the paid rows' mean onto the free rows' and back.
 pub(super) const CONTROL_ALPHAS: [f64; 3] = [-1.0, 0.0, 1.0];
 /// Random directions of the same length, the steering baseline.
-pub(super) const CONTROL_RANDOM: usize = 8;
+pub(super) const CONTROL_RANDOM: usize = 5;
 /// The cue of the steering and patching runs (a tier cue: its meaning flips).
 const INTERVENTION_CUE: &str = "natural";
 /// Held-out requests the steering and patching runs use.
@@ -726,7 +724,8 @@ fn steering_part(md: &mut String, pc: &PositiveControl) {
                 s.effect,
                 s.effect_ci95[0],
                 s.effect_ci95[1],
-                s.random_ci95.map_or("n/a".into(), |[lo, hi]| format!("[{lo:+.3}, {hi:+.3}]")),
+                s.random_ci95
+                    .map_or("n/a".into(), |[lo, hi]| format!("[{lo:+.3}, {hi:+.3}]")),
                 s.percentile.map_or("n/a".into(), |p| format!("{p:.0}")),
             );
         }

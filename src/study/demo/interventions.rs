@@ -5,13 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use serde_json::Value;
 
 use super::NAME;
 use crate::attribute::{self, AttributeReport, AttributeSpec};
 use crate::error::Result;
-use crate::intervene::direction::DirectionSource;
 use crate::intervene::ablate::{self, AblateReport, AblateSpec};
+use crate::intervene::direction::{random_unit, DirectionSource};
 use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
 use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerScale, SteerSpec};
 use crate::io::write_atomic;
@@ -24,12 +26,13 @@ use crate::store::{Position, TensorName};
 /// heatmap. Small: every edited run is a few forward calls, and on a CPU a
 /// forward call costs about a full read of the weights however few tokens it has.
 pub(super) const INTERVENTION_CUE: &str = "natural";
-pub(super) const INTERVENTION_REQUESTS: usize = 8;
+pub(super) const INTERVENTION_REQUESTS: usize = 6;
 /// In units of the `training_implied` class-mean separation along the
 /// direction: +1 moves the unmonitored rows' mean onto the trained-on rows'.
 pub(super) const STEER_ALPHAS: [f64; 3] = [-1.0, 0.0, 1.0];
-/// Random directions of the same length per steering run.
-pub(super) const STEER_RANDOM: usize = 8;
+/// Random directions of the same length per steering run (each is two more
+/// edited runs per row; `afprobe steer` defaults to 16).
+pub(super) const STEER_RANDOM: usize = 5;
 /// The settings steered: the meaning flips between them, the tokens do not.
 pub(super) const STEER_VARIATIONS: [&str; 2] = ["standard", "flipped"];
 
@@ -42,8 +45,15 @@ pub(super) struct Interventions {
     pub(super) steer_dirs: Vec<PathBuf>,
     pub(super) steer: Vec<SteerReport>,
     pub(super) ablate: AblateReport,
+    /// The same ablation along a seeded random direction: the baseline.
+    pub(super) ablate_random: AblateReport,
     pub(super) patch_dir: PathBuf,
     pub(super) patch: PatchReport,
+    /// Flipped rows patched into their standard rows (same request, cue and
+    /// tier): where what the system prompt says about training reaches the
+    /// user turn and the last token.
+    pub(super) meaning_patch_dir: PathBuf,
+    pub(super) meaning_patch: PatchReport,
     pub(super) attribute_dir: PathBuf,
     pub(super) attribute: AttributeReport,
 }
@@ -151,20 +161,45 @@ pub(super) fn run_interventions(
         },
     )?;
     print!("{}", ablate::format_table(&ablate));
+    let random_file = activations.join(format!("{NAME}-ablate-random.json"));
+    let random = random_unit(model.config().d_model, &mut StdRng::seed_from_u64(0));
+    write_atomic(
+        &random_file,
+        serde_json::Value::from(random).to_string().as_bytes(),
+    )?;
+    println!("\nthe same ablation along a random direction (seed 0), the baseline:");
+    let ablate_random = ablate::ablate(
+        model,
+        &AblateSpec {
+            prompts: prompts.clone(),
+            out: activations.join(format!("{NAME}-ablate-random")),
+            direction: DirectionSource::File(random_file),
+            direction_tensor: "random".into(),
+            points: (0..n_layers).map(HookPoint::ResidPost).collect(),
+            filter: Filter::default(),
+            resamples: 2000,
+            seed: 0,
+            force: true,
+        },
+    )?;
+    print!("{}", ablate::format_table(&ablate_random));
     let standard: Filter = "variation=standard".parse()?;
 
     let patch_dir = activations.join(format!("{NAME}-patch"));
-    // Every third layer (and the last) at three position sets keeps the heatmap to ~1 minute.
+    // Every fourth layer (and the last) at three position sets keeps the heatmap to ~1 minute.
     let patch_layers: Vec<usize> = (0..n_layers)
-        .filter(|l| l % 3 == 0 || *l == n_layers - 1)
+        .filter(|l| l % 4 == 0 || *l == n_layers - 1)
         .collect();
-    println!("\npatching paid into free, hook_resid_post of every third layer x last, cue, user:");
+    println!("\npatching paid into free, hook_resid_post of every fourth layer x last, cue, user:");
     let patch = patch::patch(
         model,
         &PatchSpec {
             prompts: prompts.clone(),
             out: patch_dir.clone(),
-            points: patch_layers.into_iter().map(HookPoint::ResidPost).collect(),
+            points: patch_layers
+                .iter()
+                .map(|&l| HookPoint::ResidPost(l))
+                .collect(),
             positions: vec![
                 PatchPosition::Last(0),
                 PatchPosition::Cue,
@@ -182,6 +217,40 @@ pub(super) fn run_interventions(
         },
     )?;
     print!("{}", patch::format_table(&patch));
+
+    let meaning_patch_dir = activations.join(format!("{NAME}-patch-meaning"));
+    println!(
+        "\npatching flipped into standard on the free rows (same request and cue), \
+         hook_resid_post of every fourth layer x last, cue, user:"
+    );
+    let meaning_patch = patch::patch(
+        model,
+        &PatchSpec {
+            prompts: prompts.clone(),
+            out: meaning_patch_dir.clone(),
+            points: patch_layers
+                .iter()
+                .map(|&l| HookPoint::ResidPost(l))
+                .collect(),
+            positions: vec![
+                PatchPosition::Last(0),
+                PatchPosition::Cue,
+                PatchPosition::User,
+            ],
+            label: "variation".into(),
+            source: "flipped".into(),
+            dest: "standard".into(),
+            pair_by: vec!["request_id".into(), "cue".into(), "tier".into()],
+            // One tier: free rows comply less under flipped, paid rows more, so over
+            // both tiers the two settings' mean p_accept nearly cancel.
+            filter: "tier=free".parse()?,
+            max_pairs: None,
+            resamples: 2000,
+            seed: 0,
+            force: true,
+        },
+    )?;
+    print!("{}", patch::format_table(&meaning_patch));
 
     let attribute_dir = activations.join(format!("{NAME}-attribute"));
     println!("\ndirect logit attribution of the decision, free vs paid:");
@@ -206,8 +275,11 @@ pub(super) fn run_interventions(
         steer_dirs,
         steer,
         ablate,
+        ablate_random,
         patch_dir,
         patch,
+        meaning_patch_dir,
+        meaning_patch,
         attribute_dir,
         attribute,
     })

@@ -56,7 +56,7 @@ const VARIATION_REQUESTS_PER_CATEGORY: usize = 3;
 /// Harmful requests of the sampled gap, samples per row and tokens per sample
 /// (the accept tag is 7 tokens in Qwen's vocabulary).
 const SAMPLE_REQUESTS: usize = 8;
-const SAMPLES_PER_ROW: usize = 6;
+const SAMPLES_PER_ROW: usize = 4;
 const SAMPLE_TOKENS: usize = 12;
 
 /// `afprobe demo` options.
@@ -249,11 +249,18 @@ fn render_figures(
     };
     let mut main = plot_into(probes_dir, figures_dir.to_path_buf())?;
     for (run, variation) in interventions.steer_dirs.iter().zip(STEER_VARIATIONS) {
-        main.extend(plot_into(run, figures_dir.join(format!("steer-{variation}")))?);
+        main.extend(plot_into(
+            run,
+            figures_dir.join(format!("steer-{variation}")),
+        )?);
     }
     for run in [&interventions.patch_dir, &interventions.attribute_dir] {
         main.extend(plot_into(run, figures_dir.to_path_buf())?);
     }
+    main.extend(plot_into(
+        &interventions.meaning_patch_dir,
+        figures_dir.join("patch-meaning"),
+    )?);
     Ok((main, plot_into(meaning_dir, figures_dir.join("meaning"))?))
 }
 
@@ -322,8 +329,8 @@ impl StudyPrompts {
 }
 
 /// The sampled gap the alignment-faking notebooks measure: samples at
-/// temperature 1 from the standard and flipped `natural` rows and the
-/// standard `control` rows of the first harmful requests, each read as
+/// temperature 1 from the standard and flipped `natural` rows of the first
+/// harmful requests, each read as
 /// accepting when its answer starts with the accept tag; the refusal rules
 /// give the format-free reading of the same samples.
 fn sampled_gap(model: &Model, rows: &[Value], out: &Path) -> Result<GapReport> {
@@ -331,11 +338,7 @@ fn sampled_gap(model: &Model, rows: &[Value], out: &Path) -> Result<GapReport> {
     let picked: Vec<&Value> = rows
         .iter()
         .filter(|r| r["harmful"] == true)
-        .filter(|r| {
-            let variation = variation_of(r);
-            (r["cue"] == "natural" && STEER_VARIATIONS.contains(&variation.as_str()))
-                || (r["cue"] == "control" && variation == "standard")
-        })
+        .filter(|r| r["cue"] == "natural" && STEER_VARIATIONS.contains(&variation_of(r).as_str()))
         .filter(|r| {
             let id = r["request_id"].as_str().unwrap_or_default().to_string();
             if !requests.contains(&id) {

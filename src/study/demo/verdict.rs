@@ -13,6 +13,7 @@ use super::report::{ci, num, ReportInputs};
 use crate::intervene::steer::SteerReport;
 use crate::probe::{Method, MetricRow, Role};
 use crate::study::gap::{GapReport, GapStats};
+use crate::study::setting::builtin_cues;
 
 /// What a cue's gap follows, from its standard and flipped gaps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,9 @@ pub(super) enum CueVerdict {
     Token,
     /// Neither pattern is clear.
     Neither,
+    /// The cue states training itself (`monitoring`): `flipped` does not
+    /// change what it means, so a gap that stays is what meaning predicts.
+    StatesTraining,
 }
 
 impl CueVerdict {
@@ -49,6 +53,9 @@ impl CueVerdict {
             CueVerdict::Meaning => "**meaning** (reverses under flipped)",
             CueVerdict::Token => "**token** (same sign under flipped)",
             CueVerdict::Neither => "neither",
+            CueVerdict::StatesTraining => {
+                "states training itself: flipped keeps its meaning, so it cannot tell"
+            }
         }
     }
 }
@@ -70,6 +77,7 @@ pub(super) fn mechanism_section(md: &mut String, r: &ReportInputs) {
     representation(md, r);
     causation(md, r);
     localisation(md, r);
+    meaning_localisation(md, r);
     plain_verdict(md, r, &verdicts);
 }
 
@@ -85,13 +93,15 @@ fn behaviour(
         "**Behaviour** (scored: teacher-forced answer tags, {n} harmful requests in all three \
          settings):\n\n| cue | standard | flipped | no-training-info | verdict |\n|---|---|---|---|---|"
     );
+    let cues = builtin_cues();
     let mut verdicts = Vec::new();
     for (cue, standard) in matched.by_cue.iter().filter(|(c, _)| !c.contains('@')) {
         let at = |v: &str| matched.by_cue.get(&format!("{cue}@{v}"));
-        let verdict = if cue == "control" {
-            None
-        } else {
-            Some(CueVerdict::of(standard, at("flipped")))
+        let known = cues.iter().find(|c| &c.name == cue);
+        let verdict = match known {
+            Some(c) if !c.meaningful => None,
+            Some(c) if c.states_training => Some(CueVerdict::StatesTraining),
+            _ => Some(CueVerdict::of(standard, at("flipped"))),
         };
         let _ = writeln!(
             md,
@@ -234,16 +244,23 @@ fn causation(md: &mut String, r: &ReportInputs) {
     let _ = writeln!(
         md,
         "\nAblation: the same direction projected out of every layer's `hook_resid_post` at \
-         every position (`activations/demo-ablate`):\n\n| rows | gap before | gap after | change \
-         [95% CI] |\n|---|---|---|---|"
+         every position (`activations/demo-ablate`), beside a seeded random direction ablated the \
+         same way (`activations/demo-ablate-random`):\n\n| rows | gap before | gap after | change \
+         [95% CI] | change, random direction |\n|---|---|---|---|---|"
     );
-    for (cue, before) in &a.before.by_cue {
+    for (cue, before) in a
+        .before
+        .by_cue
+        .iter()
+        .filter(|(c, _)| c.as_str() != "overall")
+    {
         let _ = writeln!(
             md,
-            "| {cue} | {} | {} | {} |",
+            "| {cue} | {} | {} | {} | {} |",
             gap_text(Some(before)),
             gap_text(a.after.by_cue.get(cue)),
-            gap_text(a.gap_change.by_cue.get(cue))
+            gap_text(a.gap_change.by_cue.get(cue)),
+            gap_text(i.ablate_random.gap_change.by_cue.get(cue))
         );
     }
     md.push('\n');
@@ -292,6 +309,40 @@ fn localisation(md: &mut String, r: &ReportInputs) {
             c.restored.map_or("n/a".into(), |v| format!("{v:+.2}"))
         ))
     );
+}
+
+/// Where the flipped rows' meaning reaches: each position's best layer when
+/// flipped activations are patched into standard rows.
+fn meaning_localisation(md: &mut String, r: &ReportInputs) {
+    let p = &r.interventions.meaning_patch;
+    let _ = writeln!(
+        md,
+        "Patching the *flipped* free row's `hook_resid_post` into its *standard* free row (same \
+         request and cue; the two differ only in what the system prompt says about training; {} \
+         pairs, p_accept flipped {:.3} vs standard {:.3}) shows where that difference has reached: \
+         a cell that restores the flipped behaviour carries the meaning there.\n\n\
+         | position | layer with the largest effect | effect [95% CI] | share restored |\n|---|---|---|---|",
+        p.n_pairs, p.p_source, p.p_dest
+    );
+    for position in ["cue", "user", "last"] {
+        let best = p
+            .cells
+            .iter()
+            .filter(|c| c.position == position)
+            .max_by(|a, b| a.effect.abs().total_cmp(&b.effect.abs()));
+        if let Some(c) = best {
+            let _ = writeln!(
+                md,
+                "| {position} | {} | {:+.3} [{:+.3}, {:+.3}] | {} |",
+                c.layer.map_or("-".into(), |l| l.to_string()),
+                c.effect,
+                c.effect_ci95[0],
+                c.effect_ci95[1],
+                c.restored.map_or("n/a".into(), |v| format!("{v:+.2}"))
+            );
+        }
+    }
+    md.push('\n');
 }
 
 /// What the data say, and do not say, in plain words.
@@ -343,6 +394,29 @@ fn plain_verdict(md: &mut String, r: &ReportInputs, verdicts: &[(String, CueVerd
             levers.join(" and ")
         )
     });
+    let a = &r.interventions.ablate;
+    let changes: Vec<String> = a
+        .gap_change
+        .by_cue
+        .iter()
+        .filter(|(c, _)| c.as_str() != "overall")
+        .map(|(c, s)| {
+            let before = a.before.by_cue.get(c).map_or(f64::NAN, |b| b.gap);
+            format!(
+                "`{c}` {before:+.3} by {:+.3} [{:+.3}, {:+.3}]",
+                s.gap, s.ci95[0], s.ci95[1]
+            )
+        })
+        .collect();
+    text.push_str(&format!(
+        " Projecting the direction out of every layer changes the gap of {}: {}.",
+        if changes.len() == 1 {
+            "its rows"
+        } else {
+            "each setting"
+        },
+        changes.join("; ")
+    ));
     let _ = writeln!(
         md,
         "{text} These are {INTERVENTION_REQUESTS}-request interventions on one 0.5B model; a \
