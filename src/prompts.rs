@@ -56,7 +56,7 @@ impl PromptRow {
 
 /// Reads a prompt JSONL file; errors name the file and line.
 pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptRow>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_to_string(path)?;
     parse_prompts(&text, path)
 }
 

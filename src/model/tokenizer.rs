@@ -255,7 +255,7 @@ impl Tokenizer {
         eos_token: Option<String>,
         add_bos: bool,
     ) -> Result<Tokenizer> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_to_string(path)?;
         check_tokenizer_json(&text, path)?;
         let origin = path.display().to_string();
         let inner = contained(&origin, "reading it", || {

@@ -245,10 +245,9 @@ pub struct Report {
 impl Report {
     pub fn read(dir: &Path) -> Result<Report> {
         let path = dir.join(REPORT);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
+        let text = crate::io::read_to_string(&path).map_err(|e| {
             Error::BadInput(format!(
-                "{}: cannot read ({e}); is {} a directory written by `afprobe probe`?",
-                path.display(),
+                "cannot read ({e}); is {} a directory written by `afprobe probe`?",
                 dir.display()
             ))
         })?;

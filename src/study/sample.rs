@@ -259,8 +259,8 @@ fn finish(spec: &SampleSpec, n_blocks: usize, n_rows: usize, settings: &Value) -
     let (mut transcripts, mut records) = (String::new(), String::new());
     for block in 0..n_blocks {
         let [t, r] = block_files(&spec.out, block);
-        transcripts.push_str(&std::fs::read_to_string(&t).map_err(|e| Error::io(&t, e))?);
-        records.push_str(&std::fs::read_to_string(&r).map_err(|e| Error::io(&r, e))?);
+        transcripts.push_str(&crate::io::read_to_string(&t)?);
+        records.push_str(&crate::io::read_to_string(&r)?);
     }
     write_atomic(&spec.out.join("transcripts.jsonl"), transcripts.as_bytes())?;
     write_atomic(&spec.out.join("rows.jsonl"), records.as_bytes())?;
@@ -301,7 +301,7 @@ fn prepare_dir(spec: &SampleSpec, settings: &Value) -> Result<()> {
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let state = dir.join(RUN_STATE);
-    let previous = std::fs::read_to_string(&state).ok();
+    let previous = crate::io::read_to_string_if_exists(&state)?;
     match previous {
         Some(text) if spec.resume => {
             let old: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -337,7 +337,7 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Value>> {
         )));
     }
     let path = dir.join("rows.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::io::read_to_string(&path)?;
     text.lines()
         .enumerate()
         .map(|(i, l)| {

@@ -482,7 +482,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         init_from_adapter(dir, r, &vars)?;
     }
     if spec.resume {
-        let text = std::fs::read_to_string(&ck_meta).map_err(|e| Error::io(&ck_meta, e))?;
+        let text = crate::io::read_to_string(&ck_meta)?;
         let old: CheckpointMeta = serde_json::from_str(&text)
             .map_err(|e| Error::model_file(&ck_meta, format!("not a checkpoint: {e}")))?;
         // Only `steps` may change on a resume (to extend a run).
@@ -500,6 +500,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
                 ),
             ));
         }
+        crate::io::check_safetensors(&ck_file)?;
         let t = candle_core::safetensors::load(&ck_file, &Device::Cpu)
             .map_err(|e| Error::model_file(&ck_file, format!("cannot read: {e}")))?;
         for (i, (name, var)) in vars.iter().enumerate() {
@@ -740,7 +741,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
 /// recipe's rank and alpha and a tensor of the right shape for every variable.
 fn init_from_adapter(dir: &Path, r: &Recipe, vars: &[(String, Var)]) -> Result<()> {
     let config_file = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_file).map_err(|e| Error::io(&config_file, e))?;
+    let text = crate::io::read_to_string(&config_file)?;
     let config: Value = serde_json::from_str(&text)
         .map_err(|e| Error::model_file(&config_file, format!("not JSON: {e}")))?;
     let (rank, alpha) = (config["r"].as_u64(), config["lora_alpha"].as_f64());
@@ -755,6 +756,7 @@ fn init_from_adapter(dir: &Path, r: &Recipe, vars: &[(String, Var)]) -> Result<(
         ));
     }
     let file = dir.join("adapter_model.safetensors");
+    crate::io::check_safetensors(&file)?;
     let t = candle_core::safetensors::load(&file, &Device::Cpu)
         .map_err(|e| Error::model_file(&file, format!("cannot read: {e}")))?;
     for (name, var) in vars {

@@ -131,14 +131,14 @@ impl Setting {
                  [[variation]] in --cues-file"
             )));
         }
-        self.system = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        self.system = crate::io::read_to_string(path)?;
         self.name = "custom".into();
         Ok(self)
     }
 
     /// Replaces the user-turn template; it must contain `{cue}` and `{request}`.
     pub fn with_user_template_file(mut self, path: &Path) -> Result<Setting> {
-        let template = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let template = crate::io::read_to_string(path)?;
         for placeholder in ["{cue}", "{request}"] {
             if !template.contains(placeholder) {
                 return Err(Error::BadInput(format!(
