@@ -93,12 +93,20 @@ fn sample_seed(base: u64, row: usize, k: usize) -> u64 {
         .wrapping_add(k as u64)
 }
 
+/// The most samples per prompt (`-n`).
+pub const MAX_SAMPLES: usize = 1024;
+
 /// Runs the sampling and writes the run directory. Blocks of [`BLOCK_ROWS`]
 /// rows are written as they finish; `spec.resume` continues after the last one.
 pub fn sample(model: &Model, spec: &SampleSpec) -> Result<()> {
-    if spec.n == 0 {
-        return Err(Error::BadInput("-n must be at least 1".into()));
-    }
+    crate::error::check_range(
+        "-n",
+        spec.n,
+        1,
+        MAX_SAMPLES,
+        "samples per prompt: they decode in lockstep, each with its own cache branch",
+    )?;
+    crate::generate::check_max_new_tokens(model, spec.max_new_tokens)?;
     let rows = read_prompt_file(&spec.prompts)?;
     let rendered = rows
         .iter()

@@ -387,6 +387,50 @@ pub struct TrainReport {
     pub final_loss: f64,
 }
 
+/// The most rows per step (`--batch`).
+pub const MAX_BATCH: usize = 4096;
+/// The most optimizer steps (`--steps`).
+pub const MAX_STEPS: usize = 10_000_000;
+/// The most rows a run may process in all (`--steps` × `--batch`).
+pub const MAX_STEP_ROWS: usize = 1_000_000_000;
+
+/// Bounds the recipe's sizes before anything is loaded or allocated (the rank
+/// is checked against the model once it is loaded).
+fn check_sizes(r: &Recipe) -> Result<()> {
+    use crate::error::check_range;
+    check_range(
+        "--rank",
+        r.rank,
+        1,
+        1 << 16,
+        "a LoRA's rank is at most its projection's smaller side",
+    )?;
+    check_range(
+        "--batch",
+        r.batch,
+        1,
+        MAX_BATCH,
+        "rows per step, each run forward and backward with its activations kept",
+    )?;
+    check_range(
+        "--steps",
+        r.steps,
+        1,
+        MAX_STEPS,
+        "optimizer steps; each records its loss",
+    )?;
+    if r.steps.saturating_mul(r.batch) > MAX_STEP_ROWS {
+        return Err(Error::BadInput(format!(
+            "--steps {} × --batch {} is {} rows; a run may process at most {MAX_STEP_ROWS} \
+             (lower --steps or --batch)",
+            r.steps,
+            r.batch,
+            r.steps.saturating_mul(r.batch)
+        )));
+    }
+    Ok(())
+}
+
 /// Trains the recipe's adapter into `spec.out`.
 pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
     let r = &spec.recipe;
@@ -400,12 +444,19 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
             out.display()
         )));
     }
-    if r.rank == 0 || r.batch == 0 || r.steps == 0 {
-        return Err(Error::BadInput(
-            "rank, batch and steps must be positive".into(),
-        ));
-    }
+    check_sizes(r)?;
     let model = Model::load(&spec.model, WeightDtype::F32)?;
+    let d_model = model.config().d_model;
+    crate::error::check_range(
+        "--rank",
+        r.rank,
+        1,
+        d_model,
+        &format!(
+            "a LoRA's rank is at most its projection's smaller side; this model's d_model is \
+             {d_model}"
+        ),
+    )?;
     let (examples, prefixes, invocation) = examples(&model, r)?;
     let train_idx: Vec<usize> = (0..examples.len()).filter(|&i| examples[i].train).collect();
     if train_idx.is_empty() {
