@@ -224,6 +224,11 @@ impl Adapter {
         crate::io::check_safetensors(&st_path)?;
         let tensors = candle_core::safetensors::load(&st_path, &Device::Cpu)
             .map_err(|e| Error::model_file(&st_path, format!("cannot read: {e}")))?;
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for name in names {
+            super::validate::check_finite(&tensors[name], name, &st_path)?;
+        }
         let deltas = deltas(&tensors, &targets, raw.r, scale, config, &st_path)?;
 
         // afprobe's own organisms record the base weights' sha256 beside the adapter.

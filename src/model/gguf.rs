@@ -430,10 +430,14 @@ impl GgufFile {
             .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))
     }
 
+    /// The tensor `name` dequantized to f32, every value checked finite.
     fn dequantize(&mut self, name: &str) -> Result<Tensor> {
-        self.read(name)?
+        let t = self
+            .read(name)?
             .dequantize(&Device::Cpu)
-            .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))
+            .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))?;
+        super::validate::check_finite(&t, name, &self.path)?;
+        Ok(t)
     }
 
     /// The weight with HF name `hf_name`, dequantized to f32, in HF layout.
@@ -455,6 +459,7 @@ impl GgufFile {
             return Ok(None);
         };
         let q = self.read(&name)?;
+        super::validate::check_finite_quantized(&q, &name, &self.path)?;
         match self.permuted_heads(hf_name, config) {
             Some(n) => Ok(Some(unpermute_qk_rows(&q, n).map_err(|e| {
                 Error::model_file(&self.path, format!("tensor `{name}`: {e}"))

@@ -423,9 +423,11 @@ fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<L
             if !shapes.contains_key(name) {
                 return Ok(None);
             }
-            st.load(name, &Device::Cpu)
-                .map(Some)
-                .map_err(|e| Error::model_file(dir, format!("tensor `{name}`: {e}")))
+            let t = st
+                .load(name, &Device::Cpu)
+                .map_err(|e| Error::model_file(dir, format!("tensor `{name}`: {e}")))?;
+            validate::check_finite(&t, name, dir)?;
+            Ok(Some(t))
         },
         dtype,
         &adapter,
