@@ -103,7 +103,7 @@ impl Model {
             names: model_names(spec, &files),
             files: &files,
         });
-        let (transformer, tokenizer, template, adapter) =
+        let (transformer, mut tokenizer, template, adapter) =
             kernels::while_loading(|| {
                 match &files {
             ModelFiles::Gguf(path) => load_gguf(path, dtype, with),
@@ -115,6 +115,7 @@ impl Model {
             ModelFiles::HfDir(dir) => load_hf_dir(dir, dtype.dtype(), with),
         }
             })?;
+        tokenizer.limit_ids(transformer.config().vocab_size);
         Ok(Model {
             transformer,
             tokenizer,

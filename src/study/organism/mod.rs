@@ -297,6 +297,16 @@ fn examples(model: &Model, recipe: &Recipe) -> Result<Examples> {
                     INVOCATION.escape_debug()
                 ))
             })?;
+        if start == 0 {
+            return Err(Error::BadInput(format!(
+                "{}:{} (row `{}`): the prompt has no tokens before its user turn (no system \
+                 message, and the model adds no BOS): an organism's training runs the part \
+                 before the user turn as a shared prefix; add a system message to the row",
+                path.display(),
+                row.line,
+                row.id
+            )));
+        }
         let prefix = r.tokens[..start].to_vec();
         let p = match prefixes.iter().position(|q| *q == prefix) {
             Some(p) => p,
