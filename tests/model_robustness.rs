@@ -14,7 +14,6 @@ use afprobe::model::{Message, Model, ModelSpec, WeightDtype};
 use afprobe::prompts::{read_prompt_file, render};
 use common::{cases, fixtures, stderr};
 
-
 /// Runs afprobe on `args` under `ulimit -v 4194304`, as the cases' cmd.sh do.
 fn afprobe_limited(args: &[&str]) -> Output {
     Command::new("sh")
