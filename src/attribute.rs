@@ -109,9 +109,7 @@ struct RowDla {
 
 /// Runs the attribution and writes `rows.jsonl` and `attribute.json`.
 pub fn attribute(model: &Model, spec: &AttributeSpec) -> Result<AttributeReport> {
-    if spec.resamples < 100 {
-        return Err(Error::BadInput("--resamples must be at least 100".into()));
-    }
+    crate::stats::check_resamples(spec.resamples)?;
     let rows = load_rows(model, &spec.prompts, &spec.filter)?;
     let pairs = pair(&rows, spec)?;
     prepare_out(&spec.out, ATTRIBUTE_JSON, spec.force)?;

@@ -653,7 +653,7 @@ fn reference_probe(
             .args(["--threads", &b.threads.to_string()]),
         "probe",
     )?;
-    let text = std::fs::read_to_string(&report).map_err(|e| Error::io(&report, e))?;
+    let text = crate::io::read_to_string(&report)?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::model_file(&report, format!("not JSON: {e}")))?;
     let aurocs = json["layers"]

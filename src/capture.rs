@@ -129,20 +129,31 @@ impl CaptureStats {
     }
 }
 
+/// The most rows per shard (`--shard-rows`).
+pub const MAX_SHARD_ROWS: usize = 1_000_000;
+/// The most rows per token tree (`--batch-rows`); the tree's size is capped anyway.
+pub const MAX_BATCH_ROWS: usize = 4096;
+
 /// Runs a capture into `spec.out`.
 pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
     let rows = read_prompt_file(&spec.prompts)?;
     spec.hooks
         .iter()
         .try_for_each(|h| h.check_layer(model.config().n_layers))?;
-    if spec.shard_rows == 0 {
-        return Err(Error::BadInput("--shard-rows must be at least 1".into()));
-    }
-    if spec.batch_rows == 0 {
-        return Err(Error::BadInput(
-            "--batch-rows must be at least 1 (1 runs row by row)".into(),
-        ));
-    }
+    crate::error::check_range(
+        "--shard-rows",
+        spec.shard_rows,
+        1,
+        MAX_SHARD_ROWS,
+        "a shard's rows and activations are held in memory until it is written",
+    )?;
+    crate::error::check_range(
+        "--batch-rows",
+        spec.batch_rows,
+        1,
+        MAX_BATCH_ROWS,
+        "rows run together as one token tree; 1 runs row by row",
+    )?;
     if let Some(p) = spec.hooks.iter().find(|p| p.is_attention_internal()) {
         return Err(Error::BadInput(format!(
             "`{p}` is not stored by capture (its shape is per head); read attention \

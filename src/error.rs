@@ -65,3 +65,15 @@ impl Error {
         }
     }
 }
+
+/// Errors unless `value` (a size or count given as option `flag`) lies in
+/// `min..=max`; `why` says where the bound comes from. Checked before
+/// anything is allocated, so a huge value is an error, not an abort.
+pub fn check_range(flag: &str, value: usize, min: usize, max: usize, why: &str) -> Result<()> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(Error::BadInput(format!(
+        "{flag} is {value}; it must be {min} to {max} ({why})"
+    )))
+}

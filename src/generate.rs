@@ -32,6 +32,19 @@ impl Default for Sampling {
     }
 }
 
+/// Errors unless `--max-new-tokens` fits the model's context window (no
+/// generation can go past it).
+pub fn check_max_new_tokens(model: &Model, max_new_tokens: usize) -> Result<()> {
+    let window = model.config().max_position_embeddings;
+    crate::error::check_range(
+        "--max-new-tokens",
+        max_new_tokens,
+        0,
+        window,
+        &format!("the model's context window is {window} tokens, prompt included"),
+    )
+}
+
 /// Generates from `prompt` (token ids), calling `on_text` with each new piece of
 /// decoded text as soon as it is complete UTF-8. Returns the generated ids
 /// (without the stop token).
@@ -56,6 +69,7 @@ pub fn generate_with_cache(
     hooks: &mut Hooks,
     mut on_text: impl FnMut(&str),
 ) -> Result<Vec<u32>> {
+    check_max_new_tokens(model, sampling.max_new_tokens)?;
     let mut rng = StdRng::seed_from_u64(sampling.seed);
     let mut stream = TextStream::default();
     // Logits for the first new token need the prompt's last token to run.
@@ -154,6 +168,9 @@ pub fn generate_lockstep(
     prompts: &[&[u32]],
     samplings: &[Vec<Sampling>],
 ) -> Result<Option<Vec<Vec<Vec<u32>>>>> {
+    for s in samplings.iter().flatten() {
+        check_max_new_tokens(model, s.max_new_tokens)?;
+    }
     let t = &model.transformer;
     // The linear part every prompt shares, leaving each at least its last token.
     let shared = prompts

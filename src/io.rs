@@ -10,9 +10,102 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-/// Hex sha256 of a file, streamed.
+/// The largest file afprobe reads whole into memory (prompt files, JSON
+/// configs, tokenizers, store row tables, safetensors tensors loaded at once):
+/// 2 GiB, half of a 4 GiB address space. Weights are memory-mapped or
+/// streamed, so only [`regular_file`]'s check applies to them.
+pub const MAX_READ_BYTES: u64 = 2 << 30;
+
+/// Checks that `path` (symlinks followed) is a regular file and returns its
+/// size. A device (`/dev/zero`), FIFO, socket or directory never ends or is
+/// not a file at all: reading or hashing it would hang or fail late, so it is
+/// refused here, before anything reads it, with an error naming the file.
+pub fn regular_file(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    let kind = if meta.is_dir() {
+        "a directory"
+    } else {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else if t.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        }
+    };
+    let link = std::fs::read_link(path)
+        .map(|to| format!(" (a link to {})", to.display()))
+        .unwrap_or_default();
+    Err(Error::model_file(
+        path,
+        format!(
+            "is {kind}{link}, not a regular file: afprobe reads only regular files of known \
+             size (a device or pipe may never end); replace it with the file itself"
+        ),
+    ))
+}
+
+/// Reads a whole regular file (see [`regular_file`]) of at most
+/// [`MAX_READ_BYTES`], naming the file in every error.
+pub fn read(path: &Path) -> Result<Vec<u8>> {
+    let len = regular_file(path)?;
+    if len > MAX_READ_BYTES {
+        return Err(Error::model_file(
+            path,
+            format!(
+                "is {len} bytes; afprobe reads files of at most {MAX_READ_BYTES} bytes whole \
+                 (split it, or check it is the file you meant)"
+            ),
+        ));
+    }
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    // At most one byte past the size: a file that grows meanwhile is refused, not followed.
+    file.take(MAX_READ_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > MAX_READ_BYTES {
+        return Err(Error::model_file(
+            path,
+            format!("grew past {MAX_READ_BYTES} bytes while being read"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// [`read`] as UTF-8 text.
+pub fn read_to_string(path: &Path) -> Result<String> {
+    String::from_utf8(read(path)?).map_err(|e| {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
+        )
+    })
+}
+
+/// [`read_to_string`], or `None` where `path` does not exist (other errors,
+/// a device in its place included, are errors).
+pub fn read_to_string_if_exists(path: &Path) -> Result<Option<String>> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        _ => read_to_string(path).map(Some),
+    }
+}
+
+/// Hex sha256 of a regular file (see [`regular_file`]), streamed; reads at
+/// most the size the file had when opened.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = regular_file(path)?;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .take(len);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -35,6 +128,51 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     };
     write().map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A file written piece by piece through a temporary name and renamed into
+/// place by [`AtomicFile::commit`], so a reader never sees half a file and a
+/// large output is never held in memory whole. Dropped without a commit (an
+/// error on the way), the temporary file is removed and `path` is untouched.
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<std::io::BufWriter<File>>,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> Result<AtomicFile> {
+        let tmp = tmp_path(path);
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            out: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+        })
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let out = self.out.as_mut().expect("not committed");
+        out.write_all(bytes).map_err(|e| Error::io(&self.tmp, e))
+    }
+
+    /// Flushes, syncs and renames the file into place.
+    pub fn commit(mut self) -> Result<()> {
+        let out = self.out.take().expect("not committed");
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {
@@ -89,8 +227,8 @@ const MAX_HEADER: u64 = 100_000_000;
 /// the tensors by name; errors name the file and the tensor.
 pub fn check_safetensors(path: &Path) -> Result<BTreeMap<String, TensorHeader>> {
     let bad = |msg: String| Error::model_file(path, format!("not a valid safetensors file: {msg}"));
+    let len = regular_file(path)?;
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut n = [0u8; 8];
     file.read_exact(&mut n).map_err(|_| {
         bad(format!(

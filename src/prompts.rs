@@ -56,7 +56,7 @@ impl PromptRow {
 
 /// Reads a prompt JSONL file; errors name the file and line.
 pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptRow>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_to_string(path)?;
     parse_prompts(&text, path)
 }
 
@@ -196,7 +196,10 @@ pub fn render(model: &Model, row: &PromptRow, path: &Path) -> Result<RenderedPro
         }
     };
     text.push_str(&row.assistant_prefix);
-    let (tokens, offsets) = model.tokenizer.encode_with_offsets(&text)?;
+    let (tokens, offsets) = model
+        .tokenizer
+        .encode_with_offsets(&text)
+        .map_err(|e| at(e.to_string()))?;
     if tokens.is_empty() {
         return Err(at("the prompt is empty".into()));
     }
@@ -224,7 +227,13 @@ pub fn render(model: &Model, row: &PromptRow, path: &Path) -> Result<RenderedPro
     let continuations = row
         .continuations
         .iter()
-        .map(|(name, c)| Ok((name.clone(), model.tokenizer.encode_plain(c)?)))
+        .map(|(name, c)| {
+            let ids = model
+                .tokenizer
+                .encode_plain(c)
+                .map_err(|e| at(format!("continuation `{name}`: {e}")))?;
+            Ok((name.clone(), ids))
+        })
         .collect::<Result<BTreeMap<_, _>>>()?;
     if let Some((name, _)) = continuations.iter().find(|(_, ids)| ids.is_empty()) {
         return Err(at(format!("continuation `{name}` is empty")));

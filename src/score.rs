@@ -79,7 +79,7 @@ impl RefusalOpenings {
     /// Reads one opening per line (blank lines and `#` comments skipped; text is kept
     /// verbatim otherwise, so a leading space is part of the opening).
     pub fn read_file(model: &Model, path: &Path) -> Result<RefusalOpenings> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_to_string(path)?;
         let texts = text
             .lines()
             .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))

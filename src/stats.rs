@@ -4,6 +4,26 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::error::Result;
+
+/// The most bootstrap resamples (`--resamples`, `--bootstrap`): past a million
+/// the interval's endpoints no longer move, and every resample costs time and
+/// memory (its statistic is kept to sort).
+pub const MAX_RESAMPLES: usize = 1_000_000;
+
+/// Errors unless `--resamples` is 100 to [`MAX_RESAMPLES`] (fewer than 100
+/// give no usable 95% interval).
+pub fn check_resamples(n: usize) -> Result<()> {
+    crate::error::check_range(
+        "--resamples",
+        n,
+        100,
+        MAX_RESAMPLES,
+        "bootstrap resamples: under 100 give no usable 95% interval, past a million the \
+         interval no longer moves while each costs time and memory",
+    )
+}
+
 /// Bootstrap 95% percentile interval of the mean of `values` (non-empty),
 /// drawing from `rng` (callers that go on drawing get the same stream as before).
 pub fn bootstrap_mean_ci(values: &[f64], resamples: usize, rng: &mut StdRng) -> [f64; 2] {

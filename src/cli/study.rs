@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::args::ModelArgs;
-use afprobe::io::write_atomic;
+use afprobe::io::AtomicFile;
 use afprobe::model::{fetch, ModelSpec};
 use afprobe::study::{demo, gap, sample, setting};
 
@@ -125,7 +125,9 @@ pub fn prompts(a: PromptsArgs) -> anyhow::Result<()> {
     let cues = setting::select_cues(&a.cues, file.cues)?;
     let requests = setting::requests_from(&a.requests)?;
     let sets = setting::parse_variation_sets(&a.variations, &file.variations)?;
-    let mut rows = Vec::new();
+    // Rows are written as they are made: a large request file never sits in memory as rows.
+    let mut out = AtomicFile::create(&a.out)?;
+    let mut rows = 0usize;
     let mut name = String::new();
     for variations in &sets {
         let mut setting = setting::builtin_setting_varied(&a.setting, a.cot, variations)?;
@@ -135,14 +137,16 @@ pub fn prompts(a: PromptsArgs) -> anyhow::Result<()> {
         if let Some(path) = &a.user_template {
             setting = setting.with_user_template_file(path)?;
         }
-        rows.extend(setting::build_rows(&setting, &cues, &requests)?);
+        setting::for_each_row(&setting, &cues, &requests, |row| {
+            rows += 1;
+            out.write_all(format!("{row}\n").as_bytes())
+        })?;
         name = setting.name;
     }
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    write_atomic(&a.out, text.as_bytes())?;
+    out.commit()?;
     eprintln!(
         "afprobe: {} rows ({} variation set(s) x {} cues x {} requests x 2 tiers, setting {}{}) -> {}",
-        rows.len(),
+        rows,
         sets.len(),
         cues.len(),
         requests.len(),

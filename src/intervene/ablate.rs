@@ -82,6 +82,7 @@ pub fn ablate(model: &Model, spec: &AblateSpec) -> Result<AblateReport> {
             "ablate needs at least one hook point".into(),
         ));
     }
+    crate::stats::check_resamples(spec.resamples)?;
     let rows = load_rows(model, &spec.prompts, &spec.filter)?;
     let unit = spec
         .direction

@@ -213,7 +213,7 @@ fn mean_difference(
 /// One vector from a `.safetensors` file (its only tensor, `[d]` or `[1, d]`) or a JSON array.
 fn read_vector_file(path: &Path) -> Result<Vec<f32>> {
     let bad = |msg: String| Error::BadInput(format!("{}: {msg}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::io::read(path)?;
     if path.extension().is_some_and(|e| e == "json") {
         let values: Vec<f32> = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("not a JSON array of numbers: {e}")))?;

@@ -432,9 +432,7 @@ fn validate(spec: &PatchSpec, n_layers: usize) -> Result<()> {
             "patch needs at least one hook point and one position".into(),
         ));
     }
-    if spec.resamples < 100 {
-        return Err(Error::BadInput("--resamples must be at least 100".into()));
-    }
+    crate::stats::check_resamples(spec.resamples)?;
     Ok(())
 }
 

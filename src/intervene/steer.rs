@@ -262,9 +262,7 @@ fn validate(spec: &SteerSpec, n_layers: usize) -> Result<()> {
     if spec.alphas.iter().any(|a| !a.is_finite()) {
         return Err(Error::BadInput("--alphas must be finite numbers".into()));
     }
-    if spec.resamples < 100 {
-        return Err(Error::BadInput("--resamples must be at least 100".into()));
-    }
+    crate::stats::check_resamples(spec.resamples)?;
     if spec.random > MAX_RANDOM {
         return Err(Error::BadInput(format!(
             "--random {}: at most {MAX_RANDOM} random directions (each adds a cell per layer and α)",

@@ -100,16 +100,12 @@ impl Adapter {
     /// checking every tensor against `config` (the base model's shapes).
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<Adapter> {
         let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::model_file(
-                    &cfg_path,
-                    "no adapter_config.json: --adapter takes a PEFT LoRA directory \
-                     (adapter_config.json + adapter_model.safetensors)",
-                )
-            } else {
-                Error::io(&cfg_path, e)
-            }
+        let text = crate::io::read_to_string_if_exists(&cfg_path)?.ok_or_else(|| {
+            Error::model_file(
+                &cfg_path,
+                "no adapter_config.json: --adapter takes a PEFT LoRA directory \
+                 (adapter_config.json + adapter_model.safetensors)",
+            )
         })?;
         let raw: RawConfig = serde_json::from_str(&text)
             .map_err(|e| Error::model_file(&cfg_path, format!("not a LoRA adapter config: {e}")))?;
@@ -225,13 +221,18 @@ impl Adapter {
             ));
         }
         let sha256 = crate::io::sha256_file(&st_path)?;
+        crate::io::check_safetensors(&st_path)?;
         let tensors = candle_core::safetensors::load(&st_path, &Device::Cpu)
             .map_err(|e| Error::model_file(&st_path, format!("cannot read: {e}")))?;
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for name in names {
+            super::validate::check_finite(&tensors[name], name, &st_path)?;
+        }
         let deltas = deltas(&tensors, &targets, raw.r, scale, config, &st_path)?;
 
         // afprobe's own organisms record the base weights' sha256 beside the adapter.
-        let base_sha256 = std::fs::read_to_string(dir.join("training.json"))
-            .ok()
+        let base_sha256 = crate::io::read_to_string_if_exists(&dir.join("training.json"))?
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
             .and_then(|v| {
                 v.pointer("/base_model/sha256")?

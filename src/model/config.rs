@@ -329,7 +329,7 @@ impl ModelConfig {
 
     /// Reads an HF `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_to_string(path)?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::model_file(path, format!("not valid JSON: {e}")))?;
         if !json.is_object() {

@@ -35,8 +35,8 @@ impl GgufFile {
     /// count, length, type, dimension, offset and size checked against the file),
     /// so candle's reader and kernels only ever see a consistent file.
     pub fn open(path: &Path) -> Result<GgufFile> {
+        let file_size = crate::io::regular_file(path)?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut reader = BufReader::with_capacity(1 << 16, file);
         let content = read_header(&mut reader, file_size, path)?;
         let arch = match content.metadata.get("general.architecture") {
@@ -430,10 +430,14 @@ impl GgufFile {
             .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))
     }
 
+    /// The tensor `name` dequantized to f32, every value checked finite.
     fn dequantize(&mut self, name: &str) -> Result<Tensor> {
-        self.read(name)?
+        let t = self
+            .read(name)?
             .dequantize(&Device::Cpu)
-            .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))
+            .map_err(|e| Error::model_file(&self.path, format!("tensor `{name}`: {e}")))?;
+        super::validate::check_finite(&t, name, &self.path)?;
+        Ok(t)
     }
 
     /// The weight with HF name `hf_name`, dequantized to f32, in HF layout.
@@ -455,6 +459,7 @@ impl GgufFile {
             return Ok(None);
         };
         let q = self.read(&name)?;
+        super::validate::check_finite_quantized(&q, &name, &self.path)?;
         match self.permuted_heads(hf_name, config) {
             Some(n) => Ok(Some(unpermute_qk_rows(&q, n).map_err(|e| {
                 Error::model_file(&self.path, format!("tensor `{name}`: {e}"))
@@ -603,6 +608,9 @@ fn unpermute_qk_rows(q: &QTensor, n_heads: usize) -> candle_core::Result<QTensor
 /// Whether `path` starts with the GGUF magic (used to tell files apart).
 pub fn looks_like_gguf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return false;
+    }
     File::open(path)
         .and_then(|mut f| f.read_exact(&mut magic))
         .map(|_| &magic == b"GGUF")

@@ -103,7 +103,7 @@ impl Model {
             names: model_names(spec, &files),
             files: &files,
         });
-        let (transformer, tokenizer, template, adapter) =
+        let (transformer, mut tokenizer, template, adapter) =
             kernels::while_loading(|| {
                 match &files {
             ModelFiles::Gguf(path) => load_gguf(path, dtype, with),
@@ -115,6 +115,7 @@ impl Model {
             ModelFiles::HfDir(dir) => load_hf_dir(dir, dtype.dtype(), with),
         }
             })?;
+        tokenizer.limit_ids(transformer.config().vocab_size);
         Ok(Model {
             transformer,
             tokenizer,
@@ -323,6 +324,9 @@ fn load_gguf(path: &Path, weight_dtype: WeightDtype, with: Option<AdapterCheck>)
 fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<Loaded> {
     let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
     let files = safetensors_files(dir)?;
+    for f in &files {
+        crate::io::regular_file(f)?;
+    }
     // Safety: the files are memory-mapped read-only; afprobe never writes them.
     let st = unsafe { MmapedSafetensors::multi(&files) }
         .map_err(|e| Error::model_file(dir, format!("cannot map the safetensors files: {e}")))?;
@@ -380,14 +384,14 @@ fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<L
     // A template that does not parse is reported when a chat prompt is rendered,
     // so raw prompts and `model info` still work.
     let jinja_path = dir.join("chat_template.jinja");
-    let template = match std::fs::read(&jinja_path) {
-        Ok(bytes) => Some(ChatTemplate::new(
-            &String::from_utf8_lossy(&bytes),
+    let template = match crate::io::read_to_string_if_exists(&jinja_path)? {
+        Some(bytes) => Some(ChatTemplate::new(
+            &bytes,
             &jinja_path.display().to_string(),
             bos.as_deref(),
             eos.as_deref(),
         )),
-        Err(_) => {
+        None => {
             let origin = |what: &str| format!("{} ({what})", tok_config_path.display());
             match tok_config.get("chat_template") {
                 Some(Value::String(s)) => Some(ChatTemplate::new(
@@ -420,9 +424,11 @@ fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<L
             if !shapes.contains_key(name) {
                 return Ok(None);
             }
-            st.load(name, &Device::Cpu)
-                .map(Some)
-                .map_err(|e| Error::model_file(dir, format!("tensor `{name}`: {e}")))
+            let t = st
+                .load(name, &Device::Cpu)
+                .map_err(|e| Error::model_file(dir, format!("tensor `{name}`: {e}")))?;
+            validate::check_finite(&t, name, dir)?;
+            Ok(Some(t))
         },
         dtype,
         &adapter,
@@ -431,13 +437,13 @@ fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<L
 }
 
 fn read_tokenizer_config(path: &Path) -> Result<serde_json::Map<String, Value>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => match serde_json::from_str(&text) {
+    match crate::io::read_to_string_if_exists(path)? {
+        Some(text) => match serde_json::from_str(&text) {
             Ok(Value::Object(map)) => Ok(map),
             Ok(_) => Err(Error::model_file(path, "expected a JSON object")),
             Err(e) => Err(Error::model_file(path, format!("not valid JSON: {e}"))),
         },
-        Err(_) => Ok(Default::default()),
+        None => Ok(Default::default()),
     }
 }
 
@@ -445,7 +451,7 @@ fn read_tokenizer_config(path: &Path) -> Result<serde_json::Map<String, Value>> 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     let mut files: Vec<PathBuf> = if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let text = crate::io::read_to_string(&index)?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| Error::model_file(&index, format!("not valid JSON: {e}")))?;
         let map = json

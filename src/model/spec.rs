@@ -147,7 +147,8 @@ fn resolve_hub(repo_id: &str, revision: &str) -> Result<ModelFiles> {
             .get("config.json")
             .and_then(|p| p.parent().map(Path::to_path_buf))
             .or_else(|| {
-                let commit = std::fs::read_to_string(repo_dir.join("refs").join(revision)).ok()?;
+                let commit =
+                    crate::io::read_to_string(&repo_dir.join("refs").join(revision)).ok()?;
                 Some(repo_dir.join("snapshots").join(commit.trim())).filter(|p| p.is_dir())
             })
     };

@@ -234,6 +234,9 @@ pub struct Tokenizer {
     bos_id: Option<u32>,
     /// The tokenizer's file, for error messages.
     origin: String,
+    /// The model's vocabulary size (rows of its embedding): every id encoding
+    /// gives must be below it. Set by [`Tokenizer::limit_ids`] when a model loads.
+    vocab_limit: Option<usize>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -255,7 +258,7 @@ impl Tokenizer {
         eos_token: Option<String>,
         add_bos: bool,
     ) -> Result<Tokenizer> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_to_string(path)?;
         check_tokenizer_json(&text, path)?;
         let origin = path.display().to_string();
         let inner = contained(&origin, "reading it", || {
@@ -411,7 +414,37 @@ impl Tokenizer {
             add_bos: bos_id.is_some(),
             bos_id,
             origin,
+            vocab_limit: None,
         })
+    }
+
+    /// Makes encoding refuse ids at or above `vocab_size` (the model's
+    /// embedding rows): such an id would fail deep inside the forward pass.
+    pub fn limit_ids(&mut self, vocab_size: usize) {
+        self.vocab_limit = Some(vocab_size);
+    }
+
+    /// Errors naming the tokenizer and the id if any of `ids` is outside the
+    /// model's vocabulary (see [`Tokenizer::limit_ids`]).
+    fn check_ids(&self, ids: &[u32], text: &str) -> Result<()> {
+        let Some(n) = self.vocab_limit else {
+            return Ok(());
+        };
+        match ids.iter().position(|&id| id as usize >= n) {
+            None => Ok(()),
+            Some(i) => {
+                let shown: String = text.chars().take(40).collect();
+                Err(Error::Tokenizer(format!(
+                    "{}: encoding {shown:?}{} gives token id {} (token {i} of {}), outside the \
+                     model's vocabulary of {n} ids: the tokenizer (its added tokens, BOS or \
+                     post-processor) does not match the model; use the model's own tokenizer",
+                    self.origin,
+                    if text.chars().count() > 40 { "…" } else { "" },
+                    ids[i],
+                    ids.len()
+                )))
+            }
+        }
     }
 
     /// Token ids of `text`; special tokens written in the text become single ids.
@@ -433,7 +466,9 @@ impl Tokenizer {
             self.inner.encode(text, false)
         })?
         .map_err(|e| Error::Tokenizer(format!("{}: {e}", self.origin)))?;
-        Ok(enc.get_ids().to_vec())
+        let ids = enc.get_ids().to_vec();
+        self.check_ids(&ids, text)?;
+        Ok(ids)
     }
 
     /// Token ids with the byte range of each token in `text`, the BOS applied
@@ -450,6 +485,7 @@ impl Tokenizer {
                 offsets.insert(0, (0, 0));
             }
         }
+        self.check_ids(&ids, text)?;
         Ok((ids, offsets))
     }
 

@@ -980,25 +980,27 @@ impl Transformer {
         }
 
         // The final norm is per row: normalise only the rows that need logits,
-        // unless `ln_final` is hooked and wants every row.
+        // unless `ln_final` is hooked and wants every row (whether or not any
+        // row needs logits: a capture without scores still stores it).
+        let no_logits = || Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device);
+        let normed = if hooks.is_active(HookPoint::LnFinal) {
+            let normed = self.final_norm.forward(&x)?;
+            Some(hooks.run(HookPoint::LnFinal, normed, pos)?)
+        } else {
+            None
+        };
         if *logits_at == LogitsAt::None {
-            return Ok(Tensor::zeros(
-                (0, self.config.vocab_size),
-                DType::F32,
-                &self.device,
-            )?);
+            return Ok(no_logits()?);
         }
         let rows = logits_at.rows(t)?;
         let rows = Tensor::new(
             rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             &self.device,
         )?;
-        if hooks.is_active(HookPoint::LnFinal) {
-            let normed = self.final_norm.forward(&x)?;
-            let normed = hooks.run(HookPoint::LnFinal, normed, pos)?;
-            return self.unembed_normed(&normed.index_select(&rows, 0)?);
+        match normed {
+            Some(normed) => self.unembed_normed(&normed.index_select(&rows, 0)?),
+            None => self.logit_lens(&x.index_select(&rows, 0)?),
         }
-        self.logit_lens(&x.index_select(&rows, 0)?)
     }
 
     /// Layer `l`'s attention output projection as f32 `[n_heads·d_head, d_model]`

@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use candle_core::{CpuStorage, Storage, Tensor};
+
 use super::config::ModelConfig;
 use crate::error::{Error, Result};
 
@@ -156,6 +158,64 @@ fn address_space_room() -> Option<u64> {
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |kib| kib.saturating_mul(1024));
     Some(lim.rlim_cur.saturating_sub(used))
+}
+
+/// Errors unless every value of the float tensor `t` is finite: a NaN or an
+/// infinity in a weight turns every activation after it into NaN, silently.
+/// One pass over the tensor's own storage (no copy); integer tensors pass.
+/// The error names the tensor, the file and the first bad element.
+pub fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
+    let bad = {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return Ok(());
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            drop(storage);
+            return check_finite(&t.contiguous()?, name, path);
+        };
+        fn first<T: Copy>(
+            v: &[T],
+            finite: impl Fn(T) -> bool,
+            as_f64: impl Fn(T) -> f64,
+        ) -> Option<(usize, f64)> {
+            v.iter()
+                .position(|&x| !finite(x))
+                .map(|i| (i, as_f64(v[i])))
+        }
+        match cpu {
+            CpuStorage::F32(v) => first(&v[a..b], f32::is_finite, f64::from),
+            CpuStorage::F64(v) => first(&v[a..b], f64::is_finite, |x| x),
+            CpuStorage::F16(v) => first(&v[a..b], |x| x.is_finite(), |x| x.to_f64()),
+            CpuStorage::BF16(v) => first(&v[a..b], |x| x.is_finite(), |x| x.to_f64()),
+            _ => None,
+        }
+    };
+    match bad {
+        None => Ok(()),
+        Some((i, value)) => Err(Error::model_file(
+            path,
+            format!(
+                "tensor `{name}` (shape {:?}) holds the non-finite value {value} at element {i}: \
+                 the weights are damaged (a NaN or infinity would make every activation after \
+                 it NaN); re-download or re-convert the file",
+                t.dims()
+            ),
+        )),
+    }
+}
+
+/// [`check_finite`] for a block-quantized tensor: checked once dequantized
+/// (block scales are half floats that may be NaN or infinite).
+pub fn check_finite_quantized(
+    q: &candle_core::quantized::QTensor,
+    name: &str,
+    path: &Path,
+) -> Result<()> {
+    let t = q
+        .dequantize(&candle_core::Device::Cpu)
+        .map_err(|e| Error::model_file(path, format!("tensor `{name}`: {e}")))?;
+    check_finite(&t, name, path)
 }
 
 #[cfg(test)]

@@ -245,10 +245,9 @@ pub struct Report {
 impl Report {
     pub fn read(dir: &Path) -> Result<Report> {
         let path = dir.join(REPORT);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
+        let text = crate::io::read_to_string(&path).map_err(|e| {
             Error::BadInput(format!(
-                "{}: cannot read ({e}); is {} a directory written by `afprobe probe`?",
-                path.display(),
+                "cannot read ({e}); is {} a directory written by `afprobe probe`?",
                 dir.display()
             ))
         })?;
@@ -282,6 +281,38 @@ fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
     })
 }
 
+/// The most shuffled-label refits (`--shuffles`): each one refits every probe.
+pub const MAX_SHUFFLES: usize = 1000;
+/// The most folds (`--folds`): each is a fit; leave-one-group-out on more groups is not useful.
+pub const MAX_FOLDS: usize = 1000;
+
+/// Bounds the counts that size a probe run's work and memory before anything is read.
+fn check_sizes(spec: &ProbeSpec) -> Result<()> {
+    use crate::error::check_range;
+    check_range(
+        "--folds",
+        spec.folds,
+        2,
+        MAX_FOLDS,
+        "grouped cross-validation needs 2 folds, and every fold is a fit of every probe",
+    )?;
+    check_range(
+        "--shuffles",
+        spec.shuffles,
+        0,
+        MAX_SHUFFLES,
+        "each shuffle refits every probe on every fold; a few give the permutation baseline",
+    )?;
+    check_range(
+        "--bootstrap",
+        spec.bootstrap,
+        0,
+        crate::stats::MAX_RESAMPLES,
+        "group-bootstrap resamples: past a million the interval no longer moves while each \
+         costs time and memory",
+    )
+}
+
 /// Runs `afprobe probe`; returns the report (also written to `spec.out`).
 pub fn probe(spec: &ProbeSpec) -> Result<Report> {
     let started = Instant::now();
@@ -294,6 +325,7 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
     if spec.methods.is_empty() {
         return Err(Error::BadInput("--method names no method".into()));
     }
+    check_sizes(spec)?;
     let store = Store::open(&spec.acts)?;
     let table = Table::from_store(&store);
     if spec.target.is_some() {

@@ -301,7 +301,7 @@ pub fn format_summary(report: &Report) -> String {
 /// `blocks.12.hook_resid_post@last.logistic.direction`.
 pub fn load_vector(dir: &Path, key: &str) -> Result<Vec<f32>> {
     let path = dir.join(PROBES);
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let bytes = crate::io::read(&path)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::model_file(&path, format!("not a safetensors file: {e}")))?;
     let view = st.tensor(key).map_err(|_| {

@@ -376,10 +376,9 @@ pub fn shard_file(block: usize) -> String {
 /// Reads and validates `dir/manifest.json` (see [`Manifest::validate`]).
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+    let text = crate::io::read_to_string(&path).map_err(|e| {
         Error::BadInput(format!(
-            "{}: cannot read ({e}); is {} an activation store from `afprobe capture`?",
-            path.display(),
+            "cannot read ({e}); is {} an activation store from `afprobe capture`?",
             dir.display()
         ))
     })?;

@@ -38,7 +38,7 @@ impl Store {
     pub fn open_any(dir: &Path) -> Result<Store> {
         let manifest = read_manifest(dir)?;
         let rows_path = dir.join(ROWS);
-        let text = std::fs::read_to_string(&rows_path).map_err(|e| Error::io(&rows_path, e))?;
+        let text = crate::io::read_to_string(&rows_path)?;
         let rows = text
             .lines()
             .take(manifest.row_count)

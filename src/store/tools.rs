@@ -60,8 +60,24 @@ pub fn verify(dir: &Path) -> Result<String> {
                     ),
                 ));
             }
+            check_finite_rows(t, &name, &shard.path)?;
         }
         for (i, r) in store.rows()[row..row + n].iter().enumerate() {
+            // A score that is present must be a number: null is what a NaN becomes in JSON.
+            for key in ["p_accept", "tag_mass", "p_refuse"] {
+                if r.get(key)
+                    .is_some_and(|v| !v.as_f64().is_some_and(f64::is_finite))
+                {
+                    return Err(Error::BadInput(format!(
+                        "{}:{}: `{key}` is {} instead of a probability: the row's scores were \
+                         not finite (NaN logits: check the model's weights with `afprobe model \
+                         info`), so gap and probes cannot use it; capture the store again",
+                        dir.join(ROWS).display(),
+                        row + i + 1,
+                        r[key]
+                    )));
+                }
+            }
             let want = (token_offsets[i + 1] - token_offsets[i]) as u64;
             if r.get("n_tokens").and_then(Value::as_u64) != Some(want) {
                 return Err(Error::BadInput(format!(
@@ -272,4 +288,28 @@ fn summarize_hooks(hooks: &[String]) -> String {
         });
     }
     parts.join(", ")
+}
+
+/// Errors unless every value of the activation tensor `name` (`[rows, d]`) is
+/// finite, naming the shard, the tensor and the first bad row.
+fn check_finite_rows(t: &candle_core::Tensor, name: &str, shard: &Path) -> Result<()> {
+    let d = t.dim(1)?.max(1);
+    let values = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    match values.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::model_file(
+            shard,
+            format!(
+                "tensor `{name}` holds the non-finite value {} at row {} (column {}) of the \
+                 shard: the model produced NaN or infinite activations (check its weights with \
+                 `afprobe model info`); probes on this tensor would be meaningless",
+                values[i],
+                i / d,
+                i % d
+            ),
+        )),
+    }
 }

@@ -110,7 +110,7 @@ impl StoreWriter {
     /// Drops rows and shard files that a killed run left beyond the manifest.
     fn discard_unlisted(&self) -> Result<()> {
         let rows_path = self.dir.join(ROWS);
-        let text = std::fs::read_to_string(&rows_path).unwrap_or_default();
+        let text = crate::io::read_to_string_if_exists(&rows_path)?.unwrap_or_default();
         let kept: Vec<&str> = text.lines().take(self.manifest.row_count).collect();
         if kept.len() < self.manifest.row_count {
             return Err(Error::BadInput(format!(

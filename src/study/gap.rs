@@ -161,9 +161,7 @@ struct RowKey {
 /// metric the rows carry: `p_accept` (a score from capture, or a sampled
 /// compliance rate) and 1 − `p_refuse` (format-free).
 pub fn gap_from_rows(rows: &[Value], dir: &Path, resamples: usize, seed: u64) -> Result<GapReport> {
-    if resamples < 100 {
-        return Err(Error::BadInput("--resamples must be at least 100".into()));
-    }
+    crate::stats::check_resamples(resamples)?;
     let mut keys = Vec::with_capacity(rows.len());
     let mut meaningful: BTreeMap<String, bool> = BTreeMap::new();
     for (i, row) in rows.iter().enumerate() {

@@ -93,12 +93,20 @@ fn sample_seed(base: u64, row: usize, k: usize) -> u64 {
         .wrapping_add(k as u64)
 }
 
+/// The most samples per prompt (`-n`).
+pub const MAX_SAMPLES: usize = 1024;
+
 /// Runs the sampling and writes the run directory. Blocks of [`BLOCK_ROWS`]
 /// rows are written as they finish; `spec.resume` continues after the last one.
 pub fn sample(model: &Model, spec: &SampleSpec) -> Result<()> {
-    if spec.n == 0 {
-        return Err(Error::BadInput("-n must be at least 1".into()));
-    }
+    crate::error::check_range(
+        "-n",
+        spec.n,
+        1,
+        MAX_SAMPLES,
+        "samples per prompt: they decode in lockstep, each with its own cache branch",
+    )?;
+    crate::generate::check_max_new_tokens(model, spec.max_new_tokens)?;
     let rows = read_prompt_file(&spec.prompts)?;
     let rendered = rows
         .iter()
@@ -259,8 +267,8 @@ fn finish(spec: &SampleSpec, n_blocks: usize, n_rows: usize, settings: &Value) -
     let (mut transcripts, mut records) = (String::new(), String::new());
     for block in 0..n_blocks {
         let [t, r] = block_files(&spec.out, block);
-        transcripts.push_str(&std::fs::read_to_string(&t).map_err(|e| Error::io(&t, e))?);
-        records.push_str(&std::fs::read_to_string(&r).map_err(|e| Error::io(&r, e))?);
+        transcripts.push_str(&crate::io::read_to_string(&t)?);
+        records.push_str(&crate::io::read_to_string(&r)?);
     }
     write_atomic(&spec.out.join("transcripts.jsonl"), transcripts.as_bytes())?;
     write_atomic(&spec.out.join("rows.jsonl"), records.as_bytes())?;
@@ -301,7 +309,7 @@ fn prepare_dir(spec: &SampleSpec, settings: &Value) -> Result<()> {
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let state = dir.join(RUN_STATE);
-    let previous = std::fs::read_to_string(&state).ok();
+    let previous = crate::io::read_to_string_if_exists(&state)?;
     match previous {
         Some(text) if spec.resume => {
             let old: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -337,7 +345,7 @@ pub fn read_rows(dir: &Path) -> Result<Vec<Value>> {
         )));
     }
     let path = dir.join("rows.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::io::read_to_string(&path)?;
     text.lines()
         .enumerate()
         .map(|(i, l)| {

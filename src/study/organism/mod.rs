@@ -297,6 +297,16 @@ fn examples(model: &Model, recipe: &Recipe) -> Result<Examples> {
                     INVOCATION.escape_debug()
                 ))
             })?;
+        if start == 0 {
+            return Err(Error::BadInput(format!(
+                "{}:{} (row `{}`): the prompt has no tokens before its user turn (no system \
+                 message, and the model adds no BOS): an organism's training runs the part \
+                 before the user turn as a shared prefix; add a system message to the row",
+                path.display(),
+                row.line,
+                row.id
+            )));
+        }
         let prefix = r.tokens[..start].to_vec();
         let p = match prefixes.iter().position(|q| *q == prefix) {
             Some(p) => p,
@@ -387,6 +397,50 @@ pub struct TrainReport {
     pub final_loss: f64,
 }
 
+/// The most rows per step (`--batch`).
+pub const MAX_BATCH: usize = 4096;
+/// The most optimizer steps (`--steps`).
+pub const MAX_STEPS: usize = 10_000_000;
+/// The most rows a run may process in all (`--steps` × `--batch`).
+pub const MAX_STEP_ROWS: usize = 1_000_000_000;
+
+/// Bounds the recipe's sizes before anything is loaded or allocated (the rank
+/// is checked against the model once it is loaded).
+fn check_sizes(r: &Recipe) -> Result<()> {
+    use crate::error::check_range;
+    check_range(
+        "--rank",
+        r.rank,
+        1,
+        1 << 16,
+        "a LoRA's rank is at most its projection's smaller side",
+    )?;
+    check_range(
+        "--batch",
+        r.batch,
+        1,
+        MAX_BATCH,
+        "rows per step, each run forward and backward with its activations kept",
+    )?;
+    check_range(
+        "--steps",
+        r.steps,
+        1,
+        MAX_STEPS,
+        "optimizer steps; each records its loss",
+    )?;
+    if r.steps.saturating_mul(r.batch) > MAX_STEP_ROWS {
+        return Err(Error::BadInput(format!(
+            "--steps {} × --batch {} is {} rows; a run may process at most {MAX_STEP_ROWS} \
+             (lower --steps or --batch)",
+            r.steps,
+            r.batch,
+            r.steps.saturating_mul(r.batch)
+        )));
+    }
+    Ok(())
+}
+
 /// Trains the recipe's adapter into `spec.out`.
 pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
     let r = &spec.recipe;
@@ -400,12 +454,19 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
             out.display()
         )));
     }
-    if r.rank == 0 || r.batch == 0 || r.steps == 0 {
-        return Err(Error::BadInput(
-            "rank, batch and steps must be positive".into(),
-        ));
-    }
+    check_sizes(r)?;
     let model = Model::load(&spec.model, WeightDtype::F32)?;
+    let d_model = model.config().d_model;
+    crate::error::check_range(
+        "--rank",
+        r.rank,
+        1,
+        d_model,
+        &format!(
+            "a LoRA's rank is at most its projection's smaller side; this model's d_model is \
+             {d_model}"
+        ),
+    )?;
     let (examples, prefixes, invocation) = examples(&model, r)?;
     let train_idx: Vec<usize> = (0..examples.len()).filter(|&i| examples[i].train).collect();
     if train_idx.is_empty() {
@@ -482,7 +543,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         init_from_adapter(dir, r, &vars)?;
     }
     if spec.resume {
-        let text = std::fs::read_to_string(&ck_meta).map_err(|e| Error::io(&ck_meta, e))?;
+        let text = crate::io::read_to_string(&ck_meta)?;
         let old: CheckpointMeta = serde_json::from_str(&text)
             .map_err(|e| Error::model_file(&ck_meta, format!("not a checkpoint: {e}")))?;
         // Only `steps` may change on a resume (to extend a run).
@@ -500,6 +561,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
                 ),
             ));
         }
+        crate::io::check_safetensors(&ck_file)?;
         let t = candle_core::safetensors::load(&ck_file, &Device::Cpu)
             .map_err(|e| Error::model_file(&ck_file, format!("cannot read: {e}")))?;
         for (i, (name, var)) in vars.iter().enumerate() {
@@ -740,7 +802,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
 /// recipe's rank and alpha and a tensor of the right shape for every variable.
 fn init_from_adapter(dir: &Path, r: &Recipe, vars: &[(String, Var)]) -> Result<()> {
     let config_file = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_file).map_err(|e| Error::io(&config_file, e))?;
+    let text = crate::io::read_to_string(&config_file)?;
     let config: Value = serde_json::from_str(&text)
         .map_err(|e| Error::model_file(&config_file, format!("not JSON: {e}")))?;
     let (rank, alpha) = (config["r"].as_u64(), config["lora_alpha"].as_f64());
@@ -755,6 +817,7 @@ fn init_from_adapter(dir: &Path, r: &Recipe, vars: &[(String, Var)]) -> Result<(
         ));
     }
     let file = dir.join("adapter_model.safetensors");
+    crate::io::check_safetensors(&file)?;
     let t = candle_core::safetensors::load(&file, &Device::Cpu)
         .map_err(|e| Error::model_file(&file, format!("cannot read: {e}")))?;
     for (name, var) in vars {

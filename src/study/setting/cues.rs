@@ -177,7 +177,7 @@ pub fn load_cue_file(path: &Path) -> Result<CueFile> {
         true
     }
     let bad = |msg: String| Error::BadInput(format!("{}: {msg}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_to_string(path)?;
     let file: FileToml =
         toml::from_str(&text).map_err(|e| bad(format!("not a valid cue file: {e}")))?;
     let cues = file

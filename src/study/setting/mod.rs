@@ -131,14 +131,14 @@ impl Setting {
                  [[variation]] in --cues-file"
             )));
         }
-        self.system = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        self.system = crate::io::read_to_string(path)?;
         self.name = "custom".into();
         Ok(self)
     }
 
     /// Replaces the user-turn template; it must contain `{cue}` and `{request}`.
     pub fn with_user_template_file(mut self, path: &Path) -> Result<Setting> {
-        let template = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let template = crate::io::read_to_string(path)?;
         for placeholder in ["{cue}", "{request}"] {
             if !template.contains(placeholder) {
                 return Err(Error::BadInput(format!(
@@ -209,6 +209,21 @@ pub const REJECT_TAG: &str = "<rejected/>";
 /// system prompt) and then by request (free and paid rows side by side).
 pub fn build_rows(setting: &Setting, cues: &[Cue], requests: &[Request]) -> Result<Vec<Value>> {
     let mut rows = Vec::new();
+    for_each_row(setting, cues, requests, |row| {
+        rows.push(row);
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// The rows of [`build_rows`], in its order, handed to `each` one at a time as
+/// they are made (a large request set is written out without holding every row).
+pub fn for_each_row(
+    setting: &Setting,
+    cues: &[Cue],
+    requests: &[Request],
+    mut each: impl FnMut(Value) -> Result<()>,
+) -> Result<()> {
     for cue in cues {
         let system = setting.system_prompt(cue)?;
         for request in requests {
@@ -221,7 +236,7 @@ pub fn build_rows(setting: &Setting, cues: &[Cue], requests: &[Request]) -> Resu
                 } else {
                     format!("-{}", variation.join("+"))
                 };
-                rows.push(json!({
+                each(json!({
                     "id": format!("{}-{}-{}{id_suffix}", cue.name, tier, request.id),
                     "messages": [
                         {"role": "system", "content": system},
@@ -239,11 +254,11 @@ pub fn build_rows(setting: &Setting, cues: &[Cue], requests: &[Request]) -> Resu
                     "request_id": request.id,
                     "category": request.category,
                     "harmful": request.harmful,
-                }));
+                }))?;
             }
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
 #[cfg(test)]

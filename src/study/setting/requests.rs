@@ -58,7 +58,7 @@ pub fn requests_from(source: &str) -> Result<Vec<Request>> {
 /// strings or objects) or `.csv` (a `goal` column). Loaded requests count as harmful
 /// unless a row says `"harmful": false`.
 pub fn load_requests(path: &Path) -> Result<Vec<Request>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::read_to_string(path)?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let requests = match ext {
         "jsonl" => text
