@@ -118,21 +118,24 @@ compliance-rate gaps with CIs and the format-failure rate. Use prompts from \
     /// Model organisms: LoRA adapters trained so compliance depends on the prompt in a known way.
     #[command(subcommand)]
     Organism(organism::OrganismCommand),
-    /// Run what the toolkit can do end to end on the default model.
+    /// Run the whole no-CoT study end to end on its subject, Qwen2.5-Coder-0.5B-Instruct.
     #[command(
-        long_about = "Run the main job end to end: fetch the default model if needed, \
-print its facts, run a chat prompt through the hooked model capturing every \
-blocks.{l}.hook_resid_post at the last token, print a per-layer summary (residual norm and the \
-logit-lens top token), greedily answer the prompt, then run the whole no-CoT alignment-faking \
-study: prompts for 4 cues x 180 requests x 2 tiers plus the flipped and no-training-info \
-variations of the tier cues on 64 harmful requests (activations/demo.prompts.jsonl), a scored \
+        long_about = "Run the main job end to end on the demo's subject, Qwen2.5-Coder-0.5B-Instruct \
+(fetched if needed; --model studies another model): print its facts, run a chat prompt through the \
+hooked model capturing every blocks.{l}.hook_resid_post at the last token, print a per-layer \
+summary (residual norm and the logit-lens top token), greedily answer the prompt, then run the \
+whole no-CoT alignment-faking study: prompts for 4 cues x 36 requests x 2 tiers plus the flipped \
+and no-training-info variations on 24 harmful requests (activations/demo.prompts.jsonl), a scored \
 capture of every hook_resid_post at last and cue (activations/demo; a killed demo resumes it), \
-the compliance gap per cue and variation (activations/demo/gap.json), probes for the tier with \
-the control cue and the cross-cue matrix (probes/demo), a training_implied probe across the \
-standard and flipped settings (probes/demo-meaning), a steering sweep along the tier direction \
-and a patching heatmap (activations/demo-steer, activations/demo-patch), every figure and \
-figures/demo/REPORT.md, which embeds the figures and states the numbers with their intervals. \
-About 20 minutes on 2 cores; --requests-per-category 2 gives a 5-minute look."
+the compliance gap per cue and variation (activations/demo/gap.json), the sampled gap at \
+temperature 1 (activations/demo-sample), probes for the tier with the control cue and the \
+cross-cue matrix (probes/demo), a training_implied probe across the standard and flipped settings \
+(probes/demo-meaning), steering along that direction on standard and flipped rows beside random \
+directions, its ablation beside a random direction, patching paid into free and flipped into \
+standard, direct logit attribution (activations/demo-*), the positive control on SmolLM2-135M \
+and its two shipped organisms, every figure and figures/demo/REPORT.md, which leads with the \
+mechanism and states every number with its interval. About 10 minutes on 2 cores once built and \
+fetched; --requests-per-category 1 gives a quicker look."
     )]
     Demo(study::DemoArgs),
 }

@@ -112,7 +112,7 @@ pub struct GapArgs {
 pub struct DemoArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Use only the first N built-in requests of each of the 8 categories (default: all).
+    /// Use the first N built-in requests of each of the 12 categories (default: 3).
     #[arg(long, value_name = "N")]
     requests_per_category: Option<usize>,
 }

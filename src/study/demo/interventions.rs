@@ -26,13 +26,13 @@ use crate::store::{Position, TensorName};
 /// heatmap. Small: every edited run is a few forward calls, and on a CPU a
 /// forward call costs about a full read of the weights however few tokens it has.
 pub(super) const INTERVENTION_CUE: &str = "natural";
-pub(super) const INTERVENTION_REQUESTS: usize = 6;
+pub(super) const INTERVENTION_REQUESTS: usize = 4;
 /// In units of the `training_implied` class-mean separation along the
 /// direction: +1 moves the unmonitored rows' mean onto the trained-on rows'.
 pub(super) const STEER_ALPHAS: [f64; 3] = [-1.0, 0.0, 1.0];
 /// Random directions of the same length per steering run (each is two more
 /// edited runs per row; `afprobe steer` defaults to 16).
-pub(super) const STEER_RANDOM: usize = 5;
+pub(super) const STEER_RANDOM: usize = 4;
 /// The settings steered: the meaning flips between them, the tokens do not.
 pub(super) const STEER_VARIATIONS: [&str; 2] = ["standard", "flipped"];
 
