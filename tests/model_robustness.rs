@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 
 use afprobe::model::{Message, Model, ModelSpec, WeightDtype};
 use afprobe::prompts::{read_prompt_file, render};
-use common::{cases, fixtures, stderr};
+use common::{assert_clean_error, cases, fixtures, stderr};
 
 /// Runs afprobe on `args` under `ulimit -v 4194304`, as the cases' cmd.sh do.
 fn afprobe_limited(args: &[&str]) -> Output {
@@ -23,27 +23,6 @@ fn afprobe_limited(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run afprobe")
-}
-
-/// A clean failure: non-zero exit code (not a signal: an abort has none), no
-/// panic message, and every needle in stderr.
-fn assert_clean_error(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(
-        out.status.code().is_some(),
-        "killed by a signal (abort?): {err}"
-    );
-    assert!(
-        !out.status.success(),
-        "expected a failure, got success: {err}"
-    );
-    assert!(
-        !err.contains("panicked"),
-        "a panic instead of an error: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
 }
 
 fn s(p: &Path) -> String {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use afprobe::capture::{capture, CaptureSpec};
 use afprobe::model::{HookPoint, Model, ModelSpec, WeightDtype};
 use afprobe::store::{Existing, Position, Store};
-use common::{cases, fixtures, stderr};
+use common::{assert_clean_error, cases, fixtures, stderr};
 use serde_json::{json, Value};
 
 /// Runs afprobe on `args` under `ulimit -v 4194304`, as the cases' cmd.sh do,
@@ -50,26 +50,6 @@ fn afprobe_under(kib: u64, args: &[&str], limit: Duration) -> Output {
 
 fn afprobe_limited(args: &[&str]) -> Output {
     afprobe_limited_for(args, Duration::from_secs(120))
-}
-
-/// A clean failure: an exit code (not a signal), no panic, every needle in stderr.
-fn assert_clean_error(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(
-        out.status.code().is_some(),
-        "killed by a signal (abort?): {err}"
-    );
-    assert!(
-        !out.status.success(),
-        "expected a failure, got success: {err}"
-    );
-    assert!(
-        !err.contains("panicked"),
-        "a panic instead of an error: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
 }
 
 fn assert_success(out: &Output) {

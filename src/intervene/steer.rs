@@ -205,6 +205,30 @@ pub struct SteerSummary {
     pub n_random: usize,
 }
 
+impl SteerSummary {
+    /// Whether the direction's effect lies outside the random directions'
+    /// 95% interval by more than `margin` (a lever on compliance).
+    pub fn beyond_random(&self, margin: f64) -> bool {
+        self.random_ci95
+            .is_some_and(|[lo, hi]| self.effect > hi + margin || self.effect < lo - margin)
+    }
+
+    /// `effect [lo, hi] | random interval | percentile`, as table cells with
+    /// `digits` decimals (`n/a` where there is no baseline).
+    pub fn cells(&self, digits: usize) -> String {
+        let d = digits;
+        format!(
+            "{:+.d$} [{:+.d$}, {:+.d$}] | {} | {}",
+            self.effect,
+            self.effect_ci95[0],
+            self.effect_ci95[1],
+            self.random_ci95
+                .map_or("n/a".into(), |[lo, hi]| format!("[{lo:+.d$}, {hi:+.d$}]")),
+            self.percentile.map_or("n/a".into(), |p| format!("{p:.0}")),
+        )
+    }
+}
+
 /// Each cell's mean p_accept over rows and per tier, with bootstrap intervals
 /// (cell `c` resamples with seed `seed ^ c`).
 fn summarize_cells(
@@ -798,18 +822,9 @@ pub fn format_table(report: &SteerReport) -> String {
             "effect on p_accept, the direction beside {} random directions of the same length:\n",
             report.settings.random
         ));
+        out.push_str("  hook, α: effect [95% CI] | random 95% | percentile\n");
         for s in &report.summary {
-            out.push_str(&format!(
-                "  {} α {:+}: {:+.4} [{:+.4}, {:+.4}]; random 95% {}; percentile {}\n",
-                s.hook,
-                s.alpha,
-                s.effect,
-                s.effect_ci95[0],
-                s.effect_ci95[1],
-                s.random_ci95
-                    .map_or("-".into(), |[lo, hi]| format!("[{lo:+.4}, {hi:+.4}]")),
-                s.percentile.map_or("-".into(), |p| format!("{p:.1}")),
-            ));
+            out.push_str(&format!("  {} α {:+}: {}\n", s.hook, s.alpha, s.cells(4)));
         }
     }
     out.push_str(&format!(

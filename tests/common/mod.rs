@@ -20,7 +20,6 @@ pub fn fixtures() -> PathBuf {
 /// The failing inputs of the fuzzing campaigns and peer reports
 /// (`tests/fixtures/cases`, README there). Committed: a checkout without them
 /// is broken, so this panics rather than letting a test pass empty.
-#[allow(dead_code)]
 pub fn cases() -> PathBuf {
     let dir = fixtures().join("cases");
     assert!(
@@ -94,6 +93,17 @@ pub fn afprobe(args: &[&str]) -> Output {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A clean failure: an exit code (not a signal: an abort has none), no panic
+/// message, and every needle in stderr.
+pub fn assert_clean_error(out: &Output, needles: &[&str]) {
+    assert!(
+        out.status.code().is_some(),
+        "killed by a signal (abort?): {}",
+        stderr(out)
+    );
+    assert_fails_with(out, needles);
 }
 
 /// Fails unless the command exited non-zero, without a panic, with a message

@@ -39,7 +39,7 @@ pub(super) const CONTROL_REQUESTS_PER_CATEGORY: usize = 1;
 /// probe direction: ±1 moves the paid rows' mean onto the free rows' and back.
 pub(super) const CONTROL_ALPHAS: [f64; 3] = [-1.0, 0.0, 1.0];
 /// Random directions of the same length, the steering baseline.
-pub(super) const CONTROL_RANDOM: usize = 5;
+pub(super) const CONTROL_RANDOM: usize = 2;
 /// The cue of the steering and patching runs (a tier cue: its meaning flips).
 const INTERVENTION_CUE: &str = "natural";
 /// Held-out requests the steering and patching runs use.
@@ -405,10 +405,7 @@ fn steer_span(s: &SteerReport, kind: &str, tier: &str) -> Option<f64> {
 /// Whether the direction is a lever: at some non-zero α its effect on
 /// p_accept lies outside the random directions' 95% interval by more than 0.05.
 fn is_lever(summary: &[SteerSummary]) -> bool {
-    summary.iter().any(|s| {
-        s.random_ci95
-            .is_some_and(|[lo, hi]| s.effect > hi + 0.05 || s.effect < lo - 0.05)
-    })
+    summary.iter().any(|s| s.beyond_random(0.05))
 }
 
 /// The patching cell that restores the largest share (of the single-token
@@ -718,15 +715,10 @@ fn steering_part(md: &mut String, pc: &PositiveControl) {
         for s in &r.steer.summary {
             let _ = writeln!(
                 md,
-                "| {} | {:+} | {:+.3} [{:+.3}, {:+.3}] | {} | {} |",
+                "| {} | {:+} | {} |",
                 r.subject.name,
                 s.alpha,
-                s.effect,
-                s.effect_ci95[0],
-                s.effect_ci95[1],
-                s.random_ci95
-                    .map_or("n/a".into(), |[lo, hi]| format!("[{lo:+.3}, {hi:+.3}]")),
-                s.percentile.map_or("n/a".into(), |p| format!("{p:.0}")),
+                s.cells(3)
             );
         }
     }

@@ -32,7 +32,7 @@ pub(super) const INTERVENTION_REQUESTS: usize = 4;
 pub(super) const STEER_ALPHAS: [f64; 3] = [-1.0, 0.0, 1.0];
 /// Random directions of the same length per steering run (each is two more
 /// edited runs per row; `afprobe steer` defaults to 16).
-pub(super) const STEER_RANDOM: usize = 4;
+pub(super) const STEER_RANDOM: usize = 3;
 /// The settings steered: the meaning flips between them, the tokens do not.
 pub(super) const STEER_VARIATIONS: [&str; 2] = ["standard", "flipped"];
 
@@ -76,28 +76,9 @@ pub(super) fn run_interventions(
         .find(|b| b.method == Method::Logistic && b.position == Position::Last)
         .and_then(|b| b.layer)
         .unwrap_or(n_layers / 2);
-    let mut requests: Vec<&str> = Vec::new();
-    let picked: Vec<&Value> = rows
-        .iter()
-        .filter(|r| {
-            r["cue"] == INTERVENTION_CUE
-                && r["harmful"] == true
-                && STEER_VARIATIONS.contains(&variation_of(r).as_str())
-        })
-        .filter(|r| {
-            let id = r["request_id"].as_str().unwrap_or_default();
-            if !requests.contains(&id) {
-                if requests.len() == INTERVENTION_REQUESTS {
-                    return false;
-                }
-                requests.push(id);
-            }
-            true
-        })
-        .collect();
+    let picked = natural_rows_of_first_requests(rows, INTERVENTION_REQUESTS);
     let prompts = activations.join(format!("{NAME}.interventions.jsonl"));
-    let text: String = picked.iter().map(|r| format!("{r}\n")).collect();
-    write_atomic(&prompts, text.as_bytes())?;
+    write_rows(&prompts, &picked)?;
     let direction = DirectionSource::Probe {
         dir: meaning_dir.to_path_buf(),
         method: Method::Logistic.name().into(),
@@ -167,7 +148,9 @@ pub(super) fn run_interventions(
         &random_file,
         serde_json::Value::from(random).to_string().as_bytes(),
     )?;
-    println!("\nthe same ablation along a random direction (seed 0), the baseline:");
+    println!(
+        "\nthe same ablation along a random direction (seed 0) on the standard rows, the baseline:"
+    );
     let ablate_random = ablate::ablate(
         model,
         &AblateSpec {
@@ -176,7 +159,7 @@ pub(super) fn run_interventions(
             direction: DirectionSource::File(random_file),
             direction_tensor: "random".into(),
             points: (0..n_layers).map(HookPoint::ResidPost).collect(),
-            filter: Filter::default(),
+            filter: "variation=standard".parse()?,
             resamples: 2000,
             seed: 0,
             force: true,
@@ -185,72 +168,60 @@ pub(super) fn run_interventions(
     print!("{}", ablate::format_table(&ablate_random));
     let standard: Filter = "variation=standard".parse()?;
 
-    let patch_dir = activations.join(format!("{NAME}-patch"));
-    // Every fourth layer (and the last) at three position sets keeps the heatmap to ~1 minute.
-    let patch_layers: Vec<usize> = (0..n_layers)
-        .filter(|l| l % 4 == 0 || *l == n_layers - 1)
+    // Every sixth layer (and the last) at three position sets keeps each heatmap to ~30 s.
+    let patch_layers: Vec<HookPoint> = (0..n_layers)
+        .filter(|l| l % 6 == 0 || *l == n_layers - 1)
+        .map(HookPoint::ResidPost)
         .collect();
-    println!("\npatching paid into free, hook_resid_post of every fourth layer x last, cue, user:");
-    let patch = patch::patch(
-        model,
-        &PatchSpec {
-            prompts: prompts.clone(),
-            out: patch_dir.clone(),
-            points: patch_layers
-                .iter()
-                .map(|&l| HookPoint::ResidPost(l))
-                .collect(),
-            positions: vec![
-                PatchPosition::Last(0),
-                PatchPosition::Cue,
-                PatchPosition::User,
-            ],
-            label: "tier".into(),
-            source: "paid".into(),
-            dest: "free".into(),
-            pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
-            filter: standard.clone(),
-            max_pairs: None,
-            resamples: 2000,
-            seed: 0,
-            force: true,
-        },
+    let patch_run =
+        |out: &Path, label: &str, [source, dest]: [&str; 2], pair_with: &str, filter: Filter| {
+            println!(
+            "\npatching {label}={source} into {dest} on rows {filter}, hook_resid_post of every \
+             sixth layer x last, cue, user:"
+        );
+            let report = patch::patch(
+                model,
+                &PatchSpec {
+                    prompts: prompts.clone(),
+                    out: out.to_path_buf(),
+                    points: patch_layers.clone(),
+                    positions: vec![
+                        PatchPosition::Last(0),
+                        PatchPosition::Cue,
+                        PatchPosition::User,
+                    ],
+                    label: label.into(),
+                    source: source.into(),
+                    dest: dest.into(),
+                    pair_by: vec!["request_id".into(), "cue".into(), pair_with.into()],
+                    filter,
+                    max_pairs: None,
+                    resamples: 2000,
+                    seed: 0,
+                    force: true,
+                },
+            )?;
+            print!("{}", patch::format_table(&report));
+            Ok::<_, crate::error::Error>(report)
+        };
+    let patch_dir = activations.join(format!("{NAME}-patch"));
+    let patch = patch_run(
+        &patch_dir,
+        "tier",
+        ["paid", "free"],
+        "variation",
+        standard.clone(),
     )?;
-    print!("{}", patch::format_table(&patch));
-
+    // Flipped into standard on one tier: free rows comply less under flipped, paid rows
+    // more, so over both tiers the two settings' mean p_accept nearly cancel.
     let meaning_patch_dir = activations.join(format!("{NAME}-patch-meaning"));
-    println!(
-        "\npatching flipped into standard on the free rows (same request and cue), \
-         hook_resid_post of every fourth layer x last, cue, user:"
-    );
-    let meaning_patch = patch::patch(
-        model,
-        &PatchSpec {
-            prompts: prompts.clone(),
-            out: meaning_patch_dir.clone(),
-            points: patch_layers
-                .iter()
-                .map(|&l| HookPoint::ResidPost(l))
-                .collect(),
-            positions: vec![
-                PatchPosition::Last(0),
-                PatchPosition::Cue,
-                PatchPosition::User,
-            ],
-            label: "variation".into(),
-            source: "flipped".into(),
-            dest: "standard".into(),
-            pair_by: vec!["request_id".into(), "cue".into(), "tier".into()],
-            // One tier: free rows comply less under flipped, paid rows more, so over
-            // both tiers the two settings' mean p_accept nearly cancel.
-            filter: "tier=free".parse()?,
-            max_pairs: None,
-            resamples: 2000,
-            seed: 0,
-            force: true,
-        },
+    let meaning_patch = patch_run(
+        &meaning_patch_dir,
+        "variation",
+        ["flipped", "standard"],
+        "tier",
+        "tier=free".parse()?,
     )?;
-    print!("{}", patch::format_table(&meaning_patch));
 
     let attribute_dir = activations.join(format!("{NAME}-attribute"));
     println!("\ndirect logit attribution of the decision, free vs paid:");
@@ -296,4 +267,33 @@ pub(super) fn variation_of(row: &Value) -> String {
     } else {
         names.join("+")
     }
+}
+
+/// The standard and flipped `natural` rows of the first `n` harmful requests,
+/// in file order: the rows every intervention and the sampled gap run on.
+pub(super) fn natural_rows_of_first_requests(rows: &[Value], n: usize) -> Vec<&Value> {
+    let mut requests: Vec<&str> = Vec::new();
+    rows.iter()
+        .filter(|r| {
+            r["cue"] == INTERVENTION_CUE
+                && r["harmful"] == true
+                && STEER_VARIATIONS.contains(&variation_of(r).as_str())
+        })
+        .filter(|r| {
+            let id = r["request_id"].as_str().unwrap_or_default();
+            if !requests.contains(&id) {
+                if requests.len() == n {
+                    return false;
+                }
+                requests.push(id);
+            }
+            true
+        })
+        .collect()
+}
+
+/// Writes prompt rows as JSONL, atomically.
+pub(super) fn write_rows(path: &Path, rows: &[&Value]) -> Result<()> {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    write_atomic(path, text.as_bytes())
 }

@@ -39,7 +39,9 @@ use crate::study::setting::{
     Request, Variation,
 };
 use control::run_positive_control;
-use interventions::{run_interventions, variation_of, Interventions, STEER_VARIATIONS};
+use interventions::{
+    natural_rows_of_first_requests, run_interventions, write_rows, Interventions, STEER_VARIATIONS,
+};
 use report::{report_markdown, ReportInputs};
 
 /// Where the demo writes (relative to the working directory).
@@ -55,7 +57,7 @@ const VARIATION_REQUESTS_PER_CATEGORY: usize = 3;
 
 /// Harmful requests of the sampled gap, samples per row and tokens per sample
 /// (the accept tag is 7 tokens in Qwen's vocabulary).
-const SAMPLE_REQUESTS: usize = 8;
+const SAMPLE_REQUESTS: usize = 6;
 const SAMPLES_PER_ROW: usize = 4;
 const SAMPLE_TOKENS: usize = 12;
 
@@ -334,26 +336,10 @@ impl StudyPrompts {
 /// accepting when its answer starts with the accept tag; the refusal rules
 /// give the format-free reading of the same samples.
 fn sampled_gap(model: &Model, rows: &[Value], out: &Path) -> Result<GapReport> {
-    let mut requests: Vec<String> = Vec::new();
-    let picked: Vec<&Value> = rows
-        .iter()
-        .filter(|r| r["harmful"] == true)
-        .filter(|r| r["cue"] == "natural" && STEER_VARIATIONS.contains(&variation_of(r).as_str()))
-        .filter(|r| {
-            let id = r["request_id"].as_str().unwrap_or_default().to_string();
-            if !requests.contains(&id) {
-                if requests.len() == SAMPLE_REQUESTS {
-                    return false;
-                }
-                requests.push(id);
-            }
-            true
-        })
-        .collect();
+    let picked = natural_rows_of_first_requests(rows, SAMPLE_REQUESTS);
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let prompts = out.with_extension("prompts.jsonl");
-    let text: String = picked.iter().map(|r| format!("{r}\n")).collect();
-    write_atomic(&prompts, text.as_bytes())?;
+    write_rows(&prompts, &picked)?;
     println!(
         "\nsampled gap: {} rows x {SAMPLES_PER_ROW} samples at temperature 1, {SAMPLE_TOKENS} \
          tokens each -> {}",

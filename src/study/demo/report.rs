@@ -675,7 +675,7 @@ fn patching_part(md: &mut String, r: &ReportInputs) {
     let _ = writeln!(
         md,
         "**Patching**: on the standard `{INTERVENTION_CUE}` rows, each free row runs with one \
-         activation replaced by its paid row's (`hook_resid_post` of every fourth layer at the last \
+         activation replaced by its paid row's (`hook_resid_post` of every sixth layer at the last \
          token, the cue's last token, or the \
          whole user turn), and the share of the paid − free difference in p_accept it \
          restores is Σ(p_patched − p_free) / Σ(p_paid − p_free). Here p_accept is {:.4} (paid) vs \

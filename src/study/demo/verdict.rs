@@ -245,7 +245,7 @@ fn causation(md: &mut String, r: &ReportInputs) {
         md,
         "\nAblation: the same direction projected out of every layer's `hook_resid_post` at \
          every position (`activations/demo-ablate`), beside a seeded random direction ablated the \
-         same way (`activations/demo-ablate-random`):\n\n| rows | gap before | gap after | change \
+         same way on the standard rows (`activations/demo-ablate-random`):\n\n| rows | gap before | gap after | change \
          [95% CI] | change, random direction |\n|---|---|---|---|---|"
     );
     for (cue, before) in a
@@ -270,14 +270,9 @@ fn steer_rows(md: &mut String, report: &SteerReport, variation: &str) {
     for s in &report.summary {
         let _ = writeln!(
             md,
-            "| {variation} | {:+} | {:+.3} [{:+.3}, {:+.3}] | {} | {} | {} |",
+            "| {variation} | {:+} | {} | {} |",
             s.alpha,
-            s.effect,
-            s.effect_ci95[0],
-            s.effect_ci95[1],
-            s.random_ci95
-                .map_or("n/a".into(), |[lo, hi]| format!("[{lo:+.3}, {hi:+.3}]")),
-            s.percentile.map_or("n/a".into(), |p| format!("{p:.0}")),
+            s.cells(3),
             s.gap_effect.map_or("n/a".into(), |g| format!("{g:+.3}")),
         );
     }
@@ -375,12 +370,7 @@ fn plain_verdict(md: &mut String, r: &ReportInputs, verdicts: &[(String, CueVerd
         .steer
         .iter()
         .zip(super::STEER_VARIATIONS)
-        .filter(|(s, _)| {
-            s.summary.iter().any(|x| {
-                x.random_ci95
-                    .is_some_and(|[lo, hi]| x.effect > hi + 0.02 || x.effect < lo - 0.02)
-            })
-        })
+        .filter(|(s, _)| s.summary.iter().any(|x| x.beyond_random(0.02)))
         .map(|(_, v)| v.to_string())
         .collect();
     text.push_str(&if levers.is_empty() {
