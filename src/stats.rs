@@ -44,6 +44,15 @@ pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     sorted[((q * last as f64).round() as usize).min(last)]
 }
 
+/// The `q` quantile (0..=1) of sorted values, linear between order statistics
+/// (numpy's default): for a few values, such as steering's random
+/// directions, where nearest rank would jump from one value to the next.
+pub fn quantile_linear(sorted: &[f64], q: f64) -> f64 {
+    let at = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (at - lo as f64)
+}
+
 /// The mean of `values` and its bootstrap 95% percentile interval (seeded).
 pub fn mean_ci(values: &[f64], resamples: usize, seed: u64) -> (f64, [f64; 2]) {
     if values.is_empty() {

@@ -31,7 +31,7 @@ use crate::model::{CaptureRows, Edit, HookPoint, Hooks, Model, NamesFilter, Posi
 use crate::probe::Labels;
 use crate::progress::Progress;
 use crate::rows::{Filter, Table};
-use crate::stats::mean_ci;
+use crate::stats::{mean_ci, quantile_linear};
 use crate::store::{Position, TensorName};
 
 /// The file that marks a finished steering run.
@@ -596,7 +596,10 @@ fn summarize_against_random(
             let below = random.iter().filter(|r| **r < effect).count() as f64;
             let ties = random.iter().filter(|r| **r == effect).count() as f64;
             (
-                Some([quantile(&random, 0.025), quantile(&random, 0.975)]),
+                Some([
+                    quantile_linear(&random, 0.025),
+                    quantile_linear(&random, 0.975),
+                ]),
                 Some(100.0 * (below + ties / 2.0) / random.len() as f64),
             )
         };
@@ -626,13 +629,6 @@ fn gap_of(values: &[f64], tiers: &[Option<String>]) -> Option<f64> {
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     };
     Some(of("free")? - of("paid")?)
-}
-
-/// The `q` quantile of sorted values, linear between order statistics (numpy's default).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let at = q * (sorted.len() - 1) as f64;
-    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (at - lo as f64)
 }
 
 /// The α unit per steered point ([`SteerScale`]), from the unsteered last-token

@@ -19,7 +19,7 @@ use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerScale, Ste
 use crate::io::write_atomic;
 use crate::model::{HookPoint, Model};
 use crate::probe::{Method, Report};
-use crate::rows::Filter;
+use crate::rows::{cell, Filter};
 use crate::store::{Position, TensorName};
 
 /// Cue and number of harmful requests of the demo's steering sweep and patching
@@ -123,25 +123,29 @@ pub(super) fn run_interventions(
         steer.push(report);
     }
 
-    let ablate_dir = activations.join(format!("{NAME}-ablate"));
+    let standard: Filter = "variation=standard".parse()?;
+    let ablate_run = |name: &str, direction: DirectionSource, tensor: String, filter: Filter| {
+        let report = ablate::ablate(
+            model,
+            &AblateSpec {
+                prompts: prompts.clone(),
+                out: activations.join(format!("{NAME}-{name}")),
+                direction,
+                direction_tensor: tensor,
+                points: (0..n_layers).map(HookPoint::ResidPost).collect(),
+                filter,
+                resamples: 2000,
+                seed: 0,
+                force: true,
+            },
+        )?;
+        print!("{}", ablate::format_table(&report));
+        Ok::<_, crate::error::Error>(report)
+    };
     println!(
         "\nablating the training_implied direction of layer {layer} at every hook_resid_post:"
     );
-    let ablate = ablate::ablate(
-        model,
-        &AblateSpec {
-            prompts: prompts.clone(),
-            out: ablate_dir.clone(),
-            direction,
-            direction_tensor,
-            points: (0..n_layers).map(HookPoint::ResidPost).collect(),
-            filter: Filter::default(),
-            resamples: 2000,
-            seed: 0,
-            force: true,
-        },
-    )?;
-    print!("{}", ablate::format_table(&ablate));
+    let ablate = ablate_run("ablate", direction, direction_tensor, Filter::default())?;
     let random_file = activations.join(format!("{NAME}-ablate-random.json"));
     let random = random_unit(model.config().d_model, &mut StdRng::seed_from_u64(0));
     write_atomic(
@@ -151,22 +155,12 @@ pub(super) fn run_interventions(
     println!(
         "\nthe same ablation along a random direction (seed 0) on the standard rows, the baseline:"
     );
-    let ablate_random = ablate::ablate(
-        model,
-        &AblateSpec {
-            prompts: prompts.clone(),
-            out: activations.join(format!("{NAME}-ablate-random")),
-            direction: DirectionSource::File(random_file),
-            direction_tensor: "random".into(),
-            points: (0..n_layers).map(HookPoint::ResidPost).collect(),
-            filter: "variation=standard".parse()?,
-            resamples: 2000,
-            seed: 0,
-            force: true,
-        },
+    let ablate_random = ablate_run(
+        "ablate-random",
+        DirectionSource::File(random_file),
+        "random".into(),
+        standard.clone(),
     )?;
-    print!("{}", ablate::format_table(&ablate_random));
-    let standard: Filter = "variation=standard".parse()?;
 
     // Every sixth layer (and the last) at three position sets keeps each heatmap to ~30 s.
     let patch_layers: Vec<HookPoint> = (0..n_layers)
@@ -256,19 +250,6 @@ pub(super) fn run_interventions(
     })
 }
 
-/// A row's setting: `standard`, or its variations joined by `+`.
-pub(super) fn variation_of(row: &Value) -> String {
-    let names: Vec<&str> = row["variation"]
-        .as_array()
-        .map(|v| v.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    if names.is_empty() {
-        "standard".into()
-    } else {
-        names.join("+")
-    }
-}
-
 /// The standard and flipped `natural` rows of the first `n` harmful requests,
 /// in file order: the rows every intervention and the sampled gap run on.
 pub(super) fn natural_rows_of_first_requests(rows: &[Value], n: usize) -> Vec<&Value> {
@@ -277,7 +258,8 @@ pub(super) fn natural_rows_of_first_requests(rows: &[Value], n: usize) -> Vec<&V
         .filter(|r| {
             r["cue"] == INTERVENTION_CUE
                 && r["harmful"] == true
-                && STEER_VARIATIONS.contains(&variation_of(r).as_str())
+                // `cell` writes the variation list as probe filters read it (`standard` when empty).
+                && cell(&r["variation"]).is_some_and(|v| STEER_VARIATIONS.contains(&v.as_str()))
         })
         .filter(|r| {
             let id = r["request_id"].as_str().unwrap_or_default();
