@@ -181,39 +181,8 @@ fn peer_gguf_alignment_zero_is_refused() {
 /// The last token's `blocks.1.hook_resid_post[:4]` on the first row of
 /// `prompts/text12.jsonl`, against the value transformers gives (issue 15).
 fn assert_resid_post_1(model_path: &Path, want: [f32; 4]) {
-    let cases = model_path.ancestors().nth(3).unwrap();
-    let prompts = cases.join("peer-reports/prompts/text12.jsonl");
-    let model = load(model_path);
-    let row = &read_prompt_file(&prompts).unwrap()[0];
-    let rendered = render(&model, row, &prompts).unwrap();
-    let point = afprobe::model::HookPoint::ResidPost(1);
-    let mut hooks = afprobe::model::Hooks::capture(
-        afprobe::model::NamesFilter::Only(vec![point]),
-        afprobe::model::CaptureRows::Last,
-    );
-    model
-        .run_with_hooks(
-            &rendered.tokens,
-            &mut hooks,
-            &afprobe::model::LogitsAt::Last,
-        )
-        .unwrap();
-    let got: Vec<f32> = hooks
-        .cache
-        .get(point)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    for (g, w) in got.iter().zip(want) {
-        assert!(
-            (g - w).abs() < 2e-3,
-            "{}: got {:?}, want {want:?}",
-            model_path.display(),
-            &got[..4]
-        );
-    }
+    let prompts = cases().join("peer-reports/prompts/text12.jsonl");
+    common::assert_last_resid_post(model_path, &prompts, 1, want);
 }
 
 /// `llama.rope.scaling.type = linear` (factor 4) is applied, as transformers does.

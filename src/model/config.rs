@@ -216,6 +216,8 @@ pub enum RopeScaling {
     /// the long factors) and an attention factor.
     LongRope {
         short_factor: Vec<f64>,
+        /// `original_max_position_embeddings`: afprobe's context is capped here.
+        original: f64,
         attention_factor: f64,
     },
 }
@@ -271,6 +273,7 @@ impl ModelConfig {
             Some(RopeScaling::LongRope {
                 short_factor,
                 attention_factor,
+                ..
             }) => (
                 base.iter().zip(short_factor).map(|(f, s)| f / s).collect(),
                 *attention_factor,
@@ -335,6 +338,7 @@ impl ModelConfig {
         if !json.is_object() {
             return Err(Error::model_file(path, "expected a JSON object"));
         }
+        let json = language_model_config(json);
         let field = |name: &str| json.get(name).filter(|v| !v.is_null());
         // Present fields must be valid: a bad value is an error, never a silent default.
         let opt_usize = |name: &str| -> Result<Option<usize>> {
@@ -372,10 +376,17 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| Error::model_file(path, "missing field `model_type`"))?;
         let architecture = Architecture::parse(model_type, path)?;
+        // A key left out means the config class's default, as in transformers.
+        let defaults = architecture.hf_defaults();
         let d_model = usize_field("hidden_size")?;
         let n_heads = usize_field("num_attention_heads")?;
         let n_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
-        let head_dim = match opt_usize("head_dim")? {
+        let absent_head_dim = if json.get("head_dim").is_none() {
+            defaults.head_dim
+        } else {
+            None
+        };
+        let head_dim = match opt_usize("head_dim")?.or(absent_head_dim) {
             Some(hd) => hd,
             None => derived_head_dim(
                 d_model,
@@ -402,23 +413,34 @@ impl ModelConfig {
         };
         let rope_theta = match opt_f64("rope_theta")? {
             Some(t) => t,
-            None => theta_of(rope, "rope_parameters.rope_theta")?.unwrap_or(10_000.0),
+            None => theta_of(rope, "rope_parameters.rope_theta")?.unwrap_or(defaults.rope_theta),
+        };
+        let max_position_embeddings =
+            opt_usize("max_position_embeddings")?.unwrap_or(defaults.max_position_embeddings);
+        // Pre-training length: a config attribute (top-level key, or Phi-3's
+        // class default) wins over the rope dict's, as transformers'
+        // `standardize_rope_params` does for Phi-3's published layout.
+        let lengths = RopeLengths {
+            max_position_embeddings: max_position_embeddings as f64,
+            original: opt_f64("original_max_position_embeddings")?
+                .or(defaults.original_max_position_embeddings.map(|n| n as f64)),
         };
         let rope_scaling = match rope {
-            Some(r) => parse_rope_scaling(r, path)?,
+            Some(r) => parse_rope_scaling(r, lengths, path)?,
             None => None,
         };
         let rope_local_theta = match local_rope {
             Some(r) => {
-                if parse_rope_scaling(r, path)?.is_some() {
+                if parse_rope_scaling(r, lengths, path)?.is_some() {
                     return Err(Error::model_file(
                         path,
                         "rope scaling on the sliding-window layers                          (`rope_parameters.sliding_attention`) is not supported",
                     ));
                 }
                 theta_of(Some(r), "rope_parameters.sliding_attention.rope_theta")?
+                    .or(defaults.rope_local_theta)
             }
-            None => opt_f64("rope_local_base_freq")?,
+            None => opt_f64("rope_local_base_freq")?.or(defaults.rope_local_theta),
         };
         if let Some(p) = opt_f64("partial_rotary_factor")?.or(rope
             .and_then(|r| r.get("partial_rotary_factor"))
@@ -452,17 +474,10 @@ impl ModelConfig {
                 format!("`num_hidden_layers` is {n_layers}; it must be between 1 and {MAX_LAYERS}"),
             ));
         }
-        let mut context = usize_field("max_position_embeddings")?;
-        if let Some(RopeScaling::LongRope { .. }) = rope_scaling {
+        let mut context = max_position_embeddings;
+        if let Some(RopeScaling::LongRope { original, .. }) = &rope_scaling {
             // Past the original context transformers switches to the long factors.
-            let orig = rope
-                .and_then(|r| r.get("original_max_position_embeddings"))
-                .or(field("original_max_position_embeddings"))
-                .and_then(Value::as_u64)
-                .ok_or_else(|| {
-                    Error::model_file(path, "longrope lacks `original_max_position_embeddings`")
-                })?;
-            context = context.min(orig as usize);
+            context = context.min(*original as usize);
         }
         let family = family_config(
             architecture,
@@ -482,12 +497,13 @@ impl ModelConfig {
             head_dim,
             d_mlp: usize_field("intermediate_size")?,
             vocab_size: usize_field("vocab_size")?,
-            rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps: opt_f64("rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps),
             rope_theta,
             rope_scaling,
             rope_freq_factors: None,
             max_position_embeddings: context,
-            tied_embeddings: opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            tied_embeddings: opt_bool("tie_word_embeddings")?
+                .unwrap_or(defaults.tie_word_embeddings),
         })
         .and_then(|c| c.validated(path))
     }
@@ -654,6 +670,28 @@ impl ModelConfig {
     }
 }
 
+/// The config of the language model a file describes. A multimodal checkpoint
+/// (Gemma 3 4B and up, `Gemma3ForConditionalGeneration`) nests it under
+/// `text_config`, which afprobe runs without the vision tower; the outer
+/// `tie_word_embeddings` applies when the inner config leaves it out.
+fn language_model_config(json: Value) -> Value {
+    let Some(Value::Object(text)) = json.get("text_config") else {
+        return json;
+    };
+    let mut text = text.clone();
+    if !text.contains_key("model_type") {
+        if let Some(outer) = json.get("model_type") {
+            text.insert("model_type".into(), outer.clone());
+        }
+    }
+    if !text.contains_key("tie_word_embeddings") {
+        if let Some(tie) = json.get("tie_word_embeddings") {
+            text.insert("tie_word_embeddings".into(), tie.clone());
+        }
+    }
+    Value::Object(text)
+}
+
 /// Upper bounds on config sizes: far above any released model, low enough that
 /// products of them cannot overflow and a corrupt value is caught before it
 /// sizes an allocation. The memory the weights need is checked separately.
@@ -713,28 +751,28 @@ fn family_config(
     rope_local_theta: Option<f64>,
 ) -> Result<FamilyConfig> {
     let field = |name: &str| json.get(name).filter(|v| !v.is_null());
-    let number = |name: &str| -> Result<Option<f64>> {
-        field(name)
-            .map(|v| {
-                v.as_f64()
-                    .filter(|x| x.is_finite() && *x > 0.0)
-                    .ok_or_else(|| {
-                        Error::model_file(
-                            path,
-                            format!("field `{name}` is {v}; it must be a positive number"),
-                        )
-                    })
-            })
-            .transpose()
+    let defaults = arch.hf_defaults();
+    // Absent: the class default; `null`: none (transformers' reading).
+    let number = |name: &str, default: Option<f64>| -> Result<Option<f64>> {
+        match json.get(name) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .map(Some)
+                .ok_or_else(|| {
+                    Error::model_file(
+                        path,
+                        format!("field `{name}` is {v}; it must be a positive number"),
+                    )
+                }),
+        }
     };
     let act_name = field("hidden_activation")
         .or(field("hidden_act"))
         .and_then(Value::as_str)
-        .unwrap_or(if arch.is_gemma() {
-            "gelu_pytorch_tanh"
-        } else {
-            "silu"
-        });
+        .unwrap_or(defaults.activation);
     let activation = match act_name {
         "silu" | "swish" => Activation::Silu,
         "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
@@ -746,8 +784,9 @@ fn family_config(
             ))
         }
     };
-    let sliding_window = match field("sliding_window") {
-        None => None,
+    let sliding_window = match json.get("sliding_window") {
+        None => defaults.sliding_window,
+        Some(Value::Null) => None,
         Some(v) => Some(
             v.as_u64()
                 .and_then(|w| usize::try_from(w).ok())
@@ -771,17 +810,17 @@ fn family_config(
         qk_norm: arch.qk_norm(),
         embed_scale: arch.is_gemma().then(|| (d_model as f64).sqrt()),
         query_pre_attn_scalar: if arch.is_gemma() {
-            number("query_pre_attn_scalar")?
+            number("query_pre_attn_scalar", defaults.query_pre_attn_scalar)?
         } else {
             None
         },
         attn_softcap: if arch.is_gemma() {
-            number("attn_logit_softcapping")?
+            number("attn_logit_softcapping", defaults.attn_logit_softcapping)?
         } else {
             None
         },
         final_softcap: if arch.is_gemma() {
-            number("final_logit_softcapping")?
+            number("final_logit_softcapping", defaults.final_logit_softcapping)?
         } else {
             None
         },
@@ -835,7 +874,7 @@ fn sliding_layers(
             let use_window = field("use_sliding_window").and_then(Value::as_bool);
             let max_window_layers = field("max_window_layers")
                 .and_then(Value::as_u64)
-                .unwrap_or(0) as usize;
+                .map_or(arch.hf_defaults().max_window_layers, |n| n as usize);
             let pattern = field("sliding_window_pattern")
                 .and_then(Value::as_u64)
                 .unwrap_or(6)
@@ -858,7 +897,23 @@ fn sliding_layers(
     })
 }
 
-fn parse_rope_scaling(rope: &Value, path: &Path) -> Result<Option<RopeScaling>> {
+/// The context lengths rope scaling derives from when its dict leaves them out.
+#[derive(Debug, Clone, Copy)]
+struct RopeLengths {
+    max_position_embeddings: f64,
+    /// A config-level `original_max_position_embeddings`, which wins.
+    original: Option<f64>,
+}
+
+/// One rope dict (`rope_parameters`, `rope_scaling`), as transformers'
+/// `modeling_rope_utils` reads it: the pre-training length from the config
+/// level, else the dict, else `max_position_embeddings`; yarn's and
+/// longrope's `factor`, when absent, is `max_position_embeddings` over it.
+fn parse_rope_scaling(
+    rope: &Value,
+    lengths: RopeLengths,
+    path: &Path,
+) -> Result<Option<RopeScaling>> {
     let kind = rope
         .get("rope_type")
         .or_else(|| rope.get("type"))
@@ -875,13 +930,18 @@ fn parse_rope_scaling(rope: &Value, path: &Path) -> Result<Option<RopeScaling>> 
             .and_then(Value::as_f64)
             .filter(|x| x.is_finite())
     };
+    let original = lengths
+        .original
+        .or(opt("original_max_position_embeddings"))
+        .unwrap_or(lengths.max_position_embeddings);
+    let factor_or_ratio = || opt("factor").unwrap_or(lengths.max_position_embeddings / original);
     match kind {
         "default" => Ok(None),
         "llama3" => Ok(Some(RopeScaling::Llama3(Llama3RopeScaling {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")?,
+            original_max_position_embeddings: original,
         }))),
         "linear" => Ok(Some(RopeScaling::Linear {
             factor: num("factor")?,
@@ -890,7 +950,7 @@ fn parse_rope_scaling(rope: &Value, path: &Path) -> Result<Option<RopeScaling>> 
             factor: num("factor")?,
         })),
         "yarn" => {
-            let factor = num("factor")?;
+            let factor = factor_or_ratio();
             let mscale = |scale: f64, m: f64| {
                 if scale <= 1.0 {
                     1.0
@@ -911,7 +971,7 @@ fn parse_rope_scaling(rope: &Value, path: &Path) -> Result<Option<RopeScaling>> 
             };
             Ok(Some(RopeScaling::Yarn {
                 factor,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
+                original_max_position_embeddings: original,
                 beta_fast: opt("beta_fast").unwrap_or(32.0),
                 beta_slow: opt("beta_slow").unwrap_or(1.0),
                 attention_factor,
@@ -929,15 +989,15 @@ fn parse_rope_scaling(rope: &Value, path: &Path) -> Result<Option<RopeScaling>> 
                 .ok_or_else(|| {
                     Error::model_file(path, "longrope rope scaling lacks `short_factor`")
                 })?;
-            let orig = num("original_max_position_embeddings")?;
-            let factor = opt("factor");
-            let attention_factor = match (opt("attention_factor"), factor) {
-                (Some(a), _) => a,
-                (None, Some(f)) if f > 1.0 => (1.0 + f.ln() / orig.ln()).sqrt(),
-                _ => 1.0,
+            let factor = factor_or_ratio();
+            let attention_factor = match opt("attention_factor") {
+                Some(a) => a,
+                None if factor > 1.0 => (1.0 + factor.ln() / original.ln()).sqrt(),
+                None => 1.0,
             };
             Ok(Some(RopeScaling::LongRope {
                 short_factor,
+                original,
                 attention_factor,
             }))
         }

@@ -44,9 +44,112 @@ impl Architecture {
         }
     }
 
+    /// Whether llama.cpp scales a GGUF model's queries by 1/√(d_model/n_heads)
+    /// rather than 1/√head_dim: its rule for the 27B Gemmas, known by their
+    /// layer count (`llama-model.cpp`: Gemma 2 with 46 layers, Gemma 3 with 62).
+    pub fn gguf_scales_by_width(self, n_layers: usize) -> bool {
+        matches!(
+            (self, n_layers),
+            (Architecture::Gemma2, 46) | (Architecture::Gemma3, 62)
+        )
+    }
+
     /// Whether q/k/v and gate/up are stored fused (`qkv_proj`, `gate_up_proj`).
     pub fn fused_projections(self) -> bool {
         matches!(self, Architecture::Phi3)
+    }
+}
+
+/// What a `config.json` that leaves a key out means: the defaults of
+/// transformers' config class for every key that changes the computation
+/// (`models/<family>/configuration_<family>.py`, transformers 5.23). A key
+/// present as `null` means "none", not the default, as in transformers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HfDefaults {
+    pub tie_word_embeddings: bool,
+    pub rms_norm_eps: f64,
+    /// `None`: `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: layers from this index on slide, when `use_sliding_window`.
+    pub max_window_layers: usize,
+    pub query_pre_attn_scalar: Option<f64>,
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    /// The rope base (`default_theta`), and Gemma 3's on its sliding layers.
+    pub rope_theta: f64,
+    pub rope_local_theta: Option<f64>,
+    pub max_position_embeddings: usize,
+    /// Phi-3 keeps the pre-training length at the top level (default 4096).
+    pub original_max_position_embeddings: Option<usize>,
+    pub activation: &'static str,
+}
+
+impl Architecture {
+    /// transformers' class defaults for this family (see [`HfDefaults`]).
+    pub fn hf_defaults(self) -> HfDefaults {
+        let llama = HfDefaults {
+            tie_word_embeddings: false,
+            rms_norm_eps: 1e-6,
+            head_dim: None,
+            sliding_window: None,
+            max_window_layers: 28,
+            query_pre_attn_scalar: None,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            rope_theta: 10_000.0,
+            rope_local_theta: None,
+            max_position_embeddings: 2048,
+            original_max_position_embeddings: None,
+            activation: "silu",
+        };
+        let gemma = HfDefaults {
+            tie_word_embeddings: true,
+            head_dim: Some(256),
+            sliding_window: Some(4096),
+            query_pre_attn_scalar: Some(256.0),
+            activation: "gelu_pytorch_tanh",
+            ..llama
+        };
+        match self {
+            Architecture::Llama => llama,
+            Architecture::Mistral => HfDefaults {
+                sliding_window: Some(4096),
+                max_position_embeddings: 131_072,
+                ..llama
+            },
+            Architecture::Qwen2 => HfDefaults {
+                max_position_embeddings: 32_768,
+                ..llama
+            },
+            Architecture::Qwen3 => HfDefaults {
+                head_dim: Some(128),
+                max_position_embeddings: 32_768,
+                ..llama
+            },
+            Architecture::Phi3 => HfDefaults {
+                rms_norm_eps: 1e-5,
+                max_position_embeddings: 4096,
+                original_max_position_embeddings: Some(4096),
+                ..llama
+            },
+            Architecture::Olmo2 => HfDefaults {
+                rms_norm_eps: 1e-5,
+                ..llama
+            },
+            Architecture::Gemma2 => HfDefaults {
+                attn_logit_softcapping: Some(50.0),
+                final_logit_softcapping: Some(30.0),
+                max_position_embeddings: 8192,
+                ..gemma
+            },
+            Architecture::Gemma3 => HfDefaults {
+                rope_theta: 1_000_000.0,
+                rope_local_theta: Some(10_000.0),
+                max_position_embeddings: 131_072,
+                ..gemma
+            },
+        }
     }
 }
 

@@ -232,8 +232,9 @@ impl GgufFile {
     /// llama.cpp's default per family (Gemma 2: every other layer from the
     /// first; Gemma 3: five of every six; others: all, when there is a window).
     /// Gemma 3's local layers use `rope.freq_base_swa` (default 10,000).
-    /// Gemma 2's attention scale is not a key: llama.cpp uses 1/√head_dim, and
-    /// 1/√(d_model/n_heads) for the 46-layer 27B (`models/gemma2.cpp`).
+    /// Gemma's attention scale is not a key: llama.cpp uses 1/√head_dim, and
+    /// 1/√(d_model/n_heads) for the 27B sizes, which it knows by their layer
+    /// count: 46 for Gemma 2, 62 for Gemma 3 (`llama-model.cpp`, `LLM_TYPE_27B`).
     fn family(
         &self,
         sliding_window: Option<usize>,
@@ -286,7 +287,8 @@ impl GgufFile {
             },
             qk_norm: arch.qk_norm(),
             embed_scale: gemma.then(|| (d_model as f64).sqrt()),
-            query_pre_attn_scalar: (arch == Architecture::Gemma2 && n_layers == 46)
+            query_pre_attn_scalar: arch
+                .gguf_scales_by_width(n_layers)
                 .then(|| (d_model / n_heads) as f64),
             attn_softcap: self.meta_f64("attn_logit_softcapping")?,
             final_softcap: self.meta_f64("final_logit_softcapping")?,
@@ -420,6 +422,10 @@ impl GgufFile {
             bos_id: id_of("tokenizer.ggml.bos_token_id"),
             unk_id: id_of("tokenizer.ggml.unknown_token_id"),
             eos_id: id_of("tokenizer.ggml.eos_token_id"),
+            turn_end_ids: ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+                .into_iter()
+                .filter_map(id_of)
+                .collect(),
         }
     }
 

@@ -60,6 +60,9 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
         "rope_freq_factors": c.rope_freq_factors.is_some(),
         "rms_norm_eps": c.rms_norm_eps,
         "tied_embeddings": c.tied_embeddings,
+        "family": c.family,
+        "attention_scale": 1.0 / c.family.query_pre_attn_scalar.unwrap_or(c.head_dim as f64).sqrt(),
+        "stop_token_ids": model.tokenizer.stop_ids,
         "dtype": format!("{:?}", model.transformer.dtype()),
         "bos_token": model.tokenizer.bos_token,
         "eos_token": model.tokenizer.eos_token,
@@ -92,6 +95,26 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
     let _ = writeln!(out, "vocab         {}", c.vocab_size);
     let _ = writeln!(out, "context       {} tokens", c.max_position_embeddings);
     let _ = writeln!(out, "rope          {rope}");
+    let f = &c.family;
+    let window = match (f.sliding_window, &f.sliding_layers) {
+        (None, _) => "none".to_string(),
+        (Some(w), None) => format!("{w} tokens on every layer"),
+        (Some(w), Some(layers)) => {
+            let sliding: Vec<String> = (0..layers.len())
+                .filter(|&l| layers[l])
+                .map(|l| l.to_string())
+                .collect();
+            format!("{w} tokens on layers [{}]", sliding.join(", "))
+        }
+    };
+    let _ = writeln!(out, "window        {window}");
+    let _ = writeln!(
+        out,
+        "attention     scores x 1/sqrt({}); soft-caps: attention {}, final {}",
+        f.query_pre_attn_scalar.unwrap_or(c.head_dim as f64),
+        f.attn_softcap.map_or("none".into(), |x| x.to_string()),
+        f.final_softcap.map_or("none".into(), |x| x.to_string()),
+    );
     if let Some(a) = &model.adapter {
         let _ = writeln!(
             out,
@@ -121,6 +144,16 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
         model.tokenizer.eos_token.as_deref().unwrap_or("-"),
         model.tokenizer.add_bos
     );
+    let stops: Vec<String> = model
+        .tokenizer
+        .stop_ids
+        .iter()
+        .map(|&id| match model.tokenizer.id_to_token(id) {
+            Some(t) => format!("{id} {t:?}"),
+            None => id.to_string(),
+        })
+        .collect();
+    let _ = writeln!(out, "stop tokens   {}", stops.join(", "));
     let template = match &model.template {
         Some(t) => match t.parse_error() {
             None => format!("{} bytes (--json shows it)", t.source().len()),

@@ -291,12 +291,13 @@ fn load_gguf(path: &Path, weight_dtype: WeightDtype, with: Option<AdapterCheck>)
     // A tokenizer.json beside the file wins: it covers tokenizers GGUF cannot describe.
     let sidecar = path.with_file_name("tokenizer.json");
     let meta = file.tokenizer_meta();
-    let tokenizer = if sidecar.exists() {
+    let mut tokenizer = if sidecar.exists() {
         let name = |id: Option<u32>| id.and_then(|i| meta.tokens.get(i as usize).cloned());
         Tokenizer::from_file(&sidecar, name(meta.bos_id), name(meta.eos_id), meta.add_bos)?
     } else {
         Tokenizer::from_gguf(&meta, file.architecture.name(), path)?
     };
+    tokenizer.add_stop_ids(&meta.turn_end_ids);
     let template = file.chat_template().map(|src| {
         ChatTemplate::new(
             &src,
@@ -321,20 +322,103 @@ fn load_gguf(path: &Path, weight_dtype: WeightDtype, with: Option<AdapterCheck>)
     Ok((transformer, tokenizer, template, adapter.map(|a| a.record)))
 }
 
-fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<Loaded> {
-    let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
-    let files = safetensors_files(dir)?;
-    for f in &files {
-        crate::io::regular_file(f)?;
+/// An HF directory's `config.json` and memory-mapped safetensors, opened the
+/// one way every loader (inference and `organism train`) reads them.
+pub(crate) struct HfDir {
+    pub config: ModelConfig,
+    /// Tensor name (as the forward pass names it) → shape, for checks before
+    /// any data is read.
+    pub shapes: HashMap<String, Vec<usize>>,
+    /// Forward-pass name → the name in the files, where they differ (the
+    /// language model of a multimodal checkpoint).
+    stored_as: HashMap<String, String>,
+    /// Bytes of the mapped files.
+    pub mapped: u64,
+    weights: MmapedSafetensors,
+    dir: PathBuf,
+}
+
+impl HfDir {
+    /// Reads the config and maps the weights. A config that says
+    /// `tie_word_embeddings` while the files carry their own `lm_head.weight`
+    /// gets the file's head, as transformers 5 loads it, with a notice.
+    pub fn open(dir: &Path) -> Result<HfDir> {
+        let mut config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
+        let files = safetensors_files(dir)?;
+        for f in &files {
+            crate::io::regular_file(f)?;
+        }
+        // Safety: the files are memory-mapped read-only; afprobe never writes them.
+        let weights = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
+            Error::model_file(dir, format!("cannot map the safetensors files: {e}"))
+        })?;
+        let mut shapes = HashMap::new();
+        let mut stored_as = HashMap::new();
+        for (stored, view) in weights.tensors() {
+            let name = language_model_name(&stored);
+            if name != stored {
+                stored_as.insert(name.clone(), stored);
+            }
+            shapes.insert(name, view.shape().to_vec());
+        }
+        if config.tied_embeddings && shapes.contains_key("lm_head.weight") {
+            eprintln!(
+                "afprobe: {} says the embeddings are tied, but the weights carry their own \
+                 `lm_head.weight`: that head is used, as transformers does",
+                dir.join("config.json").display()
+            );
+            config.tied_embeddings = false;
+        }
+        let mapped = files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(HfDir {
+            config,
+            shapes,
+            stored_as,
+            mapped,
+            weights,
+            dir: dir.to_path_buf(),
+        })
     }
-    // Safety: the files are memory-mapped read-only; afprobe never writes them.
-    let st = unsafe { MmapedSafetensors::multi(&files) }
-        .map_err(|e| Error::model_file(dir, format!("cannot map the safetensors files: {e}")))?;
-    let shapes: HashMap<String, Vec<usize>> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, view)| (n, view.shape().to_vec()))
-        .collect();
+
+    /// The tensor `name` as stored, checked finite; `None` when the files lack it.
+    pub fn tensor(&self, name: &str) -> Result<Option<Tensor>> {
+        if !self.shapes.contains_key(name) {
+            return Ok(None);
+        }
+        let stored = self.stored_as.get(name).map_or(name, String::as_str);
+        let t = self
+            .weights
+            .load(stored, &Device::Cpu)
+            .map_err(|e| Error::model_file(&self.dir, format!("tensor `{name}`: {e}")))?;
+        validate::check_finite(&t, name, &self.dir)?;
+        Ok(Some(t))
+    }
+}
+
+/// A multimodal checkpoint's language-model tensor under the name a text
+/// model gives it: `language_model.model.X` (Gemma 3 as published) and
+/// `model.language_model.X` (as transformers 5 writes it) are `model.X`;
+/// `language_model.lm_head.X` is `lm_head.X`. Other names are unchanged.
+fn language_model_name(stored: &str) -> String {
+    for (prefix, to) in [
+        ("language_model.model.", "model."),
+        ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    ] {
+        if let Some(rest) = stored.strip_prefix(prefix) {
+            return format!("{to}{rest}");
+        }
+    }
+    stored.to_string()
+}
+
+fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<Loaded> {
+    let hf = HfDir::open(dir)?;
+    let (config, shapes) = (hf.config.clone(), &hf.shapes);
     // Shapes and memory are checked before any tensor data is read.
     let expected = validate::check_weights(
         &config,
@@ -347,14 +431,9 @@ fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<L
                 .map(|(n, s)| (n.clone(), s.as_slice()))
         },
     )?;
-    let mapped: u64 = files
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum();
     validate::check_memory(
         validate::estimate_bytes(&expected, dtype.size_in_bytes()),
-        mapped,
+        hf.mapped,
         dir,
     )?;
     let adapter = with.map(|w| w.load(&config)).transpose()?;
@@ -380,7 +459,8 @@ fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<L
             "no tokenizer.json in the model directory; copy the model's tokenizer.json there",
         ));
     }
-    let tokenizer = Tokenizer::from_file(&tok_path, bos.clone(), eos.clone(), add_bos)?;
+    let mut tokenizer = Tokenizer::from_file(&tok_path, bos.clone(), eos.clone(), add_bos)?;
+    tokenizer.add_stop_ids(&generation_stop_ids(dir)?);
     // A template that does not parse is reported when a chat prompt is rendered,
     // so raw prompts and `model info` still work.
     let jinja_path = dir.join("chat_template.jinja");
@@ -418,22 +498,37 @@ fn load_hf_dir(dir: &Path, dtype: DType, with: Option<AdapterCheck>) -> Result<L
         }
     };
 
-    let transformer = build_transformer(
-        config,
-        &mut |name| {
-            if !shapes.contains_key(name) {
-                return Ok(None);
-            }
-            let t = st
-                .load(name, &Device::Cpu)
-                .map_err(|e| Error::model_file(dir, format!("tensor `{name}`: {e}")))?;
-            validate::check_finite(&t, name, dir)?;
-            Ok(Some(t))
-        },
-        dtype,
-        &adapter,
-    )?;
+    let transformer = build_transformer(config, &mut |name| hf.tensor(name), dtype, &adapter)?;
     Ok((transformer, tokenizer, template, adapter.map(|a| a.record)))
+}
+
+/// The ids transformers' `generate` stops at: `eos_token_id` (a number or a
+/// list) of `generation_config.json`, else of `config.json` (as
+/// `GenerationConfig.from_model_config` takes it).
+fn generation_stop_ids(dir: &Path) -> Result<Vec<u32>> {
+    let generation = dir.join("generation_config.json");
+    let path = if generation.exists() {
+        generation
+    } else {
+        dir.join("config.json")
+    };
+    let json: Value = serde_json::from_str(&crate::io::read_to_string(&path)?)
+        .map_err(|e| Error::model_file(&path, format!("not valid JSON: {e}")))?;
+    let as_id = |v: &Value| v.as_u64().and_then(|x| u32::try_from(x).ok());
+    let bad = |v: &Value| {
+        Error::model_file(
+            &path,
+            format!("`eos_token_id` is {v}; it must be a token id or a list of them"),
+        )
+    };
+    match json.get("eos_token_id") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| as_id(v).ok_or_else(|| bad(v)))
+            .collect(),
+        Some(v) => as_id(v).map(|id| vec![id]).ok_or_else(|| bad(v)),
+    }
 }
 
 fn read_tokenizer_config(path: &Path) -> Result<serde_json::Map<String, Value>> {

@@ -382,7 +382,7 @@ impl Tokenizer {
         add_bos: bool,
         origin: String,
     ) -> Result<Tokenizer> {
-        let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>"]
+        let mut stop_ids: Vec<u32> = TURN_END_TOKENS
             .into_iter()
             .chain(eos_token.as_deref())
             .filter_map(|t| inner.token_to_id(t))
@@ -416,6 +416,14 @@ impl Tokenizer {
             origin,
             vocab_limit: None,
         })
+    }
+
+    /// Adds ids that end generation (`generation_config.json`'s
+    /// `eos_token_id`, a GGUF file's end-of-turn keys).
+    pub fn add_stop_ids(&mut self, ids: &[u32]) {
+        self.stop_ids.extend_from_slice(ids);
+        self.stop_ids.sort_unstable();
+        self.stop_ids.dedup();
     }
 
     /// Makes encoding refuse ids at or above `vocab_size` (the model's
@@ -500,7 +508,31 @@ impl Tokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+
+    /// The vocabulary entry of `id` (`None` outside the vocabulary).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
 }
+
+/// Token texts that end a turn wherever a vocabulary has them: llama.cpp's
+/// end-of-generation list (`llama-vocab.cpp`, `special_eog_ids`), which also
+/// covers the turn ends transformers' instruct models list in
+/// `generation_config.json`.
+pub const TURN_END_TOKENS: [&str; 12] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+];
 
 /// The tokenizer fields of a GGUF file's metadata.
 #[derive(Debug, Clone, Default)]
@@ -517,6 +549,9 @@ pub struct GgufTokenizerMeta {
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     pub unk_id: Option<u32>,
+    /// `tokenizer.ggml.eot_token_id` and `eom_token_id`: more ids that end
+    /// generation, as llama.cpp reads them.
+    pub turn_end_ids: Vec<u32>,
     pub add_bos: bool,
 }
 

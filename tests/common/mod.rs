@@ -30,6 +30,92 @@ pub fn cases() -> PathBuf {
     dir
 }
 
+/// Loads the model at `model_path` (directory or GGUF file) and checks the
+/// last token's `blocks.{layer}.hook_resid_post[:4]` on the first row of
+/// `prompts` against `want` (a right value from transformers or llama.cpp,
+/// given to 4 decimals: 2e-3 absolute).
+pub fn assert_last_resid_post(model_path: &Path, prompts: &Path, layer: usize, want: [f32; 4]) {
+    use afprobe::model::{CaptureRows, HookPoint, Hooks, LogitsAt, Model, ModelSpec, NamesFilter};
+    let model = Model::load(
+        &ModelSpec::Path(model_path.to_path_buf()),
+        afprobe::model::WeightDtype::F32,
+    )
+    .unwrap_or_else(|e| panic!("loading {}: {e}", model_path.display()));
+    let row = &afprobe::prompts::read_prompt_file(prompts).unwrap()[0];
+    let rendered = afprobe::prompts::render(&model, row, prompts).unwrap();
+    let point = HookPoint::ResidPost(layer);
+    let mut hooks = Hooks::capture(NamesFilter::Only(vec![point]), CaptureRows::Last);
+    model
+        .run_with_hooks(&rendered.tokens, &mut hooks, &LogitsAt::Last)
+        .unwrap();
+    let got: Vec<f32> = hooks
+        .cache
+        .get(point)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() < 2e-3,
+            "{}: got {:?}, want {want:?}",
+            model_path.display(),
+            &got[..4]
+        );
+    }
+}
+
+/// Runs `reference["tokens"]` through `model` and checks every residual hook
+/// (`resid_pre`, `attn_out`, `resid_mid`, `mlp_out`, `resid_post` of every
+/// layer) and the logits against a transformers float64 reference in the
+/// format of `tests/fixtures/make_families.py`, within 1e-5 relative L2.
+pub fn assert_matches_reference(
+    model: &afprobe::model::Model,
+    reference: &HashMap<String, Tensor>,
+    label: &str,
+) {
+    use afprobe::model::{CaptureRows, HookPoint, Hooks, LogitsAt, NamesFilter};
+    let tokens: Vec<u32> = i64_vec(&reference["tokens"])
+        .into_iter()
+        .map(|t| t as u32)
+        .collect();
+    let mut hooks = Hooks::capture(NamesFilter::All, CaptureRows::All);
+    let logits = model
+        .run_with_hooks(&tokens, &mut hooks, &LogitsAt::All)
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let got = |p: HookPoint| hooks.cache.get(p).unwrap().to_dtype(DType::F64).unwrap();
+    let want = |name: String| reference[&name].clone();
+    let check = |what: String, got: &Tensor, want: &Tensor| {
+        let err = rel_l2(got, want);
+        assert!(err < 1e-5, "{label} {what}: relative L2 {err:e}");
+    };
+    for l in 0..model.config().n_layers {
+        let pre = want(format!("resid_pre.{l}"));
+        let post = want(format!("resid_post.{l}"));
+        let mlp = want(format!("mlp_out.{l}"));
+        let attn = ((&post - &mlp).unwrap() - &pre).unwrap();
+        check(format!("resid_pre.{l}"), &got(HookPoint::ResidPre(l)), &pre);
+        check(format!("attn_out.{l}"), &got(HookPoint::AttnOut(l)), &attn);
+        check(
+            format!("resid_mid.{l}"),
+            &got(HookPoint::ResidMid(l)),
+            &(&pre + &attn).unwrap(),
+        );
+        check(format!("mlp_out.{l}"), &got(HookPoint::MlpOut(l)), &mlp);
+        check(
+            format!("resid_post.{l}"),
+            &got(HookPoint::ResidPost(l)),
+            &post,
+        );
+    }
+    check(
+        "logits".into(),
+        &logits.to_dtype(DType::F64).unwrap(),
+        &reference["logits"],
+    );
+}
+
 /// All tensors of a safetensors fixture.
 pub fn load_fixture(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu)

@@ -16,7 +16,6 @@ pub mod diff;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -211,29 +210,9 @@ fn weights_of(files: &ModelFiles) -> Result<(ModelConfig, DiffModel)> {
             Ok((config, m))
         }
         ModelFiles::HfDir(dir) => {
-            let config = ModelConfig::from_hf_json(&dir.join("config.json"))?;
-            let files: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| Error::io(dir, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension().is_some_and(|x| x == "safetensors")
-                        && !p.ends_with("reference.safetensors")
-                })
-                .collect();
-            // Safety: read-only mapping of the model's own files.
-            let st = unsafe { MmapedSafetensors::multi(&files) }
-                .map_err(|e| Error::model_file(dir, format!("cannot map: {e}")))?;
-            let names: std::collections::HashSet<String> =
-                st.tensors().into_iter().map(|(n, _)| n).collect();
-            let m = DiffModel::new(config.clone(), &mut |n| {
-                if !names.contains(n) {
-                    return Ok(None);
-                }
-                st.load(n, &Device::Cpu)
-                    .map(Some)
-                    .map_err(|e| Error::model_file(dir, format!("tensor `{n}`: {e}")))
-            })?;
-            Ok((config, m))
+            let hf = crate::model::HfDir::open(dir)?;
+            let m = DiffModel::new(hf.config.clone(), &mut |n| hf.tensor(n))?;
+            Ok((hf.config, m))
         }
     }
 }
