@@ -159,6 +159,9 @@ pub struct RenderedPrompt {
     pub tokens: Vec<u32>,
     /// Token range `[start, end)` of the user turn, if it can be located.
     pub user_span: Option<(usize, usize)>,
+    /// Token range `[start, end)` of the system message's text, when the row
+    /// has one (where a study's setting says what the tiers mean for training).
+    pub system_span: Option<(usize, usize)>,
     /// Token range `[start, end)` covering `cue_text`, if the row has one.
     pub cue_span: Option<(usize, usize)>,
     /// Token ids of each continuation, by name.
@@ -181,17 +184,14 @@ pub fn render(model: &Model, row: &PromptRow, path: &Path) -> Result<RenderedPro
             row.id
         ))
     };
-    let (mut text, user_text) = match &row.body {
-        PromptBody::Text(t) => (t.clone(), row.user_text.clone()),
+    let (mut text, user_text, system_text) = match &row.body {
+        PromptBody::Text(t) => (t.clone(), row.user_text.clone(), None),
         PromptBody::Messages(msgs) => {
-            let user = msgs
-                .iter()
-                .rev()
-                .find(|m| m.role == "user")
-                .map(|m| m.content.clone());
+            let content = |m: &Message| m.content.clone();
             (
                 model.format_chat(msgs).map_err(|e| at(e.to_string()))?,
-                user,
+                msgs.iter().rev().find(|m| m.role == "user").map(content),
+                msgs.iter().find(|m| m.role == "system").map(content),
             )
         }
     };
@@ -212,6 +212,13 @@ pub fn render(model: &Model, row: &PromptRow, path: &Path) -> Result<RenderedPro
         }
         None => None,
     };
+    // The first occurrence: the system message comes first. A template that
+    // rewrites it (trims it, say) leaves the span unknown rather than wrong.
+    let system_span = system_text.filter(|s| !s.trim().is_empty()).and_then(|s| {
+        let s = s.trim();
+        text.find(s)
+            .map(|start| token_span(&offsets, start, start + s.len()))
+    });
     let cue_span = match row.cue_text() {
         Some(cue) => {
             // The last occurrence: a system prompt may quote the cue while explaining it.
@@ -242,6 +249,7 @@ pub fn render(model: &Model, row: &PromptRow, path: &Path) -> Result<RenderedPro
         text,
         tokens,
         user_span,
+        system_span,
         cue_span,
         continuations,
     })

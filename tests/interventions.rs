@@ -106,6 +106,7 @@ fn patch_spec(prompts: &Path, out: &Path, points: Vec<HookPoint>, positions: &[&
         pair_by: vec!["request_id".into()],
         filter: Filter::default(),
         max_pairs: None,
+        heads: None,
         resamples: 200,
         seed: 0,
         force: true,
@@ -143,11 +144,18 @@ fn patching_identities_on_a_tiny_model() {
             &prompts,
             &out,
             vec![HookPoint::Embed, last],
-            &["all", "last", "cue"],
+            &["all", "last", "cue", "system"],
         ),
     )
     .unwrap();
     assert_eq!(report.n_pairs, 4);
+    // Free and paid rows share their system message, so its activations are
+    // the same in both: patching it changes nothing, exactly.
+    for point in ["hook_embed", &last.to_string()] {
+        for (_, dest, p) in patched(&out, &format!("{point}@system")) {
+            assert_eq!(p, dest, "{point}@system");
+        }
+    }
     for cell in [format!("{last}@all"), "hook_embed@all".to_string()] {
         for (source, dest, p) in patched(&out, &cell) {
             assert!((p - source).abs() < 1e-6, "{cell}: {p} vs source {source}");
@@ -634,4 +642,120 @@ fn interventions_run_on_the_default_model() {
             r["p_accept"]
         );
     }
+}
+
+/// Per-head patching (`--hook z`): one cell per layer × head × position,
+/// whose edit is head h's term of `hook_attn_out`. The decomposition it rests
+/// on is checked against the fused forward: the heads' terms
+/// (z from the f64 attention internals times o_proj's rows) sum to the
+/// difference of the two rows' `hook_attn_out` (the fused kernel). A family
+/// whose attention output is not such a sum, and a multi-token position, are
+/// refused.
+#[test]
+fn per_head_patching_patches_each_heads_term_of_attn_out() {
+    use afprobe::model::{CaptureRows, Hooks, NamesFilter};
+    let model = load(&fixtures().join("tiny_llama3"));
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.jsonl");
+    write_jsonl(&prompts, &rows(3));
+    let out = tmp.path().join("heads");
+    let points = vec![HookPoint::AttnZ(1), HookPoint::AttnZ(2)];
+    let report = patch(
+        &model,
+        &patch_spec(&prompts, &out, points, &["last", "cue"]),
+    )
+    .unwrap();
+    let n_heads = model.config().n_heads;
+    assert_eq!(report.cells.len(), 2 * 2 * n_heads);
+    for c in &report.cells {
+        assert!(c.head.is_some_and(|h| h < n_heads), "{c:?}");
+        assert_eq!(c.n_pairs, 3, "{c:?}");
+        assert!(c.effect.is_finite(), "{c:?}");
+    }
+    let moved = report
+        .cells
+        .iter()
+        .filter(|c| c.effect.abs() > 1e-6)
+        .count();
+    assert!(moved > 0, "no head patch moved p_accept");
+    let rows_written = read_jsonl(&out.join("rows.jsonl"));
+    assert!(rows_written[0]["p_patched"]
+        .as_object()
+        .unwrap()
+        .contains_key("blocks.2.attn.hook_z.h3@last"));
+
+    // Σ_h (z_free,h − z_paid,h) · W_O,h = attn_out_free − attn_out_paid at the last token.
+    let render = |id: &str| {
+        let row = afprobe::prompts::read_prompt_file(&prompts)
+            .unwrap()
+            .into_iter()
+            .find(|r| r.id == id)
+            .unwrap();
+        afprobe::prompts::render(&model, &row, &prompts)
+            .unwrap()
+            .tokens
+    };
+    let layer = 2;
+    let capture = |tokens: &[u32]| {
+        let mut hooks = Hooks::capture(
+            NamesFilter::Only(vec![HookPoint::AttnZ(layer), HookPoint::AttnOut(layer)]),
+            CaptureRows::Last,
+        );
+        model
+            .run_with_hooks(tokens, &mut hooks, &LogitsAt::Last)
+            .unwrap();
+        let get = |p| hooks.cache.get(p).unwrap().to_dtype(DType::F64).unwrap();
+        (get(HookPoint::AttnZ(layer)), get(HookPoint::AttnOut(layer)))
+    };
+    let (free, paid) = (render("free-0"), render("paid-0"));
+    let ((z_f, out_f), (z_p, out_p)) = (capture(&free), capture(&paid));
+    let w_o = model
+        .transformer
+        .head_out_weight(layer, &free)
+        .unwrap()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let dz = (z_f - z_p)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let summed = dz.matmul(&w_o).unwrap().flatten_all().unwrap();
+    let fused = (out_f - out_p).unwrap().flatten_all().unwrap();
+    let err = common::rel_l2(&summed, &fused);
+    assert!(err < 1e-4, "sum of head terms vs fused attn_out: {err:e}");
+
+    let m = fixtures().join("tiny_llama3");
+    let gemma = fixtures().join("families").join("gemma2");
+    let (p, o) = (prompts.to_str().unwrap(), tmp.path().join("bad"));
+    let run = |model: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "patch",
+            "--prompts",
+            p,
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+            "--hook",
+            "z",
+            "--layers",
+            "1",
+            "--pair-by",
+            "request_id",
+        ];
+        args.extend_from_slice(extra);
+        afprobe(&args)
+    };
+    assert_fails_with(
+        &run(&gemma, &["--positions", "last"]),
+        &["not a sum of per-head terms", "hook_attn_out"],
+    );
+    assert_fails_with(&run(&m, &["--positions", "user"]), &["one token", "user"]);
+    assert_fails_with(
+        &run(&m, &["--positions", "last", "--heads", "9"]),
+        &["--heads 9", "4 heads"],
+    );
 }

@@ -9,7 +9,7 @@ use afprobe::intervene::ablate::{self, AblateSpec};
 use afprobe::intervene::direction::DirectionSource;
 use afprobe::intervene::patch::{self, PatchPosition, PatchSpec};
 use afprobe::intervene::steer::{self, SteerSpec};
-use afprobe::model::parse_hooks;
+use afprobe::model::{parse_hooks, parse_layer_list, HookPoint};
 
 /// What every intervention reads: prompts, model, row filter, output.
 #[derive(Args)]
@@ -165,11 +165,14 @@ tier) does one activation carry?\n\n\
 Rows pair when --pair-by fields match (default request_id, cue, variation) and --label is \
 --source in one and --dest in the other; an unpaired row is an error. For every hook point \
 (--hook at --layers) and position set (--positions: last, last-K, cue = the cue's last token, \
-user = the user turn, all = every token), the destination runs with its activation there replaced \
-by the source's, and p_accept is scored. Reported per cell: the mean effect p_patched − p_dest and \
+user = the user turn, system = the system message, all = every token), the destination runs with its activation there replaced \
+by the source's, and p_accept is scored. With --hook z each head (--heads) of each layer is \
+patched alone at one token (last, last-K or cue), TransformerLens' per-head hook_z patching: \
+afprobe adds (z_source - z_dest) of that head times its rows of o_proj to hook_attn_out, exact \
+where the attention output is a sum over heads (not Gemma 2/3 or OLMo 2, which are refused). Reported per cell: the mean effect p_patched − p_dest and \
 the share of the difference restored, sum(p_patched − p_dest) / sum(p_source − p_dest), each with \
-a bootstrap 95% interval over pairs. Positions are aligned from the end (last-K, user), at the \
-cue, or by the common prefix and suffix (all); where the two rows' token counts differ, positions \
+a bootstrap 95% interval over pairs. Positions are aligned from the end (last-K, user), from the \
+start (system), at the cue, or by the common prefix and suffix (all); where the two rows' token counts differ, positions \
 without a counterpart stay unpatched and patch.json counts those pairs.\n\n\
 Each patched run reuses the destination's unedited KV cache up to the first patched position and \
 recomputes only the rest; the summary prints the token-forwards used against one full forward per \
@@ -179,13 +182,17 @@ cell. Writes OUT/rows.jsonl (per pair) and OUT/patch.json; `afprobe plot OUT` dr
 pub struct PatchArgs {
     #[command(flatten)]
     common: Common,
-    /// Hook kind to patch (resid_post, resid_pre, attn_out, mlp_out, resid_mid, embed).
+    /// Hook kind to patch (resid_post, resid_pre, attn_out, mlp_out, resid_mid, embed), or `z`
+    /// (blocks.L.attn.hook_z): each head of each layer patched alone at one token.
     #[arg(long, default_value = "resid_post")]
     hook: String,
+    /// With --hook z: the heads to patch one at a time (comma-separated; default every head).
+    #[arg(long, value_delimiter = ',')]
+    heads: Option<Vec<usize>>,
     /// Layers: all, a range 0-29, a list 0,5,10.
     #[arg(long, default_value = "all")]
     layers: String,
-    /// Position sets, comma-separated: last, last-K, cue, user, all.
+    /// Position sets, comma-separated: last, last-K, cue, user, system, all.
     #[arg(long, value_delimiter = ',', default_value = "last,last-1,cue,user")]
     positions: Vec<String>,
     /// The field whose values tell source and destination rows apart.
@@ -211,10 +218,17 @@ pub struct PatchArgs {
 
 pub fn patch(a: PatchArgs) -> anyhow::Result<()> {
     let model = a.common.model.load()?;
+    let n_layers = model.config().n_layers;
     let spec = PatchSpec {
         prompts: a.common.prompts.clone(),
         out: a.common.out.clone(),
-        points: parse_hooks(&a.hook, &a.layers, model.config().n_layers)?,
+        points: match a.hook.as_str() {
+            "z" | "attn.hook_z" => parse_layer_list("--layers", &a.layers, n_layers)?
+                .into_iter()
+                .map(HookPoint::AttnZ)
+                .collect(),
+            hook => parse_hooks(hook, &a.layers, n_layers)?,
+        },
         positions: a
             .positions
             .iter()
@@ -226,6 +240,7 @@ pub fn patch(a: PatchArgs) -> anyhow::Result<()> {
         pair_by: a.pair_by,
         filter: a.common.filter.parse()?,
         max_pairs: a.max_pairs,
+        heads: a.heads,
         resamples: a.common.resamples,
         seed: a.common.seed,
         force: a.common.force,

@@ -9,6 +9,7 @@
 
 pub mod ablate;
 pub mod direction;
+pub mod head_patch;
 pub mod patch;
 pub mod steer;
 
@@ -160,21 +161,60 @@ impl RowCache {
         hooks: &mut Hooks,
         count: &mut TokenCount,
     ) -> Result<(RowCache, Scores)> {
-        let tokens = &row.rendered.tokens;
+        let mut cache = RowCache::reusing(row, previous)?;
+        let start = cache.kv.len();
+        let scores =
+            cache.forward_and_score(model, row, start, std::slice::from_mut(hooks), count)?;
+        cache.clean = row.rendered.tokens.len();
+        Ok((cache, scores))
+    }
+
+    /// An empty cache for `row` holding the clean prefix it shares with `previous`.
+    fn reusing(row: &Row, previous: Option<&RowCache>) -> Result<RowCache> {
         let kv = match previous {
             Some(p) => {
-                let mut kv = p.kv.reuse_for(tokens)?;
+                let mut kv = p.kv.reuse_for(&row.rendered.tokens)?;
                 kv.truncate(kv.len().min(p.clean))?;
                 kv
             }
             None => KvCache::new(),
         };
-        let start = kv.len();
-        let mut cache = RowCache { kv, clean: 0 };
-        let scores =
-            cache.forward_and_score(model, row, start, std::slice::from_mut(hooks), count)?;
+        Ok(RowCache { kv, clean: 0 })
+    }
+
+    /// [`RowCache::run`] without edits, capturing `points` (attention
+    /// internals included) on the prompt positions it computes: those from the
+    /// returned offset on (the prefix shared with `previous` is reused, not
+    /// recomputed). The continuations run uncaptured.
+    pub fn run_capturing(
+        model: &Model,
+        row: &Row,
+        previous: Option<&RowCache>,
+        points: &[HookPoint],
+        count: &mut TokenCount,
+    ) -> Result<(RowCache, Scores, ActivationCache, usize)> {
+        let mut cache = RowCache::reusing(row, previous)?;
+        let (t, tokens) = (&model.transformer, &row.rendered.tokens);
+        let start = cache.kv.len();
+        let mut capture = Hooks::capture(NamesFilter::Only(points.to_vec()), CaptureRows::All);
+        let logits = t.forward(
+            &tokens[start..],
+            &mut cache.kv,
+            &mut capture,
+            &LogitsAt::Last,
+        )?;
+        let (scores, scored) = score_prompt(
+            t,
+            &mut cache.kv,
+            &mut [Hooks::none()],
+            &logits,
+            &row.rendered.continuations,
+            None,
+        )?;
+        count.computed += tokens.len() - start + scored;
+        count.naive += tokens.len() + scored;
         cache.clean = tokens.len();
-        Ok((cache, scores))
+        Ok((cache, scores, capture.cache, start))
     }
 
     /// Runs the row with `hooks` (edits at positions ≥ `start`, absolute) and

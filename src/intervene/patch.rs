@@ -39,6 +39,9 @@ pub enum PatchPosition {
     Cue,
     /// Every token of the user turn (aligned from its end).
     User,
+    /// Every token of the system message (aligned from its start): where a
+    /// setting says which tier is trained on.
+    System,
     /// Every token (aligned by the common prefix and suffix).
     All,
 }
@@ -50,6 +53,7 @@ impl fmt::Display for PatchPosition {
             PatchPosition::Last(k) => write!(f, "last-{k}"),
             PatchPosition::Cue => write!(f, "cue"),
             PatchPosition::User => write!(f, "user"),
+            PatchPosition::System => write!(f, "system"),
             PatchPosition::All => write!(f, "all"),
         }
     }
@@ -62,13 +66,14 @@ impl FromStr for PatchPosition {
         let bad = || {
             Error::BadInput(format!(
                 "unknown patch position `{s}`; valid: last, last-K (K tokens before the last), \
-                 cue, user, all"
+                 cue, user, system, all"
             ))
         };
         Ok(match s {
             "last" => PatchPosition::Last(0),
             "cue" => PatchPosition::Cue,
             "user" => PatchPosition::User,
+            "system" => PatchPosition::System,
             "all" => PatchPosition::All,
             _ => PatchPosition::Last(
                 s.strip_prefix("last-")
@@ -99,6 +104,10 @@ pub struct PatchSpec {
     pub filter: Filter,
     /// Use at most this many pairs (the first ones, in file order).
     pub max_pairs: Option<usize>,
+    /// With `blocks.L.attn.hook_z` points: the heads patched one at a time
+    /// (`None`: every head). See [`super::head_patch`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heads: Option<Vec<usize>>,
     pub resamples: usize,
     pub seed: u64,
     pub force: bool,
@@ -200,6 +209,9 @@ fn patch_hooks(
 pub struct Cell {
     pub hook: String,
     pub layer: Option<usize>,
+    /// The head patched alone (`hook_z` cells).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<usize>,
     pub position: String,
     /// Pairs patched (with at least one aligned position).
     pub n_pairs: usize,
@@ -341,6 +353,14 @@ pub fn align(
             }
             _ => (Vec::new(), 1),
         },
+        PatchPosition::System => match (dest.system_span, source.system_span) {
+            (Some((da, db)), Some((sa, sb))) => {
+                let n = (db - da).min(sb - sa);
+                let pairs = (0..n).map(|i| (da + i, sa + i)).collect();
+                (pairs, (db - da).max(sb - sa) - n)
+            }
+            _ => (Vec::new(), 1),
+        },
         PatchPosition::All if td == ts => ((0..td).map(|p| (p, p)).collect(), 0),
         PatchPosition::All => {
             let prefix = dest
@@ -379,18 +399,37 @@ pub fn patch(model: &Model, spec: &PatchSpec) -> Result<PatchReport> {
     let started = Instant::now();
     let mut count = TokenCount::default();
     let progress = Progress::new("patch", "pairs", pairs.len());
-    let cells: Vec<(HookPoint, PatchPosition)> = spec
+    let heads = super::head_patch::heads(model, spec)?;
+    let cells: Vec<PatchCell> = spec
         .points
         .iter()
-        .flat_map(|&p| spec.positions.iter().map(move |&q| (p, q)))
+        .flat_map(|&point| {
+            spec.positions
+                .iter()
+                .map(move |&position| (point, position))
+        })
+        .flat_map(|(point, position)| {
+            let per_head: Vec<Option<usize>> = match point {
+                HookPoint::AttnZ(_) => heads.iter().copied().map(Some).collect(),
+                _ => vec![None],
+            };
+            per_head.into_iter().map(move |head| PatchCell {
+                point,
+                position,
+                head,
+            })
+        })
         .collect();
     let mut results: Vec<PairResult> = Vec::new();
     let mut previous: Option<RowCache> = None;
     let mut records = String::new();
     for pair in &pairs {
         let (src, dst) = (&rows[pair.source], &rows[pair.dest]);
-        let (result, dst_cache) =
-            patch_pair(model, src, dst, previous.as_ref(), &cells, spec, &mut count)?;
+        let (result, dst_cache) = if heads.is_empty() {
+            patch_pair(model, src, dst, previous.as_ref(), &cells, spec, &mut count)?
+        } else {
+            super::head_patch::patch_pair(model, src, dst, previous.as_ref(), &cells, &mut count)?
+        };
         records.push_str(&pair_record(src, dst, &result, &cells, spec));
         results.push(result);
         previous = Some(dst_cache);
@@ -403,7 +442,7 @@ pub fn patch(model: &Model, spec: &PatchSpec) -> Result<PatchReport> {
     let cells = cells
         .iter()
         .enumerate()
-        .map(|(c, &(point, position))| summarize(c, point, position, &results, spec))
+        .map(|(c, cell)| summarize(c, cell, &results, spec))
         .collect();
     let report = PatchReport {
         format: "afprobe-patch/1".into(),
@@ -444,12 +483,17 @@ fn check_spans(rows: &[Row], pairs: &[Pair], spec: &PatchSpec) -> Result<()> {
             let needs = match position {
                 PatchPosition::Cue => ("cue", "a `cue_text` field"),
                 PatchPosition::User => ("user", "a user turn (messages, or user_text)"),
+                PatchPosition::System => (
+                    "system",
+                    "a system message whose text the chat template renders unchanged",
+                ),
                 _ => continue,
             };
             for i in [pair.source, pair.dest] {
                 let r = &rows[i].rendered;
                 let missing = match position {
                     PatchPosition::Cue => r.cue_span.is_none(),
+                    PatchPosition::System => r.system_span.is_none(),
                     _ => r.user_span.is_none(),
                 };
                 if missing {
@@ -476,7 +520,7 @@ fn patch_pair(
     src: &Row,
     dst: &Row,
     previous: Option<&RowCache>,
-    cells: &[(HookPoint, PatchPosition)],
+    cells: &[PatchCell],
     spec: &PatchSpec,
     count: &mut TokenCount,
 ) -> Result<(PairResult, RowCache)> {
@@ -490,8 +534,8 @@ fn patch_pair(
     let mut plan: Vec<(usize, Aligned, usize)> = cells
         .iter()
         .enumerate()
-        .map(|(c, &(_, position))| {
-            let (aligned, unaligned) = align(position, &dst.rendered, &src.rendered);
+        .map(|(c, cell)| {
+            let (aligned, unaligned) = align(cell.position, &dst.rendered, &src.rendered);
             (c, aligned, unaligned)
         })
         .collect();
@@ -514,7 +558,9 @@ fn patch_pair(
         }
         let clean = &unpatched.as_ref().expect("set above").1;
         dest_at[c] = p_accept(&clean.scores);
-        let (point, position) = cells[c];
+        let PatchCell {
+            point, position, ..
+        } = cells[c];
         let mut hooks = patch_hooks(point, position, &aligned, dst, &source)?;
         let scores =
             dst_cache.run_edited(model, dst, start, &mut hooks, count, clean.resume(point))?;
@@ -535,7 +581,7 @@ fn pair_record(
     src: &Row,
     dst: &Row,
     result: &PairResult,
-    cells: &[(HookPoint, PatchPosition)],
+    cells: &[PatchCell],
     spec: &PatchSpec,
 ) -> String {
     let mut record = serde_json::Map::new();
@@ -553,7 +599,7 @@ fn pair_record(
             .iter()
             .zip(values)
             .filter(|(_, p)| p.is_finite())
-            .map(|((point, position), p)| (format!("{point}@{position}"), json!(p)))
+            .map(|(cell, p)| (cell.to_string(), json!(p)))
             .collect();
         Value::Object(map)
     };
@@ -565,22 +611,40 @@ fn pair_record(
 
 /// One pair's scores: unpatched source and destination, and each cell's
 /// destination unpatched and patched (on the same split of the prompt).
-struct PairResult {
-    p_source: f64,
-    p_dest: f64,
+pub(super) struct PairResult {
+    pub p_source: f64,
+    pub p_dest: f64,
     /// NaN where the cell had no aligned position.
-    dest_at: Vec<f64>,
-    patched: Vec<f64>,
-    partly: Vec<bool>,
+    pub dest_at: Vec<f64>,
+    pub patched: Vec<f64>,
+    pub partly: Vec<bool>,
 }
 
-fn summarize(
-    c: usize,
-    point: HookPoint,
-    position: PatchPosition,
-    results: &[PairResult],
-    spec: &PatchSpec,
-) -> Cell {
+/// What one cell patches: a hook point at a position set, one head of it
+/// for `hook_z`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PatchCell {
+    pub point: HookPoint,
+    pub position: PatchPosition,
+    pub head: Option<usize>,
+}
+
+impl fmt::Display for PatchCell {
+    /// `blocks.3.hook_resid_post@last`, `blocks.3.attn.hook_z.h5@last`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.head {
+            Some(h) => write!(f, "{}.h{h}@{}", self.point, self.position),
+            None => write!(f, "{}@{}", self.point, self.position),
+        }
+    }
+}
+
+fn summarize(c: usize, cell: &PatchCell, results: &[PairResult], spec: &PatchSpec) -> Cell {
+    let PatchCell {
+        point,
+        position,
+        head,
+    } = *cell;
     let used: Vec<&PairResult> = results
         .iter()
         .filter(|r| r.patched[c].is_finite())
@@ -613,6 +677,7 @@ fn summarize(
     Cell {
         hook: point.to_string(),
         layer: point.layer(),
+        head,
         position: position.to_string(),
         n_pairs: n,
         partly_aligned: results.iter().filter(|r| r.partly[c]).count(),
@@ -649,13 +714,20 @@ pub fn format_table(report: &PatchReport) -> String {
         out.push_str(&format!(" {p:>10}"));
     }
     out.push('\n');
-    for point in &report.settings.points {
-        out.push_str(&format!("{:<28}", point.to_string()));
+    let mut rows: Vec<(&str, Option<usize>)> = Vec::new();
+    for c in &report.cells {
+        if !rows.contains(&(c.hook.as_str(), c.head)) {
+            rows.push((c.hook.as_str(), c.head));
+        }
+    }
+    for (hook, head) in rows {
+        let label = head.map_or(hook.to_string(), |h| format!("{hook}.h{h}"));
+        out.push_str(&format!("{label:<28}"));
         for p in &positions {
             let cell = report
                 .cells
                 .iter()
-                .find(|c| c.hook == point.to_string() && &c.position == p);
+                .find(|c| c.hook == hook && c.head == head && &c.position == p);
             let text = cell
                 .and_then(|c| c.restored)
                 .map_or("n/a".to_string(), |r| format!("{r:+.3}"));

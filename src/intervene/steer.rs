@@ -203,14 +203,34 @@ pub struct SteerSummary {
     /// Share of random effects below the direction's, in percent (ties count half).
     pub percentile: Option<f64>,
     pub n_random: usize,
+    /// The same comparison on the log-odds of p_accept, ln(p / (1 − p)), in
+    /// nats: a model whose p_accept is saturated near 0 or 1 hides a real
+    /// effect on the probability scale, not on this one.
+    pub log_odds: EffectVsRandom,
+}
+
+/// A direction's effect beside the random directions': the mean over rows
+/// of steered minus unsteered with its bootstrap 95% interval, the random
+/// directions' mean effects' 95% interval, and the direction's percentile
+/// among them (ties count half).
+#[derive(Debug, Clone, Serialize)]
+pub struct EffectVsRandom {
+    pub effect: f64,
+    pub effect_ci95: [f64; 2],
+    pub random_ci95: Option<[f64; 2]>,
+    pub percentile: Option<f64>,
 }
 
 impl SteerSummary {
     /// Whether the direction's effect lies outside the random directions'
     /// 95% interval by more than `margin` (a lever on compliance).
     pub fn beyond_random(&self, margin: f64) -> bool {
-        self.random_ci95
-            .is_some_and(|[lo, hi]| self.effect > hi + margin || self.effect < lo - margin)
+        outside(self.effect, self.random_ci95, margin)
+    }
+
+    /// [`SteerSummary::beyond_random`] on the log-odds scale (`margin` in nats).
+    pub fn log_odds_beyond_random(&self, margin: f64) -> bool {
+        outside(self.log_odds.effect, self.log_odds.random_ci95, margin)
     }
 
     /// `effect [lo, hi] | random interval | percentile`, as table cells with
@@ -561,9 +581,44 @@ fn cell_name(point: HookPoint, alpha: f64, along: Along) -> String {
     }
 }
 
-/// Per hook and non-zero α, the direction's mean effect on p_accept beside
-/// the random directions' effects (one number per random direction: its mean
-/// effect over the same rows).
+fn outside(effect: f64, random_ci95: Option<[f64; 2]>, margin: f64) -> bool {
+    random_ci95.is_some_and(|[lo, hi]| effect > hi + margin || effect < lo - margin)
+}
+
+/// ln(p / (1 − p)), with p kept 1e-15 inside (0, 1) so a saturated row stays finite.
+fn log_odds(p: f64) -> f64 {
+    let p = p.clamp(1e-15, 1.0 - 1e-15);
+    (p / (1.0 - p)).ln()
+}
+
+/// `direction`: the per-row effects; `random`: each random direction's mean effect.
+fn compare(direction: &[f64], mut random: Vec<f64>, resamples: usize, seed: u64) -> EffectVsRandom {
+    let (effect, effect_ci95) = mean_ci(direction, resamples, seed);
+    random.sort_by(f64::total_cmp);
+    let (random_ci95, percentile) = if random.is_empty() {
+        (None, None)
+    } else {
+        let below = random.iter().filter(|r| **r < effect).count() as f64;
+        let ties = random.iter().filter(|r| **r == effect).count() as f64;
+        (
+            Some([
+                quantile_linear(&random, 0.025),
+                quantile_linear(&random, 0.975),
+            ]),
+            Some(100.0 * (below + ties / 2.0) / random.len() as f64),
+        )
+    };
+    EffectVsRandom {
+        effect,
+        effect_ci95,
+        random_ci95,
+        percentile,
+    }
+}
+
+/// Per hook and non-zero α, the direction's mean effect on p_accept (and on
+/// its log-odds) beside the random directions' effects (one number per
+/// random direction: its mean effect over the same rows).
 fn summarize_against_random(
     spec: &SteerSpec,
     cells: &[Cell],
@@ -571,47 +626,48 @@ fn summarize_against_random(
     base: &[f64],
     tiers: &[Option<String>],
 ) -> Vec<SteerSummary> {
-    let effects =
-        |values: &[f64]| -> Vec<f64> { values.iter().zip(base).map(|(s, b)| s - b).collect() };
+    let effects = |values: &[f64], f: fn(f64) -> f64| -> Vec<f64> {
+        values
+            .iter()
+            .zip(base)
+            .map(|(s, b)| f(*s) - f(*b))
+            .collect()
+    };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let identity: fn(f64) -> f64 = |p| p;
     let mut out = Vec::new();
     for (c, cell) in cells.iter().enumerate() {
         if cell.along != Along::Direction || cell.alpha == 0.0 {
             continue;
         }
-        let direction = effects(&steered[c]);
-        let (effect, effect_ci95) = mean_ci(&direction, spec.resamples, spec.seed ^ c as u64);
-        let mut random: Vec<f64> = cells
+        let random: Vec<&Vec<f64>> = cells
             .iter()
             .zip(steered)
             .filter(|(r, _)| {
                 r.point == cell.point && r.alpha == cell.alpha && r.along != Along::Direction
             })
-            .map(|(_, values)| mean(&effects(values)))
+            .map(|(_, values)| values)
             .collect();
-        random.sort_by(f64::total_cmp);
-        let (random_ci95, percentile) = if random.is_empty() {
-            (None, None)
-        } else {
-            let below = random.iter().filter(|r| **r < effect).count() as f64;
-            let ties = random.iter().filter(|r| **r == effect).count() as f64;
-            (
-                Some([
-                    quantile_linear(&random, 0.025),
-                    quantile_linear(&random, 0.975),
-                ]),
-                Some(100.0 * (below + ties / 2.0) / random.len() as f64),
+        let on_scale = |f: fn(f64) -> f64| {
+            let random_means = random.iter().map(|v| mean(&effects(v, f))).collect();
+            compare(
+                &effects(&steered[c], f),
+                random_means,
+                spec.resamples,
+                spec.seed ^ c as u64,
             )
         };
+        let (p, lo) = (on_scale(identity), on_scale(log_odds));
         out.push(SteerSummary {
             hook: spec.points[cell.point].to_string(),
             alpha: cell.alpha,
-            effect,
-            effect_ci95,
-            gap_effect: gap_of(&direction, tiers),
-            random_ci95,
-            percentile,
+            effect: p.effect,
+            effect_ci95: p.effect_ci95,
+            gap_effect: gap_of(&effects(&steered[c], identity), tiers),
+            random_ci95: p.random_ci95,
+            percentile: p.percentile,
             n_random: random.len(),
+            log_odds: lo,
         });
     }
     out
@@ -828,4 +884,24 @@ pub fn format_table(report: &SteerReport) -> String {
         report.tokens.computed, report.tokens.naive, report.seconds
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A saturated row's change is visible in log-odds, not in p: from
+    /// p = 0.9997 to 0.99975 is +0.00005 in p and +0.18 nats.
+    #[test]
+    fn log_odds_show_what_saturation_hides() {
+        let (before, after) = (0.9997_f64, 0.99975_f64);
+        assert!(after - before < 1e-4);
+        let nats = log_odds(after) - log_odds(before);
+        assert!((nats - (5.0_f64 / 6.0).ln().abs()).abs() < 1e-3, "{nats}");
+        assert!(log_odds(1.0).is_finite() && log_odds(0.0).is_finite());
+        let compared = compare(&[0.2, 0.21, 0.19], vec![0.05, -0.02, 0.01, 0.07], 200, 0);
+        assert!(outside(compared.effect, compared.random_ci95, 0.1));
+        assert_eq!(compared.percentile, Some(100.0));
+        assert!(!outside(0.05, compared.random_ci95, 0.0));
+    }
 }

@@ -56,7 +56,13 @@ pub(super) struct Interventions {
     pub(super) meaning_patch: PatchReport,
     pub(super) attribute_dir: PathBuf,
     pub(super) attribute: AttributeReport,
+    /// Each head of the layers whose heads carry the most direct logit
+    /// attribution, patched alone (paid into free) at the last token and the cue.
+    pub(super) head_patch: PatchReport,
 }
+
+/// How many layers per-head patching covers (every head of each).
+const HEAD_PATCH_LAYERS: usize = 3;
 
 /// Steering along the `training_implied` probe's direction at its best layer
 /// on the standard and the flipped `natural` rows, ablation of that direction
@@ -167,54 +173,68 @@ pub(super) fn run_interventions(
         .filter(|l| l % 6 == 0 || *l == n_layers - 1)
         .map(HookPoint::ResidPost)
         .collect();
-    let patch_run =
-        |out: &Path, label: &str, [source, dest]: [&str; 2], pair_with: &str, filter: Filter| {
-            println!(
+    let patch_run = |out: &Path,
+                     label: &str,
+                     [source, dest]: [&str; 2],
+                     pair_with: &str,
+                     filter: Filter,
+                     positions: Vec<PatchPosition>| {
+        let names: Vec<String> = positions.iter().map(ToString::to_string).collect();
+        println!(
             "\npatching {label}={source} into {dest} on rows {filter}, hook_resid_post of every \
-             sixth layer x last, cue, user:"
+             sixth layer x {}:",
+            names.join(", ")
         );
-            let report = patch::patch(
-                model,
-                &PatchSpec {
-                    prompts: prompts.clone(),
-                    out: out.to_path_buf(),
-                    points: patch_layers.clone(),
-                    positions: vec![
-                        PatchPosition::Last(0),
-                        PatchPosition::Cue,
-                        PatchPosition::User,
-                    ],
-                    label: label.into(),
-                    source: source.into(),
-                    dest: dest.into(),
-                    pair_by: vec!["request_id".into(), "cue".into(), pair_with.into()],
-                    filter,
-                    max_pairs: None,
-                    resamples: 2000,
-                    seed: 0,
-                    force: true,
-                },
-            )?;
-            print!("{}", patch::format_table(&report));
-            Ok::<_, crate::error::Error>(report)
-        };
+        let report = patch::patch(
+            model,
+            &PatchSpec {
+                prompts: prompts.clone(),
+                out: out.to_path_buf(),
+                points: patch_layers.clone(),
+                positions,
+                label: label.into(),
+                source: source.into(),
+                dest: dest.into(),
+                pair_by: vec!["request_id".into(), "cue".into(), pair_with.into()],
+                filter,
+                max_pairs: None,
+                heads: None,
+                resamples: 2000,
+                seed: 0,
+                force: true,
+            },
+        )?;
+        print!("{}", patch::format_table(&report));
+        Ok::<_, crate::error::Error>(report)
+    };
     let patch_dir = activations.join(format!("{NAME}-patch"));
+    let token_positions = vec![
+        PatchPosition::Last(0),
+        PatchPosition::Cue,
+        PatchPosition::User,
+    ];
     let patch = patch_run(
         &patch_dir,
         "tier",
         ["paid", "free"],
         "variation",
         standard.clone(),
+        token_positions.clone(),
     )?;
     // Flipped into standard on one tier: free rows comply less under flipped, paid rows
     // more, so over both tiers the two settings' mean p_accept nearly cancel.
     let meaning_patch_dir = activations.join(format!("{NAME}-patch-meaning"));
+    // Here the system message differs too (which tier it says is trained on):
+    // patching it asks how far up the stack its meaning still lives there.
+    let mut with_system = token_positions;
+    with_system.push(PatchPosition::System);
     let meaning_patch = patch_run(
         &meaning_patch_dir,
         "variation",
         ["flipped", "standard"],
         "tier",
         "tier=free".parse()?,
+        with_system,
     )?;
 
     let attribute_dir = activations.join(format!("{NAME}-attribute"));
@@ -222,9 +242,9 @@ pub(super) fn run_interventions(
     let attribute = attribute::attribute(
         model,
         &AttributeSpec {
-            prompts,
+            prompts: prompts.clone(),
             out: attribute_dir.clone(),
-            filter: standard,
+            filter: standard.clone(),
             label: "tier".into(),
             positive: "free".into(),
             negative: "paid".into(),
@@ -235,6 +255,29 @@ pub(super) fn run_interventions(
         },
     )?;
     print!("{}", attribute::format_table(&attribute));
+
+    let head_layers = layers_of_top_heads(&attribute, HEAD_PATCH_LAYERS);
+    println!("\npatching each head of layers {head_layers:?} alone (paid into free) at last, cue:");
+    let head_patch = patch::patch(
+        model,
+        &PatchSpec {
+            prompts: prompts.clone(),
+            out: activations.join(format!("{NAME}-patch-heads")),
+            points: head_layers.into_iter().map(HookPoint::AttnZ).collect(),
+            positions: vec![PatchPosition::Last(0), PatchPosition::Cue],
+            label: "tier".into(),
+            source: "paid".into(),
+            dest: "free".into(),
+            pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
+            filter: standard.clone(),
+            max_pairs: None,
+            heads: None,
+            resamples: 2000,
+            seed: 0,
+            force: true,
+        },
+    )?;
+    print!("{}", patch::format_table(&head_patch));
     Ok(Interventions {
         layer,
         steer_dirs,
@@ -247,7 +290,27 @@ pub(super) fn run_interventions(
         meaning_patch,
         attribute_dir,
         attribute,
+        head_patch,
     })
+}
+
+/// The `n` layers holding the heads of largest |direct logit attribution
+/// difference| (in the order of the heads' ranks), or the last layers where
+/// the family has no per-head attribution.
+fn layers_of_top_heads(attribute: &AttributeReport, n: usize) -> Vec<usize> {
+    let mut heads: Vec<_> = attribute.heads.iter().collect();
+    heads.sort_by(|a, b| b.difference.abs().total_cmp(&a.difference.abs()));
+    let mut layers: Vec<usize> = Vec::new();
+    for h in heads {
+        if let Some(l) = h.layer.filter(|l| !layers.contains(l)) {
+            layers.push(l);
+        }
+        if layers.len() == n {
+            break;
+        }
+    }
+    layers.sort_unstable();
+    layers
 }
 
 /// The standard and flipped `natural` rows of the first `n` harmful requests,

@@ -290,7 +290,7 @@ fn localisation(md: &mut String, r: &ReportInputs) {
         md,
         "**Localisation.** Patching the paid row's `hook_resid_post` into its free row (standard \
          `{INTERVENTION_CUE}` rows, {} pairs, p_accept paid {:.3} vs free {:.3}): the single-position \
-         cell that moves p_accept most is {}. Per-head attribution is in section 6.\n",
+         cell that moves p_accept most is {}.",
         p.n_pairs,
         p.p_source,
         p.p_dest,
@@ -303,6 +303,57 @@ fn localisation(md: &mut String, r: &ReportInputs) {
             c.effect_ci95[1],
             c.restored.map_or("n/a".into(), |v| format!("{v:+.2}"))
         ))
+    );
+    head_localisation(md, r);
+}
+
+/// The heads that carry the tier to the decision: per-head patching's
+/// largest effects, beside each head's direct logit attribution.
+fn head_localisation(md: &mut String, r: &ReportInputs) {
+    let (hp, attribution) = (&r.interventions.head_patch, &r.interventions.attribute);
+    let mut cells: Vec<_> = hp.cells.iter().filter(|c| c.effect.is_finite()).collect();
+    cells.sort_by(|a, b| b.effect.abs().total_cmp(&a.effect.abs()));
+    let layers: std::collections::BTreeSet<usize> =
+        hp.cells.iter().filter_map(|c| c.layer).collect();
+    let named: Vec<String> = cells
+        .iter()
+        .take(4)
+        .map(|c| {
+            let dla = attribution
+                .heads
+                .iter()
+                .find(|h| h.layer == c.layer && h.head == c.head)
+                .map_or("n/a".into(), |h| format!("{:+.3}", h.difference));
+            format!(
+                "L{}.H{} at `{}`: effect {:+.3} [{:+.3}, {:+.3}], share restored {} (direct logit \
+                 attribution, free − paid: {dla})",
+                c.layer.unwrap_or(0),
+                c.head.unwrap_or(0),
+                c.position,
+                c.effect,
+                c.effect_ci95[0],
+                c.effect_ci95[1],
+                c.restored.map_or("n/a".into(), |v| format!("{v:+.2}")),
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        " Per-head patching (each head of layers {} alone, paid into free, at the last token \
+         and at the cue; the layers holding the heads of largest direct logit attribution): the \
+         heads that move p_accept most are {}. A head whose interval excludes 0 carries the tier \
+         to the decision on its own; small shares everywhere say the tier travels through many \
+         heads at once.\n",
+        layers
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if named.is_empty() {
+            "none".into()
+        } else {
+            named.join("; ")
+        }
     );
 }
 
@@ -319,7 +370,7 @@ fn meaning_localisation(md: &mut String, r: &ReportInputs) {
          | position | layer with the largest effect | effect [95% CI] | share restored |\n|---|---|---|---|",
         p.n_pairs, p.p_source, p.p_dest
     );
-    for position in ["cue", "user", "last"] {
+    for position in ["cue", "user", "last", "system"] {
         let best = p
             .cells
             .iter()
@@ -336,6 +387,30 @@ fn meaning_localisation(md: &mut String, r: &ReportInputs) {
                 c.restored.map_or("n/a".into(), |v| format!("{v:+.2}"))
             );
         }
+    }
+    // The system message's profile over layers: where its meaning stops
+    // mattering there, it has been moved to later positions.
+    let system: Vec<String> = p
+        .cells
+        .iter()
+        .filter(|c| c.position == "system")
+        .map(|c| {
+            format!(
+                "L{} {}",
+                c.layer.map_or("-".into(), |l| l.to_string()),
+                c.restored.map_or("n/a".into(), |v| format!("{v:+.2}"))
+            )
+        })
+        .collect();
+    if !system.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nShare restored by patching the whole system message, per layer: {}. Early \
+             layers restore it all (the message is the input that differs); where the share \
+             falls, the meaning has left the system message for later positions (the cue, the \
+             user turn, the last token) by that layer.",
+            system.join(", ")
+        );
     }
     md.push('\n');
 }
