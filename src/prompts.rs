@@ -203,22 +203,28 @@ pub fn render(model: &Model, row: &PromptRow, path: &Path) -> Result<RenderedPro
     if tokens.is_empty() {
         return Err(at("the prompt is empty".into()));
     }
-    let user_span = match user_text.filter(|u| !u.is_empty()) {
-        Some(u) => {
-            let start = text
-                .rfind(&u)
-                .ok_or_else(|| at("the user turn does not appear in the rendered prompt".into()))?;
-            Some(token_span(&offsets, start, start + u.len()))
-        }
+    // A template may trim a message (Llama 3's `| trim`): the turn is found
+    // as written, else trimmed.
+    let locate = |turn: &str, last: bool| -> Option<(usize, usize)> {
+        [turn, turn.trim()].into_iter().find_map(|t| {
+            let start = if last { text.rfind(t) } else { text.find(t) }?;
+            Some(token_span(&offsets, start, start + t.len()))
+        })
+    };
+    let user_span = match user_text.filter(|u| !u.trim().is_empty()) {
+        Some(u) => Some(locate(&u, true).ok_or_else(|| {
+            at(
+                "the user turn does not appear in the rendered prompt, as written or trimmed"
+                    .into(),
+            )
+        })?),
         None => None,
     };
     // The first occurrence: the system message comes first. A template that
-    // rewrites it (trims it, say) leaves the span unknown rather than wrong.
-    let system_span = system_text.filter(|s| !s.trim().is_empty()).and_then(|s| {
-        let s = s.trim();
-        text.find(s)
-            .map(|start| token_span(&offsets, start, start + s.len()))
-    });
+    // rewrites it otherwise leaves the span unknown rather than wrong.
+    let system_span = system_text
+        .filter(|s| !s.trim().is_empty())
+        .and_then(|s| locate(&s, false));
     let cue_span = match row.cue_text() {
         Some(cue) => {
             // The last occurrence: a system prompt may quote the cue while explaining it.

@@ -249,3 +249,87 @@ fn model_info_reports_each_published_config_as_transformers_reads_it() {
         }
     }
 }
+
+/// Published chat templates of the claimed families (llama.cpp's collection,
+/// `tests/fixtures/templates`) render as transformers' `apply_chat_template`
+/// on system + user, user only, several turns and messages padded with
+/// whitespace; a conversation a template refuses (Gemma's system role) is
+/// refused with the template's message (`tests/fixtures/make_templates.py`).
+#[test]
+fn published_chat_templates_render_as_transformers() {
+    use afprobe::model::{ChatTemplate, Message};
+    let dir = common::fixtures().join("templates");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let conversations = expected["conversations"].as_object().unwrap();
+    let templates = expected["templates"].as_object().unwrap();
+    assert!(templates.len() >= 10, "{} templates", templates.len());
+    for (name, t) in templates {
+        let path = dir.join(format!("{name}.jinja"));
+        let template = ChatTemplate::new(
+            &std::fs::read_to_string(&path).unwrap(),
+            &path.display().to_string(),
+            t["bos_token"].as_str(),
+            t["eos_token"].as_str(),
+        );
+        for (conv, want) in t["renders"].as_object().unwrap() {
+            let messages: Vec<Message> = conversations[conv]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                .collect();
+            let got = template.render(&messages, true);
+            match (want["text"].as_str(), want["error"].as_str(), got) {
+                (Some(text), _, Ok(got)) => assert_eq!(got, text, "{name} / {conv}"),
+                (None, Some(error), Err(e)) => {
+                    assert!(e.to_string().contains(error), "{name} / {conv}: {e}")
+                }
+                (_, _, got) => panic!("{name} / {conv}: transformers {want}, afprobe {got:?}"),
+            }
+        }
+    }
+}
+
+/// Where a template trims the messages (Llama 3's `| trim`), afprobe still
+/// finds the user turn, the system message and the cue in the rendered text.
+#[test]
+fn turns_are_found_where_a_template_trims_them() {
+    use afprobe::model::ChatTemplate;
+    let dir = common::fixtures().join("templates");
+    let path = dir.join("meta-llama-Llama-3.1-8B-Instruct.jinja");
+    let mut model = Model::load(
+        &ModelSpec::Path(common::fixtures().join("tiny_llama3")),
+        WeightDtype::F32,
+    )
+    .unwrap();
+    model.template = Some(ChatTemplate::new(
+        &std::fs::read_to_string(&path).unwrap(),
+        &path.display().to_string(),
+        Some("<|begin_of_text|>"),
+        Some("<|eot_id|>"),
+    ));
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.jsonl");
+    let row = serde_json::json!({
+        "id": "padded",
+        "messages": [
+            {"role": "system", "content": "  Free-tier chats train the model. \n"},
+            {"role": "user", "content": "\n  Tier: free. Do the task.  \n"},
+        ],
+        "cue_text": "Tier: free.",
+    });
+    std::fs::write(&prompts, format!("{row}\n")).unwrap();
+    let row = &afprobe::prompts::read_prompt_file(&prompts).unwrap()[0];
+    let r = afprobe::prompts::render(&model, row, &prompts).unwrap();
+    let span_text = |(a, b): (usize, usize)| model.tokenizer.decode(&r.tokens[a..b]).unwrap();
+    assert_eq!(
+        span_text(r.user_span.unwrap()).trim(),
+        "Tier: free. Do the task."
+    );
+    assert_eq!(
+        span_text(r.system_span.unwrap()).trim(),
+        "Free-tier chats train the model."
+    );
+    assert_eq!(span_text(r.cue_span.unwrap()).trim(), "Tier: free.");
+}
