@@ -172,6 +172,28 @@ impl RenderedPrompt {
     pub fn last(&self) -> usize {
         self.tokens.len() - 1
     }
+
+    /// The tokens every continuation starts with (`<` of both answer tags,
+    /// for most tokenizers): the model reads them before it decides.
+    pub fn shared_answer_prefix(&self) -> &[u32] {
+        let mut conts = self.continuations.values();
+        let Some(first) = conts.next() else {
+            return &[];
+        };
+        let shared = conts.fold(first.len(), |n, c| {
+            n.min(first.iter().zip(c).take_while(|(a, b)| a == b).count())
+        });
+        // A continuation that is all prefix still differs from the others after it.
+        let shortest = self.continuations.values().map(Vec::len).min().unwrap_or(0);
+        &first[..shared.min(shortest.saturating_sub(1))]
+    }
+
+    /// The position whose logits choose between the continuations: the last
+    /// token they share, or the last prompt token when they share none (an
+    /// absolute position, past the prompt for tags that share a prefix).
+    pub fn decision(&self) -> usize {
+        self.last() + self.shared_answer_prefix().len()
+    }
 }
 
 /// Renders `row` for `model` and locates its spans; `path` names the file in errors.

@@ -759,3 +759,56 @@ fn per_head_patching_patches_each_heads_term_of_attn_out() {
         &["--heads 9", "4 heads"],
     );
 }
+
+/// Where the answer tags share their first token (`<`), the decision is read
+/// one position past the prompt: patching the last layer's residual there
+/// turns the destination's decision into the source's, while patching it at
+/// the last prompt token (whose logits only predict the shared `<`) changes
+/// nothing.
+#[test]
+fn the_decision_position_is_the_last_answer_token_the_tags_share() {
+    let model = load(&fixtures().join("tiny_llama3"));
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.jsonl");
+    let tagged: Vec<Value> = rows(3)
+        .into_iter()
+        .map(|mut r| {
+            r["continuations"] = json!({"accept": "<y", "reject": "<n"});
+            r
+        })
+        .collect();
+    write_jsonl(&prompts, &tagged);
+    let row = &afprobe::prompts::read_prompt_file(&prompts).unwrap()[0];
+    let rendered = afprobe::prompts::render(&model, row, &prompts).unwrap();
+    assert_eq!(rendered.shared_answer_prefix().len(), 1);
+    assert_eq!(rendered.decision(), rendered.last() + 1);
+
+    let out = tmp.path().join("decision");
+    let last = HookPoint::ResidPost(model.config().n_layers - 1);
+    patch(
+        &model,
+        &patch_spec(&prompts, &out, vec![last], &["decision", "last"]),
+    )
+    .unwrap();
+    for (source, dest, p) in patched(&out, &format!("{last}@decision")) {
+        assert!(
+            (source - dest).abs() > 1e-6,
+            "the test needs rows that differ"
+        );
+        assert!(
+            (p - source).abs() < 1e-6,
+            "decision: {p} vs source {source}"
+        );
+    }
+    for (_, dest, p) in patched(&out, &format!("{last}@last")) {
+        assert!((p - dest).abs() < 1e-9, "last prompt token: {p} vs {dest}");
+    }
+    // Per-head patching reaches the decision position too.
+    let heads = tmp.path().join("heads");
+    let report = patch(
+        &model,
+        &patch_spec(&prompts, &heads, vec![HookPoint::AttnZ(1)], &["decision"]),
+    )
+    .unwrap();
+    assert!(report.cells.iter().any(|c| c.effect.abs() > 1e-6));
+}

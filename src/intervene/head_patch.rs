@@ -14,9 +14,9 @@
 use candle_core::{Device, Tensor};
 
 use super::patch::{align, PairResult, PatchCell, PatchPosition, PatchSpec};
-use super::{p_accept, Row, RowCache, TokenCount};
+use super::{p_accept, Captured, Row, RowCache, TokenCount};
 use crate::error::{Error, Result};
-use crate::model::{ActivationCache, Edit, HookPoint, Hooks, Model, Positions};
+use crate::model::{Edit, HookPoint, Hooks, Model, Positions};
 
 /// The heads a run patches one at a time: none unless `spec` patches
 /// `hook_z`; then `--heads` or every head, after checking the run can be done
@@ -42,14 +42,15 @@ pub(super) fn heads(model: &Model, spec: &PatchSpec) -> Result<Vec<usize>> {
             "per-head patching (`hook_z`) cannot be mixed with other hooks in one run".into(),
         ));
     }
-    if let Some(p) = spec
-        .positions
-        .iter()
-        .find(|p| !matches!(p, PatchPosition::Last(_) | PatchPosition::Cue))
-    {
+    if let Some(p) = spec.positions.iter().find(|p| {
+        !matches!(
+            p,
+            PatchPosition::Last(_) | PatchPosition::Cue | PatchPosition::Decision
+        )
+    }) {
         return Err(Error::BadInput(format!(
-            "per-head patching patches one token: --positions {p} is not one (use last, last-K \
-             or cue)"
+            "per-head patching patches one token: --positions {p} is not one (use decision, \
+             last, last-K or cue)"
         )));
     }
     let n_heads = model.config().n_heads;
@@ -93,9 +94,9 @@ pub(super) fn patch_pair(
     points.dedup();
     // Both rows once, with their head outputs on the positions each computes
     // (the source after the destination's clean prefix: pairs share the system prompt).
-    let (dst_cache, dst_scores, z_dst, dst_from) =
+    let (dst_cache, dst_scores, z_dst) =
         RowCache::run_capturing(model, dst, previous, &points, count)?;
-    let (_, src_scores, z_src, src_from) =
+    let (_, src_scores, z_src) =
         RowCache::run_capturing(model, src, Some(&dst_cache), &points, count)?;
     let mut dst_cache = dst_cache;
     let p_dest = p_accept(&dst_scores);
@@ -113,15 +114,7 @@ pub(super) fn patch_pair(
         let Some(&(d, s)) = aligned.first() else {
             continue;
         };
-        if d < dst_from || s < src_from {
-            return Err(Error::BadInput(format!(
-                "rows `{}` and `{}` share their first {} tokens, the patched position included: \
-                 nothing differs there to patch",
-                src.prompt.id,
-                dst.prompt.id,
-                dst_from.max(src_from)
-            )));
-        }
+
         let (layer, head) = (
             cell.point.layer().expect("hook_z has a layer"),
             cell.head.expect("hook_z cells have a head"),
@@ -131,14 +124,17 @@ pub(super) fn patch_pair(
             .head_out_weight(layer, &dst.rendered.tokens)?
             .ok_or_else(|| Error::BadInput(format!("layer {layer}: no per-head output")))?;
         let d_head = model.config().head_dim;
-        let z_at = |cache: &ActivationCache, row: usize| -> Result<Tensor> {
-            Ok(cache
-                .require(cell.point)?
-                .get(row)?
-                .get(head)?
-                .to_dtype(candle_core::DType::F32)?)
+        let z_at = |captured: &Captured, pos: usize, row: &Row| -> Result<Tensor> {
+            let z = captured.at(cell.point, pos)?.ok_or_else(|| {
+                Error::BadInput(format!(
+                    "row `{}`: position {pos} was not run (rows `{}` and `{}` share it, so \
+                     nothing differs there to patch)",
+                    row.prompt.id, src.prompt.id, dst.prompt.id
+                ))
+            })?;
+            Ok(z.get(head)?.to_dtype(candle_core::DType::F32)?)
         };
-        let dz = (z_at(&z_src, s - src_from)? - z_at(&z_dst, d - dst_from)?)?.unsqueeze(0)?;
+        let dz = (z_at(&z_src, s, src)? - z_at(&z_dst, d, dst)?)?.unsqueeze(0)?;
         let delta = dz
             .matmul(&w_o.narrow(0, head * d_head, d_head)?)?
             .squeeze(0)?

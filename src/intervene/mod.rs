@@ -142,6 +142,31 @@ impl Clean {
     }
 }
 
+/// What [`RowCache::run_capturing`] captured: the prompt's computed
+/// positions (from `from` on) and the shared answer prefix after it.
+pub struct Captured {
+    prompt: ActivationCache,
+    from: usize,
+    prompt_len: usize,
+    answer: ActivationCache,
+}
+
+impl Captured {
+    /// `point` at absolute position `pos` (`None`: a reused prefix position,
+    /// or past what was run).
+    pub fn at(&self, point: HookPoint, pos: usize) -> Result<Option<Tensor>> {
+        let (cache, row) = match pos.checked_sub(self.prompt_len) {
+            None if pos < self.from => return Ok(None),
+            None => (&self.prompt, pos - self.from),
+            Some(k) => (&self.answer, k),
+        };
+        match cache.get(point) {
+            Some(t) if row < t.dim(0)? => Ok(Some(t.get(row)?)),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// A row's KV cache: its first `clean` positions hold the unedited run, so an
 /// edit starting at p reuses them when p ≤ `clean`.
 pub struct RowCache {
@@ -183,16 +208,16 @@ impl RowCache {
     }
 
     /// [`RowCache::run`] without edits, capturing `points` (attention
-    /// internals included) on the prompt positions it computes: those from the
-    /// returned offset on (the prefix shared with `previous` is reused, not
-    /// recomputed). The continuations run uncaptured.
+    /// internals included) on the prompt positions it computes (the prefix
+    /// shared with `previous` is reused, not recomputed) and on the answer
+    /// tokens every continuation starts with, where the decision is read.
     pub fn run_capturing(
         model: &Model,
         row: &Row,
         previous: Option<&RowCache>,
         points: &[HookPoint],
         count: &mut TokenCount,
-    ) -> Result<(RowCache, Scores, ActivationCache, usize)> {
+    ) -> Result<(RowCache, Scores, Captured)> {
         let mut cache = RowCache::reusing(row, previous)?;
         let (t, tokens) = (&model.transformer, &row.rendered.tokens);
         let start = cache.kv.len();
@@ -211,10 +236,22 @@ impl RowCache {
             &row.rendered.continuations,
             None,
         )?;
-        count.computed += tokens.len() - start + scored;
+        let shared = row.rendered.shared_answer_prefix();
+        let mut answer = Hooks::capture(NamesFilter::Only(points.to_vec()), CaptureRows::All);
+        if !shared.is_empty() {
+            t.forward(shared, &mut cache.kv, &mut answer, &LogitsAt::None)?;
+            cache.kv.truncate(tokens.len())?;
+        }
+        count.computed += tokens.len() - start + scored + shared.len();
         count.naive += tokens.len() + scored;
         cache.clean = tokens.len();
-        Ok((cache, scores, capture.cache, start))
+        let captured = Captured {
+            prompt: capture.cache,
+            from: start,
+            prompt_len: tokens.len(),
+            answer: answer.cache,
+        };
+        Ok((cache, scores, captured))
     }
 
     /// Runs the row with `hooks` (edits at positions ≥ `start`, absolute) and

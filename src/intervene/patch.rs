@@ -39,6 +39,10 @@ pub enum PatchPosition {
     Cue,
     /// Every token of the user turn (aligned from its end).
     User,
+    /// The position whose logits decide between the continuations: past the
+    /// prompt, on the last answer token they share (`<` of both tags), else
+    /// the last prompt token. See [`RenderedPrompt::decision`].
+    Decision,
     /// Every token of the system message (aligned from its start): where a
     /// setting says which tier is trained on.
     System,
@@ -53,6 +57,7 @@ impl fmt::Display for PatchPosition {
             PatchPosition::Last(k) => write!(f, "last-{k}"),
             PatchPosition::Cue => write!(f, "cue"),
             PatchPosition::User => write!(f, "user"),
+            PatchPosition::Decision => write!(f, "decision"),
             PatchPosition::System => write!(f, "system"),
             PatchPosition::All => write!(f, "all"),
         }
@@ -66,13 +71,14 @@ impl FromStr for PatchPosition {
         let bad = || {
             Error::BadInput(format!(
                 "unknown patch position `{s}`; valid: last, last-K (K tokens before the last), \
-                 cue, user, system, all"
+                 cue, user, system, decision, all"
             ))
         };
         Ok(match s {
             "last" => PatchPosition::Last(0),
             "cue" => PatchPosition::Cue,
             "user" => PatchPosition::User,
+            "decision" => PatchPosition::Decision,
             "system" => PatchPosition::System,
             "all" => PatchPosition::All,
             _ => PatchPosition::Last(
@@ -174,6 +180,22 @@ fn patch_hooks(
     src: &Source,
 ) -> Result<Vec<Hooks>> {
     let td = dst.rendered.tokens.len();
+    // A source position past its prompt (the decision on a shared answer
+    // token) is a node of the answer tree, on every continuation's path.
+    let src_row = |s: usize| match s.checked_sub(src.prompt_len) {
+        None => Ok(s as u32),
+        Some(k) => src
+            .cont_rows
+            .first()
+            .and_then(|path| path.get(k))
+            .map(|&r| r as u32)
+            .ok_or_else(|| Error::BadInput(format!("position {s} is past the source row"))),
+    };
+    // (destination position, source capture row)
+    let aligned: Vec<(usize, usize)> = aligned
+        .iter()
+        .map(|&(d, s)| Ok((d, src_row(s)? as usize)))
+        .collect::<Result<_>>()?;
     let replace = |pairs: Vec<(usize, usize)>| -> Result<Hooks> {
         let src_rows: Vec<u32> = pairs.iter().map(|&(_, s)| s as u32).collect();
         let values = src
@@ -191,7 +213,7 @@ fn patch_hooks(
         Ok(hooks)
     };
     if position != PatchPosition::All {
-        return Ok(vec![replace(aligned.to_vec())?]);
+        return Ok(vec![replace(aligned)?]);
     }
     debug_assert!(aligned.iter().all(|&(_, s)| s < src.prompt_len));
     src.cont_rows
@@ -353,6 +375,7 @@ pub fn align(
             }
             _ => (Vec::new(), 1),
         },
+        PatchPosition::Decision => (vec![(dest.decision(), source.decision())], 0),
         PatchPosition::System => match (dest.system_span, source.system_span) {
             (Some((da, db)), Some((sa, sb))) => {
                 let n = (db - da).min(sb - sa);

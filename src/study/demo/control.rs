@@ -309,6 +309,7 @@ fn run_subject(
                 positions: vec![
                     PatchPosition::Cue,
                     PatchPosition::Last(0),
+                    PatchPosition::Decision,
                     PatchPosition::User,
                 ],
                 label: "tier".into(),
@@ -767,7 +768,7 @@ fn patching_part(md: &mut String, pc: &PositiveControl) {
     let _ = writeln!(
         md,
         "### Patching\n\nEach free row runs with `hook_resid_post` at one layer (every \
-         {PATCH_EVERY}th and the last) and position (the cue's last token, the last token, or the \
+         {PATCH_EVERY}th and the last) and position (the cue's last token, the last prompt token, the decision — the answer token both tags share, where the choice is read — or the \
          whole user turn) replaced by its paid row's, separately on the standard and on the \
          flipped `{INTERVENTION_CUE}` rows of the first {INTERVENTION_REQUESTS} held-out requests. \
          p_accept of the paid and free rows, the cell restoring the largest share of their \
@@ -841,7 +842,7 @@ fn patching_part(md: &mut String, pc: &PositiveControl) {
         .collect();
     let _ = writeln!(
         md,
-        "\n**Reading.** {reading}. A single patched token (the cue's last or the last) restores at \
+        "\n**Reading.** {reading}. A single patched token (the cue's last, the last prompt token or the decision) restores at \
          most {} of the organisms' difference: where only the whole user turn restores it, the \
          tier reaches the decision through several tokens at once, and a one-position map would \
          miss the mechanism.\n",

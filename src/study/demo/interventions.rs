@@ -56,13 +56,13 @@ pub(super) struct Interventions {
     pub(super) meaning_patch: PatchReport,
     pub(super) attribute_dir: PathBuf,
     pub(super) attribute: AttributeReport,
-    /// Each head of the layers whose heads carry the most direct logit
-    /// attribution, patched alone (paid into free) at the last token and the cue.
+    /// The heads with the most direct logit attribution, each patched alone
+    /// (paid into free) where the decision is read.
     pub(super) head_patch: PatchReport,
 }
 
-/// How many layers per-head patching covers (every head of each).
-const HEAD_PATCH_LAYERS: usize = 3;
+/// How many heads (by |direct logit attribution|) per-head patching covers.
+const HEAD_PATCH_TOP: usize = 6;
 
 /// Steering along the `training_implied` probe's direction at its best layer
 /// on the standard and the flipped `natural` rows, ablation of that direction
@@ -209,6 +209,7 @@ pub(super) fn run_interventions(
     };
     let patch_dir = activations.join(format!("{NAME}-patch"));
     let token_positions = vec![
+        PatchPosition::Decision,
         PatchPosition::Last(0),
         PatchPosition::Cue,
         PatchPosition::User,
@@ -256,22 +257,25 @@ pub(super) fn run_interventions(
     )?;
     print!("{}", attribute::format_table(&attribute));
 
-    let head_layers = layers_of_top_heads(&attribute, HEAD_PATCH_LAYERS);
-    println!("\npatching each head of layers {head_layers:?} alone (paid into free) at last, cue:");
+    let (head_layers, heads) = top_heads(&attribute, HEAD_PATCH_TOP);
+    println!(
+        "\npatching heads {heads:?} of layers {head_layers:?} alone (paid into free) at the decision \
+         (the {HEAD_PATCH_TOP} heads of largest direct logit attribution among them):"
+    );
     let head_patch = patch::patch(
         model,
         &PatchSpec {
             prompts: prompts.clone(),
             out: activations.join(format!("{NAME}-patch-heads")),
             points: head_layers.into_iter().map(HookPoint::AttnZ).collect(),
-            positions: vec![PatchPosition::Last(0), PatchPosition::Cue],
+            positions: vec![PatchPosition::Decision],
             label: "tier".into(),
             source: "paid".into(),
             dest: "free".into(),
             pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
             filter: standard.clone(),
             max_pairs: None,
-            heads: None,
+            heads: Some(heads),
             resamples: 2000,
             seed: 0,
             force: true,
@@ -294,23 +298,22 @@ pub(super) fn run_interventions(
     })
 }
 
-/// The `n` layers holding the heads of largest |direct logit attribution
-/// difference| (in the order of the heads' ranks), or the last layers where
-/// the family has no per-head attribution.
-fn layers_of_top_heads(attribute: &AttributeReport, n: usize) -> Vec<usize> {
-    let mut heads: Vec<_> = attribute.heads.iter().collect();
-    heads.sort_by(|a, b| b.difference.abs().total_cmp(&a.difference.abs()));
-    let mut layers: Vec<usize> = Vec::new();
-    for h in heads {
-        if let Some(l) = h.layer.filter(|l| !layers.contains(l)) {
-            layers.push(l);
-        }
-        if layers.len() == n {
-            break;
-        }
+/// The layers and head indices of the `n` heads of largest |direct logit
+/// attribution difference|: a patch run crosses them, so it covers those
+/// heads (and the same indices in their layers).
+fn top_heads(attribute: &AttributeReport, n: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut ranked: Vec<_> = attribute.heads.iter().collect();
+    ranked.sort_by(|a, b| b.difference.abs().total_cmp(&a.difference.abs()));
+    let (mut layers, mut heads) = (Vec::new(), Vec::new());
+    for h in ranked.into_iter().take(n) {
+        layers.extend(h.layer);
+        heads.extend(h.head);
     }
-    layers.sort_unstable();
-    layers
+    for v in [&mut layers, &mut heads] {
+        v.sort_unstable();
+        v.dedup();
+    }
+    (layers, heads)
 }
 
 /// The standard and flipped `natural` rows of the first `n` harmful requests,

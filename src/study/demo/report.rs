@@ -675,9 +675,9 @@ fn patching_part(md: &mut String, r: &ReportInputs) {
     let _ = writeln!(
         md,
         "**Patching**: on the standard `{INTERVENTION_CUE}` rows, each free row runs with one \
-         activation replaced by its paid row's (`hook_resid_post` of every sixth layer at the last \
-         token, the cue's last token, or the \
-         whole user turn), and the share of the paid − free difference in p_accept it \
+         activation replaced by its paid row's (`hook_resid_post` of every sixth layer at the \
+         decision — the answer token both tags start with, whose logits choose between them — \
+         the last prompt token, the cue's last token, or the whole user turn), and the share of the paid − free difference in p_accept it \
          restores is Σ(p_patched − p_free) / Σ(p_paid − p_free). Here p_accept is {:.4} (paid) vs \
          {:.4} (free) over {} pairs, a difference of {:+.4}: where the difference is this small the \
          shares are noisy, and the intervals in `activations/{NAME}-patch/patch.json` say how noisy. \

@@ -339,9 +339,8 @@ fn head_localisation(md: &mut String, r: &ReportInputs) {
         .collect();
     let _ = writeln!(
         md,
-        " Per-head patching (each head of layers {} alone, paid into free, at the last token \
-         and at the cue; the layers holding the heads of largest direct logit attribution): the \
-         heads that move p_accept most are {}. A head whose interval excludes 0 carries the tier \
+        " Per-head patching (heads of layers {} alone, paid into free, where the decision is read; the \
+         heads of largest direct logit attribution): the heads that move p_accept most are {}. A head whose interval excludes 0 carries the tier \
          to the decision on its own; small shares everywhere say the tier travels through many \
          heads at once.\n",
         layers
@@ -370,7 +369,7 @@ fn meaning_localisation(md: &mut String, r: &ReportInputs) {
          | position | layer with the largest effect | effect [95% CI] | share restored |\n|---|---|---|---|",
         p.n_pairs, p.p_source, p.p_dest
     );
-    for position in ["cue", "user", "last", "system"] {
+    for position in ["cue", "user", "last", "decision", "system"] {
         let best = p
             .cells
             .iter()
