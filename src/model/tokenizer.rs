@@ -48,15 +48,14 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// llama.cpp's `src/llama-vocab.cpp`, from Xenova/gpt-4o's `tokenizer.json`):
 /// words split where lower case turns to upper, contractions kept on the
 /// word, digits in threes, `/` and line breaks kept after punctuation.
-/// llama.cpp's regex engine knows only `\p{L}`, so it runs an approximation
-/// (`((?=[\p{L}])([^a-z]))` for the upper-case classes) that parts from this on
-/// non-ASCII letters; afprobe runs the original, as transformers does.
+/// llama.cpp's regex engine lacks the case classes and runs an adapted
+/// spelling (`((?=[\p{L}])([^a-z]))` for `[\p{Lu}...]`); afprobe runs the
+/// original, as transformers does, and gives llama.cpp's ids on its test texts.
 const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Mistral's Tekken split (Mistral Nemo's `tokenizer.json`;
 /// `LLAMA_VOCAB_PRE_TYPE_TEKKEN`'s original regex in llama.cpp's
 /// `src/llama-vocab.cpp`): [`GPT4O_SPLIT`] without contractions and with single
-/// digits. llama.cpp runs the same approximation of the case classes as for
-/// GPT-4o; afprobe runs the original.
+/// digits, adapted in llama.cpp as GPT-4o's is.
 const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// DeepSeek LLM's splits, applied in turn (`LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM`
 /// in llama.cpp's `src/llama-vocab.cpp`, as deepseek-llm-7b-base's
