@@ -84,9 +84,9 @@ const DEEPSEEK_LLM_SPLITS: [&str; 6] = [
 enum PreType {
     /// Llama 3 (`llama-bpe`, `llama3`, `llama-v3`) and Pixtral: [`LLAMA3_SPLIT`].
     Llama3,
-    /// DBRX's cl100k vocabulary (llama.cpp's converter names cl100k-based
-    /// files such as Phi-4's so) and Smaug: Llama 3's split without its
-    /// whole-word lookup or BOS.
+    /// DBRX's cl100k vocabulary (`dbrx`, the name llama.cpp's converter gives
+    /// any vocabulary that tokenizes its check text as DBRX's does) and Smaug:
+    /// Llama 3's split without its whole-word lookup or BOS.
     Dbrx,
     /// Qwen 1.5 to Qwen 3 and DeepSeek-R1's Qwen distills: [`QWEN2_SPLIT`].
     Qwen2,
