@@ -19,7 +19,7 @@ use super::config::{
     derived_head_dim, Activation, Architecture, FamilyConfig, ModelConfig, NormKind, RopeScaling,
     MAX_LAYERS,
 };
-use super::tokenizer::GgufTokenizerMeta;
+use super::tokenizer::{llamacpp_adds_bos, GgufTokenizerMeta};
 use crate::error::{Error, Result};
 
 /// An opened GGUF file: parsed header and a reader for tensor data.
@@ -141,16 +141,6 @@ impl GgufFile {
                     ),
                 )),
             },
-        }
-    }
-
-    fn meta_string_array(&self, key: &str) -> Vec<String> {
-        match self.meta(key).and_then(|v| v.to_vec().ok()) {
-            Some(items) => items
-                .iter()
-                .filter_map(|v| v.to_string().ok().cloned())
-                .collect(),
-            None => Vec::new(),
         }
     }
 
@@ -382,51 +372,7 @@ impl GgufFile {
     }
 
     pub fn tokenizer_meta(&self) -> GgufTokenizerMeta {
-        let str_of = |key: &str| {
-            self.meta(key)
-                .and_then(|v| v.to_string().ok())
-                .cloned()
-                .unwrap_or_default()
-        };
-        let id_of = |key: &str| {
-            self.meta(key)
-                .and_then(value_as_usize)
-                .and_then(|v| u32::try_from(v).ok())
-        };
-        let numbers = |key: &str| -> Vec<f64> {
-            self.meta(key)
-                .and_then(|v| v.to_vec().ok())
-                .map(|items| items.iter().filter_map(value_as_f64).collect())
-                .unwrap_or_default()
-        };
-        let bool_of = |key: &str| self.meta(key).and_then(|v| v.to_bool().ok());
-        let model = str_of("tokenizer.ggml.model");
-        // llama.cpp (and transformers after it) add BOS to a SentencePiece
-        // vocabulary that does not say otherwise; older files have no flag.
-        let add_bos = bool_of("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
-        GgufTokenizerMeta {
-            token_types: numbers("tokenizer.ggml.token_type")
-                .into_iter()
-                .map(|v| v as i64)
-                .collect(),
-            scores: numbers("tokenizer.ggml.scores")
-                .into_iter()
-                .map(|v| v as f32)
-                .collect(),
-            add_space_prefix: bool_of("tokenizer.ggml.add_space_prefix"),
-            add_bos,
-            model,
-            pre: str_of("tokenizer.ggml.pre"),
-            tokens: self.meta_string_array("tokenizer.ggml.tokens"),
-            merges: self.meta_string_array("tokenizer.ggml.merges"),
-            bos_id: id_of("tokenizer.ggml.bos_token_id"),
-            unk_id: id_of("tokenizer.ggml.unknown_token_id"),
-            eos_id: id_of("tokenizer.ggml.eos_token_id"),
-            turn_end_ids: ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
-                .into_iter()
-                .filter_map(id_of)
-                .collect(),
-        }
+        tokenizer_meta(&self.content.metadata)
     }
 
     /// The tensor `name` as stored (an error names it).
@@ -493,6 +439,86 @@ impl GgufFile {
         } else {
             None
         }
+    }
+}
+
+/// The tokenizer of the GGUF file `path` and its `general.architecture`
+/// (which picks the SentencePiece variant), from the header alone and whatever
+/// the architecture: for vocabulary-only files such as llama.cpp's tokenizer
+/// test vocabularies (`models/ggml-vocab-*.gguf`), which have no weights and
+/// may name an architecture afprobe does not run.
+pub fn read_tokenizer_meta(path: &Path) -> Result<(String, GgufTokenizerMeta)> {
+    let file_size = crate::io::regular_file(path)?;
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let content = read_header(BufReader::new(file), file_size, path)?;
+    let architecture = match content.metadata.get("general.architecture") {
+        Some(Value::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    Ok((architecture, tokenizer_meta(&content.metadata)))
+}
+
+/// The `tokenizer.ggml.*` keys of GGUF metadata; missing keys leave their field empty.
+fn tokenizer_meta(metadata: &HashMap<String, Value>) -> GgufTokenizerMeta {
+    let str_of = |key: &str| {
+        metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let id_of = |key: &str| {
+        metadata
+            .get(key)
+            .and_then(value_as_usize)
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let numbers = |key: &str| -> Vec<f64> {
+        metadata
+            .get(key)
+            .and_then(|v| v.to_vec().ok())
+            .map(|items| items.iter().filter_map(value_as_f64).collect())
+            .unwrap_or_default()
+    };
+    let strings = |key: &str| -> Vec<String> {
+        metadata
+            .get(key)
+            .and_then(|v| v.to_vec().ok())
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|v| v.to_string().ok().cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let bool_of = |key: &str| metadata.get(key).and_then(|v| v.to_bool().ok());
+    let model = str_of("tokenizer.ggml.model");
+    let pre = str_of("tokenizer.ggml.pre");
+    let add_bos_token = bool_of("tokenizer.ggml.add_bos_token");
+    GgufTokenizerMeta {
+        token_types: numbers("tokenizer.ggml.token_type")
+            .into_iter()
+            .map(|v| v as i64)
+            .collect(),
+        scores: numbers("tokenizer.ggml.scores")
+            .into_iter()
+            .map(|v| v as f32)
+            .collect(),
+        add_space_prefix: bool_of("tokenizer.ggml.add_space_prefix"),
+        add_bos: add_bos_token.unwrap_or_else(|| llamacpp_adds_bos(&model, &pre)),
+        add_bos_token,
+        model,
+        pre,
+        tokens: strings("tokenizer.ggml.tokens"),
+        merges: strings("tokenizer.ggml.merges"),
+        bos_id: id_of("tokenizer.ggml.bos_token_id"),
+        unk_id: id_of("tokenizer.ggml.unknown_token_id"),
+        eos_id: id_of("tokenizer.ggml.eos_token_id"),
+        turn_end_ids: ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .into_iter()
+            .filter_map(id_of)
+            .collect(),
     }
 }
 
