@@ -201,7 +201,11 @@ fn patch_figure(report: &Value) -> Option<Figure> {
     let mut positions: Vec<String> = Vec::new();
     let mut grid: BTreeMap<(String, String), Option<f64>> = BTreeMap::new();
     for c in cells {
-        let hook = c["hook"].as_str()?.to_string();
+        // A per-head cell (`hook_z`) is its own row: `blocks.3.attn.hook_z.h5`.
+        let hook = match c["head"].as_u64() {
+            Some(h) => format!("{}.h{h}", c["hook"].as_str()?),
+            None => c["hook"].as_str()?.to_string(),
+        };
         let position = c["position"].as_str()?.to_string();
         let key = (c["layer"].as_u64().map_or(0, |l| l + 1), hook.clone());
         if !hooks.contains(&key) {

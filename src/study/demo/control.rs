@@ -37,9 +37,9 @@ use super::{first_per_category, NAME};
 pub(super) const CONTROL_REQUESTS_PER_CATEGORY: usize = 1;
 /// Steering strengths, in units of the tier's class-mean separation along the
 /// probe direction: ±1 moves the paid rows' mean onto the free rows' and back.
-pub(super) const CONTROL_ALPHAS: [f64; 5] = [-2.0, -1.0, 0.0, 1.0, 2.0];
+pub(super) const CONTROL_ALPHAS: [f64; 3] = [-2.0, 0.0, 2.0];
 /// Random directions of the same length, the steering baseline.
-pub(super) const CONTROL_RANDOM: usize = 8;
+pub(super) const CONTROL_RANDOM: usize = 2;
 /// How far outside the random directions' interval a lever's effect lies:
 /// in p_accept, and in log-odds (nats), where an organism saturated at
 /// p ≈ 0 or 1 (the token organism) still moves.

@@ -62,7 +62,7 @@ pub(super) struct Interventions {
 }
 
 /// How many heads (by |direct logit attribution|) per-head patching covers.
-const HEAD_PATCH_TOP: usize = 6;
+const HEAD_PATCH_TOP: usize = 3;
 
 /// Steering along the `training_implied` probe's direction at its best layer
 /// on the standard and the flipped `natural` rows, ablation of that direction
@@ -168,7 +168,7 @@ pub(super) fn run_interventions(
         standard.clone(),
     )?;
 
-    // Every sixth layer (and the last) at three position sets keeps each heatmap to ~30 s.
+    // Every sixth layer (and the last) at four position sets keeps each heatmap to ~35 s.
     let patch_layers: Vec<HookPoint> = (0..n_layers)
         .filter(|l| l % 6 == 0 || *l == n_layers - 1)
         .map(HookPoint::ResidPost)
@@ -178,6 +178,7 @@ pub(super) fn run_interventions(
                      [source, dest]: [&str; 2],
                      pair_with: &str,
                      filter: Filter,
+                     points: Vec<HookPoint>,
                      positions: Vec<PatchPosition>| {
         let names: Vec<String> = positions.iter().map(ToString::to_string).collect();
         println!(
@@ -190,7 +191,7 @@ pub(super) fn run_interventions(
             &PatchSpec {
                 prompts: prompts.clone(),
                 out: out.to_path_buf(),
-                points: patch_layers.clone(),
+                points,
                 positions,
                 label: label.into(),
                 source: source.into(),
@@ -220,6 +221,7 @@ pub(super) fn run_interventions(
         ["paid", "free"],
         "variation",
         standard.clone(),
+        patch_layers.clone(),
         token_positions.clone(),
     )?;
     // Flipped into standard on one tier: free rows comply less under flipped, paid rows
@@ -227,6 +229,8 @@ pub(super) fn run_interventions(
     let meaning_patch_dir = activations.join(format!("{NAME}-patch-meaning"));
     // Here the system message differs too (which tier it says is trained on):
     // patching it asks how far up the stack its meaning still lives there.
+    // Layer 0 is left out: there the message is just the input that differs,
+    // and patching it (the costliest cell: the whole prompt again) restores all.
     let mut with_system = token_positions;
     with_system.push(PatchPosition::System);
     let meaning_patch = patch_run(
@@ -235,6 +239,7 @@ pub(super) fn run_interventions(
         ["flipped", "standard"],
         "tier",
         "tier=free".parse()?,
+        patch_layers[1..].to_vec(),
         with_system,
     )?;
 

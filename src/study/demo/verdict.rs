@@ -405,7 +405,7 @@ fn meaning_localisation(md: &mut String, r: &ReportInputs) {
         let _ = writeln!(
             md,
             "\nShare restored by patching the whole system message, per layer: {}. Early \
-             layers restore it all (the message is the input that differs); where the share \
+             layers restore it all (at layer 0 the message is just the input that differs); where the share \
              falls, the meaning has left the system message for later positions (the cue, the \
              user turn, the last token) by that layer.",
             system.join(", ")
