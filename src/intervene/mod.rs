@@ -11,6 +11,7 @@ pub mod ablate;
 pub mod direction;
 pub mod head_patch;
 pub mod patch;
+pub mod patch_position;
 pub mod steer;
 
 use std::collections::{BTreeMap, BTreeSet};
