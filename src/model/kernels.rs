@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 /// Runs `$generic(args)` compiled for the best vector unit this CPU has.
 macro_rules! dispatch {
     ($generic:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*)) => {
+        // Safety (both): callable only where the CPU has the features; the
+        // dispatch below checks them first.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
         unsafe fn $avx512($($arg: $ty),*) {
@@ -315,6 +317,10 @@ unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// Pointer `offset` elements in (a method, so closures capture the whole `Sync` wrapper).
+    ///
+    /// # Safety
+    /// `offset` must lie inside the buffer the pointer was made from, and no
+    /// two tasks may write the same element through the pointers they get.
     pub(crate) unsafe fn at(&self, offset: usize) -> *mut f32 {
         self.0.add(offset)
     }
@@ -422,14 +428,17 @@ pub fn quantized_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
     let product = with_f32_slice(&x, |lhs| -> candle_core::Result<()> {
         macro_rules! blocks {
             ($block:ty) => {{
-                // Safety: the bytes are the QTensor's own storage, a Vec of this
-                // block type (so aligned for it), viewed as the blocks they are.
-                let blocks = unsafe {
-                    std::slice::from_raw_parts(
-                        data.as_ptr() as *const $block,
-                        data.len() / std::mem::size_of::<$block>(),
-                    )
-                };
+                // Safety: the bytes are the QTensor's own storage, blocks of this
+                // type (plain integers and f16s, any bit pattern valid); `align_to`
+                // checks the alignment and the length, and a misfit is refused.
+                let (head, blocks, tail) = unsafe { data.align_to::<$block>() };
+                if !head.is_empty() || !tail.is_empty() {
+                    return Err(candle_core::Error::Msg(format!(
+                        "quantized weight storage of {} bytes is not whole aligned {} blocks",
+                        data.len(),
+                        stringify!($block)
+                    )));
+                }
                 matmul::<$block>((m, k, n), lhs, blocks, &mut dst)
             }};
         }
