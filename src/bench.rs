@@ -448,7 +448,8 @@ pub struct SampleResult {
 /// Samples `n` responses per row of the AF workload (two system paragraphs)
 /// in lockstep and one by one, same seeds, and counts the generated tokens.
 pub fn sample_bench(model: &Model, b: &SampleBench) -> Result<Vec<SampleResult>> {
-    use crate::study::sample::{read_rows, sample, SampleSpec};
+    use crate::run_dir::{finished_rows, RunKind};
+    use crate::study::sample::{sample, SampleSpec};
     std::fs::create_dir_all(&b.work_dir).map_err(|e| Error::io(&b.work_dir, e))?;
     let prompts = b.work_dir.join("prompts.jsonl");
     let text: String = af_workload(b.rows, 2)
@@ -492,7 +493,7 @@ pub fn sample_bench(model: &Model, b: &SampleBench) -> Result<Vec<SampleResult>>
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|v| v["n_tokens"].as_u64())
             .sum::<u64>() as usize;
-        let samples = read_rows(&out)?.len() * b.n;
+        let samples = finished_rows(&out, RunKind::Sampling)?.len() * b.n;
         results.push(SampleResult {
             label,
             samples,

@@ -14,6 +14,7 @@ pub mod attribute;
 pub mod bench;
 pub mod capture;
 pub mod error;
+pub mod gap;
 pub mod generate;
 pub mod intervene;
 pub mod io;

@@ -4,6 +4,10 @@
 
 use std::path::Path;
 
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
 /// The kinds of run directory afprobe writes, by their marker file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunKind {
@@ -62,4 +66,25 @@ impl RunKind {
 /// Whether `afprobe gap` has been run on `dir`.
 pub fn has_gap(dir: &Path) -> bool {
     dir.join(GAP_JSON).is_file()
+}
+
+/// The rows (`rows.jsonl`) of a finished run of `kind` in `dir`; a run
+/// without its marker did not finish and is refused.
+pub fn finished_rows(dir: &Path, kind: RunKind) -> Result<Vec<Value>> {
+    if !dir.join(kind.marker()).exists() {
+        return Err(Error::BadInput(format!(
+            "{}: no {}; the run did not finish",
+            dir.display(),
+            kind.marker()
+        )));
+    }
+    let path = dir.join("rows.jsonl");
+    let text = crate::io::read_to_string(&path)?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::BadInput(format!("{}:{}: {e}", path.display(), i + 1)))
+        })
+        .collect()
 }

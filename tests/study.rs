@@ -5,10 +5,10 @@ mod common;
 
 use std::path::Path;
 
+use afprobe::gap::compute_gap;
 use afprobe::model::{Model, ModelSpec, WeightDtype};
 use afprobe::prompts::{read_prompt_file, render};
 use afprobe::store::Store;
-use afprobe::study::gap::compute_gap;
 use afprobe::study::setting::{
     build_rows, builtin_cues, builtin_requests, builtin_setting, load_requests,
 };

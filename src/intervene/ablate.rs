@@ -14,11 +14,11 @@ use serde_json::{json, Value};
 use super::direction::DirectionSource;
 use super::{load_rows, p_accept, prepare_out, write_run, RowCache, TokenCount};
 use crate::error::{Error, Result};
+use crate::gap::{gap_from_rows, GapReport};
 use crate::model::{Edit, HookPoint, Hooks, Model, Positions};
 use crate::progress::Progress;
 use crate::rows::Filter;
 use crate::stats::mean_ci;
-use crate::study::gap::{gap_from_rows, GapReport};
 
 /// The file that marks a finished ablation run.
 pub const ABLATE_JSON: &str = crate::run_dir::RunKind::Ablate.marker();

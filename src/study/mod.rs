@@ -4,7 +4,6 @@
 //! ([`sample`]) and the end-to-end demo ([`demo`]).
 
 pub mod demo;
-pub mod gap;
 pub mod organism;
 pub mod refusal;
 pub mod sample;

@@ -336,25 +336,6 @@ fn prepare_dir(spec: &SampleSpec, settings: &Value) -> Result<()> {
     write_atomic(&state, settings.to_string().as_bytes())
 }
 
-/// The rows of a finished sampling run, for `afprobe gap`.
-pub fn read_rows(dir: &Path) -> Result<Vec<Value>> {
-    if !dir.join(SAMPLE_MANIFEST).exists() {
-        return Err(Error::BadInput(format!(
-            "{}: no {SAMPLE_MANIFEST}; the sampling run did not finish",
-            dir.display()
-        )));
-    }
-    let path = dir.join("rows.jsonl");
-    let text = crate::io::read_to_string(&path)?;
-    text.lines()
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| Error::BadInput(format!("{}:{}: {e}", path.display(), i + 1)))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::capture::{capture, CaptureSpec};
 use crate::error::{Error, Result};
+use crate::gap::{compute_gap, write_report, GapReport};
 use crate::intervene::direction::DirectionSource;
 use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
 use crate::intervene::steer::{
@@ -23,7 +24,6 @@ use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Control, Method, MetricRow, ProbeSpec};
 use crate::rows::Filter;
 use crate::store::{Existing, Position, Store};
-use crate::study::gap::{compute_gap, write_report, GapReport};
 use crate::study::organism::{shipped, Recipe};
 use crate::study::setting::{
     build_rows, builtin_cues, builtin_requests, builtin_setting_varied, Variation,
@@ -229,7 +229,7 @@ fn run_subject(
     println!("captured -> {} ({})", store_dir.display(), stats.summary());
     let gap = compute_gap(&Store::open(&store_dir)?, 10_000, 0)?;
     write_report(&gap, &store_dir)?;
-    print!("{}", crate::study::gap::format_table(&gap));
+    print!("{}", crate::gap::format_table(&gap));
 
     let harmful: Filter = "harmful=true".parse()?;
     let tier_dir = dir.join("probe-tier");

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::capture::{capture, CaptureSpec};
 use crate::error::{Error, Result};
+use crate::gap::{compute_gap, format_table, gap_from_rows, gap_of_run, write_report, GapReport};
 use crate::generate::{argmax, generate_to_stdout, prompt_tokens, Sampling};
 use crate::io::write_atomic;
 use crate::model::transformer::{log_softmax, row_f32};
@@ -30,9 +31,6 @@ use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Control, Method, ProbeSpec};
 use crate::rows::Filter;
 use crate::store::{Existing, Position, Store};
-use crate::study::gap::{
-    compute_gap, format_table, gap_from_rows, gap_of_run, write_report, GapReport,
-};
 use crate::study::sample::{self, SampleSpec};
 use crate::study::setting::{
     build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Cue,

@@ -8,9 +8,9 @@ use super::control::{control_section, PositiveControl};
 use super::interventions::{Interventions, INTERVENTION_CUE, STEER_VARIATIONS};
 use super::verdict::mechanism_section;
 use super::{Timings, NAME};
+use crate::gap::{GapReport, GapStats};
 use crate::probe::{Method, MetricRow, Report, Role};
 use crate::store::Position;
-use crate::study::gap::{GapReport, GapStats};
 use crate::study::setting::builtin_cues;
 
 pub(super) struct ReportInputs<'a> {

@@ -10,9 +10,9 @@ use std::fmt::Write as _;
 
 use super::interventions::{INTERVENTION_CUE, INTERVENTION_REQUESTS, STEER_RANDOM};
 use super::report::{ci, num, ReportInputs};
+use crate::gap::{GapReport, GapStats};
 use crate::intervene::steer::SteerReport;
 use crate::probe::{Method, MetricRow, Role};
-use crate::study::gap::{GapReport, GapStats};
 use crate::study::setting::builtin_cues;
 
 /// What a cue's gap follows, from its standard and flipped gaps.

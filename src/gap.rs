@@ -10,7 +10,6 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::sample;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::run_dir::{RunKind, GAP_JSON};
@@ -132,7 +131,12 @@ type PairKey = (String, bool, String);
 /// The gap of a finished run: a sampling run's rows or a scored capture's.
 pub fn gap_of_run(dir: &Path, resamples: usize, seed: u64) -> Result<GapReport> {
     match RunKind::detect(dir) {
-        Some(RunKind::Sampling) => gap_from_rows(&sample::read_rows(dir)?, dir, resamples, seed),
+        Some(RunKind::Sampling) => gap_from_rows(
+            &crate::run_dir::finished_rows(dir, RunKind::Sampling)?,
+            dir,
+            resamples,
+            seed,
+        ),
         _ => compute_gap(&Store::open(dir)?, resamples, seed),
     }
 }
