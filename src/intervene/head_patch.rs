@@ -92,13 +92,34 @@ pub(super) fn patch_pair(
     let mut points: Vec<HookPoint> = cells.iter().map(|c| c.point).collect();
     points.sort();
     points.dedup();
-    // Both rows once, with their head outputs on the positions each computes
-    // (the source after the destination's clean prefix: pairs share the system prompt).
-    let (dst_cache, dst_scores, z_dst) =
+    // Both rows once, with their head outputs on the positions each computes:
+    // the destination after the prefix it shares with the previous pair's (run
+    // again from scratch if that prefix holds a patched position), the source
+    // after the prefix it shares with the destination.
+    let dst_positions: Vec<usize> = cells
+        .iter()
+        .filter_map(|c| {
+            align(c.position, &dst.rendered, &src.rendered)
+                .0
+                .first()
+                .map(|p| p.0)
+        })
+        .collect();
+    let (mut dst_cache, mut dst_scores, mut z_dst) =
         RowCache::run_capturing(model, dst, previous, &points, count)?;
+    let reused_too_much = |z: &Captured| -> Result<bool> {
+        for &d in &dst_positions {
+            if z.at(points[0], d)?.is_none() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if previous.is_some() && reused_too_much(&z_dst)? {
+        (dst_cache, dst_scores, z_dst) = RowCache::run_capturing(model, dst, None, &points, count)?;
+    }
     let (_, src_scores, z_src) =
         RowCache::run_capturing(model, src, Some(&dst_cache), &points, count)?;
-    let mut dst_cache = dst_cache;
     let p_dest = p_accept(&dst_scores);
     let n = cells.len();
     let mut result = PairResult {
@@ -124,17 +145,28 @@ pub(super) fn patch_pair(
             .head_out_weight(layer, &dst.rendered.tokens)?
             .ok_or_else(|| Error::BadInput(format!("layer {layer}: no per-head output")))?;
         let d_head = model.config().head_dim;
-        let z_at = |captured: &Captured, pos: usize, row: &Row| -> Result<Tensor> {
-            let z = captured.at(cell.point, pos)?.ok_or_else(|| {
-                Error::BadInput(format!(
-                    "row `{}`: position {pos} was not run (rows `{}` and `{}` share it, so \
-                     nothing differs there to patch)",
-                    row.prompt.id, src.prompt.id, dst.prompt.id
-                ))
-            })?;
-            Ok(z.get(head)?.to_dtype(candle_core::DType::F32)?)
+        let z_at = |captured: &Captured, pos: usize| -> Result<Option<Tensor>> {
+            match captured.at(cell.point, pos)? {
+                Some(z) => Ok(Some(z.get(head)?.to_dtype(candle_core::DType::F32)?)),
+                None => Ok(None),
+            }
         };
-        let dz = (z_at(&z_src, s, src)? - z_at(&z_dst, d, dst)?)?.unsqueeze(0)?;
+        result.dest_at[c] = p_dest;
+        let dz = match (z_at(&z_src, s)?, z_at(&z_dst, d)?) {
+            (Some(zs), Some(zd)) => (zs - zd)?.unsqueeze(0)?,
+            // The source shares the destination's tokens up to and past this
+            // position, so the head's output there is the same: a no-op.
+            (None, _) => {
+                result.patched[c] = p_dest;
+                continue;
+            }
+            (_, None) => {
+                return Err(Error::BadInput(format!(
+                    "row `{}`: position {d} was not computed",
+                    dst.prompt.id
+                )))
+            }
+        };
         let delta = dz
             .matmul(&w_o.narrow(0, head * d_head, d_head)?)?
             .squeeze(0)?
@@ -149,7 +181,6 @@ pub(super) fn patch_pair(
         );
         let scores =
             dst_cache.run_edited(model, dst, d, std::slice::from_mut(&mut hooks), count, None)?;
-        result.dest_at[c] = p_dest;
         result.patched[c] = p_accept(&scores);
     }
     Ok((result, dst_cache))
