@@ -173,75 +173,71 @@ pub(super) fn run_interventions(
         .filter(|l| l % 6 == 0 || *l == n_layers - 1)
         .map(HookPoint::ResidPost)
         .collect();
-    let patch_run = |out: &Path,
-                     label: &str,
-                     [source, dest]: [&str; 2],
-                     pair_with: &str,
-                     filter: Filter,
-                     points: Vec<HookPoint>,
-                     positions: Vec<PatchPosition>| {
-        let names: Vec<String> = positions.iter().map(ToString::to_string).collect();
-        println!(
-            "\npatching {label}={source} into {dest} on rows {filter}, hook_resid_post of every \
-             sixth layer x {}:",
-            names.join(", ")
-        );
-        let report = patch::patch(
-            model,
-            &PatchSpec {
-                prompts: prompts.clone(),
-                out: out.to_path_buf(),
-                points,
-                positions,
-                label: label.into(),
-                source: source.into(),
-                dest: dest.into(),
-                pair_by: vec!["request_id".into(), "cue".into(), pair_with.into()],
-                filter,
-                max_pairs: None,
-                heads: None,
-                resamples: 2000,
-                seed: 0,
-                force: true,
-            },
-        )?;
-        print!("{}", patch::format_table(&report));
-        Ok::<_, crate::error::Error>(report)
-    };
-    let patch_dir = activations.join(format!("{NAME}-patch"));
     let token_positions = vec![
         PatchPosition::Decision,
         PatchPosition::Last(0),
         PatchPosition::Cue,
         PatchPosition::User,
     ];
-    let patch = patch_run(
-        &patch_dir,
-        "tier",
-        ["paid", "free"],
-        "variation",
-        standard.clone(),
-        patch_layers.clone(),
-        token_positions.clone(),
-    )?;
+    // Paid into free on the standard rows; the other patching runs below
+    // change only what differs from it.
+    let patch_dir = activations.join(format!("{NAME}-patch"));
+    let tier_patch = PatchSpec {
+        prompts: prompts.clone(),
+        out: patch_dir.clone(),
+        points: patch_layers.clone(),
+        positions: token_positions.clone(),
+        label: "tier".into(),
+        source: "paid".into(),
+        dest: "free".into(),
+        pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
+        filter: standard.clone(),
+        max_pairs: None,
+        heads: None,
+        resamples: 2000,
+        seed: 0,
+        force: true,
+    };
+    let patch_run = |spec: &PatchSpec| {
+        let report = patch::patch(model, spec)?;
+        print!("{}", patch::format_table(&report));
+        Ok::<_, crate::error::Error>(report)
+    };
+    let announce = |spec: &PatchSpec| {
+        let names: Vec<String> = spec.positions.iter().map(ToString::to_string).collect();
+        println!(
+            "\npatching {}={} into {} on rows {}, hook_resid_post of every sixth layer x {}:",
+            spec.label,
+            spec.source,
+            spec.dest,
+            spec.filter,
+            names.join(", ")
+        );
+    };
+    announce(&tier_patch);
+    let patch = patch_run(&tier_patch)?;
     // Flipped into standard on one tier: free rows comply less under flipped, paid rows
     // more, so over both tiers the two settings' mean p_accept nearly cancel.
-    let meaning_patch_dir = activations.join(format!("{NAME}-patch-meaning"));
     // Here the system message differs too (which tier it says is trained on):
     // patching it asks how far up the stack its meaning still lives there.
     // Layer 0 is left out: there the message is just the input that differs,
     // and patching it (the costliest cell: the whole prompt again) restores all.
+    let meaning_patch_dir = activations.join(format!("{NAME}-patch-meaning"));
     let mut with_system = token_positions;
     with_system.push(PatchPosition::System);
-    let meaning_patch = patch_run(
-        &meaning_patch_dir,
-        "variation",
-        ["flipped", "standard"],
-        "tier",
-        "tier=free".parse()?,
-        patch_layers[1..].to_vec(),
-        with_system,
-    )?;
+    let meaning_spec = PatchSpec {
+        out: meaning_patch_dir.clone(),
+        points: patch_layers[1..].to_vec(),
+        positions: with_system,
+        label: "variation".into(),
+        source: "flipped".into(),
+        dest: "standard".into(),
+        pair_by: vec!["request_id".into(), "cue".into(), "tier".into()],
+        filter: "tier=free".parse()?,
+        ..tier_patch.clone()
+    };
+    announce(&meaning_spec);
+    let meaning_patch = patch_run(&meaning_spec)?;
 
     let attribute_dir = activations.join(format!("{NAME}-attribute"));
     println!("\ndirect logit attribution of the decision, free vs paid:");
@@ -267,26 +263,13 @@ pub(super) fn run_interventions(
         "\npatching heads {heads:?} of layers {head_layers:?} alone (paid into free) at the decision \
          (the {HEAD_PATCH_TOP} heads of largest direct logit attribution among them):"
     );
-    let head_patch = patch::patch(
-        model,
-        &PatchSpec {
-            prompts: prompts.clone(),
-            out: activations.join(format!("{NAME}-patch-heads")),
-            points: head_layers.into_iter().map(HookPoint::AttnZ).collect(),
-            positions: vec![PatchPosition::Decision],
-            label: "tier".into(),
-            source: "paid".into(),
-            dest: "free".into(),
-            pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
-            filter: standard.clone(),
-            max_pairs: None,
-            heads: Some(heads),
-            resamples: 2000,
-            seed: 0,
-            force: true,
-        },
-    )?;
-    print!("{}", patch::format_table(&head_patch));
+    let head_patch = patch_run(&PatchSpec {
+        out: activations.join(format!("{NAME}-patch-heads")),
+        points: head_layers.into_iter().map(HookPoint::AttnZ).collect(),
+        positions: vec![PatchPosition::Decision],
+        heads: Some(heads),
+        ..tier_patch
+    })?;
     Ok(Interventions {
         layer,
         steer_dirs,
