@@ -23,8 +23,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::config::ModelConfig;
-use super::hooks::Hooks;
-use super::transformer::{KvCache, LogitsAt, Transformer, WeightSource};
 use crate::error::{Error, Result};
 
 /// The projections a LoRA adapter may target, by PEFT's module name.
@@ -318,39 +316,6 @@ impl Adapter {
     pub fn invocation_tokens(&self) -> Option<&[u32]> {
         self.record.alora_invocation_tokens.as_deref()
     }
-
-    /// Builds the transformer from `weights` with this adapter: merged weights
-    /// for plain LoRA; for activated LoRA the base weights plus a merged copy
-    /// used from the invocation tokens on.
-    pub fn build(
-        &self,
-        config: ModelConfig,
-        weights: &mut WeightSource,
-        dtype: DType,
-    ) -> Result<Transformer> {
-        let mut merged = |name: &str| -> Result<Option<Tensor>> {
-            let w = weights(name)?;
-            match (w, self.delta(name)) {
-                (Some(w), Some(d)) => {
-                    let wd = w.dtype();
-                    Ok(Some((w.to_dtype(DType::F64)? + d)?.to_dtype(wd)?))
-                }
-                (w, _) => Ok(w),
-            }
-        };
-        match self.invocation_tokens() {
-            None => Transformer::new(config, &mut merged, dtype),
-            Some(inv) => {
-                let adapted = Transformer::new(config.clone(), &mut merged, dtype)?;
-                let mut base = Transformer::new(config, weights, dtype)?;
-                base.activated = Some(Box::new(Activated {
-                    invocation: inv.to_vec(),
-                    adapted,
-                }));
-                Ok(base)
-            }
-        }
-    }
 }
 
 /// Lowercase alphanumerics of a path's last component, without `.gguf`.
@@ -490,116 +455,4 @@ fn deltas(
         out.insert(format!("model.layers.{l}.{block}.{module}.weight"), delta);
     }
     Ok(out)
-}
-
-/// Activated LoRA on a base transformer: the merged copy and where it starts.
-#[derive(Debug, Clone)]
-pub struct Activated {
-    pub invocation: Vec<u32>,
-    pub adapted: Transformer,
-}
-
-impl Activated {
-    /// Start of the last occurrence of the invocation sequence in `seq`.
-    pub fn start_in(&self, seq: &[u32]) -> Option<usize> {
-        let n = self.invocation.len();
-        if seq.len() < n {
-            return None;
-        }
-        (0..=seq.len() - n)
-            .rev()
-            .find(|&i| seq[i..i + n] == self.invocation[..])
-    }
-}
-
-/// The forward call of an activated-LoRA model: positions before the last
-/// invocation start run with `base`'s weights, the rest with the merged ones.
-/// Cached positions computed under another boundary are recomputed first.
-pub(crate) fn forward_activated(
-    base: &Transformer,
-    act: &Activated,
-    tokens: &[u32],
-    kv: &mut KvCache,
-    hooks: &mut Hooks,
-    logits_at: &LogitsAt,
-) -> Result<Tensor> {
-    let start = kv.len();
-    let mut full = kv.tokens().to_vec();
-    full.extend_from_slice(tokens);
-    let boundary = act.start_in(&full).unwrap_or(usize::MAX);
-    let cached = kv.adapted_from.unwrap_or(usize::MAX);
-    if boundary.min(start) != cached.min(start) {
-        // Part of the cache was computed under another boundary: recompute it.
-        let redo = boundary.min(cached);
-        kv.truncate(redo)?;
-        let redo_tokens = &full[redo..start];
-        let split = boundary.clamp(redo, start) - redo;
-        if split > 0 {
-            base.forward_base(
-                &redo_tokens[..split],
-                kv,
-                &mut Hooks::none(),
-                &LogitsAt::None,
-            )?;
-        }
-        if split < redo_tokens.len() {
-            act.adapted.forward_base(
-                &redo_tokens[split..],
-                kv,
-                &mut Hooks::none(),
-                &LogitsAt::None,
-            )?;
-            kv.adapted_from = Some(boundary);
-        }
-    }
-    let t = tokens.len();
-    let split = boundary.clamp(start, start + t) - start;
-    if split == t {
-        return base.forward_base(tokens, kv, hooks, logits_at);
-    }
-    if split == 0 {
-        let logits = act.adapted.forward_base(tokens, kv, hooks, logits_at)?;
-        kv.adapted_from = Some(boundary);
-        return Ok(logits);
-    }
-    // Logit rows of the call, split between the two pieces.
-    let rows = logits_at.rows(t)?;
-    let first: Vec<usize> = rows.iter().copied().filter(|&r| r < split).collect();
-    let second: Vec<usize> = rows
-        .iter()
-        .filter(|&&r| r >= split)
-        .map(|&r| r - split)
-        .collect();
-    let at = |rows: Vec<usize>| {
-        if rows.is_empty() {
-            LogitsAt::None
-        } else {
-            LogitsAt::Rows(rows)
-        }
-    };
-    let a = base.forward_base(&tokens[..split], kv, hooks, &at(first.clone()))?;
-    let b = act
-        .adapted
-        .forward_base(&tokens[split..], kv, hooks, &at(second.clone()))?;
-    kv.adapted_from = Some(boundary);
-    if first.is_empty() {
-        return Ok(b);
-    }
-    if second.is_empty() {
-        return Ok(a);
-    }
-    // Back into the requested order.
-    let both = Tensor::cat(&[&a, &b], 0)?;
-    let mut order = Vec::with_capacity(rows.len());
-    let (mut i, mut j) = (0u32, first.len() as u32);
-    for &r in &rows {
-        if r < split {
-            order.push(i);
-            i += 1;
-        } else {
-            order.push(j);
-            j += 1;
-        }
-    }
-    Ok(both.index_select(&Tensor::new(order, both.device())?, 0)?)
 }

@@ -3,17 +3,21 @@
 pub mod adapter;
 pub(crate) mod attention;
 pub mod config;
+mod decoder;
 pub mod family;
 pub mod fetch;
 pub mod gguf;
 pub mod hooks;
 pub mod info;
 pub(crate) mod kernels;
+mod kv_cache;
 pub mod spec;
 pub mod template;
+mod token_tree;
 pub mod tokenizer;
 pub mod transformer;
 pub mod validate;
+mod weights;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -250,7 +254,7 @@ fn build_transformer(
     adapter: &Option<Adapter>,
 ) -> Result<Transformer> {
     match adapter {
-        Some(a) => a.build(config, weights, dtype),
+        Some(a) => Transformer::with_adapter(config, weights, a, dtype),
         None => Transformer::new(config, weights, dtype),
     }
 }

@@ -1,0 +1,206 @@
+//! A model's weights as the decoder holds them: projections (dense, stored
+//! transposed for the CPU GEMM, or GGUF block-quantized) and the
+//! embedding/unembedding tables, loaded by HF name.
+
+use std::sync::Arc;
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::kernels::{self, WeightLayout};
+use crate::error::{Error, Result};
+
+/// Weights by HF name (`model.layers.0.self_attn.q_proj.weight`), q/k in the
+/// half-split rope layout. Loaders fill this; the transformer consumes it.
+pub type WeightSource<'a> = dyn FnMut(&str) -> Result<Option<Tensor>> + 'a;
+
+/// Block-quantized weights by HF name, in their GGUF types (`--dtype quantized`);
+/// `None` for a weight the source keeps dense.
+pub type QuantSource<'a> = dyn FnMut(&str) -> Result<Option<QTensor>> + 'a;
+
+/// A projection `y = x W + b`.
+#[derive(Debug, Clone)]
+pub(super) struct Linear {
+    pub(super) weight: LinearWeight,
+    pub(super) bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum LinearWeight {
+    /// `W` stored transposed as `[in, out]` (a contiguous right-hand side is the
+    /// fast case for the CPU GEMM); fused parts are concatenated.
+    DenseT(Tensor),
+    /// GGUF block-quantized parts (q, k, v or gate, up), each `[out, in]`,
+    /// multiplied by [`kernels::quantized_matmul`]; the outputs are concatenated.
+    Quantized(Vec<Arc<QTensor>>),
+}
+
+impl Linear {
+    /// From PyTorch-layout weights `[out, in]` (fused parts in order).
+    pub(super) fn new(parts: Vec<Tensor>, bias: Option<Tensor>) -> Result<Linear> {
+        Ok(Linear {
+            weight: LinearWeight::DenseT(Tensor::cat(&parts, 0)?.t()?.contiguous()?),
+            bias,
+        })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::DenseT(w) => match kernels::matmul_tensor(x, w, WeightLayout::KByN)? {
+                Some(y) => y,
+                None => x.matmul(w)?,
+            },
+            LinearWeight::Quantized(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|p| kernels::quantized_matmul(p, x))
+                    .collect::<Result<Vec<_>>>()?;
+                // One part: cat returns it as is.
+                Tensor::cat(&outs, 1)?
+            }
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// `W` as `[in, out]` in f32 (dequantized when quantized).
+    pub(super) fn weight_t(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::DenseT(w) => Ok(w.to_dtype(DType::F32)?),
+            LinearWeight::Quantized(parts) => {
+                let dense = parts
+                    .iter()
+                    .map(|p| p.dequantize(&Device::Cpu))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&dense, 0)?.t()?.contiguous()?)
+            }
+        }
+    }
+}
+
+/// Where [`Block::load`] gets its weights: dense tensors by HF name, and the
+/// projections block-quantized when a quantized source has them.
+pub(super) struct Loader<'a, 'w, 'q> {
+    pub(super) weights: &'a mut WeightSource<'w>,
+    pub(super) quantized: Option<&'a mut QuantSource<'q>>,
+    pub(super) dtype: DType,
+}
+
+impl Loader<'_, '_, '_> {
+    pub(super) fn dense(&mut self, name: &str) -> Result<Tensor> {
+        let t = (self.weights)(name)?
+            .ok_or_else(|| Error::BadInput(format!("the model has no weight named `{name}`")))?;
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// `name` block-quantized, when the quantized source has it.
+    pub(super) fn quantized_table(&mut self, name: &str) -> Result<Option<QTensor>> {
+        match self.quantized.as_mut() {
+            Some(quantized) => quantized(name),
+            None => Ok(None),
+        }
+    }
+
+    /// The projection made of the weights `names` (fused in order) and `bias`.
+    pub(super) fn linear(&mut self, names: &[String], bias: Option<Tensor>) -> Result<Linear> {
+        if let Some(quantized) = self.quantized.as_mut() {
+            let mut parts = Vec::with_capacity(names.len());
+            for name in names {
+                match quantized(name)? {
+                    Some(q) if is_block_quantized(&q) => parts.push(with_kernel(name, q)?),
+                    _ => break,
+                }
+            }
+            if parts.len() == names.len() {
+                return Ok(Linear {
+                    weight: LinearWeight::Quantized(parts),
+                    bias,
+                });
+            }
+        }
+        let parts = names
+            .iter()
+            .map(|n| self.dense(n))
+            .collect::<Result<Vec<_>>>()?;
+        Linear::new(parts, bias)
+    }
+}
+
+/// Whether `q` is stored in blocks (F32/F16/BF16 tensors are read dense).
+pub(super) fn is_block_quantized(q: &QTensor) -> bool {
+    !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// `q` for the quantized path: an error naming the weight when no kernel
+/// multiplies its block type.
+pub(super) fn with_kernel(name: &str, q: QTensor) -> Result<Arc<QTensor>> {
+    if !kernels::has_quantized_matmul(q.dtype()) {
+        return Err(Error::BadInput(format!(
+            "weight `{name}` is stored as {:?}, which --dtype quantized has no kernel for \
+             (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, Q8_K); use --dtype f32",
+            q.dtype()
+        )));
+    }
+    Ok(Arc::new(q))
+}
+
+/// A `[vocab, d_model]` table: the token embedding, or the unembedding.
+#[derive(Debug, Clone)]
+pub(super) enum Table {
+    Dense(Tensor),
+    /// Block-quantized rows (`--dtype quantized`): [`kernels::quantized_matmul`]
+    /// for the unembedding, rows dequantized when looked up for the embedding.
+    Quantized(Arc<QTensor>),
+}
+
+impl Table {
+    pub(super) fn new(loader: &mut Loader, name: &str) -> Result<Table> {
+        Ok(match loader.quantized_table(name)? {
+            Some(q) if is_block_quantized(&q) => Table::Quantized(with_kernel(name, q)?),
+            _ => Table::Dense(loader.dense(name)?),
+        })
+    }
+
+    pub(super) fn dims(&self) -> &[usize] {
+        match self {
+            Table::Dense(t) => t.dims(),
+            Table::Quantized(q) => q.shape().dims(),
+        }
+    }
+
+    /// Rows `ids` as `[n, d_model]`.
+    pub(super) fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Table::Dense(t) => Ok(t.index_select(&Tensor::new(ids, device)?, 0)?),
+            Table::Quantized(q) => {
+                let (vocab, d) = q.shape().dims2()?;
+                let dtype = q.dtype();
+                let row = d / dtype.block_size() * dtype.type_size();
+                let data = q.data()?;
+                let mut bytes = Vec::with_capacity(ids.len() * row);
+                for &id in ids {
+                    let i = id as usize;
+                    if i >= vocab {
+                        return Err(Error::BadInput(format!(
+                            "token id {id} is outside the vocabulary ({vocab} tokens)"
+                        )));
+                    }
+                    bytes.extend_from_slice(&data[i * row..(i + 1) * row]);
+                }
+                let rows = qtensor_from_ggml(dtype, &bytes, vec![ids.len(), d], device)?;
+                Ok(rows.dequantize(device)?)
+            }
+        }
+    }
+
+    /// The whole table, dense f32.
+    pub(super) fn dense(&self) -> Result<Tensor> {
+        match self {
+            Table::Dense(t) => Ok(t.to_dtype(DType::F32)?),
+            Table::Quantized(q) => Ok(q.dequantize(&Device::Cpu)?),
+        }
+    }
+}
