@@ -6,14 +6,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(
-        "unknown hook point `{name}`; valid names are hook_embed, blocks.{{l}}.hook_resid_pre, \
-         blocks.{{l}}.hook_attn_out, blocks.{{l}}.hook_resid_mid, blocks.{{l}}.hook_mlp_out, \
-         blocks.{{l}}.hook_resid_post, ln_final.hook_normalized, and (capture only, library API) \
-         blocks.{{l}}.attn.hook_q, hook_k, hook_v, hook_z, hook_pattern \
-         (short kinds for --hooks: embed, resid_pre, attn_out, resid_mid, mlp_out, resid_post, ln_final)"
-    )]
-    UnknownHook { name: String },
+    /// `valid` lists the hook names (`hooks::unknown_hook` fills it from the table of kinds).
+    #[error("unknown hook point `{name}`; {valid}")]
+    UnknownHook { name: String, valid: String },
 
     #[error("{path}: {message}")]
     ModelFile { path: PathBuf, message: String },

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 
 use super::args::CaptureModelArgs;
 use afprobe::capture::{self, CaptureSpec};
+use afprobe::model::hooks::{short_kinds, HookScope};
 use afprobe::model::parse_hooks;
 use afprobe::score::RefusalOpenings;
 use afprobe::store::{self, Existing, Position, Slice};
@@ -50,8 +51,9 @@ pub struct CaptureArgs {
     prompts: PathBuf,
     #[command(flatten)]
     model: CaptureModelArgs,
-    /// Hook kinds (resid_post, resid_pre, resid_mid, attn_out, mlp_out, embed, ln_final) or full names.
-    #[arg(long, default_value = "resid_post")]
+    #[arg(long, default_value = "resid_post", help = format!(
+        "Hook kinds ({}) or full names.", short_kinds(&[HookScope::Model, HookScope::Block])
+    ))]
     hooks: String,
     /// Layers for per-block hooks: all, a range 0-29, a list 0,5,10, or a mix.
     #[arg(long, default_value = "all")]

@@ -9,6 +9,7 @@ use afprobe::intervene::ablate::{self, AblateSpec};
 use afprobe::intervene::direction::DirectionSource;
 use afprobe::intervene::patch::{self, PatchPosition, PatchSpec};
 use afprobe::intervene::steer::{self, SteerSpec};
+use afprobe::model::hooks::{short_kinds, HookScope};
 use afprobe::model::{parse_hooks, parse_layer_list, HookPoint};
 
 /// What every intervention reads: prompts, model, row filter, output.
@@ -101,8 +102,9 @@ pub struct SteerArgs {
     common: Common,
     #[command(flatten)]
     direction: DirectionArgs,
-    /// Hook kind to steer (resid_post, resid_pre, resid_mid, attn_out, mlp_out).
-    #[arg(long, default_value = "resid_post")]
+    #[arg(long, default_value = "resid_post", help = format!(
+        "Hook kind to steer ({}).", short_kinds(&[HookScope::Block])
+    ))]
     hook: String,
     /// Layers to steer, one at a time: a list 10,15, a range 8-12, or all.
     #[arg(long)]
@@ -182,9 +184,11 @@ cell. Writes OUT/rows.jsonl (per pair) and OUT/patch.json; `afprobe plot OUT` dr
 pub struct PatchArgs {
     #[command(flatten)]
     common: Common,
-    /// Hook kind to patch (resid_post, resid_pre, attn_out, mlp_out, resid_mid, embed), or `z`
-    /// (blocks.L.attn.hook_z): each head of each layer patched alone at one token.
-    #[arg(long, default_value = "resid_post")]
+    #[arg(long, default_value = "resid_post", help = format!(
+        "Hook kind to patch ({}), or `z` (blocks.L.attn.hook_z): each head of each layer \
+         patched alone at one token.",
+        short_kinds(&[HookScope::Model, HookScope::Block])
+    ))]
     hook: String,
     /// With --hook z: the heads to patch one at a time (comma-separated; default every head).
     #[arg(long, value_delimiter = ',')]

@@ -11,6 +11,7 @@ mod organism;
 mod probe;
 mod study;
 
+use afprobe::model::hooks::hook_names;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -29,10 +30,11 @@ or gemma3-270m. \
 Without --model the default model, SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to f32), is used \
 and fetched on first use into $AFPROBE_HOME (default ~/.cache/afprobe).\n\n\
 Start with `afprobe demo`.",
-    after_help = "Hook points use TransformerLens names: hook_embed, blocks.{l}.hook_resid_pre, \
-blocks.{l}.hook_attn_out, blocks.{l}.hook_resid_mid, blocks.{l}.hook_mlp_out, \
-blocks.{l}.hook_resid_post (the raw residual after block l, before any final norm), \
-ln_final.hook_normalized."
+    after_help = format!(
+        "Hook points use TransformerLens names: {}; blocks.{{l}}.hook_resid_post is the raw \
+         residual after block l, before any final norm.",
+        hook_names()
+    )
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -47,88 +47,152 @@ pub enum HookPoint {
     AttnPattern(usize),
 }
 
-/// The attention-internal kinds (capture only), by their short name.
-pub const ATTN_HOOKS: [&str; 5] = ["q", "k", "v", "z", "pattern"];
+/// Where a hook kind's TransformerLens name sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookScope {
+    /// Once per model (`hook_embed`, `ln_final.hook_normalized`).
+    Model,
+    /// Once per block, on the residual stream (`blocks.{l}.hook_resid_post`).
+    Block,
+    /// Once per block inside attention, capture only (`blocks.{l}.attn.hook_q`).
+    Attention,
+}
 
-/// The per-block hook kinds, by their short name (`resid_post`) as used by `--hooks`.
-pub const BLOCK_HOOKS: [&str; 5] = [
-    "resid_pre",
-    "attn_out",
-    "resid_mid",
-    "mlp_out",
-    "resid_post",
+/// One hook kind: its short name (`--hooks`, `--hook`), its TransformerLens
+/// name (after `blocks.{l}.` for per-block kinds), and its point at a layer.
+pub struct HookKind {
+    pub short: &'static str,
+    pub name: &'static str,
+    pub scope: HookScope,
+    at: fn(usize) -> HookPoint,
+}
+
+/// Every hook kind, declared once, in forward order (attention internals
+/// last). Names, parsing, the lists in `--help` and the unknown-hook error all
+/// derive from this table; a new kind is a variant, a row here and an arm in
+/// [`HookPoint::kind`].
+#[rustfmt::skip]
+pub const HOOK_KINDS: [HookKind; 12] = [
+    HookKind { short: "embed", name: "hook_embed", scope: HookScope::Model, at: |_| HookPoint::Embed },
+    HookKind { short: "resid_pre", name: "hook_resid_pre", scope: HookScope::Block, at: HookPoint::ResidPre },
+    HookKind { short: "attn_out", name: "hook_attn_out", scope: HookScope::Block, at: HookPoint::AttnOut },
+    HookKind { short: "resid_mid", name: "hook_resid_mid", scope: HookScope::Block, at: HookPoint::ResidMid },
+    HookKind { short: "mlp_out", name: "hook_mlp_out", scope: HookScope::Block, at: HookPoint::MlpOut },
+    HookKind { short: "resid_post", name: "hook_resid_post", scope: HookScope::Block, at: HookPoint::ResidPost },
+    HookKind { short: "ln_final", name: "ln_final.hook_normalized", scope: HookScope::Model, at: |_| HookPoint::LnFinal },
+    HookKind { short: "q", name: "attn.hook_q", scope: HookScope::Attention, at: HookPoint::AttnQ },
+    HookKind { short: "k", name: "attn.hook_k", scope: HookScope::Attention, at: HookPoint::AttnK },
+    HookKind { short: "v", name: "attn.hook_v", scope: HookScope::Attention, at: HookPoint::AttnV },
+    HookKind { short: "z", name: "attn.hook_z", scope: HookScope::Attention, at: HookPoint::AttnZ },
+    HookKind { short: "pattern", name: "attn.hook_pattern", scope: HookScope::Attention, at: HookPoint::AttnPattern },
 ];
 
+/// The kinds of `scopes`, in table order.
+pub fn hook_kinds(scopes: &[HookScope]) -> impl Iterator<Item = &'static HookKind> + '_ {
+    HOOK_KINDS.iter().filter(move |k| scopes.contains(&k.scope))
+}
+
+/// Short names of the kinds of `scopes`, comma-separated (for help texts).
+pub fn short_kinds(scopes: &[HookScope]) -> String {
+    hook_kinds(scopes)
+        .map(|k| k.short)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The full names of the model-level and per-block kinds, with `{l}` for the
+/// layer, comma-separated (for help and error texts).
+pub fn hook_names() -> String {
+    hook_kinds(&[HookScope::Model, HookScope::Block])
+        .map(|k| k.template())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The error for an unknown hook name, listing the valid ones.
+fn unknown_hook(name: &str) -> Error {
+    let internals: Vec<&str> = hook_kinds(&[HookScope::Attention])
+        .map(|k| k.name.trim_start_matches("attn."))
+        .collect();
+    Error::UnknownHook {
+        name: name.to_string(),
+        valid: format!(
+            "valid names are {}, and (capture only, library API) blocks.{{l}}.attn.{} (short \
+             kinds for --hooks: {})",
+            hook_names(),
+            internals.join(", "),
+            short_kinds(&[HookScope::Model, HookScope::Block])
+        ),
+    }
+}
+
+impl HookKind {
+    /// The TransformerLens name with `{l}` for the layer.
+    fn template(&self) -> String {
+        match self.scope {
+            HookScope::Model => self.name.to_string(),
+            _ => format!("blocks.{{l}}.{}", self.name),
+        }
+    }
+
+    /// The kind of `scope` with short name `short`; an unknown-hook error otherwise.
+    fn find(scope: HookScope, short: &str) -> Result<&'static HookKind> {
+        hook_kinds(&[scope])
+            .find(|k| k.short == short)
+            .ok_or_else(|| unknown_hook(short))
+    }
+}
+
 impl HookPoint {
+    /// This point's kind (its row of [`HOOK_KINDS`]) and layer (0 for model-level points).
+    pub fn kind(&self) -> (&'static HookKind, usize) {
+        let (row, layer) = match *self {
+            HookPoint::Embed => (0, 0),
+            HookPoint::ResidPre(l) => (1, l),
+            HookPoint::AttnOut(l) => (2, l),
+            HookPoint::ResidMid(l) => (3, l),
+            HookPoint::MlpOut(l) => (4, l),
+            HookPoint::ResidPost(l) => (5, l),
+            HookPoint::LnFinal => (6, 0),
+            HookPoint::AttnQ(l) => (7, l),
+            HookPoint::AttnK(l) => (8, l),
+            HookPoint::AttnV(l) => (9, l),
+            HookPoint::AttnZ(l) => (10, l),
+            HookPoint::AttnPattern(l) => (11, l),
+        };
+        (&HOOK_KINDS[row], layer)
+    }
+
     /// Block index for per-block points, `None` for `hook_embed` / `ln_final`.
     pub fn layer(&self) -> Option<usize> {
-        match *self {
-            HookPoint::ResidPre(l)
-            | HookPoint::AttnOut(l)
-            | HookPoint::ResidMid(l)
-            | HookPoint::MlpOut(l)
-            | HookPoint::ResidPost(l)
-            | HookPoint::AttnQ(l)
-            | HookPoint::AttnK(l)
-            | HookPoint::AttnV(l)
-            | HookPoint::AttnZ(l)
-            | HookPoint::AttnPattern(l) => Some(l),
-            HookPoint::Embed | HookPoint::LnFinal => None,
+        match self.kind() {
+            (k, _) if k.scope == HookScope::Model => None,
+            (_, l) => Some(l),
         }
     }
 
     /// Whether this is an attention internal (`attn.hook_q` ...): computed only
     /// when asked for, and read-only.
     pub fn is_attention_internal(&self) -> bool {
-        matches!(
-            self,
-            HookPoint::AttnQ(_)
-                | HookPoint::AttnK(_)
-                | HookPoint::AttnV(_)
-                | HookPoint::AttnZ(_)
-                | HookPoint::AttnPattern(_)
-        )
+        self.kind().0.scope == HookScope::Attention
     }
 
     /// An attention internal of layer `layer` by short kind (`q`, `k`, `v`, `z`, `pattern`).
     pub fn attention(kind: &str, layer: usize) -> Result<HookPoint> {
-        Ok(match kind {
-            "q" => HookPoint::AttnQ(layer),
-            "k" => HookPoint::AttnK(layer),
-            "v" => HookPoint::AttnV(layer),
-            "z" => HookPoint::AttnZ(layer),
-            "pattern" => HookPoint::AttnPattern(layer),
-            other => {
-                return Err(Error::UnknownHook {
-                    name: other.to_string(),
-                })
-            }
-        })
+        Ok((HookKind::find(HookScope::Attention, kind)?.at)(layer))
     }
 
     /// Builds a per-block point from its short kind name (`resid_post`) and layer.
     pub fn block(kind: &str, layer: usize) -> Result<HookPoint> {
-        Ok(match kind {
-            "resid_pre" => HookPoint::ResidPre(layer),
-            "attn_out" => HookPoint::AttnOut(layer),
-            "resid_mid" => HookPoint::ResidMid(layer),
-            "mlp_out" => HookPoint::MlpOut(layer),
-            "resid_post" => HookPoint::ResidPost(layer),
-            other => {
-                return Err(Error::UnknownHook {
-                    name: other.to_string(),
-                })
-            }
-        })
+        Ok((HookKind::find(HookScope::Block, kind)?.at)(layer))
     }
 
-    /// Every hook point of a model with `n_layers` blocks, in forward order.
+    /// Every hook point of a model with `n_layers` blocks, in forward order
+    /// (attention internals excepted).
     pub fn all(n_layers: usize) -> Vec<HookPoint> {
         let mut points = vec![HookPoint::Embed];
         for l in 0..n_layers {
-            for kind in BLOCK_HOOKS {
-                points.push(HookPoint::block(kind, l).expect("BLOCK_HOOKS are valid kinds"));
-            }
+            points.extend(hook_kinds(&[HookScope::Block]).map(|k| (k.at)(l)));
         }
         points.push(HookPoint::LnFinal);
         points
@@ -148,19 +212,9 @@ impl HookPoint {
 
 impl fmt::Display for HookPoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HookPoint::Embed => write!(f, "hook_embed"),
-            HookPoint::ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
-            HookPoint::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
-            HookPoint::ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
-            HookPoint::MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
-            HookPoint::ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
-            HookPoint::LnFinal => write!(f, "ln_final.hook_normalized"),
-            HookPoint::AttnQ(l) => write!(f, "blocks.{l}.attn.hook_q"),
-            HookPoint::AttnK(l) => write!(f, "blocks.{l}.attn.hook_k"),
-            HookPoint::AttnV(l) => write!(f, "blocks.{l}.attn.hook_v"),
-            HookPoint::AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
-            HookPoint::AttnPattern(l) => write!(f, "blocks.{l}.attn.hook_pattern"),
+        match self.kind() {
+            (k, _) if k.scope == HookScope::Model => f.write_str(k.name),
+            (k, l) => write!(f, "blocks.{l}.{}", k.name),
         }
     }
 }
@@ -169,22 +223,17 @@ impl FromStr for HookPoint {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<HookPoint> {
-        let unknown = || Error::UnknownHook {
-            name: s.to_string(),
-        };
-        match s {
-            "hook_embed" => return Ok(HookPoint::Embed),
-            "ln_final.hook_normalized" => return Ok(HookPoint::LnFinal),
-            _ => {}
+        if let Some(k) = hook_kinds(&[HookScope::Model]).find(|k| k.name == s) {
+            return Ok((k.at)(0));
         }
+        let unknown = || unknown_hook(s);
         let rest = s.strip_prefix("blocks.").ok_or_else(unknown)?;
-        let (layer, kind) = rest.split_once('.').ok_or_else(unknown)?;
+        let (layer, name) = rest.split_once('.').ok_or_else(unknown)?;
         let layer: usize = layer.parse().map_err(|_| unknown())?;
-        if let Some(kind) = kind.strip_prefix("attn.hook_") {
-            return HookPoint::attention(kind, layer).map_err(|_| unknown());
-        }
-        let kind = kind.strip_prefix("hook_").ok_or_else(unknown)?;
-        HookPoint::block(kind, layer).map_err(|_| unknown())
+        let kind = hook_kinds(&[HookScope::Block, HookScope::Attention])
+            .find(|k| k.name == name)
+            .ok_or_else(unknown)?;
+        Ok((kind.at)(layer))
     }
 }
 
@@ -194,16 +243,14 @@ pub fn parse_hooks(hooks: &str, layers: &str, n_layers: usize) -> Result<Vec<Hoo
     let layers = parse_layers(layers, n_layers)?;
     let mut points = Vec::new();
     for item in hooks.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        match item {
-            "embed" | "hook_embed" => points.push(HookPoint::Embed),
-            "ln_final" | "ln_final.hook_normalized" => points.push(HookPoint::LnFinal),
-            kind if BLOCK_HOOKS.contains(&kind) => {
-                for &l in &layers {
-                    points.push(HookPoint::block(kind, l)?);
-                }
-            }
-            name => {
-                let p: HookPoint = name.parse()?;
+        let short = HOOK_KINDS
+            .iter()
+            .find(|k| k.short == item && k.scope != HookScope::Attention);
+        match short {
+            Some(k) if k.scope == HookScope::Model => points.push((k.at)(0)),
+            Some(k) => points.extend(layers.iter().map(|&l| (k.at)(l))),
+            None => {
+                let p: HookPoint = item.parse()?;
                 p.check_layer(n_layers)?;
                 points.push(p);
             }
@@ -526,6 +573,35 @@ fn apply_edit(edit: &Edit, x: &Tensor, at: &[usize]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_in_the_table_names_parses_and_maps_back_to_its_row() {
+        for (row, kind) in HOOK_KINDS.iter().enumerate() {
+            let point = (kind.at)(3);
+            let (back, layer) = point.kind();
+            assert!(
+                std::ptr::eq(back, &HOOK_KINDS[row]),
+                "{} maps to row {row}",
+                kind.short
+            );
+            let name = kind.template().replace("{l}", "3");
+            assert_eq!(point.to_string(), name);
+            assert_eq!(name.parse::<HookPoint>().unwrap(), point);
+            assert_eq!(layer, if kind.scope == HookScope::Model { 0 } else { 3 });
+        }
+        let err = "blocks.0.hook_nope"
+            .parse::<HookPoint>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("blocks.{l}.attn.hook_q, hook_k, hook_v, hook_z, hook_pattern"),
+            "{err}"
+        );
+        assert!(
+            err.contains("resid_mid, mlp_out, resid_post, ln_final)"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn names_round_trip_through_display_and_parse() {
