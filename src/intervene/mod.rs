@@ -12,6 +12,7 @@ pub mod direction;
 pub mod head_patch;
 pub mod patch;
 pub mod patch_position;
+pub mod patch_spec;
 pub mod steer;
 
 use std::collections::{BTreeMap, BTreeSet};

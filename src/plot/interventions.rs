@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::figures::{Curve, Figure, Interval, LayerPoint, Marker, PALETTE};
+use super::data::{Curve, Figure, Interval, LayerPoint, Marker, PALETTE};
 use super::{category_key, cue_of, save};
 use crate::error::{Error, Result};
 use crate::run_dir::RunKind;
