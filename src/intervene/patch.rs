@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub use super::patch_position::{align, Aligned, PatchPosition};
@@ -136,7 +136,7 @@ fn patch_hooks(
 }
 
 /// One cell of the heatmap: a hook point and a position set, over all pairs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cell {
     pub hook: String,
     pub layer: Option<usize>,
@@ -148,9 +148,13 @@ pub struct Cell {
     pub n_pairs: usize,
     /// Pairs where some positions had no counterpart (they were left unpatched).
     pub partly_aligned: usize,
+    #[serde(deserialize_with = "super::nan_json::number")]
     pub p_patched: f64,
-    /// Mean over pairs of p_patched − p_dest, with a bootstrap 95% interval.
+    /// Mean over pairs of p_patched − p_dest, with a bootstrap 95% interval
+    /// (NaN, written `null`, where no pair could be patched).
+    #[serde(deserialize_with = "super::nan_json::number")]
     pub effect: f64,
+    #[serde(deserialize_with = "super::nan_json::interval")]
     pub effect_ci95: [f64; 2],
     /// Σ(p_patched − p_dest) / Σ(p_source − p_dest): the share of the difference restored.
     pub restored: Option<f64>,

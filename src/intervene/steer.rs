@@ -21,7 +21,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::direction::{random_unit, DirectionSource};
@@ -143,7 +143,7 @@ pub struct SteerSpec {
 }
 
 /// One point of the sweep over all rows.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SteerCell {
     pub hook: String,
     pub layer: Option<usize>,
@@ -153,16 +153,20 @@ pub struct SteerCell {
     /// Which random direction (0-based), for `random` cells.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_index: Option<usize>,
+    #[serde(deserialize_with = "super::nan_json::number")]
     pub p_accept: f64,
+    #[serde(deserialize_with = "super::nan_json::interval")]
     pub ci95: [f64; 2],
     /// Mean p_accept and its interval per value of `tier` (when rows have it).
     pub by_tier: BTreeMap<String, TierMean>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TierMean {
     pub n: usize,
+    #[serde(deserialize_with = "super::nan_json::number")]
     pub p_accept: f64,
+    #[serde(deserialize_with = "super::nan_json::interval")]
     pub ci95: [f64; 2],
 }
 
