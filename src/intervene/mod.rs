@@ -15,6 +15,8 @@ pub mod patch;
 pub mod patch_position;
 pub mod patch_spec;
 pub mod steer;
+pub mod steer_report;
+pub mod steer_spec;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
