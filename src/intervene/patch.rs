@@ -151,7 +151,7 @@ pub struct Cell {
     #[serde(deserialize_with = "super::nan_json::number")]
     pub p_patched: f64,
     /// Mean over pairs of p_patched − p_dest, with a bootstrap 95% interval
-    /// (NaN, written `null`, where no pair could be patched).
+    /// (its ends NaN, written `null`, where no pair could be patched).
     #[serde(deserialize_with = "super::nan_json::number")]
     pub effect: f64,
     #[serde(deserialize_with = "super::nan_json::interval")]
