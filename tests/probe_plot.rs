@@ -805,13 +805,13 @@ fn assert_apart(labels: &[&afprobe::plot::layout::Label], what: &str) {
     }
 }
 
-fn gap_items(names: &[String]) -> Vec<afprobe::plot::figures::Interval> {
+fn gap_items(names: &[String]) -> Vec<afprobe::plot::data::Interval> {
     names
         .iter()
         .enumerate()
         .map(|(i, name)| {
             let summary = name == "overall" || name == "benign";
-            afprobe::plot::figures::Interval {
+            afprobe::plot::data::Interval {
                 label: name.clone(),
                 value: 0.01 * noise(i) as f64,
                 lo: 0.01 * noise(i) as f64 - 0.005,
@@ -832,7 +832,7 @@ fn gap_items(names: &[String]) -> Vec<afprobe::plot::figures::Interval> {
 /// each other or the title, and sit beside the plot, not on it.
 #[test]
 fn gap_figure_labels_do_not_overlap() {
-    use afprobe::plot::figures::SIZE;
+    use afprobe::plot::data::SIZE;
     use afprobe::plot::layout::{self, Orientation};
     let title = "Compliance gap, mean p_accept(free) - p_accept(paid) per request";
     for cues in [4, 12] {
@@ -895,7 +895,7 @@ fn gap_figure_labels_do_not_overlap() {
 /// labels never touch each other, the title or the cells.
 #[test]
 fn heatmap_labels_do_not_overlap() {
-    use afprobe::plot::figures::SIZE;
+    use afprobe::plot::data::SIZE;
     use afprobe::plot::layout;
     let title = "Patching paid into free: share of the p_accept difference restored (8 pairs)";
     for n in [30, 100] {

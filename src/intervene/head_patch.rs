@@ -13,7 +13,8 @@
 
 use candle_core::{Device, Tensor};
 
-use super::patch::{align, PairResult, PatchCell, PatchPosition, PatchSpec};
+use super::patch_position::{align, PatchPosition};
+use super::patch_spec::{PairResult, PatchCell, PatchSpec};
 use super::{p_accept, Captured, Row, RowCache, TokenCount};
 use crate::error::{Error, Result};
 use crate::model::{Edit, HookPoint, Hooks, Model, Positions};

@@ -10,9 +10,13 @@
 pub mod ablate;
 pub mod direction;
 pub mod head_patch;
+mod nan_json;
 pub mod patch;
 pub mod patch_position;
+pub mod patch_spec;
 pub mod steer;
+pub mod steer_report;
+pub mod steer_spec;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -5,58 +5,28 @@
 //! patch restores is reported with a bootstrap interval over pairs.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub use super::patch_position::{align, Aligned, PatchPosition};
+pub use super::patch_spec::PatchSpec;
+use super::patch_spec::{PairResult, PatchCell};
 use super::{load_rows, p_accept, prepare_out, write_run, Clean, Row, RowCache, TokenCount};
 use crate::error::{Error, Result};
 use crate::model::{
     ActivationCache, CaptureRows, Edit, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter,
 };
 use crate::progress::Progress;
-use crate::rows::Filter;
 use crate::score::{continuation_logprobs, fed_trie, Scores};
 use crate::stats::quantile_sorted;
 
 /// The file that marks a finished patching run.
 pub const PATCH_JSON: &str = crate::run_dir::RunKind::Patch.marker();
-
-/// Settings of one patching run.
-#[derive(Debug, Clone, Serialize)]
-pub struct PatchSpec {
-    pub prompts: PathBuf,
-    pub out: PathBuf,
-    /// Hook points to patch, one cell row each (e.g. every `hook_resid_post`).
-    #[serde(serialize_with = "super::names")]
-    pub points: Vec<HookPoint>,
-    #[serde(serialize_with = "super::names")]
-    pub positions: Vec<PatchPosition>,
-    /// The field that tells source from destination, and their values.
-    pub label: String,
-    pub source: String,
-    pub dest: String,
-    /// Fields that must match for two rows to pair (besides the label).
-    pub pair_by: Vec<String>,
-    #[serde(serialize_with = "super::display")]
-    pub filter: Filter,
-    /// Use at most this many pairs (the first ones, in file order).
-    pub max_pairs: Option<usize>,
-    /// With `blocks.L.attn.hook_z` points: the heads patched one at a time
-    /// (`None`: every head). See [`super::head_patch`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heads: Option<Vec<usize>>,
-    pub resamples: usize,
-    pub seed: u64,
-    pub force: bool,
-}
 
 /// The source row run once: its activations at the patched points, the prompt
 /// then its continuations' fed tokens as one token tree on the prompt's cache.
@@ -166,7 +136,7 @@ fn patch_hooks(
 }
 
 /// One cell of the heatmap: a hook point and a position set, over all pairs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cell {
     pub hook: String,
     pub layer: Option<usize>,
@@ -178,9 +148,13 @@ pub struct Cell {
     pub n_pairs: usize,
     /// Pairs where some positions had no counterpart (they were left unpatched).
     pub partly_aligned: usize,
+    #[serde(deserialize_with = "super::nan_json::number")]
     pub p_patched: f64,
-    /// Mean over pairs of p_patched − p_dest, with a bootstrap 95% interval.
+    /// Mean over pairs of p_patched − p_dest, with a bootstrap 95% interval
+    /// (its ends NaN, written `null`, where no pair could be patched).
+    #[serde(deserialize_with = "super::nan_json::number")]
     pub effect: f64,
+    #[serde(deserialize_with = "super::nan_json::interval")]
     pub effect_ci95: [f64; 2],
     /// Σ(p_patched − p_dest) / Σ(p_source − p_dest): the share of the difference restored.
     pub restored: Option<f64>,
@@ -510,36 +484,6 @@ fn pair_record(
     // The destination unpatched on each cell's split (equal to p_dest up to float noise).
     record.insert("p_unpatched".into(), by_cell(&result.dest_at));
     format!("{}\n", Value::Object(record))
-}
-
-/// One pair's scores: unpatched source and destination, and each cell's
-/// destination unpatched and patched (on the same split of the prompt).
-pub(super) struct PairResult {
-    pub p_source: f64,
-    pub p_dest: f64,
-    /// NaN where the cell had no aligned position.
-    pub dest_at: Vec<f64>,
-    pub patched: Vec<f64>,
-    pub partly: Vec<bool>,
-}
-
-/// What one cell patches: a hook point at a position set, one head of it
-/// for `hook_z`.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct PatchCell {
-    pub point: HookPoint,
-    pub position: PatchPosition,
-    pub head: Option<usize>,
-}
-
-impl fmt::Display for PatchCell {
-    /// `blocks.3.hook_resid_post@last`, `blocks.3.attn.hook_z.h5@last`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.head {
-            Some(h) => write!(f, "{}.h{h}@{}", self.point, self.position),
-            None => write!(f, "{}@{}", self.point, self.position),
-        }
-    }
 }
 
 fn summarize(c: usize, cell: &PatchCell, results: &[PairResult], spec: &PatchSpec) -> Cell {

@@ -5,51 +5,87 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::figures::{Curve, Figure, Interval, LayerPoint, Marker, PALETTE};
+use super::data::{Curve, Figure, Interval, LayerPoint, Marker, PALETTE};
 use super::{category_key, cue_of, save};
 use crate::error::{Error, Result};
+use crate::intervene::patch;
+use crate::intervene::steer::SteerCell;
 use crate::run_dir::RunKind;
+
+/// What the steering figures read of `steer.json`. Its settings are not
+/// read back: they name the direction's source for people, not for parsing.
+#[derive(Deserialize)]
+struct SteerRun {
+    cells: Vec<SteerCell>,
+}
+
+/// What the patching heatmap reads of `patch.json`.
+#[derive(Deserialize)]
+struct PatchRun {
+    settings: PatchSides,
+    n_pairs: usize,
+    cells: Vec<patch::Cell>,
+}
+
+/// The label values patched from and into (`settings.source`, `settings.dest`).
+#[derive(Deserialize)]
+struct PatchSides {
+    source: String,
+    dest: String,
+}
 
 /// The figures of the intervention run in `dir`, if it is one (`None` otherwise).
 pub fn intervention_figures(dir: &Path, out: &Path) -> Result<Option<Vec<PathBuf>>> {
-    let read = |name: &str| -> Result<Option<Value>> {
-        let path = dir.join(name);
-        if !path.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::model_file(&path, format!("not valid JSON: {e}")))
-    };
     let Some(kind) = RunKind::detect(dir) else {
         return Ok(None);
     };
-    let Some(report) = read(kind.marker())? else {
+    let path = dir.join(kind.marker());
+    if !path.exists() {
         return Ok(None);
-    };
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     match kind {
-        RunKind::Steer => steer_figures(&report, out).map(Some),
+        RunKind::Steer => steer_figures(&parse(&path, &text)?, out).map(Some),
         RunKind::Patch => {
-            let fig = patch_figure(&report)
-                .ok_or_else(|| Error::model_file(dir.join(kind.marker()), "no cells to plot"))?;
+            let fig = patch_figure(&parse(&path, &text)?)
+                .ok_or_else(|| Error::model_file(&path, "no cells to plot"))?;
             save(&fig, out, "patch").map(Some)
         }
-        RunKind::Ablate => save(&ablate_figure(&report), out, "ablate").map(Some),
+        RunKind::Ablate => save(&ablate_figure(&parse(&path, &text)?), out, "ablate").map(Some),
         RunKind::Attribute => {
-            let fig = attribute_figure(&report).ok_or_else(|| {
-                Error::model_file(dir.join(kind.marker()), "no components to plot")
-            })?;
+            let fig = attribute_figure(&parse(&path, &text)?)
+                .ok_or_else(|| Error::model_file(&path, "no components to plot"))?;
             save(&fig, out, "attribute").map(Some)
         }
-        _ => Ok(None),
+        _ => parse::<IgnoredAny>(&path, &text).map(|_| None),
     }
+}
+
+/// The report at `path` (its `text`) as `T`: a field missing, renamed or of
+/// the wrong type is an error naming the file and the field, never a default
+/// that plots zeros.
+fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        let what = if e.is_data() {
+            "not a report this afprobe version reads"
+        } else {
+            "not valid JSON"
+        };
+        Error::model_file(path, format!("{what}: {e}"))
+    })
 }
 
 fn interval(v: &Value) -> Option<(f64, f64)> {
     Some((v.get(0)?.as_f64()?, v.get(1)?.as_f64()?))
+}
+
+/// A report's interval where both ends are numbers (a NaN or ±∞ was written as `null`).
+fn finite_interval([lo, hi]: [f64; 2]) -> Option<(f64, f64)> {
+    (lo.is_finite() && hi.is_finite()).then_some((lo, hi))
 }
 
 /// The mean of the points at each α (several random directions per α), sorted by α.
@@ -75,13 +111,11 @@ fn mean_per_alpha(points: Vec<LayerPoint>) -> Vec<LayerPoint> {
 
 /// One figure per steered hook: mean p_accept against α per tier, the steering
 /// direction solid with its interval band, the random directions' mean dashed.
-fn steer_figures(report: &Value, out: &Path) -> Result<Vec<PathBuf>> {
-    let cells = report["cells"].as_array().cloned().unwrap_or_default();
-    let mut by_hook: BTreeMap<(u64, String), Vec<&Value>> = BTreeMap::new();
-    for c in &cells {
-        let hook = c["hook"].as_str().unwrap_or("?").to_string();
+fn steer_figures(report: &SteerRun, out: &Path) -> Result<Vec<PathBuf>> {
+    let mut by_hook: BTreeMap<(usize, &str), Vec<&SteerCell>> = BTreeMap::new();
+    for c in &report.cells {
         by_hook
-            .entry((c["layer"].as_u64().unwrap_or(0), hook))
+            .entry((c.layer.unwrap_or(0), &c.hook))
             .or_default()
             .push(c);
     }
@@ -89,25 +123,26 @@ fn steer_figures(report: &Value, out: &Path) -> Result<Vec<PathBuf>> {
     for ((_, hook), cells) in by_hook {
         let mut curves: BTreeMap<(String, String), Vec<LayerPoint>> = BTreeMap::new();
         for c in &cells {
-            let kind = c["kind"].as_str().unwrap_or("direction").to_string();
-            let alpha = c["alpha"].as_f64().unwrap_or(0.0);
-            let tiers = c["by_tier"].as_object().cloned().unwrap_or_default();
-            let groups: Vec<(String, &Value)> = if tiers.is_empty() {
-                vec![("all rows".into(), *c)]
+            let groups: Vec<(&str, f64, [f64; 2])> = if c.by_tier.is_empty() {
+                vec![("all rows", c.p_accept, c.ci95)]
             } else {
-                tiers.iter().map(|(t, m)| (t.clone(), m)).collect()
+                c.by_tier
+                    .iter()
+                    .map(|(t, m)| (t.as_str(), m.p_accept, m.ci95))
+                    .collect()
             };
-            for (tier, m) in groups {
-                let Some(value) = m["p_accept"].as_f64() else {
+            for (tier, value, ci95) in groups {
+                // NaN or ±∞ (written `null`): no point to draw.
+                if !value.is_finite() {
                     continue;
-                };
+                }
                 curves
-                    .entry((kind.clone(), tier))
+                    .entry((c.kind.clone(), tier.to_string()))
                     .or_default()
                     .push(LayerPoint {
-                        layer: alpha,
+                        layer: c.alpha,
                         value,
-                        interval: interval(&m["ci95"]),
+                        interval: finite_interval(ci95),
                     });
             }
         }
@@ -195,40 +230,34 @@ fn steer_figures(report: &Value, out: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Share of the difference restored, hooks (rows, by layer) × positions (columns).
-fn patch_figure(report: &Value) -> Option<Figure> {
-    let cells = report["cells"].as_array()?;
-    let mut hooks: Vec<(u64, String)> = Vec::new();
+fn patch_figure(report: &PatchRun) -> Option<Figure> {
+    let mut hooks: Vec<(usize, String)> = Vec::new();
     let mut positions: Vec<String> = Vec::new();
     let mut grid: BTreeMap<(String, String), Option<f64>> = BTreeMap::new();
-    for c in cells {
+    for c in &report.cells {
         // A per-head cell (`hook_z`) is its own row: `blocks.3.attn.hook_z.h5`.
-        let hook = match c["head"].as_u64() {
-            Some(h) => format!("{}.h{h}", c["hook"].as_str()?),
-            None => c["hook"].as_str()?.to_string(),
+        let hook = match c.head {
+            Some(h) => format!("{}.h{h}", c.hook),
+            None => c.hook.clone(),
         };
-        let position = c["position"].as_str()?.to_string();
-        let key = (c["layer"].as_u64().map_or(0, |l| l + 1), hook.clone());
+        let key = (c.layer.map_or(0, |l| l + 1), hook.clone());
         if !hooks.contains(&key) {
             hooks.push(key);
         }
-        if !positions.contains(&position) {
-            positions.push(position.clone());
+        if !positions.contains(&c.position) {
+            positions.push(c.position.clone());
         }
-        grid.insert((hook, position), c["restored"].as_f64());
+        grid.insert((hook, c.position.clone()), c.restored);
     }
     hooks.sort();
     if hooks.is_empty() {
         return None;
     }
-    let settings = &report["settings"];
-    let (source, dest) = (
-        settings["source"].as_str().unwrap_or("source"),
-        settings["dest"].as_str().unwrap_or("dest"),
-    );
+    let PatchSides { source, dest } = &report.settings;
     Some(Figure::Heatmap {
         title: format!(
             "Patching {source} into {dest}: share of the p_accept difference restored ({} pairs)",
-            report["n_pairs"].as_u64().unwrap_or(0)
+            report.n_pairs
         ),
         scale: (0.0, 1.0),
         row_label: "hook".into(),

@@ -6,7 +6,7 @@
 
 use plotters::style::IntoFont;
 
-use super::figures::Interval;
+use super::data::Interval;
 
 /// The family every figure draws with (the bundled DejaVu Sans).
 pub const FONT: &str = "sans-serif";

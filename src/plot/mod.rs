@@ -1,6 +1,7 @@
 //! `afprobe plot`: figures from a probe directory or an activation store,
 //! as PNG and SVG, with a bundled font so they render on machines without fonts.
 
+pub mod data;
 pub mod figures;
 pub mod interventions;
 pub mod layout;
@@ -18,7 +19,7 @@ use crate::model::HookPoint;
 use crate::probe::{self, Method, MetricRow, Report, Role};
 use crate::run_dir::{has_gap, RunKind, GAP_JSON};
 use crate::store::{Position, Store, TensorName};
-use figures::{Curve, Figure, Interval, LayerPoint, Marker, PointGroup, PALETTE, SIZE};
+use data::{Curve, Figure, Interval, LayerPoint, Marker, PointGroup, PALETTE, SIZE};
 
 /// DejaVu Sans (Bitstream Vera licence, see fonts/LICENSE_DEJAVU).
 static FONT_TTF: &[u8] = include_bytes!("fonts/DejaVuSans.ttf");
@@ -319,7 +320,7 @@ fn auroc_figure(rows: &[&MetricRow], label: &str, kind: &str, position: Position
             // The control cue is drawn wide and pale under the probes (earlier
             // curves are drawn on top), so where both reach 1.0 both stay visible.
             let color = if line.role == Role::Control {
-                figures::lighten(PALETTE[line.color], 0.45)
+                data::lighten(PALETTE[line.color], 0.45)
             } else {
                 PALETTE[line.color]
             };
