@@ -4,49 +4,16 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use super::control::{control_section, PositiveControl};
-use super::interventions::{Interventions, INTERVENTION_CUE, STEER_VARIATIONS};
+use super::control_report::control_section;
+use super::interventions::{INTERVENTION_CUE, STEER_VARIATIONS};
+use super::markdown::{ci, gap_cell, num};
+use super::prompts::NAME;
+use super::report_inputs::ReportInputs;
 use super::verdict::mechanism_section;
-use super::{Timings, NAME};
-use crate::gap::{GapReport, GapStats};
+use crate::gap::GapStats;
 use crate::probe::{Method, MetricRow, Report, Role};
 use crate::store::Position;
 use crate::study::setting::builtin_cues;
-
-pub(super) struct ReportInputs<'a> {
-    pub(super) model: &'a str,
-    pub(super) n_rows: usize,
-    /// Rows of the standard setting (the rest are variation rows).
-    pub(super) n_standard: usize,
-    pub(super) n_cues: usize,
-    pub(super) n_requests: usize,
-    pub(super) gap: &'a GapReport,
-    /// The gap of every setting on the requests the variations use.
-    pub(super) matched_gap: &'a GapReport,
-    /// The sampled gap (temperature 1) on a few harmful requests.
-    pub(super) sampled: &'a GapReport,
-    pub(super) probes: &'a Report,
-    pub(super) meaning: &'a Report,
-    /// Figures of the meaning probe, in `meaning/` beside REPORT.md.
-    pub(super) meaning_figures: &'a [PathBuf],
-    pub(super) interventions: &'a Interventions,
-    /// Section 7, when the organisms ran.
-    pub(super) control: Option<&'a PositiveControl>,
-    pub(super) figures: &'a [PathBuf],
-    pub(super) timings: &'a Timings,
-    pub(super) total: f64,
-}
-
-pub(super) fn ci(lo: Option<f64>, hi: Option<f64>) -> String {
-    match (lo, hi) {
-        (Some(lo), Some(hi)) => format!("[{lo:.3}, {hi:.3}]"),
-        _ => "n/a".into(),
-    }
-}
-
-pub(super) fn num(v: Option<f64>) -> String {
-    v.map_or("n/a".into(), |v| format!("{v:.3}"))
-}
 
 fn gap_line(name: &str, s: &GapStats) -> String {
     format!(
@@ -370,12 +337,6 @@ fn sign_of(s: &GapStats) -> &'static str {
     } else {
         "not distinguishable from zero"
     }
-}
-
-pub(super) fn gap_cell(s: Option<&GapStats>) -> String {
-    s.map_or("n/a".into(), |s| {
-        format!("{:+.4} [{:+.4}, {:+.4}]", s.gap, s.ci95[0], s.ci95[1])
-    })
 }
 
 /// Section 5: the gap and the training_implied probe under `flipped` and `no-training-info`.
