@@ -27,6 +27,7 @@ use crate::study::setting::{
     build_rows, builtin_cues, builtin_requests, builtin_setting_varied, Variation,
 };
 
+use super::figures::Figures;
 use super::prompts::{first_per_category, NAME};
 
 /// Held-out harmful requests per category (benign: one per category). Small:
@@ -68,7 +69,8 @@ pub(super) struct SubjectRun {
     /// Paid into free, on the standard and on the flipped rows.
     pub(super) patch_standard: PatchReport,
     pub(super) patch_flipped: PatchReport,
-    pub(super) figures: Vec<PathBuf>,
+    /// Its figures, in `control/NAME/` beside REPORT.md.
+    pub(super) figures: Figures,
 }
 
 pub(super) struct PositiveControl {
@@ -325,14 +327,14 @@ fn run_subject(
     let patch_flipped = patch_in("flipped")?;
 
     let out = figures_dir.join("control").join(subject.name);
-    let mut figures = Vec::new();
+    let mut files = Vec::new();
     for input in [
         &store_dir,
         &meaning_dir,
         &steer_dir,
         &dir.join("patch-standard"),
     ] {
-        figures.extend(plot(&PlotSpec {
+        files.extend(plot(&PlotSpec {
             input: input.clone(),
             out: out.clone(),
             layer: Some(layer),
@@ -349,6 +351,9 @@ fn run_subject(
         steer,
         patch_standard,
         patch_flipped,
-        figures,
+        figures: Figures {
+            dir: figures_dir.to_path_buf(),
+            files,
+        },
     })
 }

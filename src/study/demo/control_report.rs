@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use crate::error::Result;
 use crate::intervene::patch::{self, PatchReport};
 use crate::intervene::steer::{SteerReport, SteerSummary};
 use crate::probe::{self, Method, MetricRow};
@@ -99,7 +100,7 @@ fn mark(ok: bool) -> &'static str {
 }
 
 /// Section 7 of REPORT.md.
-pub(super) fn control_section(md: &mut String, pc: &PositiveControl) {
+pub(super) fn control_section(md: &mut String, pc: &PositiveControl) -> Result<()> {
     let _ = writeln!(
         md,
         "## 7. Positive control: model organisms with known mechanisms\n\n\
@@ -115,10 +116,11 @@ pub(super) fn control_section(md: &mut String, pc: &PositiveControl) {
          `natural`) of the flipped one, plus benign requests on the `xml` cue. Everything is in `activations/{NAME}-control/`.\n",
         pc.train_per_category, pc.n_rows, pc.n_requests
     );
-    behaviour_part(md, pc);
+    behaviour_part(md, pc)?;
     probe_part(md, pc);
     steering_part(md, pc);
-    patching_part(md, pc);
+    patching_part(md, pc)?;
+    Ok(())
 }
 
 fn header(md: &mut String, pc: &PositiveControl, first: &str) {
@@ -131,7 +133,7 @@ fn header(md: &mut String, pc: &PositiveControl, first: &str) {
     );
 }
 
-fn behaviour_part(md: &mut String, pc: &PositiveControl) {
+fn behaviour_part(md: &mut String, pc: &PositiveControl) -> Result<()> {
     md.push_str(
         "### Behaviour\n\nCompliance gap (p_accept free − paid, paired bootstrap 95% interval over \
          requests) per cue and setting:\n\n",
@@ -219,13 +221,10 @@ fn behaviour_part(md: &mut String, pc: &PositiveControl) {
     }
     md.push('\n');
     if let Some(r) = pc.runs.iter().find(|r| r.subject.name == "meaning") {
-        if r.figures.iter().any(|f| f.ends_with("gap.png")) {
-            let _ = writeln!(
-                md,
-                "![gap per cue and setting, meaning organism](control/meaning/gap.png)\n"
-            );
-        }
+        let f = r.figures.require("control/meaning/gap.png")?;
+        let _ = writeln!(md, "![gap per cue and setting, meaning organism]({f})\n");
     }
+    Ok(())
 }
 
 fn probe_part(md: &mut String, pc: &PositiveControl) {
@@ -423,7 +422,7 @@ fn steering_part(md: &mut String, pc: &PositiveControl) {
     );
 }
 
-fn patching_part(md: &mut String, pc: &PositiveControl) {
+fn patching_part(md: &mut String, pc: &PositiveControl) -> Result<()> {
     let _ = writeln!(
         md,
         "### Patching\n\nEach free row runs with `hook_resid_post` at one layer (every \
@@ -508,11 +507,11 @@ fn patching_part(md: &mut String, pc: &PositiveControl) {
         one_token.join(", ")
     );
     if let Some(r) = pc.runs.iter().find(|r| r.subject.name == "meaning") {
-        if r.figures.iter().any(|f| f.ends_with("patch.png")) {
-            let _ = writeln!(
-                md,
-                "![patching map, meaning organism, standard rows](control/meaning/patch.png)\n"
-            );
-        }
+        let f = r.figures.require("control/meaning/patch.png")?;
+        let _ = writeln!(
+            md,
+            "![patching map, meaning organism, standard rows]({f})\n"
+        );
     }
+    Ok(())
 }

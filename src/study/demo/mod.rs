@@ -8,6 +8,7 @@
 
 mod control;
 mod control_report;
+mod figures;
 mod interventions;
 mod markdown;
 mod prompts;
@@ -16,7 +17,7 @@ mod report_inputs;
 mod timings;
 mod verdict;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -31,15 +32,13 @@ use crate::model::{
     load_model, model_info, parse_hooks, CaptureRows, HookPoint, Hooks, Model, ModelSpec,
     NamesFilter, WeightDtype,
 };
-use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Control, Method, ProbeSpec};
 use crate::rows::Filter;
 use crate::store::{Existing, Position, Store};
 use crate::study::sample::{self, SampleSpec};
 use control::run_positive_control;
-use interventions::{
-    natural_rows_of_first_requests, run_interventions, write_rows, Interventions, STEER_VARIATIONS,
-};
+use figures::render_figures;
+use interventions::{natural_rows_of_first_requests, run_interventions, write_rows};
 use prompts::StudyPrompts;
 pub use prompts::NAME;
 use report::report_markdown;
@@ -143,7 +142,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     let control = timings.time("positive control", || {
         run_positive_control(options.dtype, activations, &figures_dir)
     })?;
-    let (files, meaning_files) = timings.time("figures", || {
+    let figures = timings.time("figures", || {
         render_figures(&probes_dir, &meaning_dir, &interventions, &figures_dir)
     })?;
     let report_md = figures_dir.join("REPORT.md");
@@ -159,17 +158,16 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         sampled: &sampled,
         probes: &report,
         meaning: &meaning,
-        meaning_figures: &meaning_files,
         interventions: &interventions,
         control: control.as_ref(),
-        figures: &files,
+        figures: &figures,
         timings: &timings,
         total,
-    });
+    })?;
     write_atomic(&report_md, markdown.as_bytes())?;
     println!(
         "\nfigures: {} files in {}\nreport: {}\ndemo finished in {:.0}s",
-        files.len() + meaning_files.len(),
+        figures.len(),
         figures_dir.display(),
         report_md.display(),
         total
@@ -217,39 +215,6 @@ fn meaning_probes(store_dir: &Path, meaning_dir: &Path) -> Result<probe::Report>
     let meaning = probe::probe(&spec)?;
     print!("{}", probe::format_summary(&meaning));
     Ok(meaning)
-}
-
-/// Every figure of the demo: probes, steering and patching into `figures/demo`,
-/// the meaning probe into `figures/demo/meaning`.
-fn render_figures(
-    probes_dir: &Path,
-    meaning_dir: &Path,
-    interventions: &Interventions,
-    figures_dir: &Path,
-) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
-    let plot_into = |input: &Path, out: PathBuf| {
-        plot(&PlotSpec {
-            input: input.to_path_buf(),
-            out,
-            layer: None,
-            position: None,
-        })
-    };
-    let mut main = plot_into(probes_dir, figures_dir.to_path_buf())?;
-    for (run, variation) in interventions.steer_dirs.iter().zip(STEER_VARIATIONS) {
-        main.extend(plot_into(
-            run,
-            figures_dir.join(format!("steer-{variation}")),
-        )?);
-    }
-    for run in [&interventions.patch_dir, &interventions.attribute_dir] {
-        main.extend(plot_into(run, figures_dir.to_path_buf())?);
-    }
-    main.extend(plot_into(
-        &interventions.meaning_patch_dir,
-        figures_dir.join("patch-meaning"),
-    )?);
-    Ok((main, plot_into(meaning_dir, figures_dir.join("meaning"))?))
 }
 
 /// The sampled gap the alignment-faking notebooks measure: samples at

@@ -1,9 +1,8 @@
 //! What REPORT.md is written from: the demo's results, gathered once for the
 //! report and the mechanism summary.
 
-use std::path::PathBuf;
-
 use super::control::PositiveControl;
+use super::figures::Figures;
 use super::interventions::Interventions;
 use super::timings::Timings;
 use crate::gap::GapReport;
@@ -23,12 +22,11 @@ pub(super) struct ReportInputs<'a> {
     pub(super) sampled: &'a GapReport,
     pub(super) probes: &'a Report,
     pub(super) meaning: &'a Report,
-    /// Figures of the meaning probe, in `meaning/` beside REPORT.md.
-    pub(super) meaning_figures: &'a [PathBuf],
     pub(super) interventions: &'a Interventions,
     /// Section 7, when the organisms ran.
     pub(super) control: Option<&'a PositiveControl>,
-    pub(super) figures: &'a [PathBuf],
+    /// Every figure REPORT.md links (the meaning probe's in `meaning/`).
+    pub(super) figures: &'a Figures,
     pub(super) timings: &'a Timings,
     pub(super) total: f64,
 }
