@@ -17,7 +17,9 @@ use crate::intervene::direction::DirectionSource;
 use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
 use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerScale, SteerSpec};
 use crate::io::write_atomic;
-use crate::model::{load_model_with_adapter, parse_hooks, HookPoint, ModelSpec, WeightDtype};
+use crate::model::{
+    load_model_with_adapter, parse_hooks, HookPoint, Model, ModelSpec, WeightDtype,
+};
 use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Control, Method, ProbeSpec};
 use crate::rows::Filter;
@@ -260,71 +262,17 @@ fn run_subject(
         .unwrap_or(n_layers / 2);
 
     let steer_dir = dir.join("steer");
-    let steer = steer::steer(
+    let steer = steer_along_tier(
         &model,
-        &SteerSpec {
-            prompts: prompts.to_path_buf(),
-            out: steer_dir.clone(),
-            direction: DirectionSource::Probe {
-                dir: tier_dir.clone(),
-                method: Method::Logistic.name().into(),
-            },
-            direction_tensor: None,
-            points: vec![HookPoint::ResidPost(layer)],
-            positions: SteerPositions::FromCue,
-            alphas: CONTROL_ALPHAS.to_vec(),
-            scale: SteerScale::Natural,
-            scale_label: "tier".into(),
-            scale_positive: None,
-            random: CONTROL_RANDOM,
-            norm_rows: 16,
-            filter: format!(
-                "variation=standard,cue={INTERVENTION_CUE},request_id={}",
-                intervention_requests.join("|")
-            )
-            .parse()?,
-            resamples: 2000,
-            seed: 0,
-            force: true,
-        },
+        prompts,
+        &tier_dir,
+        &steer_dir,
+        layer,
+        intervention_requests,
     )?;
-    print!("{}", steer::format_table(&steer));
 
-    let patch_in = |variation: &str| -> Result<PatchReport> {
-        let report = patch::patch(
-            &model,
-            &PatchSpec {
-                prompts: prompts.to_path_buf(),
-                out: dir.join(format!("patch-{variation}")),
-                points: (0..n_layers)
-                    .filter(|l| l % PATCH_EVERY == 0 || *l == n_layers - 1)
-                    .map(HookPoint::ResidPost)
-                    .collect(),
-                positions: vec![
-                    PatchPosition::Cue,
-                    PatchPosition::Last(0),
-                    PatchPosition::Decision,
-                    PatchPosition::User,
-                ],
-                label: "tier".into(),
-                source: "paid".into(),
-                dest: "free".into(),
-                pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
-                filter: format!("variation={variation},cue={INTERVENTION_CUE}")
-                    .parse::<Filter>()?
-                    .and(&harmful),
-                max_pairs: Some(INTERVENTION_REQUESTS),
-                heads: None,
-                resamples: 2000,
-                seed: 0,
-                force: true,
-            },
-        )?;
-        print!("{}", patch::format_table(&report));
-        Ok(report)
-    };
-    let patch_standard = patch_in("standard")?;
-    let patch_flipped = patch_in("flipped")?;
+    let patch_standard = patch_paid_into_free(&model, prompts, &dir, "standard")?;
+    let patch_flipped = patch_paid_into_free(&model, prompts, &dir, "flipped")?;
 
     let out = figures_dir.join("control").join(subject.name);
     let mut files = Vec::new();
@@ -356,4 +304,89 @@ fn run_subject(
             files,
         },
     })
+}
+
+/// α · s · v along the tier probe's direction at `layer` from the cue on, on
+/// the standard intervention rows, beside random directions.
+fn steer_along_tier(
+    model: &Model,
+    prompts: &Path,
+    tier_dir: &Path,
+    steer_dir: &Path,
+    layer: usize,
+    intervention_requests: &[String],
+) -> Result<SteerReport> {
+    let steer = steer::steer(
+        model,
+        &SteerSpec {
+            prompts: prompts.to_path_buf(),
+            out: steer_dir.to_path_buf(),
+            direction: DirectionSource::Probe {
+                dir: tier_dir.to_path_buf(),
+                method: Method::Logistic.name().into(),
+            },
+            direction_tensor: None,
+            points: vec![HookPoint::ResidPost(layer)],
+            positions: SteerPositions::FromCue,
+            alphas: CONTROL_ALPHAS.to_vec(),
+            scale: SteerScale::Natural,
+            scale_label: "tier".into(),
+            scale_positive: None,
+            random: CONTROL_RANDOM,
+            norm_rows: 16,
+            filter: format!(
+                "variation=standard,cue={INTERVENTION_CUE},request_id={}",
+                intervention_requests.join("|")
+            )
+            .parse()?,
+            resamples: 2000,
+            seed: 0,
+            force: true,
+        },
+    )?;
+    print!("{}", steer::format_table(&steer));
+    Ok(steer)
+}
+
+/// Paid into free on the harmful `natural` rows of `variation`, at every
+/// tenth layer and the last, at each position of the map.
+fn patch_paid_into_free(
+    model: &Model,
+    prompts: &Path,
+    dir: &Path,
+    variation: &str,
+) -> Result<PatchReport> {
+    let n_layers = model.config().n_layers;
+    let harmful: Filter = "harmful=true".parse()?;
+    let report = patch::patch(
+        model,
+        &PatchSpec {
+            prompts: prompts.to_path_buf(),
+            out: dir.join(format!("patch-{variation}")),
+            points: (0..n_layers)
+                .filter(|l| l % PATCH_EVERY == 0 || *l == n_layers - 1)
+                .map(HookPoint::ResidPost)
+                .collect(),
+            positions: vec![
+                PatchPosition::Cue,
+                PatchPosition::Last(0),
+                PatchPosition::Decision,
+                PatchPosition::User,
+            ],
+            label: "tier".into(),
+            source: "paid".into(),
+            dest: "free".into(),
+            pair_by: vec!["request_id".into(), "cue".into(), "variation".into()],
+            filter: format!("variation={variation},cue={INTERVENTION_CUE}")
+                .parse::<Filter>()?
+                .and(&harmful),
+            max_pairs: Some(INTERVENTION_REQUESTS),
+            heads: None,
+            resamples: 2000,
+            seed: 0,
+            force: true,
+        },
+    )?;
+    print!("{}", patch::format_table(&report));
+    Ok(report)
 }
