@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::Value;
 
-use super::NAME;
+use super::prompts::NAME;
 use crate::attribute::{self, AttributeReport, AttributeSpec};
 use crate::error::Result;
 use crate::intervene::ablate::{self, AblateReport, AblateSpec};

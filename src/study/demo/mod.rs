@@ -7,12 +7,17 @@
 //! control ([`control`]), figures, and `figures/demo/REPORT.md` ([`report`]).
 
 mod control;
+mod control_report;
+mod figures;
 mod interventions;
+mod markdown;
+mod prompts;
 mod report;
+mod report_inputs;
+mod timings;
 mod verdict;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -27,31 +32,23 @@ use crate::model::{
     load_model, model_info, parse_hooks, CaptureRows, HookPoint, Hooks, Model, ModelSpec,
     NamesFilter, WeightDtype,
 };
-use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Control, Method, ProbeSpec};
 use crate::rows::Filter;
 use crate::store::{Existing, Position, Store};
 use crate::study::sample::{self, SampleSpec};
-use crate::study::setting::{
-    build_rows, builtin_cues, builtin_requests, builtin_setting, builtin_setting_varied, Cue,
-    Request, Variation,
-};
 use control::run_positive_control;
-use interventions::{
-    natural_rows_of_first_requests, run_interventions, write_rows, Interventions, STEER_VARIATIONS,
-};
-use report::{report_markdown, ReportInputs};
-
-/// Where the demo writes (relative to the working directory).
-pub const NAME: &str = "demo";
+use figures::render_figures;
+use interventions::{natural_rows_of_first_requests, run_interventions, write_rows};
+use prompts::StudyPrompts;
+pub use prompts::NAME;
+use report::report_markdown;
+use report_inputs::ReportInputs;
+use timings::Timings;
 
 /// Requests per category of the standard rows when the options say none:
 /// 3 of each of the 12 categories (24 harmful, 12 benign) keeps the demo on
 /// its 0.5B subject within 10 minutes on 2 cores.
 pub const DEFAULT_REQUESTS_PER_CATEGORY: usize = 3;
-
-/// Harmful requests per category in the `flipped` and `no-training-info` rows.
-const VARIATION_REQUESTS_PER_CATEGORY: usize = 3;
 
 /// Harmful requests of the sampled gap, samples per row and tokens per sample
 /// (the accept tag is 7 tokens in Qwen's vocabulary).
@@ -69,21 +66,6 @@ pub struct DemoOptions {
     pub dtype: WeightDtype,
 }
 
-/// Seconds each stage took, for REPORT.md.
-#[derive(Default)]
-pub(super) struct Timings {
-    stages: Vec<(&'static str, f64)>,
-}
-
-impl Timings {
-    fn time<T>(&mut self, stage: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let started = Instant::now();
-        let out = f()?;
-        self.stages.push((stage, started.elapsed().as_secs_f64()));
-        Ok(out)
-    }
-}
-
 pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     let started = Instant::now();
     let mut timings = Timings::default();
@@ -97,7 +79,12 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         requests,
         variation_requests,
         path: prompts,
-    } = StudyPrompts::write(options, activations)?;
+    } = StudyPrompts::write(
+        options
+            .requests_per_category
+            .unwrap_or(DEFAULT_REQUESTS_PER_CATEGORY),
+        activations,
+    )?;
 
     let store_dir = activations.join(NAME);
     let capture_spec = CaptureSpec::scored(
@@ -155,7 +142,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     let control = timings.time("positive control", || {
         run_positive_control(options.dtype, activations, &figures_dir)
     })?;
-    let (files, meaning_files) = timings.time("figures", || {
+    let figures = timings.time("figures", || {
         render_figures(&probes_dir, &meaning_dir, &interventions, &figures_dir)
     })?;
     let report_md = figures_dir.join("REPORT.md");
@@ -171,17 +158,16 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
         sampled: &sampled,
         probes: &report,
         meaning: &meaning,
-        meaning_figures: &meaning_files,
         interventions: &interventions,
         control: control.as_ref(),
-        figures: &files,
+        figures: &figures,
         timings: &timings,
         total,
-    });
+    })?;
     write_atomic(&report_md, markdown.as_bytes())?;
     println!(
         "\nfigures: {} files in {}\nreport: {}\ndemo finished in {:.0}s",
-        files.len() + meaning_files.len(),
+        figures.len(),
         figures_dir.display(),
         report_md.display(),
         total
@@ -231,103 +217,6 @@ fn meaning_probes(store_dir: &Path, meaning_dir: &Path) -> Result<probe::Report>
     Ok(meaning)
 }
 
-/// Every figure of the demo: probes, steering and patching into `figures/demo`,
-/// the meaning probe into `figures/demo/meaning`.
-fn render_figures(
-    probes_dir: &Path,
-    meaning_dir: &Path,
-    interventions: &Interventions,
-    figures_dir: &Path,
-) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
-    let plot_into = |input: &Path, out: PathBuf| {
-        plot(&PlotSpec {
-            input: input.to_path_buf(),
-            out,
-            layer: None,
-            position: None,
-        })
-    };
-    let mut main = plot_into(probes_dir, figures_dir.to_path_buf())?;
-    for (run, variation) in interventions.steer_dirs.iter().zip(STEER_VARIATIONS) {
-        main.extend(plot_into(
-            run,
-            figures_dir.join(format!("steer-{variation}")),
-        )?);
-    }
-    for run in [&interventions.patch_dir, &interventions.attribute_dir] {
-        main.extend(plot_into(run, figures_dir.to_path_buf())?);
-    }
-    main.extend(plot_into(
-        &interventions.meaning_patch_dir,
-        figures_dir.join("patch-meaning"),
-    )?);
-    Ok((main, plot_into(meaning_dir, figures_dir.join("meaning"))?))
-}
-
-/// The demo's prompt rows and where they were written.
-struct StudyPrompts {
-    rows: Vec<Value>,
-    /// Rows of the standard setting (the rest are variation rows).
-    n_standard: usize,
-    cues: Vec<Cue>,
-    requests: Vec<Request>,
-    /// The harmful requests the variations use.
-    variation_requests: Vec<Request>,
-    path: PathBuf,
-}
-
-impl StudyPrompts {
-    /// Every cue × request × tier of the standard setting, and the tier cues
-    /// under `flipped` and `no-training-info` on a subset of the harmful
-    /// requests (meaning vs token; the control cue means nothing in any
-    /// setting), written to `activations/demo.prompts.jsonl`.
-    fn write(options: &DemoOptions, activations: &Path) -> Result<StudyPrompts> {
-        let requests = first_per_category(
-            builtin_requests(),
-            Some(
-                options
-                    .requests_per_category
-                    .unwrap_or(DEFAULT_REQUESTS_PER_CATEGORY),
-            ),
-        );
-        let setting = builtin_setting("helpful-only", false)?;
-        let cues = builtin_cues();
-        let mut rows = build_rows(&setting, &cues, &requests)?;
-        let n_standard = rows.len();
-        let variation_cues: Vec<_> = cues.iter().filter(|c| c.meaningful).cloned().collect();
-        let variation_requests = first_per_category(
-            requests.iter().filter(|r| r.harmful).cloned(),
-            Some(VARIATION_REQUESTS_PER_CATEGORY),
-        );
-        for variation in [Variation::Flipped, Variation::NoTrainingInfo] {
-            let varied = builtin_setting_varied("helpful-only", false, &[variation])?;
-            rows.extend(build_rows(&varied, &variation_cues, &variation_requests)?);
-        }
-        std::fs::create_dir_all(activations).map_err(|e| Error::io(activations, e))?;
-        let path = activations.join(format!("{NAME}.prompts.jsonl"));
-        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-        write_atomic(&path, text.as_bytes())?;
-        println!(
-            "\nno-CoT study: {n_standard} rows ({} cues x {} requests x 2 tiers) + {} rows of the \
-             flipped and no-training-info variations ({} cues x {} harmful requests x 2 tiers each) -> {}",
-            cues.len(),
-            requests.len(),
-            rows.len() - n_standard,
-            variation_cues.len(),
-            variation_requests.len(),
-            path.display()
-        );
-        Ok(StudyPrompts {
-            rows,
-            n_standard,
-            cues,
-            requests,
-            variation_requests,
-            path,
-        })
-    }
-}
-
 /// The sampled gap the alignment-faking notebooks measure: samples at
 /// temperature 1 from the standard and flipped `natural` rows of the first
 /// harmful requests, each read as
@@ -363,22 +252,6 @@ fn sampled_gap(model: &Model, rows: &[Value], out: &Path) -> Result<GapReport> {
     write_report(&gap, out)?;
     print!("{}", format_table(&gap));
     Ok(gap)
-}
-
-/// The first `max` requests of each category, in order (all of them for `None`).
-fn first_per_category(
-    requests: impl IntoIterator<Item = Request>,
-    max: Option<usize>,
-) -> Vec<Request> {
-    let mut per_category = BTreeMap::<String, usize>::new();
-    requests
-        .into_iter()
-        .filter(|r| {
-            let n = per_category.entry(r.category.clone()).or_default();
-            *n += 1;
-            max.is_none_or(|max| *n <= max)
-        })
-        .collect()
 }
 
 /// The first part of `afprobe demo`: facts, a hooked forward pass with a

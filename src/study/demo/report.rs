@@ -2,66 +2,24 @@
 //! figures, and a reading of each section that follows the data.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
-use super::control::{control_section, PositiveControl};
-use super::interventions::{Interventions, INTERVENTION_CUE, STEER_VARIATIONS};
+use super::control_report::control_section;
+use super::interventions::{INTERVENTION_CUE, STEER_VARIATIONS};
+use super::markdown::{ci, gap_cell, num};
+use super::prompts::NAME;
+use super::report_inputs::ReportInputs;
 use super::verdict::mechanism_section;
-use super::{Timings, NAME};
-use crate::gap::{GapReport, GapStats};
+use crate::error::Result;
+use crate::gap::GapStats;
 use crate::probe::{Method, MetricRow, Report, Role};
 use crate::store::Position;
 use crate::study::setting::builtin_cues;
-
-pub(super) struct ReportInputs<'a> {
-    pub(super) model: &'a str,
-    pub(super) n_rows: usize,
-    /// Rows of the standard setting (the rest are variation rows).
-    pub(super) n_standard: usize,
-    pub(super) n_cues: usize,
-    pub(super) n_requests: usize,
-    pub(super) gap: &'a GapReport,
-    /// The gap of every setting on the requests the variations use.
-    pub(super) matched_gap: &'a GapReport,
-    /// The sampled gap (temperature 1) on a few harmful requests.
-    pub(super) sampled: &'a GapReport,
-    pub(super) probes: &'a Report,
-    pub(super) meaning: &'a Report,
-    /// Figures of the meaning probe, in `meaning/` beside REPORT.md.
-    pub(super) meaning_figures: &'a [PathBuf],
-    pub(super) interventions: &'a Interventions,
-    /// Section 7, when the organisms ran.
-    pub(super) control: Option<&'a PositiveControl>,
-    pub(super) figures: &'a [PathBuf],
-    pub(super) timings: &'a Timings,
-    pub(super) total: f64,
-}
-
-pub(super) fn ci(lo: Option<f64>, hi: Option<f64>) -> String {
-    match (lo, hi) {
-        (Some(lo), Some(hi)) => format!("[{lo:.3}, {hi:.3}]"),
-        _ => "n/a".into(),
-    }
-}
-
-pub(super) fn num(v: Option<f64>) -> String {
-    v.map_or("n/a".into(), |v| format!("{v:.3}"))
-}
 
 fn gap_line(name: &str, s: &GapStats) -> String {
     format!(
         "| {name} | {} | {:.4} | {:.4} | {:+.4} | [{:+.4}, {:+.4}] | {:.4} |\n",
         s.n_requests, s.p_accept_free, s.p_accept_paid, s.gap, s.ci95[0], s.ci95[1], s.p_value
     )
-}
-
-/// The figure file of a kind (`auroc`, `cross`, ...) at a position, if rendered.
-fn figure(files: &[PathBuf], prefix: &str) -> Option<String> {
-    files
-        .iter()
-        .filter_map(|f| f.file_name()?.to_str())
-        .find(|n| n.starts_with(prefix) && n.ends_with(".png"))
-        .map(String::from)
 }
 
 /// The main, control and cross rows of the logistic probe at one position.
@@ -73,7 +31,7 @@ fn rows_at(report: &Report, position: Position, role: Role) -> Vec<&MetricRow> {
         .collect()
 }
 
-pub(super) fn report_markdown(r: &ReportInputs) -> String {
+pub(super) fn report_markdown(r: &ReportInputs) -> Result<String> {
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -107,14 +65,14 @@ pub(super) fn report_markdown(r: &ReportInputs) -> String {
     );
 
     mechanism_section(&mut md, r);
-    gap_section(&mut md, r);
-    decodable_section(&mut md, r);
-    cross_cue_section(&mut md, r);
-    compliance_section(&mut md, r);
-    meaning_section(&mut md, r);
-    intervention_section(&mut md, r);
+    gap_section(&mut md, r)?;
+    decodable_section(&mut md, r)?;
+    cross_cue_section(&mut md, r)?;
+    compliance_section(&mut md, r)?;
+    meaning_section(&mut md, r)?;
+    intervention_section(&mut md, r)?;
     if let Some(pc) = r.control {
-        control_section(&mut md, pc);
+        control_section(&mut md, pc)?;
     }
     let _ = writeln!(
         md,
@@ -131,11 +89,11 @@ pub(super) fn report_markdown(r: &ReportInputs) -> String {
            shipped organisms are present) shows what the analyses report on a mechanism that is \
            there by construction (the organisms are adapters of SmolLM2-135M, the default model)."
     );
-    md
+    Ok(md)
 }
 
 /// Section 1: the compliance gap per cue, with the control-cue reading.
-fn gap_section(md: &mut String, r: &ReportInputs) {
+fn gap_section(md: &mut String, r: &ReportInputs) -> Result<()> {
     let _ = writeln!(md, "## 1. The compliance gap\n");
     let _ = writeln!(
         md,
@@ -182,13 +140,13 @@ fn gap_section(md: &mut String, r: &ReportInputs) {
             control.ci95[1]
         );
     }
-    if let Some(f) = figure(r.figures, "gap") {
-        let _ = writeln!(md, "\n![compliance gap per cue]({f})\n");
-    }
+    let f = r.figures.require("gap.png")?;
+    let _ = writeln!(md, "\n![compliance gap per cue]({f})\n");
+    Ok(())
 }
 
 /// Section 2: where the tier is linearly decodable, per position.
-fn decodable_section(md: &mut String, r: &ReportInputs) {
+fn decodable_section(md: &mut String, r: &ReportInputs) -> Result<()> {
     let p = r.probes;
     let _ = writeln!(md, "## 2. Where is the tier linearly decodable?\n");
     let _ = writeln!(
@@ -268,14 +226,15 @@ fn decodable_section(md: &mut String, r: &ReportInputs) {
             );
         }
         md.push_str("\n\n");
-        if let Some(f) = figure(r.figures, &format!("auroc_resid_post_{position}")) {
-            let _ = writeln!(md, "![AUROC by layer at {position}]({f})\n");
-        }
+        let name = format!("auroc_resid_post_{position}.png");
+        let f = r.figures.require(&name)?;
+        let _ = writeln!(md, "![AUROC by layer at {position}]({f})\n");
     }
+    Ok(())
 }
 
 /// Section 3: the cross-cue generalisation matrix at `last`.
-fn cross_cue_section(md: &mut String, r: &ReportInputs) {
+fn cross_cue_section(md: &mut String, r: &ReportInputs) -> Result<()> {
     let p = r.probes;
     let _ = writeln!(
         md,
@@ -333,15 +292,15 @@ fn cross_cue_section(md: &mut String, r: &ReportInputs) {
                      reads surface tokens rather than an abstract notion of being trained."
                 }
             );
-            if let Some(f) = figure(r.figures, "cross_resid_post_last") {
-                let _ = writeln!(md, "\n![cross-cue generalisation]({f})\n");
-            }
+            let f = r.figures.require("cross_resid_post_last.png")?;
+            let _ = writeln!(md, "\n![cross-cue generalisation]({f})\n");
         }
     }
+    Ok(())
 }
 
 /// Section 4: the probe score against p_accept, and the PCA.
-fn compliance_section(md: &mut String, r: &ReportInputs) {
+fn compliance_section(md: &mut String, r: &ReportInputs) -> Result<()> {
     let _ = writeln!(md, "## 4. Does the probe relate to compliance?\n");
     let _ = writeln!(
         md,
@@ -349,16 +308,15 @@ fn compliance_section(md: &mut String, r: &ReportInputs) {
          above): near 0 means that how strongly a row reads as `free` says nothing about whether \
          the model accepts it.\n"
     );
-    if let Some(f) = figure(r.figures, "score_vs_p_accept_resid_post_last") {
-        let _ = writeln!(md, "![probe score vs p_accept]({f})\n");
-    }
-    if let Some(f) = figure(r.figures, "pca_resid_post_last") {
-        let _ = writeln!(
-            md,
-            "The two largest directions of variance at the best layer (standardised PCA), coloured \
-             by cue, filled for free-tier rows:\n\n![PCA]({f})\n"
-        );
-    }
+    let f = r.figures.require("score_vs_p_accept_resid_post_last.png")?;
+    let _ = writeln!(md, "![probe score vs p_accept]({f})\n");
+    let f = r.figures.require("pca_resid_post_last.png")?;
+    let _ = writeln!(
+        md,
+        "The two largest directions of variance at the best layer (standardised PCA), coloured \
+         by cue, filled for free-tier rows:\n\n![PCA]({f})\n"
+    );
+    Ok(())
 }
 
 /// Whether an interval lies above zero, below it, or covers it.
@@ -372,23 +330,18 @@ fn sign_of(s: &GapStats) -> &'static str {
     }
 }
 
-pub(super) fn gap_cell(s: Option<&GapStats>) -> String {
-    s.map_or("n/a".into(), |s| {
-        format!("{:+.4} [{:+.4}, {:+.4}]", s.gap, s.ci95[0], s.ci95[1])
-    })
-}
-
 /// Section 5: the gap and the training_implied probe under `flipped` and `no-training-info`.
-fn meaning_section(md: &mut String, r: &ReportInputs) {
-    let cues = meaning_gap_table(md, r);
-    if let Some((layer, transfer)) = meaning_probe_table(md, r) {
+fn meaning_section(md: &mut String, r: &ReportInputs) -> Result<()> {
+    let cues = meaning_gap_table(md, r)?;
+    if let Some((layer, transfer)) = meaning_probe_table(md, r)? {
         meaning_reading(md, r, &cues, layer, transfer);
     }
+    Ok(())
 }
 
 /// The gap of every cue in the three settings; returns the cues that have a
 /// `flipped` line.
-fn meaning_gap_table<'a>(md: &mut String, r: &ReportInputs<'a>) -> Vec<&'a String> {
+fn meaning_gap_table<'a>(md: &mut String, r: &ReportInputs<'a>) -> Result<Vec<&'a String>> {
     let _ = writeln!(
         md,
         "## 5. Meaning or token? The `flipped` and `no-training-info` settings\n\n\
@@ -421,10 +374,9 @@ fn meaning_gap_table<'a>(md: &mut String, r: &ReportInputs<'a>) -> Vec<&'a Strin
             gap_cell(at("no-training-info"))
         );
     }
-    if let Some(f) = figure(r.figures, "gap") {
-        let _ = writeln!(md, "\n![compliance gap per cue and setting]({f})\n");
-    }
-    cues
+    let f = r.figures.require("gap.png")?;
+    let _ = writeln!(md, "\n![compliance gap per cue and setting]({f})\n");
+    Ok(cues)
 }
 
 /// The `training_implied` probe across settings at its best standard layer;
@@ -432,7 +384,7 @@ fn meaning_gap_table<'a>(md: &mut String, r: &ReportInputs<'a>) -> Vec<&'a Strin
 fn meaning_probe_table<'a>(
     md: &mut String,
     r: &ReportInputs<'a>,
-) -> Option<(Option<usize>, Option<&'a MetricRow>)> {
+) -> Result<Option<(Option<usize>, Option<&'a MetricRow>)>> {
     let cells: Vec<&MetricRow> = r
         .meaning
         .metrics
@@ -458,7 +410,9 @@ fn meaning_probe_table<'a>(
                 .partial_cmp(&b.scores.auroc)
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
-    let best = best?;
+    let Some(best) = best else {
+        return Ok(None);
+    };
     let transfer = cell(best.layer, "standard", "flipped");
     let _ = writeln!(
         md,
@@ -504,10 +458,9 @@ fn meaning_probe_table<'a>(
         over_layers.iter().copied().fold(f64::INFINITY, f64::min),
         over_layers.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     );
-    if let Some(f) = figure(r.meaning_figures, "transfer_resid_post_last") {
-        let _ = writeln!(md, "![transfer across settings by layer](meaning/{f})\n");
-    }
-    Some((best.layer, transfer))
+    let f = r.figures.require("meaning/transfer_resid_post_last.png")?;
+    let _ = writeln!(md, "![transfer across settings by layer]({f})\n");
+    Ok(Some((best.layer, transfer)))
 }
 
 /// Two sentences, from the numbers of the two tables.
@@ -572,15 +525,16 @@ fn meaning_reading(
 }
 
 /// Section 6: the steering sweep and the patching heatmap.
-fn intervention_section(md: &mut String, r: &ReportInputs) {
-    steering_part(md, r);
-    patching_part(md, r);
-    attribution_part(md, r);
+fn intervention_section(md: &mut String, r: &ReportInputs) -> Result<()> {
+    steering_part(md, r)?;
+    patching_part(md, r)?;
+    attribution_part(md, r)?;
+    Ok(())
 }
 
 /// Direct logit attribution: which components write the free − paid difference
 /// in logit(accept) − logit(reject), and the logit lens of it by layer.
-fn attribution_part(md: &mut String, r: &ReportInputs) {
+fn attribution_part(md: &mut String, r: &ReportInputs) -> Result<()> {
     let a = &r.interventions.attribute;
     let d = &a.logit_diff;
     let _ =
@@ -644,13 +598,13 @@ fn attribution_part(md: &mut String, r: &ReportInputs) {
             top.join(", ")
         );
     }
-    if r.figures.iter().any(|f| f.ends_with("attribute.png")) {
-        let _ = writeln!(md, "![direct logit attribution](attribute.png)\n");
-    }
+    let f = r.figures.require("attribute.png")?;
+    let _ = writeln!(md, "![direct logit attribution]({f})\n");
+    Ok(())
 }
 
 /// The steering runs: their figures (the numbers lead the report).
-fn steering_part(md: &mut String, r: &ReportInputs) {
+fn steering_part(md: &mut String, r: &ReportInputs) -> Result<()> {
     let i = r.interventions;
     let _ = writeln!(
         md,
@@ -661,15 +615,15 @@ fn steering_part(md: &mut String, r: &ReportInputs) {
     );
     let file = format!("steer_blocks_{}_hook_resid_post.png", i.layer);
     for variation in STEER_VARIATIONS {
-        let path = format!("steer-{variation}/{file}");
-        if r.figures.iter().any(|f| f.ends_with(&path)) {
-            let _ = writeln!(md, "![steering, {variation} rows]({path})\n");
-        }
+        let name = format!("steer-{variation}/{file}");
+        let f = r.figures.require(&name)?;
+        let _ = writeln!(md, "![steering, {variation} rows]({f})\n");
     }
+    Ok(())
 }
 
 /// The patching heatmap: the cells that restore most of the paid − free difference.
-fn patching_part(md: &mut String, r: &ReportInputs) {
+fn patching_part(md: &mut String, r: &ReportInputs) -> Result<()> {
     let i = r.interventions;
     let p = &i.patch;
     let _ = writeln!(
@@ -717,7 +671,7 @@ fn patching_part(md: &mut String, r: &ReportInputs) {
         }
         md.push('\n');
     }
-    if r.figures.iter().any(|f| f.ends_with("patch.png")) {
-        let _ = writeln!(md, "![patching heatmap](patch.png)\n");
-    }
+    let f = r.figures.require("patch.png")?;
+    let _ = writeln!(md, "![patching heatmap]({f})\n");
+    Ok(())
 }

@@ -8,8 +8,11 @@
 
 use std::fmt::Write as _;
 
-use super::interventions::{INTERVENTION_CUE, INTERVENTION_REQUESTS, STEER_RANDOM};
-use super::report::{ci, num, ReportInputs};
+use super::interventions::{
+    INTERVENTION_CUE, INTERVENTION_REQUESTS, STEER_RANDOM, STEER_VARIATIONS,
+};
+use super::markdown::{ci, num};
+use super::report_inputs::ReportInputs;
 use crate::gap::{GapReport, GapStats};
 use crate::intervene::steer::SteerReport;
 use crate::probe::{Method, MetricRow, Role};
@@ -237,7 +240,7 @@ fn causation(md: &mut String, r: &ReportInputs) {
          |---|---|---|---|---|---|",
         i.layer
     );
-    for (report, variation) in i.steer.iter().zip(super::STEER_VARIATIONS) {
+    for (report, variation) in i.steer.iter().zip(STEER_VARIATIONS) {
         steer_rows(md, report, variation);
     }
     let a = &i.ablate;
@@ -443,7 +446,7 @@ fn plain_verdict(md: &mut String, r: &ReportInputs, verdicts: &[(String, CueVerd
         .interventions
         .steer
         .iter()
-        .zip(super::STEER_VARIATIONS)
+        .zip(STEER_VARIATIONS)
         .filter(|(s, _)| s.summary.iter().any(|x| x.beyond_random(0.02)))
         .map(|(_, v)| v.to_string())
         .collect();
