@@ -246,7 +246,7 @@ pub(crate) fn causal_attention(
     let rep = n_heads / n_kv_heads;
     let out_stride = n_heads * hd;
     let mut out = vec![0f32; t * out_stride];
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr::new(&mut out);
     let tasks: Vec<(usize, usize)> = (0..n_kv_heads)
         .flat_map(|g| (0..t).step_by(QUERY_CHUNK).map(move |s| (g, s)))
         .collect();
@@ -286,16 +286,8 @@ pub(crate) fn causal_attention(
             }
             scratch.scores.resize(rows * n_used, 0.0);
             scratch.out.resize(rows * hd, 0.0);
-            let k_at = |key: usize| {
-                k.data
-                    .as_ptr()
-                    .wrapping_add(key * k.stride + k.offset + g * hd)
-            };
-            let v_at = |key: usize| {
-                v.data
-                    .as_ptr()
-                    .wrapping_add(key * v.stride + v.offset + g * hd)
-            };
+            let k_at = |key: usize| &k.data[key * k.stride + k.offset + g * hd..];
+            let v_at = |key: usize| &v.data[key * v.stride + v.offset + g * hd..];
             // One scores GEMM per run. Safety (every GEMM below): the scratch
             // buffers were sized above; the runs end at the chunk's last query, so their
             // k/v rows and the group's columns are inside their buffers.
@@ -305,7 +297,7 @@ pub(crate) fn causal_attention(
                         (rows, r.width, hd),
                         scratch.scores.as_mut_ptr().add(r.column),
                         n_used,
-                        Operand::rows(scratch.q.as_ptr(), hd),
+                        Operand::rows(&scratch.q, hd),
                         Operand::transposed(k_at(r.key), k.stride),
                         scale,
                     );
@@ -359,7 +351,7 @@ pub(crate) fn causal_attention(
                         scratch.out.as_mut_ptr(),
                         (1, hd),
                         Operand::transposed(v_at(r.key), v.stride),
-                        Operand::transposed(scratch.scores.as_ptr().add(r.column), n_used),
+                        Operand::transposed(&scratch.scores[r.column..], n_used),
                         1.0,
                         r.column > 0,
                     );

@@ -2,6 +2,8 @@
 //! compiler vectorises them, and compiled for AVX-512 / AVX2 with a runtime check
 //! (release builds target baseline x86-64, which has neither).
 
+use std::marker::PhantomData;
+
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
@@ -11,14 +13,16 @@ use crate::error::{Error, Result};
 /// Runs `$generic(args)` compiled for the best vector unit this CPU has.
 macro_rules! dispatch {
     ($generic:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*)) => {
-        // Safety (both): callable only where the CPU has the features; the
-        // dispatch below checks them first.
+        /// # Safety
+        /// Callable only where the CPU has AVX-512F (the dispatch below checks).
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
         unsafe fn $avx512($($arg: $ty),*) {
             $generic($($arg),*)
         }
 
+        /// # Safety
+        /// Callable only where the CPU has AVX2 and FMA (the dispatch below checks).
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $avx2($($arg: $ty),*) {
@@ -186,11 +190,11 @@ pub(crate) fn matmul(
     assert_eq!(x.len(), m * k, "matmul: x is not [m, k]");
     assert_eq!(w.len(), k * n, "matmul: w is not [k, n]");
     let w = match layout {
-        WeightLayout::KByN => Operand::rows(w.as_ptr(), n),
-        WeightLayout::NByK => Operand::transposed(w.as_ptr(), k),
+        WeightLayout::KByN => Operand::rows(w, n),
+        WeightLayout::NByK => Operand::transposed(w, k),
     };
     let mut out = vec![0f32; m * n];
-    let dst = OutPtr(out.as_mut_ptr());
+    let dst = OutPtr::new(&mut out);
     let parts = (2 * rayon::current_num_threads())
         .min(n.div_ceil(64))
         .max(1);
@@ -204,7 +208,7 @@ pub(crate) fn matmul(
                 (m, nc, k),
                 dst.at(c0),
                 n,
-                Operand::rows(x.as_ptr(), k),
+                Operand::rows(x, k),
                 w.skip_columns(c0),
                 1.0,
             )
@@ -214,46 +218,50 @@ pub(crate) fn matmul(
     out
 }
 
-/// A strided f32 matrix operand for [`gemm_into`]: element (r, c) is at
-/// `ptr + r * row_stride + c * col_stride`.
+/// A strided f32 matrix operand for [`gemm_into`], borrowed from the buffer
+/// it reads: element (r, c) is `buf[r * row_stride + c * col_stride]`.
 #[derive(Clone, Copy)]
-pub struct Operand {
-    pub ptr: *const f32,
-    pub row_stride: usize,
-    pub col_stride: usize,
+pub struct Operand<'a> {
+    buf: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
 }
 
-impl Operand {
-    /// Row-major with `row_stride` elements between rows.
-    pub fn rows(ptr: *const f32, row_stride: usize) -> Operand {
+impl<'a> Operand<'a> {
+    /// Row-major with `row_stride` elements between rows, from the start of `buf`.
+    pub fn rows(buf: &'a [f32], row_stride: usize) -> Operand<'a> {
         Operand {
-            ptr,
+            buf,
             row_stride,
             col_stride: 1,
         }
     }
 
-    /// The transpose of a row-major matrix with `row_stride` elements between rows.
-    pub fn transposed(ptr: *const f32, row_stride: usize) -> Operand {
+    /// The transpose of a row-major matrix with `row_stride` elements between
+    /// rows, from the start of `buf`.
+    pub fn transposed(buf: &'a [f32], row_stride: usize) -> Operand<'a> {
         Operand {
-            ptr,
+            buf,
             row_stride: 1,
             col_stride: row_stride,
         }
     }
 
-    /// The same matrix without its first `c` columns.
-    fn skip_columns(self, c: usize) -> Operand {
+    /// The same matrix without its first `c` columns (panics past the buffer).
+    fn skip_columns(self, c: usize) -> Operand<'a> {
         Operand {
-            ptr: self.ptr.wrapping_add(c * self.col_stride),
+            buf: &self.buf[c * self.col_stride..],
             ..self
         }
     }
-}
 
-// Safety: an operand is a read-only view; the buffers it points into outlive the GEMMs.
-unsafe impl Send for Operand {}
-unsafe impl Sync for Operand {}
+    /// Whether a `rows × cols` block lies inside the buffer.
+    fn holds(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.buf.len()
+    }
+}
 
 /// `dst = scale · lhs · rhs` for `(m, n, k)` shapes, single-threaded; `dst`
 /// has `dst_row_stride` elements between rows (1 between columns).
@@ -286,6 +294,10 @@ pub(crate) unsafe fn gemm_strided(
     scale: f32,
     accumulate: bool,
 ) {
+    // The operands' reads are checked here (two multiplications per GEMM, so
+    // in release builds too); the `dst` block is the caller's contract.
+    assert!(lhs.holds(m, k), "gemm: lhs [{m}, {k}] runs past its buffer");
+    assert!(rhs.holds(k, n), "gemm: rhs [{k}, {n}] runs past its buffer");
     gemm::gemm(
         m,
         n,
@@ -294,10 +306,10 @@ pub(crate) unsafe fn gemm_strided(
         dst_col_stride as isize,
         dst_row_stride as isize,
         accumulate,
-        lhs.ptr,
+        lhs.buf.as_ptr(),
         lhs.col_stride as isize,
         lhs.row_stride as isize,
-        rhs.ptr,
+        rhs.buf.as_ptr(),
         rhs.col_stride as isize,
         rhs.row_stride as isize,
         1.0,
@@ -309,20 +321,38 @@ pub(crate) unsafe fn gemm_strided(
     )
 }
 
-/// A raw output pointer shared by tasks that write disjoint parts of one buffer.
-pub(crate) struct OutPtr(pub(crate) *mut f32);
+/// An output buffer shared by tasks that write disjoint parts of it, for as
+/// long as the buffer is borrowed.
+pub(crate) struct OutPtr<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buf: PhantomData<&'a mut [f32]>,
+}
 // Safety: users guarantee tasks write disjoint elements.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr<'_> {}
+unsafe impl Sync for OutPtr<'_> {}
 
-impl OutPtr {
+impl<'a> OutPtr<'a> {
+    pub(crate) fn new(buf: &'a mut [f32]) -> OutPtr<'a> {
+        OutPtr {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buf: PhantomData,
+        }
+    }
+
     /// Pointer `offset` elements in (a method, so closures capture the whole `Sync` wrapper).
     ///
     /// # Safety
-    /// `offset` must lie inside the buffer the pointer was made from, and no
-    /// two tasks may write the same element through the pointers they get.
+    /// No two tasks may write the same element through the pointers they get,
+    /// and writes through the pointer must stay inside the buffer.
     pub(crate) unsafe fn at(&self, offset: usize) -> *mut f32 {
-        self.0.add(offset)
+        assert!(
+            offset <= self.len,
+            "OutPtr::at({offset}) past a {}-element buffer",
+            self.len
+        );
+        self.ptr.add(offset)
     }
 }
 
