@@ -14,6 +14,7 @@ pub mod template;
 pub mod tokenizer;
 pub mod transformer;
 pub mod validate;
+pub mod weights;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
