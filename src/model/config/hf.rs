@@ -282,8 +282,15 @@ impl<'a> Fields<'a> {
         rope_local_theta: Option<f64>,
     ) -> Result<FamilyConfig> {
         let (path, defaults) = (self.path, &spec.hf);
-        // Absent: the class default; `null`: none (transformers' reading).
-        let number = |name: &str, default: Option<f64>| -> Result<Option<f64>> {
+        let activation = self.activation(spec)?;
+        let sliding_window = self.sliding_window(defaults.sliding_window)?;
+        let sliding_layers = self.sliding_layers(spec, n_layers)?;
+        // A score key of the family: absent, the class default; `null`, none
+        // (transformers' reading).
+        let score_key = |name: &str, default: Option<f64>| -> Result<Option<f64>> {
+            if !spec.score_keys {
+                return Ok(None);
+            }
             match self.json.get(name) {
                 None => Ok(default),
                 Some(Value::Null) => Ok(None),
@@ -297,47 +304,6 @@ impl<'a> Fields<'a> {
                             format!("field `{name}` is {v}; it must be a positive number"),
                         )
                     }),
-            }
-        };
-        let activation = match self
-            .get("hidden_activation")
-            .or(self.get("hidden_act"))
-            .and_then(Value::as_str)
-        {
-            None => spec.activation,
-            Some("silu" | "swish") => Activation::Silu,
-            Some("gelu_pytorch_tanh" | "gelu_new" | "gelu_fast") => Activation::GeluTanh,
-            Some("gelu") => Activation::GeluErf,
-            Some(other) => {
-                return Err(Error::model_file(
-                    path,
-                    format!(
-                        "activation `{other}` is not supported (silu, gelu_pytorch_tanh, gelu)"
-                    ),
-                ))
-            }
-        };
-        let sliding_window = match self.json.get("sliding_window") {
-            None => defaults.sliding_window,
-            Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|w| usize::try_from(w).ok())
-                    .filter(|w| *w > 0)
-                    .ok_or_else(|| {
-                        Error::model_file(
-                            path,
-                            format!("field `sliding_window` is {v}; it must be a positive integer"),
-                        )
-                    })?,
-            ),
-        };
-        let sliding_layers = self.sliding_layers(spec, n_layers)?;
-        let score_key = |name: &str, default: Option<f64>| -> Result<Option<f64>> {
-            if spec.score_keys {
-                number(name, default)
-            } else {
-                Ok(None)
             }
         };
         Ok(FamilyConfig {
@@ -354,6 +320,49 @@ impl<'a> Fields<'a> {
             sliding_window,
             sliding_layers,
             rope_local_theta,
+        })
+    }
+
+    /// `hidden_activation` (Gemma) or `hidden_act`; left out, the family's.
+    fn activation(&self, spec: &FamilySpec) -> Result<Activation> {
+        Ok(
+            match self
+                .get("hidden_activation")
+                .or(self.get("hidden_act"))
+                .and_then(Value::as_str)
+            {
+                None => spec.activation,
+                Some("silu" | "swish") => Activation::Silu,
+                Some("gelu_pytorch_tanh" | "gelu_new" | "gelu_fast") => Activation::GeluTanh,
+                Some("gelu") => Activation::GeluErf,
+                Some(other) => {
+                    return Err(Error::model_file(
+                        self.path,
+                        format!(
+                            "activation `{other}` is not supported (silu, gelu_pytorch_tanh, gelu)"
+                        ),
+                    ))
+                }
+            },
+        )
+    }
+
+    /// `sliding_window`: left out, the class default; `null`, none.
+    fn sliding_window(&self, default: Option<usize>) -> Result<Option<usize>> {
+        Ok(match self.json.get("sliding_window") {
+            None => default,
+            Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|w| usize::try_from(w).ok())
+                    .filter(|w| *w > 0)
+                    .ok_or_else(|| {
+                        Error::model_file(
+                            self.path,
+                            format!("field `sliding_window` is {v}; it must be a positive integer"),
+                        )
+                    })?,
+            ),
         })
     }
 

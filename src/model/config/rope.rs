@@ -228,24 +228,12 @@ pub(super) fn parse_rope_scaling(
         })),
         "yarn" => {
             let factor = factor_or_ratio();
-            let mscale = |scale: f64, m: f64| {
-                if scale <= 1.0 {
-                    1.0
-                } else {
-                    0.1 * m * scale.ln() + 1.0
-                }
-            };
-            let attention_factor = match (
+            let attention_factor = yarn_attention_factor(
+                factor,
                 opt("attention_factor"),
                 opt("mscale"),
                 opt("mscale_all_dim"),
-            ) {
-                (Some(a), _, _) => a,
-                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
-                    mscale(factor, m) / mscale(factor, all)
-                }
-                _ => mscale(factor, 1.0),
-            };
+            );
             Ok(Some(RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings: original,
@@ -285,5 +273,29 @@ pub(super) fn parse_rope_scaling(
                  dynamic, yarn, longrope, llama3)"
             ),
         )),
+    }
+}
+
+/// YaRN's factor on cos/sin: the dict's `attention_factor`, else from
+/// `mscale` and `mscale_all_dim` (DeepSeek's form), else `0.1 ln(factor) + 1`.
+fn yarn_attention_factor(
+    factor: f64,
+    attention_factor: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
+) -> f64 {
+    let get_mscale = |scale: f64, m: f64| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    };
+    match (attention_factor, mscale, mscale_all_dim) {
+        (Some(a), _, _) => a,
+        (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+            get_mscale(factor, m) / get_mscale(factor, all)
+        }
+        _ => get_mscale(factor, 1.0),
     }
 }

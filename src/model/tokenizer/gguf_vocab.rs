@@ -11,6 +11,9 @@ use super::pretokenizers::{PreType, SUPPORTED_PRE};
 use super::{contained, Tokenizer};
 use crate::error::{Error, Result};
 
+/// SentencePiece's blank, `▁`.
+const BLANK: &str = "\u{2581}";
+
 /// Token types in `tokenizer.ggml.token_type` that are matched as whole special tokens.
 const GGUF_CONTROL: i64 = 3;
 const GGUF_USER_DEFINED: i64 = 4;
@@ -166,7 +169,6 @@ impl Tokenizer {
 ///   merges are ranked by the tokens' order in the file (Gemma's scores do not
 ///   follow its merge order).
 fn sentencepiece(meta: &GgufTokenizerMeta, architecture: &str, source: &Path) -> Result<Tokenizer> {
-    const BLANK: &str = "\u{2581}";
     let gemma = architecture.starts_with("gemma");
     let tokens: Vec<String> = if gemma {
         meta.tokens
@@ -198,32 +200,7 @@ fn sentencepiece(meta: &GgufTokenizerMeta, architecture: &str, source: &Path) ->
     for (i, t) in tokens.iter().enumerate() {
         vocab.insert(t.as_str(), i);
     }
-    let merges: Vec<Value> = if meta.merges.is_empty() {
-        // Each token's score, in first-occurrence order with the last value
-        // (`dict(zip(tokens, scores))`); Gemma ranks by position instead.
-        let mut scored: Vec<(&str, f64)> = Vec::new();
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        for (i, t) in tokens.iter().enumerate() {
-            let score = if gemma {
-                -(vocab[t.as_str()] as f64)
-            } else {
-                f64::from(meta.scores[i])
-            };
-            match seen.get(t.as_str()) {
-                Some(&at) => scored[at].1 = score,
-                None => {
-                    seen.insert(t, scored.len());
-                    scored.push((t, score));
-                }
-            }
-        }
-        generate_merges(&vocab, &scored)
-            .into_iter()
-            .map(|(l, r)| json!([l, r]))
-            .collect()
-    } else {
-        meta.merges.iter().map(|m| json!(m)).collect()
-    };
+    let merges = sentencepiece_merges(meta, &tokens, &vocab, gemma);
     let vocab_json: serde_json::Map<String, Value> = vocab
         .iter()
         .map(|(t, i)| (t.to_string(), json!(i)))
@@ -248,6 +225,67 @@ fn sentencepiece(meta: &GgufTokenizerMeta, architecture: &str, source: &Path) ->
         .and_then(|i| tokens.get(i as usize).cloned())
         .unwrap_or_else(|| "<unk>".into());
     let prefix = !gemma && meta.add_space_prefix != Some(false);
+    let (normalizer, pre_tokenizer, decoders) = sentencepiece_steps(architecture, gemma, prefix);
+    let spec = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab_json, "merges": merges},
+    });
+    Tokenizer::from_gguf_spec(&spec, meta, source)
+}
+
+/// The merges of a SentencePiece vocabulary: the file's, or rebuilt from the
+/// pieces ranked by score (Gemma: by position).
+fn sentencepiece_merges(
+    meta: &GgufTokenizerMeta,
+    tokens: &[String],
+    vocab: &HashMap<&str, usize>,
+    gemma: bool,
+) -> Vec<Value> {
+    if meta.merges.is_empty() {
+        // Each token's score, in first-occurrence order with the last value
+        // (`dict(zip(tokens, scores))`); Gemma ranks by position instead.
+        let mut scored: Vec<(&str, f64)> = Vec::new();
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, t) in tokens.iter().enumerate() {
+            let score = if gemma {
+                -(vocab[t.as_str()] as f64)
+            } else {
+                f64::from(meta.scores[i])
+            };
+            match seen.get(t.as_str()) {
+                Some(&at) => scored[at].1 = score,
+                None => {
+                    seen.insert(t, scored.len());
+                    scored.push((t, score));
+                }
+            }
+        }
+        generate_merges(vocab, &scored)
+            .into_iter()
+            .map(|(l, r)| json!([l, r]))
+            .collect()
+    } else {
+        meta.merges.iter().map(|m| json!(m)).collect()
+    }
+}
+
+/// The normalizer, pre-tokenizer and decoders of a SentencePiece vocabulary
+/// (see [`sentencepiece`]); `prefix`: a `▁` is prepended to the text.
+fn sentencepiece_steps(
+    architecture: &str,
+    gemma: bool,
+    prefix: bool,
+) -> (Value, Value, Vec<Value>) {
     let (normalizer, pre_tokenizer) = if gemma {
         (
             json!({"type": "Replace", "pattern": {"String": " "}, "content": BLANK}),
@@ -277,21 +315,7 @@ fn sentencepiece(meta: &GgufTokenizerMeta, architecture: &str, source: &Path) ->
     if prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
-    let spec = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": normalizer,
-        "pre_tokenizer": pre_tokenizer,
-        "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {"type": "BPE", "dropout": null, "unk_token": unk,
-                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
-                  "vocab": vocab_json, "merges": merges},
-    });
-    Tokenizer::from_gguf_spec(&spec, meta, source)
+    (normalizer, pre_tokenizer, decoders)
 }
 
 /// BPE merges recovered from a vocabulary, as transformers'
