@@ -152,8 +152,9 @@ impl PreType {
 /// of the byte-level (`gpt2`) ones those with the Llama 3 or Tekken
 /// pre-tokenizer. transformers' GGUF reader agrees for SentencePiece but adds
 /// none to a byte-level vocabulary without the flag
-/// (`integrations/gguf/gguf_tokenizer_mapping.py`); [`Tokenizer::from_gguf`]
-/// says so where the two part. The flag, when present, wins in both.
+/// (`integrations/gguf/gguf_tokenizer_mapping.py`);
+/// [`Tokenizer::from_gguf`](super::Tokenizer::from_gguf) says so where the two
+/// part. The flag, when present, wins in both.
 pub fn llamacpp_adds_bos(model: &str, pre: &str) -> bool {
     match model {
         "llama" => true,
