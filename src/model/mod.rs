@@ -3,6 +3,7 @@
 pub mod adapter;
 pub(crate) mod attention;
 pub mod config;
+pub mod expected_weights;
 pub mod family;
 pub mod fetch;
 pub mod gguf;
@@ -14,7 +15,6 @@ pub mod template;
 pub mod tokenizer;
 pub mod transformer;
 pub mod validate;
-pub mod weights;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
