@@ -4,6 +4,7 @@ pub mod adapter;
 pub(crate) mod attention;
 pub mod config;
 mod decoder;
+pub mod expected_weights;
 pub mod family;
 pub mod fetch;
 pub mod gguf;

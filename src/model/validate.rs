@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, Storage, Tensor};
 use super::config::ModelConfig;
 use crate::error::{Error, Result};
 
-pub use super::family::{expected_weights, ExpectedWeight};
+pub use super::expected_weights::{expected_weights, ExpectedWeight};
 
 /// Checks that the file can hold `config.n_layers` layers at all (before
 /// listing them: a corrupt layer count of 2^33 must not become a loop or an
@@ -25,7 +25,7 @@ pub fn check_weights<'a>(
     size_key: &str,
     shape_of: impl Fn(&str) -> Option<(String, &'a [usize])>,
 ) -> Result<Vec<ExpectedWeight>> {
-    let per_layer = super::family::layer_weights(config, 0).len();
+    let per_layer = super::expected_weights::layer_weights(config, 0).len();
     if config.n_layers.saturating_mul(per_layer) > tensors_in_file {
         return Err(Error::model_file(
             source,

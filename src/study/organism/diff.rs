@@ -12,8 +12,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::model::adapter::TARGET_MODULES;
+use crate::model::family::trainable_families;
 use crate::model::transformer::WeightSource;
-use crate::model::{Architecture, ModelConfig};
+use crate::model::ModelConfig;
 
 struct Layer {
     ln1: Tensor,
@@ -172,12 +173,10 @@ pub struct DiffModel {
 impl DiffModel {
     /// Reads the weights (HF names) of a Llama-family model.
     pub fn new(config: ModelConfig, weights: &mut WeightSource) -> Result<DiffModel> {
-        if !matches!(
-            config.architecture,
-            Architecture::Llama | Architecture::Qwen2
-        ) {
+        if !config.architecture.spec().trainable {
             return Err(Error::BadInput(format!(
-                "organism training supports the llama and qwen2 families, not {}",
+                "organism training supports the {} families, not {}",
+                trainable_families(),
                 config.architecture.name()
             )));
         }
