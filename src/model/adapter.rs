@@ -93,142 +93,169 @@ struct RawConfig {
     alora_invocation_tokens: Option<Vec<u32>>,
 }
 
-impl Adapter {
-    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`,
-    /// checking every tensor against `config` (the base model's shapes).
-    pub fn load(dir: &Path, config: &ModelConfig) -> Result<Adapter> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = crate::io::read_to_string_if_exists(&cfg_path)?.ok_or_else(|| {
+impl RawConfig {
+    /// `path` parsed; an error naming it when it is missing or not a LoRA config.
+    fn read(path: &Path) -> Result<RawConfig> {
+        let text = crate::io::read_to_string_if_exists(path)?.ok_or_else(|| {
             Error::model_file(
-                &cfg_path,
+                path,
                 "no adapter_config.json: --adapter takes a PEFT LoRA directory \
                  (adapter_config.json + adapter_model.safetensors)",
             )
         })?;
-        let raw: RawConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::model_file(&cfg_path, format!("not a LoRA adapter config: {e}")))?;
-        let bad = |m: String| Error::model_file(&cfg_path, m);
-        if let Some(t) = &raw.peft_type {
+        serde_json::from_str(&text)
+            .map_err(|e| Error::model_file(path, format!("not a LoRA adapter config: {e}")))
+    }
+
+    /// Refuses the PEFT options afprobe does not implement (DoRA, biases,
+    /// saved modules, per-module ranks, Conv1D layouts).
+    fn check_supported(&self) -> Result<(), String> {
+        if let Some(t) = &self.peft_type {
             if t != "LORA" {
-                return Err(bad(format!(
+                return Err(format!(
                     "peft_type is `{t}`; afprobe reads LoRA adapters (peft_type LORA) only"
-                )));
+                ));
             }
         }
-        if raw.r == 0 {
-            return Err(bad("r is 0".into()));
+        if self.r == 0 {
+            return Err("r is 0".into());
         }
-        if !raw.lora_alpha.is_finite() {
-            return Err(bad("lora_alpha is not a finite number".into()));
+        if !self.lora_alpha.is_finite() {
+            return Err("lora_alpha is not a finite number".into());
         }
-        if raw.use_dora {
-            return Err(bad(
-                "use_dora is true; DoRA adapters are not supported".into()
-            ));
+        if self.use_dora {
+            return Err("use_dora is true; DoRA adapters are not supported".into());
         }
-        if raw.fan_in_fan_out {
-            return Err(bad(
+        if self.fan_in_fan_out {
+            return Err(
                 "fan_in_fan_out is true; Llama-family projections are not Conv1D, \
                             so this adapter is for another architecture"
                     .into(),
+            );
+        }
+        if self.bias.as_deref().is_some_and(|b| b != "none") {
+            return Err(format!(
+                "bias is `{}`; only bias = \"none\" is supported",
+                self.bias.as_deref().unwrap_or_default()
             ));
         }
-        if raw.bias.as_deref().is_some_and(|b| b != "none") {
-            return Err(bad(format!(
-                "bias is `{}`; only bias = \"none\" is supported",
-                raw.bias.as_deref().unwrap_or_default()
-            )));
-        }
-        if raw
+        if self
             .modules_to_save
             .as_ref()
             .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
         {
-            return Err(bad(
+            return Err(
                 "modules_to_save is set; adapters that replace whole modules are \
                             not supported"
                     .into(),
-            ));
+            );
         }
         for (key, pat) in [
-            ("rank_pattern", &raw.rank_pattern),
-            ("alpha_pattern", &raw.alpha_pattern),
+            ("rank_pattern", &self.rank_pattern),
+            ("alpha_pattern", &self.alpha_pattern),
         ] {
             if pat.as_ref().is_some_and(|p| !p.is_empty()) {
-                return Err(bad(format!(
-                    "{key} is set; per-module ranks are not supported"
-                )));
+                return Err(format!("{key} is set; per-module ranks are not supported"));
             }
         }
-        let targets: Vec<String> = match &raw.target_modules {
+        Ok(())
+    }
+
+    /// The adapted modules: a list of PEFT module names, or `all-linear`.
+    fn target_modules(&self) -> Result<Vec<String>, String> {
+        let targets: Vec<String> = match &self.target_modules {
             Value::Array(items) => items
                 .iter()
                 .map(|v| {
                     v.as_str()
                         .map(str::to_string)
-                        .ok_or_else(|| bad("target_modules must be a list of module names".into()))
+                        .ok_or_else(|| "target_modules must be a list of module names".into())
                 })
-                .collect::<Result<_>>()?,
+                .collect::<Result<_, String>>()?,
             Value::String(s) if s == "all-linear" => {
                 TARGET_MODULES.iter().map(|s| s.to_string()).collect()
             }
             Value::String(s) => {
-                return Err(bad(format!(
+                return Err(format!(
                     "target_modules is the pattern `{s}`; list the modules instead (among {})",
                     TARGET_MODULES.join(", ")
-                )))
+                ))
             }
-            _ => return Err(bad("target_modules must be a list of module names".into())),
+            _ => return Err("target_modules must be a list of module names".into()),
         };
         if targets.is_empty() {
-            return Err(bad("target_modules is empty".into()));
+            return Err("target_modules is empty".into());
         }
         if let Some(t) = targets
             .iter()
             .find(|t| !TARGET_MODULES.contains(&t.as_str()))
         {
-            return Err(bad(format!(
+            return Err(format!(
                 "unknown target module `{t}`; afprobe adapts {} only",
                 TARGET_MODULES.join(", ")
-            )));
+            ));
         }
-        if let Some(inv) = &raw.alora_invocation_tokens {
+        Ok(targets)
+    }
+
+    /// Errors unless the activated-LoRA invocation, if any, is non-empty and
+    /// inside the base model's vocabulary.
+    fn check_invocation(&self, config: &ModelConfig) -> Result<(), String> {
+        if let Some(inv) = &self.alora_invocation_tokens {
             if inv.is_empty() {
-                return Err(bad("alora_invocation_tokens is empty".into()));
+                return Err("alora_invocation_tokens is empty".into());
             }
             if let Some(&t) = inv.iter().find(|&&t| t as usize >= config.vocab_size) {
-                return Err(bad(format!(
+                return Err(format!(
                     "alora_invocation_tokens holds token id {t}, outside the model's vocabulary \
                      of {} tokens: the adapter is for another base model",
                     config.vocab_size
-                )));
+                ));
             }
         }
+        Ok(())
+    }
+}
+
+/// `dir/adapter_model.safetensors`: its path, sha256 and tensors, each checked finite.
+fn read_tensors(dir: &Path) -> Result<(PathBuf, String, HashMap<String, Tensor>)> {
+    let st_path = dir.join("adapter_model.safetensors");
+    if !st_path.exists() {
+        return Err(Error::model_file(
+            &st_path,
+            "missing (afprobe reads the safetensors format of PEFT adapters; \
+             adapter_model.bin is not supported)",
+        ));
+    }
+    let sha256 = crate::io::sha256_file(&st_path)?;
+    crate::io::check_safetensors(&st_path)?;
+    let tensors = candle_core::safetensors::load(&st_path, &Device::Cpu)
+        .map_err(|e| Error::model_file(&st_path, format!("cannot read: {e}")))?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        super::validate::check_finite(&tensors[name], name, &st_path)?;
+    }
+    Ok((st_path, sha256, tensors))
+}
+
+impl Adapter {
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`,
+    /// checking every tensor against `config` (the base model's shapes).
+    pub fn load(dir: &Path, config: &ModelConfig) -> Result<Adapter> {
+        let cfg_path = dir.join("adapter_config.json");
+        let raw = RawConfig::read(&cfg_path)?;
+        let bad = |m: String| Error::model_file(&cfg_path, m);
+        raw.check_supported().map_err(bad)?;
+        let targets = raw.target_modules().map_err(bad)?;
+        raw.check_invocation(config).map_err(bad)?;
         let scale = if raw.use_rslora {
             raw.lora_alpha / (raw.r as f64).sqrt()
         } else {
             raw.lora_alpha / raw.r as f64
         };
-
-        let st_path = dir.join("adapter_model.safetensors");
-        if !st_path.exists() {
-            return Err(Error::model_file(
-                &st_path,
-                "missing (afprobe reads the safetensors format of PEFT adapters; \
-                 adapter_model.bin is not supported)",
-            ));
-        }
-        let sha256 = crate::io::sha256_file(&st_path)?;
-        crate::io::check_safetensors(&st_path)?;
-        let tensors = candle_core::safetensors::load(&st_path, &Device::Cpu)
-            .map_err(|e| Error::model_file(&st_path, format!("cannot read: {e}")))?;
-        let mut names: Vec<&String> = tensors.keys().collect();
-        names.sort();
-        for name in names {
-            super::validate::check_finite(&tensors[name], name, &st_path)?;
-        }
+        let (st_path, sha256, tensors) = read_tensors(dir)?;
         let deltas = deltas(&tensors, &targets, raw.r, scale, config, &st_path)?;
-
         // afprobe's own organisms record the base weights' sha256 beside the adapter.
         let base_sha256 = crate::io::read_to_string_if_exists(&dir.join("training.json"))?
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde_json::json;
 
+use super::config::FamilyConfig;
 use super::{Model, ModelSpec, WeightDtype};
 use crate::error::Result;
 
@@ -36,12 +37,21 @@ pub fn load_model_with_adapter(
 /// `afprobe model info`: the facts a researcher checks before trusting a run,
 /// as aligned text or (with `as_json`) pretty JSON that includes the chat template.
 pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
-    // Writing to a String cannot fail, so the results of writeln! are ignored.
-    let mut out = String::new();
-    let c = model.config();
     let sha = model.weights_sha256()?;
+    if as_json {
+        let info = info_json(model, &sha);
+        let mut out = serde_json::to_string_pretty(&info).expect("json values serialise");
+        out.push('\n');
+        return Ok(out);
+    }
+    Ok(info_text(model, &sha))
+}
+
+/// `model info --json`: the facts as one object.
+fn info_json(model: &Model, sha: &str) -> serde_json::Value {
+    let c = model.config();
     let template = model.template.as_ref().map(|t| t.source().to_string());
-    let info = json!({
+    json!({
         "spec": model.spec.to_string(),
         "path": model.files.path(),
         "weights_sha256": sha,
@@ -69,12 +79,14 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
         "add_bos": model.tokenizer.add_bos,
         "chat_template": template,
         "chat_template_error": model.template.as_ref().and_then(|t| t.parse_error()),
-    });
-    if as_json {
-        out.push_str(&serde_json::to_string_pretty(&info).expect("json values serialise"));
-        out.push('\n');
-        return Ok(out);
-    }
+    })
+}
+
+/// `model info`: one aligned line per fact.
+fn info_text(model: &Model, sha: &str) -> String {
+    // Writing to a String cannot fail, so the results of writeln! are ignored.
+    let mut out = String::new();
+    let c = model.config();
     let rope = match (&c.rope_scaling, &c.rope_freq_factors) {
         (Some(s), _) => format!("base {}, scaling {}", c.rope_theta, serde_json::json!(s)),
         (None, Some(_)) => format!("base {}, per-frequency factors (rope_freqs)", c.rope_theta),
@@ -96,18 +108,7 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
     let _ = writeln!(out, "context       {} tokens", c.max_position_embeddings);
     let _ = writeln!(out, "rope          {rope}");
     let f = &c.family;
-    let window = match (f.sliding_window, &f.sliding_layers) {
-        (None, _) => "none".to_string(),
-        (Some(w), None) => format!("{w} tokens on every layer"),
-        (Some(w), Some(layers)) => {
-            let sliding: Vec<String> = (0..layers.len())
-                .filter(|&l| layers[l])
-                .map(|l| l.to_string())
-                .collect();
-            format!("{w} tokens on layers [{}]", sliding.join(", "))
-        }
-    };
-    let _ = writeln!(out, "window        {window}");
+    let _ = writeln!(out, "window        {}", window_line(f));
     let _ = writeln!(
         out,
         "attention     scores x 1/sqrt({}); soft-caps: attention {}, final {}",
@@ -144,6 +145,28 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
         model.tokenizer.eos_token.as_deref().unwrap_or("-"),
         model.tokenizer.add_bos
     );
+    let _ = writeln!(out, "stop tokens   {}", stop_tokens_line(model));
+    let _ = writeln!(out, "chat template {}", template_line(model));
+    out
+}
+
+/// The sliding window and the layers it applies to.
+fn window_line(f: &FamilyConfig) -> String {
+    match (f.sliding_window, &f.sliding_layers) {
+        (None, _) => "none".to_string(),
+        (Some(w), None) => format!("{w} tokens on every layer"),
+        (Some(w), Some(layers)) => {
+            let sliding: Vec<String> = (0..layers.len())
+                .filter(|&l| layers[l])
+                .map(|l| l.to_string())
+                .collect();
+            format!("{w} tokens on layers [{}]", sliding.join(", "))
+        }
+    }
+}
+
+/// The stop token ids, each with its token where the vocabulary has it.
+fn stop_tokens_line(model: &Model) -> String {
     let stops: Vec<String> = model
         .tokenizer
         .stop_ids
@@ -153,8 +176,12 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
             None => id.to_string(),
         })
         .collect();
-    let _ = writeln!(out, "stop tokens   {}", stops.join(", "));
-    let template = match &model.template {
+    stops.join(", ")
+}
+
+/// The chat template's size, or why chat prompts will fail.
+fn template_line(model: &Model) -> String {
+    match &model.template {
         Some(t) => match t.parse_error() {
             None => format!("{} bytes (--json shows it)", t.source().len()),
             Some(e) => format!(
@@ -165,7 +192,5 @@ pub fn model_info(model: &Model, as_json: bool) -> Result<String> {
             ),
         },
         None => "none (use --raw prompts)".to_string(),
-    };
-    let _ = writeln!(out, "chat template {template}");
-    Ok(out)
+    }
 }
