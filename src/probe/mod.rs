@@ -16,21 +16,20 @@ pub mod metrics;
 mod multi;
 mod plan;
 mod report;
+mod results;
+mod spec;
 mod target;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ndarray::Array2;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::parse_hooks;
 use crate::progress::Progress;
 pub use crate::rows::{Filter, Table};
-use crate::store::{ModelRecord, Position, Store, TensorName};
+use crate::store::{Position, Store, TensorName};
 use cv::{cross_validate, shuffled_labels, summarize, Scores};
 pub use data::{Folds, Labels};
 pub use fit::{FitSettings, Method, Probe};
@@ -38,223 +37,13 @@ pub use multi::MultiLayer;
 use plan::{training_sets, Plan, PlanRows};
 use report::{best_rows, data_json, settings_json, write_outputs};
 pub use report::{format_summary, load_vector, metrics_csv};
+pub use results::{Extra, MetricRow, Report, Role, Skipped};
+use spec::{check_sizes, select_tensors};
+pub use spec::{Control, ProbeSpec, MAX_FOLDS, MAX_SHUFFLES};
 
 pub const REPORT: &str = crate::run_dir::RunKind::Probes.marker();
 pub const METRICS: &str = "metrics.csv";
 pub const PROBES: &str = "probes.safetensors";
-
-/// What `afprobe probe` does.
-#[derive(Debug, Clone)]
-pub struct ProbeSpec {
-    pub acts: PathBuf,
-    pub out: PathBuf,
-    /// The label field and its positive value (see [`Labels::read`]).
-    pub label: String,
-    pub positive: Option<String>,
-    /// Rows sharing this field's value are always in the same fold.
-    pub group: String,
-    /// Hook kinds or names and layers to probe (`None`: every tensor of the store).
-    pub hooks: Option<String>,
-    pub layers: String,
-    pub positions: Option<Vec<Position>>,
-    pub methods: Vec<Method>,
-    pub folds: usize,
-    pub seed: u64,
-    pub train_filter: Filter,
-    pub test_filter: Filter,
-    /// Rows of a control condition (same label, no meaning), probed on their
-    /// own and left out of the main probe.
-    pub control: Control,
-    /// A field whose values give the train × test generalisation matrix.
-    pub cross: Option<String>,
-    pub fit: FitSettings,
-    /// Shuffled-label refits per evaluation (the permutation baseline).
-    pub shuffles: usize,
-    /// Group-bootstrap resamples for AUROC intervals.
-    pub bootstrap: usize,
-    pub force: bool,
-    /// Multi-layer probes (`--multi-layer`, `--layer-window`), main evaluation only.
-    pub multi: multi::MultiLayer,
-    /// A numeric row field to regress on (`--target`) instead of a label: ridge
-    /// or elastic-net probes reporting out-of-fold R² and Pearson r.
-    pub target: Option<String>,
-}
-
-impl ProbeSpec {
-    /// The command line's defaults: both methods, 5 grouped folds by
-    /// `request_id`, seed 0, no filters, no control, no cross matrix, one
-    /// shuffle, 1,000 bootstrap resamples.
-    pub fn new(acts: &Path, out: &Path, label: &str) -> ProbeSpec {
-        ProbeSpec {
-            acts: acts.into(),
-            out: out.into(),
-            label: label.into(),
-            positive: None,
-            group: "request_id".into(),
-            hooks: None,
-            layers: "all".into(),
-            positions: None,
-            methods: vec![Method::Logistic, Method::MeanDiff],
-            folds: 5,
-            seed: 0,
-            train_filter: Filter::default(),
-            test_filter: Filter::default(),
-            control: Control::None,
-            cross: None,
-            fit: FitSettings::default(),
-            shuffles: 1,
-            bootstrap: 1000,
-            force: false,
-            target: None,
-            multi: multi::MultiLayer::default(),
-        }
-    }
-}
-
-/// The control rows of a probe run (`--control auto|none|FILTER`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Control {
-    /// `cue=control` when the store has that cue, else none.
-    Auto,
-    /// No control.
-    None,
-    /// These rows.
-    Rows(Filter),
-}
-
-impl std::str::FromStr for Control {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Control> {
-        match s {
-            "auto" => Ok(Control::Auto),
-            "none" => Ok(Control::None),
-            filter => filter.parse().map(Control::Rows),
-        }
-    }
-}
-
-impl Control {
-    /// The control rows' filter in `table`, if there is a control.
-    pub fn resolve(&self, table: &Table) -> Option<Filter> {
-        match self {
-            Control::None => None,
-            Control::Rows(filter) => Some(filter.clone()),
-            Control::Auto => {
-                let has_control = table
-                    .column("cue")
-                    .is_ok_and(|c| c.iter().any(|c| c.as_deref() == Some("control")));
-                has_control.then(|| Filter::equals("cue", &["control"]))
-            }
-        }
-    }
-}
-
-/// Which question an evaluation answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// The probe itself: train filter → test filter.
-    Main,
-    /// The same label on the control condition.
-    Control,
-    /// One cell of the generalisation matrix over `--cross`.
-    Cross,
-}
-
-/// One `metrics.csv` row.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MetricRow {
-    pub hook: String,
-    pub position: Position,
-    pub layer: Option<usize>,
-    pub method: Method,
-    pub role: Role,
-    pub train: String,
-    pub test: String,
-    #[serde(flatten)]
-    pub scores: Scores,
-    /// Mean AUROC of the probes refitted on shuffled training labels.
-    pub shuffled_auroc: Option<f64>,
-    /// Main probe only: Pearson r between the out-of-fold score and
-    /// `p_accept`, within each value of the tier field.
-    pub r_p_accept: BTreeMap<String, Option<f64>>,
-    /// Selectivity, regression and multi-layer results (absent where they do not apply).
-    #[serde(flatten, default)]
-    pub extra: Extra,
-}
-
-/// The columns added by selectivity, regression and multi-layer probes.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Extra {
-    /// Main rows with a control: main − control AUROC and its paired
-    /// group-bootstrap 95% interval (both AUROCs from one resample of groups).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selectivity: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selectivity_lo: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selectivity_hi: Option<f64>,
-    /// Regression probes (`--target`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub regression: Option<target::RegressionScores>,
-    /// Multi-layer probes: the layers, and `concat` (one probe on the concatenated
-    /// standardised activations) or `mean-score` (mean of the per-layer scores).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub layers: Vec<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub combine: Option<String>,
-}
-
-impl MetricRow {
-    /// For a cross-matrix cell: the field and the train and test values (the
-    /// last condition of each filter; earlier ones are --train/--test-filter).
-    pub fn cross_cell(&self) -> Option<(&str, &str, &str)> {
-        fn last(filter: &str) -> Option<(&str, &str)> {
-            filter.rsplit(',').next()?.split_once('=')
-        }
-        let ((field, train), (_, test)) = (last(&self.train)?, last(&self.test)?);
-        (self.role == Role::Cross).then_some((field, train, test))
-    }
-}
-
-/// A tensor left out, and why.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Skipped {
-    pub tensor: String,
-    pub reason: String,
-}
-
-/// `report.json`: settings, seeds, data counts and every metric.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Report {
-    pub afprobe_version: String,
-    pub acts: String,
-    pub model: ModelRecord,
-    pub settings: serde_json::Value,
-    pub data: serde_json::Value,
-    pub metrics: Vec<MetricRow>,
-    /// Per method and position, the main probe with the highest AUROC.
-    pub best: Vec<MetricRow>,
-    pub skipped: Vec<Skipped>,
-    /// Tensors with fewer distinct activation vectors than half their rows:
-    /// `[distinct, rows]`.
-    pub few_distinct: BTreeMap<String, [usize; 2]>,
-    pub seconds: f64,
-}
-
-impl Report {
-    pub fn read(dir: &Path) -> Result<Report> {
-        let path = dir.join(REPORT);
-        let text = crate::io::read_to_string(&path).map_err(|e| {
-            Error::BadInput(format!(
-                "cannot read ({e}); is {} a directory written by `afprobe probe`?",
-                dir.display()
-            ))
-        })?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::model_file(&path, format!("not a probe report: {e}")))
-    }
-}
 
 /// Everything the per-tensor work shares.
 struct Context<'a> {
@@ -281,51 +70,10 @@ fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
     })
 }
 
-/// The most shuffled-label refits (`--shuffles`): each one refits every probe.
-pub const MAX_SHUFFLES: usize = 1000;
-/// The most folds (`--folds`): each is a fit; leave-one-group-out on more groups is not useful.
-pub const MAX_FOLDS: usize = 1000;
-
-/// Bounds the counts that size a probe run's work and memory before anything is read.
-fn check_sizes(spec: &ProbeSpec) -> Result<()> {
-    use crate::error::check_range;
-    check_range(
-        "--folds",
-        spec.folds,
-        2,
-        MAX_FOLDS,
-        "grouped cross-validation needs 2 folds, and every fold is a fit of every probe",
-    )?;
-    check_range(
-        "--shuffles",
-        spec.shuffles,
-        0,
-        MAX_SHUFFLES,
-        "each shuffle refits every probe on every fold; a few give the permutation baseline",
-    )?;
-    check_range(
-        "--bootstrap",
-        spec.bootstrap,
-        0,
-        crate::stats::MAX_RESAMPLES,
-        "group-bootstrap resamples: past a million the interval no longer moves while each \
-         costs time and memory",
-    )
-}
-
 /// Runs `afprobe probe`; returns the report (also written to `spec.out`).
 pub fn probe(spec: &ProbeSpec) -> Result<Report> {
     let started = Instant::now();
-    if spec.out.join(REPORT).exists() && !spec.force {
-        return Err(Error::BadInput(format!(
-            "{} already holds probes; pass --force to overwrite them",
-            spec.out.display()
-        )));
-    }
-    if spec.methods.is_empty() {
-        return Err(Error::BadInput("--method names no method".into()));
-    }
-    check_sizes(spec)?;
+    check_spec(spec)?;
     let store = Store::open(&spec.acts)?;
     let table = Table::from_store(&store);
     if spec.target.is_some() {
@@ -339,13 +87,58 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
             m.name()
         )));
     }
-    let labels = Labels::read(&table, &spec.label, spec.positive.as_deref())?;
-    let groups = data::groups(&table, &spec.group)?;
-    let mut tensors = select_tensors(&store, spec)?;
+    probe_label(spec, &store, &table, started)
+}
+
+/// Refuses a run before the store is read: probes already there (without
+/// --force), no method, or counts out of bounds.
+fn check_spec(spec: &ProbeSpec) -> Result<()> {
+    if spec.out.join(REPORT).exists() && !spec.force {
+        return Err(Error::BadInput(format!(
+            "{} already holds probes; pass --force to overwrite them",
+            spec.out.display()
+        )));
+    }
+    if spec.methods.is_empty() {
+        return Err(Error::BadInput("--method names no method".into()));
+    }
+    check_sizes(spec)
+}
+
+/// The probes of a label: every tensor, then the multi-layer groups, gathered
+/// into the report.
+fn probe_label(spec: &ProbeSpec, store: &Store, table: &Table, started: Instant) -> Result<Report> {
+    let labels = Labels::read(table, &spec.label, spec.positive.as_deref())?;
+    let groups = data::groups(table, &spec.group)?;
+    let mut tensors = select_tensors(store, spec)?;
     let sets = spec.multi.resolve(store.manifest.model.n_layers)?;
     let multi_groups = multi::groups(&tensors, &sets)?;
+    let (ctx, tier_field) = context(spec, table, &labels, groups)?;
+    let mut results = probe_each(store, &tensors, &ctx);
+    if !multi_groups.is_empty() {
+        eprintln!(
+            "afprobe: {} multi-layer probe(s) (concatenated and mean-score) on the main evaluation",
+            multi_groups.len()
+        );
+        let n = tensors.len();
+        let multi_results = multi::probe_groups(store, &multi_groups, n as u64, &ctx);
+        results.extend(multi_results.into_iter().map(|(i, r)| (n + i, r)));
+        tensors.extend(multi_groups.iter().map(|g| g.name.clone()));
+    }
+    let settings = settings_json(spec, &labels, tier_field, spec.control.resolve(table));
+    let data = data_json(&ctx, table);
+    assemble(spec, store, &tensors, results, settings, data, started)
+}
 
-    let (masks, used) = training_sets(spec, &table, &labels)?;
+/// What every tensor's work shares: the evaluations' rows, the grouped folds,
+/// and the field `p_accept` is correlated within (`tier` where the rows have it).
+fn context<'a>(
+    spec: &'a ProbeSpec,
+    table: &Table,
+    labels: &'a Labels,
+    groups: Vec<usize>,
+) -> Result<(Context<'a>, &'a str)> {
+    let (plans, used) = training_sets(spec, table, labels)?;
     let folds = Folds::grouped(&groups, &used, spec.folds, spec.seed)?;
     let tier_field = if table.column("tier").is_ok() {
         "tier"
@@ -354,15 +147,24 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
     };
     let ctx = Context {
         spec,
-        labels: &labels,
+        labels,
         folds,
-        plans: masks,
+        plans,
         p_accept: table.numbers("p_accept"),
         tier: table.column(tier_field)?.to_vec(),
         groups,
         used,
     };
+    Ok((ctx, tier_field))
+}
 
+/// Probes every tensor in parallel; the results keep their tensor's index.
+fn probe_each(
+    store: &Store,
+    tensors: &[String],
+    ctx: &Context,
+) -> Vec<(usize, Result<TensorResult>)> {
+    let spec = ctx.spec;
     let n_fits =
         tensors.len() * spec.methods.len() * ctx.plans.len() * (1 + spec.shuffles) * spec.folds;
     eprintln!(
@@ -375,30 +177,17 @@ pub fn probe(spec: &ProbeSpec) -> Result<Report> {
         spec.group
     );
     let progress = Progress::new("probe", "tensors", tensors.len());
-    let mut results: Vec<(usize, Result<TensorResult>)> = tensors
+    let results = tensors
         .par_iter()
         .enumerate()
         .map(|(i, name)| {
-            let r = probe_tensor(&store, name, i as u64, &ctx);
+            let r = probe_tensor(store, name, i as u64, ctx);
             progress.advance(1, None);
             (i, r)
         })
         .collect();
     progress.finish();
-    if !multi_groups.is_empty() {
-        eprintln!(
-            "afprobe: {} multi-layer probe(s) (concatenated and mean-score) on the main evaluation",
-            multi_groups.len()
-        );
-        let n = tensors.len();
-        let multi_results = multi::probe_groups(&store, &multi_groups, n as u64, &ctx);
-        results.extend(multi_results.into_iter().map(|(i, r)| (n + i, r)));
-        tensors.extend(multi_groups.iter().map(|g| g.name.clone()));
-    }
-
-    let settings = settings_json(spec, &labels, tier_field, spec.control.resolve(&table));
-    let data = data_json(&ctx, &table);
-    assemble(spec, &store, &tensors, results, settings, data, started)
+    results
 }
 
 /// Gathers the per-tensor results into the report and writes the outputs.
@@ -493,67 +282,6 @@ fn gather(tensors: &[String], results: Vec<(usize, Result<TensorResult>)>) -> Ga
     g
 }
 
-/// The store tensors to probe (per-row ones: not `@all`), in store order.
-fn select_tensors(store: &Store, spec: &ProbeSpec) -> Result<Vec<String>> {
-    let m = &store.manifest;
-    let hooks: Vec<String> = match &spec.hooks {
-        None => m.hooks.clone(),
-        Some(h) => {
-            let wanted = parse_hooks(h, &spec.layers, m.model.n_layers)?;
-            let names: Vec<String> = wanted.iter().map(|p| p.to_string()).collect();
-            if let Some(missing) = names.iter().find(|n| !m.hooks.contains(n)) {
-                return Err(Error::BadInput(format!(
-                    "{}: the store has no hook `{missing}`; it has {} hooks ({} ... {})",
-                    spec.acts.display(),
-                    m.hooks.len(),
-                    m.hooks.first().map_or("", String::as_str),
-                    m.hooks.last().map_or("", String::as_str)
-                )));
-            }
-            names
-        }
-    };
-    let positions: Vec<Position> = match &spec.positions {
-        None => m
-            .positions
-            .iter()
-            .copied()
-            .filter(|&p| p != Position::All)
-            .collect(),
-        Some(ps) => {
-            for p in ps {
-                if *p == Position::All || !m.positions.contains(p) {
-                    return Err(Error::BadInput(format!(
-                        "{}: no per-row position `{p}`; the store has {}",
-                        spec.acts.display(),
-                        m.positions
-                            .iter()
-                            .filter(|&&p| p != Position::All)
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )));
-                }
-            }
-            ps.clone()
-        }
-    };
-    let mut names = Vec::new();
-    for &position in &positions {
-        for hook in &hooks {
-            names.push(TensorName::of(hook, position)?.to_string());
-        }
-    }
-    if names.is_empty() {
-        return Err(Error::BadInput(format!(
-            "{}: no per-row tensors to probe (positions `all` are ragged; capture with \
-             --positions last or cue)",
-            spec.acts.display()
-        )));
-    }
-    Ok(names)
-}
-
 struct TensorResult {
     metrics: Vec<MetricRow>,
     weights: Vec<(String, Vec<f32>)>,
@@ -593,9 +321,7 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
     check_finite(&x, &ctx.used)?;
     let used: Vec<usize> = (0..x.nrows()).filter(|&r| ctx.used[r]).collect();
     let distinct = distinct_rows(x.view(), &used, used.len() / 2);
-    let TensorName { hook, position } = name.parse()?;
-    let layer = hook.layer();
-    let y = &ctx.labels.y;
+    let tensor: TensorName = name.parse()?;
     let spec = ctx.spec;
     let mut metrics = Vec::new();
     let mut weights = Vec::new();
@@ -604,24 +330,10 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
         let (mut main_row, mut main_oof, mut control_oof) = (None, None, None);
         for (pi, (plan, train, tests)) in ctx.plans.iter().enumerate() {
             let seed = |k: u64| derive_seed(spec.seed, &[index, mi as u64, pi as u64, k]);
+            let y = &ctx.labels.y;
             let oofs = cross_validate(x.view(), y, &ctx.folds, train, tests, method, &spec.fit)?;
-            let mut shuffled: Vec<Vec<f64>> = vec![Vec::new(); tests.len()];
-            for s in 0..spec.shuffles {
-                let y_shuffled = shuffled_labels(y, train, seed(1000 + s as u64));
-                let oofs = cross_validate(
-                    x.view(),
-                    &y_shuffled,
-                    &ctx.folds,
-                    train,
-                    tests,
-                    method,
-                    &spec.fit,
-                )?;
-                for (acc, oof) in shuffled.iter_mut().zip(&oofs) {
-                    let labels: Vec<bool> = oof.rows.iter().map(|&r| y[r] == Some(true)).collect();
-                    acc.extend(metrics::auroc(&oof.scores, &labels));
-                }
-            }
+            let shuffled = shuffled_aurocs(x.view(), train, tests, method, ctx, &seed)?;
+            let first = metrics.len();
             for (ti, (test, oof)) in plan.tests.iter().zip(&oofs).enumerate() {
                 let scores = summarize(oof, y, &ctx.groups, spec.bootstrap, seed(ti as u64));
                 let r_p_accept = if plan.role == Role::Main {
@@ -630,9 +342,9 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
                     BTreeMap::new()
                 };
                 metrics.push(metric_row(
-                    &hook.to_string(),
-                    position,
-                    layer,
+                    &tensor.hook.to_string(),
+                    tensor.position,
+                    tensor.hook.layer(),
                     method,
                     plan,
                     test,
@@ -641,27 +353,19 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
                     r_p_accept,
                 ));
             }
-            if plan.role == Role::Main {
-                main_row = Some(metrics.len() - oofs.len());
-                main_oof = oofs.first().cloned();
-            }
-            if plan.role == Role::Control {
-                control_oof = oofs.first().cloned();
-            }
-            if plan.role == Role::Main {
-                let mut oof_scores = vec![f32::NAN; y.len()];
-                for (&r, &s) in oofs[0].rows.iter().zip(&oofs[0].scores) {
-                    oof_scores[r] = s as f32;
+            match plan.role {
+                Role::Main => {
+                    main_row = Some(first);
+                    main_oof = oofs.first().cloned();
+                    weights.extend(main_weights(x.view(), name, method, &oofs[0], train, ctx)?);
                 }
-                weights.push((format!("{name}.{}.oof_score", method.name()), oof_scores));
-                let rows: Vec<usize> = (0..train.len()).filter(|&r| train[r]).collect();
-                let labels: Vec<bool> = y.iter().map(|l| *l == Some(true)).collect();
-                let probe = fit::fit(x.view(), &rows, &labels, method, &spec.fit, None)?;
-                weights.extend(probe_tensors(name, method, &probe));
+                Role::Control => control_oof = oofs.first().cloned(),
+                Role::Cross => {}
             }
         }
         if let (Some(i), Some(main), Some(control)) = (main_row, main_oof, control_oof) {
             let seed = derive_seed(spec.seed, &[index, mi as u64, 9]);
+            let y = &ctx.labels.y;
             let s = selectivity(&main, &control, y, &ctx.groups, spec.bootstrap, seed);
             metrics[i].extra.selectivity = s.0;
             metrics[i].extra.selectivity_lo = s.1.map(|c| c[0]);
@@ -674,6 +378,61 @@ fn probe_tensor(store: &Store, name: &str, index: u64, ctx: &Context) -> Result<
         distinct,
         used: used.len(),
     })
+}
+
+/// The permutation baseline of one evaluation: per test set, the AUROCs of
+/// probes refitted on shuffled training labels (`--shuffles` of them).
+fn shuffled_aurocs(
+    x: ndarray::ArrayView2<f32>,
+    train: &[bool],
+    tests: &[Vec<bool>],
+    method: Method,
+    ctx: &Context,
+    seed: &dyn Fn(u64) -> u64,
+) -> Result<Vec<Vec<f64>>> {
+    let y = &ctx.labels.y;
+    let mut shuffled: Vec<Vec<f64>> = vec![Vec::new(); tests.len()];
+    for s in 0..ctx.spec.shuffles {
+        let y_shuffled = shuffled_labels(y, train, seed(1000 + s as u64));
+        let oofs = cross_validate(
+            x,
+            &y_shuffled,
+            &ctx.folds,
+            train,
+            tests,
+            method,
+            &ctx.spec.fit,
+        )?;
+        for (acc, oof) in shuffled.iter_mut().zip(&oofs) {
+            let labels: Vec<bool> = oof.rows.iter().map(|&r| y[r] == Some(true)).collect();
+            acc.extend(metrics::auroc(&oof.scores, &labels));
+        }
+    }
+    Ok(shuffled)
+}
+
+/// What the main evaluation keeps of a method in `probes.safetensors`: each
+/// row's out-of-fold score (NaN where untested), and the probe refitted on
+/// all training rows.
+fn main_weights(
+    x: ndarray::ArrayView2<f32>,
+    name: &str,
+    method: Method,
+    oof: &cv::OutOfFold,
+    train: &[bool],
+    ctx: &Context,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    let y = &ctx.labels.y;
+    let mut oof_scores = vec![f32::NAN; y.len()];
+    for (&r, &s) in oof.rows.iter().zip(&oof.scores) {
+        oof_scores[r] = s as f32;
+    }
+    let mut weights = vec![(format!("{name}.{}.oof_score", method.name()), oof_scores)];
+    let rows: Vec<usize> = (0..train.len()).filter(|&r| train[r]).collect();
+    let labels: Vec<bool> = y.iter().map(|l| *l == Some(true)).collect();
+    let probe = fit::fit(x, &rows, &labels, method, &ctx.spec.fit, None)?;
+    weights.extend(probe_tensors(name, method, &probe));
+    Ok(weights)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -785,6 +544,7 @@ fn probe_tensors(tensor: &str, method: Method, probe: &Probe) -> Vec<(String, Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn rows_equal_to_float_rounding_count_once() {
