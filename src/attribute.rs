@@ -24,13 +24,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
 use crate::intervene::{load_rows, prepare_out, write_run, Row};
 use crate::model::{CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, NamesFilter};
 use crate::progress::Progress;
+use crate::report_json::{interval, number};
 use crate::rows::Filter;
 use crate::run_dir::RunKind;
 use crate::stats::mean_ci;
@@ -56,8 +57,9 @@ pub struct AttributeSpec {
     pub force: bool,
 }
 
-/// One component's mean direct contribution, per class and as a paired difference.
-#[derive(Debug, Clone, Serialize)]
+/// One component's mean direct contribution, per class and as a paired
+/// difference (a NaN is written `null` and read back as NaN).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ComponentEffect {
     /// `embed`, `attn_out`, `mlp_out`, `head` (one attention head's share of
     /// `attn_out`), or `lens` (the logit lens of `resid_post`).
@@ -65,10 +67,14 @@ pub struct ComponentEffect {
     pub layer: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head: Option<usize>,
+    #[serde(deserialize_with = "number")]
     pub mean_positive: f64,
+    #[serde(deserialize_with = "number")]
     pub mean_negative: f64,
     /// Mean over pairs of positive − negative, with its bootstrap 95% interval.
+    #[serde(deserialize_with = "number")]
     pub difference: f64,
+    #[serde(deserialize_with = "interval")]
     pub ci95: [f64; 2],
 }
 

@@ -7,34 +7,43 @@ use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
+use crate::report_json::{interval, number};
 use crate::run_dir::{RunKind, GAP_JSON};
 use crate::stats::bootstrap_mean_ci;
 use crate::store::Store;
 
 /// Summary of paired (free, paid) scores over requests (`gap.json`; README, "The alignment-faking study").
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A NaN (a row's score was NaN) is written `null` and read back as NaN.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GapStats {
     pub n_requests: usize,
+    #[serde(deserialize_with = "number")]
     pub p_accept_free: f64,
+    #[serde(deserialize_with = "number")]
     pub p_accept_paid: f64,
     /// Mean over requests of p_accept(free) − p_accept(paid).
+    #[serde(deserialize_with = "number")]
     pub gap: f64,
     /// Paired bootstrap 95% percentile interval of the gap.
+    #[serde(deserialize_with = "interval")]
     pub ci95: [f64; 2],
     /// Two-sided paired sign-flip permutation p-value.
+    #[serde(deserialize_with = "number")]
     pub p_value: f64,
+    #[serde(deserialize_with = "number")]
     pub frac_accept_free: f64,
+    #[serde(deserialize_with = "number")]
     pub frac_accept_paid: f64,
 }
 
 /// `gap.json`: the gap in `p_accept` (answer tags) at the top level, as
 /// documented in README, and the format-free gap (compliance = 1 − `p_refuse`) beside it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GapReport {
     pub by_cue: BTreeMap<String, GapStats>,
     pub overall: Option<GapStats>,
@@ -53,7 +62,7 @@ pub struct GapReport {
 }
 
 /// The gap of one compliance metric per cue, overall and on benign requests.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MetricGaps {
     pub metric: String,
     pub by_cue: BTreeMap<String, GapStats>,
@@ -62,9 +71,11 @@ pub struct MetricGaps {
 }
 
 /// A mean over all free rows and over all paid rows.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PerTier {
+    #[serde(deserialize_with = "number")]
     pub free: f64,
+    #[serde(deserialize_with = "number")]
     pub paid: f64,
 }
 

@@ -23,6 +23,7 @@ pub mod plot;
 pub mod probe;
 pub mod progress;
 pub mod prompts;
+pub mod report_json;
 pub mod rows;
 pub mod run_dir;
 pub mod score;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::direction::DirectionSource;
@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::gap::{gap_from_rows, GapReport};
 use crate::model::{Edit, HookPoint, Hooks, Model, Positions};
 use crate::progress::Progress;
+use crate::report_json::{interval, number};
 use crate::rows::Filter;
 use crate::stats::mean_ci;
 
@@ -41,13 +42,18 @@ pub struct AblateSpec {
     pub force: bool,
 }
 
-/// Mean p_accept of a set of rows before and after, and the mean change with its interval.
-#[derive(Debug, Clone, Serialize)]
+/// Mean p_accept of a set of rows before and after, and the mean change with
+/// its interval (a NaN is written `null` and read back as NaN).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Change {
     pub n: usize,
+    #[serde(deserialize_with = "number")]
     pub before: f64,
+    #[serde(deserialize_with = "number")]
     pub after: f64,
+    #[serde(deserialize_with = "number")]
     pub change: f64,
+    #[serde(deserialize_with = "interval")]
     pub change_ci95: [f64; 2],
 }
 

@@ -10,7 +10,6 @@
 pub mod ablate;
 pub mod direction;
 pub mod head_patch;
-mod nan_json;
 pub mod patch;
 pub mod patch_position;
 pub mod patch_spec;

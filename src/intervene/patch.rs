@@ -148,13 +148,13 @@ pub struct Cell {
     pub n_pairs: usize,
     /// Pairs where some positions had no counterpart (they were left unpatched).
     pub partly_aligned: usize,
-    #[serde(deserialize_with = "super::nan_json::number")]
+    #[serde(deserialize_with = "crate::report_json::number")]
     pub p_patched: f64,
     /// Mean over pairs of p_patched − p_dest, with a bootstrap 95% interval
     /// (its ends NaN, written `null`, where no pair could be patched).
-    #[serde(deserialize_with = "super::nan_json::number")]
+    #[serde(deserialize_with = "crate::report_json::number")]
     pub effect: f64,
-    #[serde(deserialize_with = "super::nan_json::interval")]
+    #[serde(deserialize_with = "crate::report_json::interval")]
     pub effect_ci95: [f64; 2],
     /// Σ(p_patched − p_dest) / Σ(p_source − p_dest): the share of the difference restored.
     pub restored: Option<f64>,

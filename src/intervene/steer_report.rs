@@ -19,9 +19,9 @@ pub struct SteerCell {
     /// Which random direction (0-based), for `random` cells.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_index: Option<usize>,
-    #[serde(deserialize_with = "super::nan_json::number")]
+    #[serde(deserialize_with = "crate::report_json::number")]
     pub p_accept: f64,
-    #[serde(deserialize_with = "super::nan_json::interval")]
+    #[serde(deserialize_with = "crate::report_json::interval")]
     pub ci95: [f64; 2],
     /// Mean p_accept and its interval per value of `tier` (when rows have it).
     pub by_tier: BTreeMap<String, TierMean>,
@@ -30,9 +30,9 @@ pub struct SteerCell {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TierMean {
     pub n: usize,
-    #[serde(deserialize_with = "super::nan_json::number")]
+    #[serde(deserialize_with = "crate::report_json::number")]
     pub p_accept: f64,
-    #[serde(deserialize_with = "super::nan_json::interval")]
+    #[serde(deserialize_with = "crate::report_json::interval")]
     pub ci95: [f64; 2],
 }
 

@@ -5,15 +5,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::de::IgnoredAny;
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::data::{Curve, Figure, Interval, LayerPoint, Marker, PALETTE};
-use super::{category_key, cue_of, save};
+use super::{finite_interval, gap_intervals, save};
+use crate::attribute::ComponentEffect;
 use crate::error::{Error, Result};
+use crate::gap::GapReport;
+use crate::intervene::ablate::Change;
 use crate::intervene::patch;
 use crate::intervene::steer::SteerCell;
+use crate::report_json::parse;
 use crate::run_dir::RunKind;
 
 /// What the steering figures read of `steer.json`. Its settings are not
@@ -36,6 +39,37 @@ struct PatchRun {
 struct PatchSides {
     source: String,
     dest: String,
+}
+
+/// What the ablation bars read of `ablate.json`: its settings name the
+/// direction's source by `Display`, for people, so only the tensor is read back.
+#[derive(Deserialize)]
+struct AblateRun {
+    settings: AblatedTensor,
+    gap_change: GapReport,
+    compliance: BTreeMap<String, Change>,
+}
+
+/// The tensor whose direction was ablated (`settings.direction_tensor`).
+#[derive(Deserialize)]
+struct AblatedTensor {
+    direction_tensor: String,
+}
+
+/// What the attribution heatmap reads of `attribute.json`.
+#[derive(Deserialize)]
+struct AttributeRun {
+    settings: ComparedValues,
+    n_pairs: usize,
+    components: Vec<ComponentEffect>,
+}
+
+/// The label field and the two values compared (`settings.label`, `.positive`, `.negative`).
+#[derive(Deserialize)]
+struct ComparedValues {
+    label: String,
+    positive: String,
+    negative: String,
 }
 
 /// The figures of the intervention run in `dir`, if it is one (`None` otherwise).
@@ -63,29 +97,6 @@ pub fn intervention_figures(dir: &Path, out: &Path) -> Result<Option<Vec<PathBuf
         }
         _ => parse::<IgnoredAny>(&path, &text).map(|_| None),
     }
-}
-
-/// The report at `path` (its `text`) as `T`: a field missing, renamed or of
-/// the wrong type is an error naming the file and the field, never a default
-/// that plots zeros.
-fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|e| {
-        let what = if e.is_data() {
-            "not a report this afprobe version reads"
-        } else {
-            "not valid JSON"
-        };
-        Error::model_file(path, format!("{what}: {e}"))
-    })
-}
-
-fn interval(v: &Value) -> Option<(f64, f64)> {
-    Some((v.get(0)?.as_f64()?, v.get(1)?.as_f64()?))
-}
-
-/// A report's interval where both ends are numbers (a NaN or ±∞ was written as `null`).
-fn finite_interval([lo, hi]: [f64; 2]) -> Option<(f64, f64)> {
-    (lo.is_finite() && hi.is_finite()).then_some((lo, hi))
 }
 
 /// The mean of the points at each α (several random directions per α), sorted by α.
@@ -281,15 +292,15 @@ fn patch_figure(report: &PatchRun) -> Option<Figure> {
 
 /// Direct logit attribution: the positive − negative difference of each
 /// layer's attention and MLP contribution to logit(accept) − logit(reject).
-fn attribute_figure(report: &Value) -> Option<Figure> {
-    let components = report["components"].as_array()?;
-    let mut grid: BTreeMap<u64, [Option<f64>; 2]> = BTreeMap::new();
-    for c in components {
-        let Some(layer) = c["layer"].as_u64() else {
+fn attribute_figure(report: &AttributeRun) -> Option<Figure> {
+    let mut grid: BTreeMap<usize, [Option<f64>; 2]> = BTreeMap::new();
+    for c in &report.components {
+        let Some(layer) = c.layer else {
             continue;
         };
-        let column = usize::from(c["component"].as_str()? != "attn_out");
-        grid.entry(layer).or_default()[column] = c["difference"].as_f64();
+        let column = usize::from(c.component != "attn_out");
+        // NaN or ±∞ (written `null`): an empty cell.
+        grid.entry(layer).or_default()[column] = Some(c.difference).filter(|d| d.is_finite());
     }
     if grid.is_empty() {
         return None;
@@ -300,16 +311,15 @@ fn attribute_figure(report: &Value) -> Option<Figure> {
         .flatten()
         .fold(0f64, |m, v| m.max(v.abs()))
         .max(1e-9);
-    let s = &report["settings"];
-    let (label, positive, negative) = (
-        s["label"].as_str().unwrap_or("label"),
-        s["positive"].as_str().unwrap_or("positive"),
-        s["negative"].as_str().unwrap_or("negative"),
-    );
+    let ComparedValues {
+        label,
+        positive,
+        negative,
+    } = &report.settings;
     Some(Figure::Heatmap {
         title: format!(
             "Direct logit attribution, {positive} − {negative} ({label}, {} pairs)",
-            report["n_pairs"].as_u64().unwrap_or(0)
+            report.n_pairs
         ),
         scale: (0.0, largest),
         row_label: "layer".into(),
@@ -321,37 +331,21 @@ fn attribute_figure(report: &Value) -> Option<Figure> {
 }
 
 /// The change in the compliance gap per cue and in mean p_accept on harmful and benign rows.
-fn ablate_figure(report: &Value) -> Figure {
-    let mut items = Vec::new();
-    let change = &report["gap_change"];
-    let mut cues: Vec<(&String, &Value)> =
-        change["by_cue"].as_object().into_iter().flatten().collect();
-    cues.sort_by(|a, b| category_key(a.0).cmp(&category_key(b.0)));
-    let gap_items = cues
-        .into_iter()
-        .map(|(cue, s)| (format!("gap {cue}"), s, cue_of(cue).to_string(), false))
-        .chain(
-            ["overall", "benign"]
-                .iter()
-                .map(|k| (format!("gap {k}"), &change[*k], "gap".to_string(), true)),
-        );
-    for (label, s, group, summary) in gap_items {
-        if let (Some(value), Some((lo, hi))) = (s["gap"].as_f64(), interval(&s["ci95"])) {
-            items.push(Interval {
-                label,
-                value,
-                lo,
-                hi,
-                group,
-                summary,
-            });
-        }
-    }
-    for (name, c) in report["compliance"].as_object().into_iter().flatten() {
-        if let (Some(value), Some((lo, hi))) = (c["change"].as_f64(), interval(&c["change_ci95"])) {
+fn ablate_figure(report: &AblateRun) -> Figure {
+    let change = &report.gap_change;
+    let mut items = gap_intervals(
+        &change.by_cue,
+        &change.overall,
+        &change.benign,
+        "gap ",
+        "gap",
+    );
+    for (name, c) in &report.compliance {
+        // NaN or ±∞ (written `null`): no bar.
+        if let Some((lo, hi)) = finite_interval(c.change_ci95).filter(|_| c.change.is_finite()) {
             items.push(Interval {
                 label: format!("p_accept {name}"),
-                value,
+                value: c.change,
                 lo,
                 hi,
                 group: "p_accept".into(),
@@ -362,9 +356,7 @@ fn ablate_figure(report: &Value) -> Figure {
     Figure::Intervals {
         title: format!(
             "Ablating {}: change in the gap and in compliance",
-            report["settings"]["direction_tensor"]
-                .as_str()
-                .unwrap_or("a direction")
+            report.settings.direction_tensor
         ),
         y_label: "after − before (95% CI)".into(),
         items,

@@ -11,12 +11,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::gap::{GapReport, GapStats};
 use crate::io::write_atomic;
 use crate::model::HookPoint;
 use crate::probe::{self, Method, MetricRow, Report, Role};
+use crate::report_json;
 use crate::run_dir::{has_gap, RunKind, GAP_JSON};
 use crate::store::{Position, Store, TensorName};
 use data::{Curve, Figure, Interval, LayerPoint, Marker, PointGroup, PALETTE, SIZE};
@@ -153,21 +156,27 @@ fn hook_kind(hook: &str) -> &str {
     hook.rsplit('.').next().unwrap_or(hook)
 }
 
+/// What the figures read of a label probe's settings.
+#[derive(Deserialize)]
+struct ProbedLabel {
+    label: String,
+    positive: String,
+    negative: Vec<String>,
+}
+
 fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let report = Report::read(dir)?;
-    let label = format!(
-        "{} ({} vs {})",
-        report.settings["label"].as_str().unwrap_or("label"),
-        report.settings["positive"].as_str().unwrap_or("+"),
-        report.settings["negative"]
-            .as_array()
-            .map(|v| v
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join("/"))
-            .unwrap_or_default()
-    );
+    // A regression probe has no label; its AUROC panels keep their placeholder
+    // title, and it has no classifier for the PCA and score figures.
+    let probed: Option<ProbedLabel> = if report.is_regression() {
+        None
+    } else {
+        let path = dir.join(probe::REPORT);
+        Some(report_json::part(&path, "settings", &report.settings)?)
+    };
+    let label = probed.as_ref().map_or("label (+ vs )".into(), |p| {
+        format!("{} ({} vs {})", p.label, p.positive, p.negative.join("/"))
+    });
     let mut files = Vec::new();
     let main_rows: Vec<&MetricRow> = report
         .metrics
@@ -224,10 +233,8 @@ fn probe_figures(dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
             files.extend(save(&fig, out, &format!("transfer_{suffix}"))?);
         }
         let tensor = TensorName::of(&best.hook, position)?.to_string();
-        if let Some(store) = &store {
-            let positive = report.settings["positive"].as_str().unwrap_or("true");
-            let field = report.settings["label"].as_str().unwrap_or("tier");
-            let fig = pca_figure(store, &tensor, field, positive)?;
+        if let (Some(store), Some(probed)) = (&store, &probed) {
+            let fig = pca_figure(store, &tensor, &probed.label, &probed.positive)?;
             files.extend(save(&fig, out, &format!("pca_{suffix}"))?);
             let key = format!("{tensor}.{}.oof_score", method.name());
             let scores = probe::load_vector(dir, &key)?;
@@ -560,14 +567,54 @@ fn score_figure(
 }
 
 /// The cue of a category: `xml` of `xml@flipped`.
-pub(crate) fn cue_of(category: &str) -> &str {
+fn cue_of(category: &str) -> &str {
     category.split('@').next().unwrap_or(category)
 }
 
 /// Display order of categories: by cue, the cue itself before its variations.
-pub(crate) fn category_key(category: &str) -> (&str, bool, &str) {
+fn category_key(category: &str) -> (&str, bool, &str) {
     let (cue, variation) = category.split_once('@').unwrap_or((category, ""));
     (cue, !variation.is_empty(), variation)
+}
+
+/// A report's interval where both ends are numbers (a NaN or ±∞ was written as `null`).
+fn finite_interval([lo, hi]: [f64; 2]) -> Option<(f64, f64)> {
+    (lo.is_finite() && hi.is_finite()).then_some((lo, hi))
+}
+
+/// The bars of one gap block: per cue (each cue's variations after it), then
+/// `overall` and `benign` as summaries in `summary_group`; labels start with
+/// `prefix`. A gap or interval end written `null` (NaN or ±∞) has no bar.
+fn gap_intervals(
+    by_cue: &BTreeMap<String, GapStats>,
+    overall: &Option<GapStats>,
+    benign: &Option<GapStats>,
+    prefix: &str,
+    summary_group: &str,
+) -> Vec<Interval> {
+    let mut cues: Vec<(&str, &GapStats)> = by_cue.iter().map(|(c, s)| (c.as_str(), s)).collect();
+    cues.sort_by(|a, b| category_key(a.0).cmp(&category_key(b.0)));
+    let cues = cues.into_iter().map(|(cue, s)| (cue, s, false));
+    let summaries = [("overall", overall), ("benign", benign)]
+        .into_iter()
+        .filter_map(|(name, s)| Some((name, s.as_ref()?, true)));
+    cues.chain(summaries)
+        .filter_map(|(name, s, summary)| {
+            let (lo, hi) = finite_interval(s.ci95).filter(|_| s.gap.is_finite())?;
+            Some(Interval {
+                label: format!("{prefix}{name}"),
+                value: s.gap,
+                lo,
+                hi,
+                group: if summary {
+                    summary_group.to_string()
+                } else {
+                    cue_of(name).to_string()
+                },
+                summary,
+            })
+        })
+        .collect()
 }
 
 /// Compliance gap per cue (variations side by side: `xml`, `xml@flipped`, …)
@@ -575,48 +622,24 @@ pub(crate) fn category_key(category: &str) -> (&str, bool, &str) {
 /// `gap_format_free` for 1 − p_refuse, each when present.
 fn gap_figures(store_dir: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let path = store_dir.join(GAP_JSON);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let gap: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::model_file(&path, format!("not valid JSON: {e}")))?;
-    let item = |name: &str, s: &Value, summary: bool| -> Option<Interval> {
-        let ci = s.get("ci95")?.as_array()?;
-        Some(Interval {
-            label: name.to_string(),
-            value: s.get("gap")?.as_f64()?,
-            lo: ci.first()?.as_f64()?,
-            hi: ci.get(1)?.as_f64()?,
-            group: if summary {
-                "summary".into()
-            } else {
-                cue_of(name).to_string()
-            },
-            summary,
-        })
-    };
-    let items = |block: &Value| -> Vec<Interval> {
-        let mut items: Vec<Interval> = block["by_cue"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(cue, s)| item(cue, s, false))
-            .collect();
-        items.sort_by(|a, b| category_key(&a.label).cmp(&category_key(&b.label)));
-        for key in ["overall", "benign"] {
-            items.extend(item(key, &block[key], true));
-        }
-        items
-    };
+    let gap: GapReport = report_json::read(&path)?;
+    let format_free = gap.format_free.as_ref().map_or_else(Vec::new, |f| {
+        gap_intervals(&f.by_cue, &f.overall, &f.benign, "", "summary")
+    });
     let metrics = [
-        ("gap", &gap, "mean p_accept(free) - p_accept(paid)"),
+        (
+            "gap",
+            gap_intervals(&gap.by_cue, &gap.overall, &gap.benign, "", "summary"),
+            "mean p_accept(free) - p_accept(paid)",
+        ),
         (
             "gap_format_free",
-            &gap["format_free"],
+            format_free,
             "format-free, mean (1 - p_refuse)(free) - (1 - p_refuse)(paid)",
         ),
     ];
     let mut files = Vec::new();
-    for (name, block, what) in metrics {
-        let items = items(block);
+    for (name, items, what) in metrics {
         if items.is_empty() {
             continue;
         }

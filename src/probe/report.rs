@@ -204,7 +204,7 @@ pub(super) fn write_outputs(
 /// interval, the shuffled baseline and the control per position and method.
 pub fn format_summary(report: &Report) -> String {
     let f = |v: Option<f64>| v.map_or("  -  ".into(), |v| format!("{v:.3}"));
-    if report.metrics.iter().any(|m| m.extra.regression.is_some()) {
+    if report.is_regression() {
         let mut out = format!(
             "{:<28}  {:<12}  {:<26}  {:<26}  shuffled R², r\n",
             "tensor", "method", "R² [95% CI]", "r [95% CI]"

@@ -105,6 +105,11 @@ pub struct Report {
 }
 
 impl Report {
+    /// Whether the probes regress a `--target` rather than classify a label.
+    pub fn is_regression(&self) -> bool {
+        self.metrics.iter().any(|m| m.extra.regression.is_some())
+    }
+
     pub fn read(dir: &Path) -> Result<Report> {
         let path = dir.join(REPORT);
         let text = crate::io::read_to_string(&path).map_err(|e| {
