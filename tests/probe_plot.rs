@@ -607,7 +607,8 @@ fn figures_render_as_png_and_svg() {
         acts.join("gap.json"),
         json!({"by_cue": {"xml": {"n_requests": 40, "p_accept_free": 0.6, "p_accept_paid": 0.5,
             "gap": 0.1, "ci95": [0.05, 0.15], "p_value": 0.01, "frac_accept_free": 0.6,
-            "frac_accept_paid": 0.5}}, "overall": null, "benign": null})
+            "frac_accept_paid": 0.5}}, "overall": null, "benign": null, "seed": 0,
+            "resamples": 1000})
         .to_string(),
     )
     .unwrap();
