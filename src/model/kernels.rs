@@ -417,6 +417,10 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Below this many tokens [`quantized_matmul`] takes candle's per-pair dot
+/// products: decoding a tile of weight rows pays off only over several tokens.
+const QGEMM_MIN_TOKENS: usize = 4;
+
 /// Whether [`quantized_matmul`] multiplies weights of block type `dtype`.
 pub fn has_quantized_matmul(dtype: candle_core::quantized::GgmlDType) -> bool {
     use candle_core::quantized::GgmlDType as G;
@@ -436,10 +440,11 @@ pub fn has_quantized_matmul(dtype: candle_core::quantized::GgmlDType) -> bool {
     )
 }
 
-/// `x Wᵀ` for f32 `x: [m, k]` and a block-quantized `W: [n, k]`, as `[m, n]`:
+/// `x Wᵀ` for f32 `x: [m, k]` and a block-quantized `W: [n, k]`, as `[m, n]`,
+/// straight on the stored blocks: for a prompt of [`QGEMM_MIN_TOKENS`] or more,
+/// our tiled GEMM ([`super::qgemm`]) where it has the block type; otherwise
 /// candle's `k_quants::matmul` (the activations quantized per block to the
-/// weight type's dot-product type, as llama.cpp does) straight on the stored
-/// blocks. Not `QMatMul`: on x86 it repacks Q4_K/Q6_K/Q8_0 weights into
+/// weight type's dot-product type, as llama.cpp does). Not `QMatMul`: on x86 it repacks Q4_K/Q6_K/Q8_0 weights into
 /// expanded tiles on first use and keeps both copies, which took a 669 MB
 /// Q4_K_M file to 2.49 GB of RSS; this path stays at the file's size.
 pub fn quantized_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
@@ -456,6 +461,10 @@ pub fn quantized_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
     let data = w.data()?;
     let mut dst = vec![0f32; m * n];
     let product = with_f32_slice(&x, |lhs| -> candle_core::Result<()> {
+        if m >= QGEMM_MIN_TOKENS && super::qgemm::supports(w.dtype()) {
+            return super::qgemm::matmul(w.dtype(), &data, (m, n, k), lhs, &mut dst)
+                .map_err(candle_core::Error::Msg);
+        }
         macro_rules! blocks {
             ($block:ty) => {{
                 // Safety: the bytes are the QTensor's own storage, blocks of this

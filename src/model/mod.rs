@@ -12,6 +12,7 @@ pub mod hooks;
 pub mod info;
 pub(crate) mod kernels;
 mod kv_cache;
+mod qgemm;
 pub mod spec;
 pub mod template;
 mod token_tree;
