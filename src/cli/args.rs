@@ -30,8 +30,9 @@ pub struct ModelArgs {
     pub spec: ModelSpecArg,
     /// Weight precision after loading: GGUF weights are dequantized to f32, f16 or bf16, or with
     /// `quantized` (GGUF only) the projections stay block-quantized (Q4_0 … Q8_0, K-quants) and run
-    /// on candle's quantized kernels, for memory near the file size.
-    #[arg(long, value_enum, default_value = "f32")]
+    /// on afprobe's quantized GEMM over the stored blocks, for memory near the file size. `auto`:
+    /// f32, or quantized (with a notice) for a GGUF whose f32 weights would not fit comfortably.
+    #[arg(long, value_enum, default_value = "auto")]
     pub dtype: WeightDtype,
 }
 
@@ -54,8 +55,9 @@ pub struct CaptureModelArgs {
     pub spec: ModelSpecArg,
     /// Weight precision after loading: GGUF weights are dequantized to f32, f16 or bf16, or with
     /// `quantized` (GGUF only) the projections stay block-quantized (Q4_0 … Q8_0, K-quants) and run
-    /// on candle's quantized kernels, for memory near the file size.
-    #[arg(long, value_enum, default_value = "f32")]
+    /// on afprobe's quantized GEMM over the stored blocks, for memory near the file size. `auto`:
+    /// f32, or quantized (with a notice) for a GGUF whose f32 weights would not fit comfortably.
+    #[arg(long, value_enum, default_value = "auto")]
     pub weights_dtype: WeightDtype,
 }
 

@@ -43,16 +43,20 @@ pub use transformer::{KvCache, LogitsAt, TokenTree, Transformer};
 
 use crate::error::{Error, Result};
 
-/// Weight precision, `--dtype f32|f16|bf16|quantized`.
+/// Weight precision, `--dtype auto|f32|f16|bf16|quantized`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum WeightDtype {
+    /// `f32`, or `quantized` for a GGUF file whose f32 weights would take more
+    /// than three quarters of the memory available now (a notice says so).
     #[default]
+    Auto,
     F32,
     F16,
     Bf16,
     /// GGUF only: the projections stay in the file's block-quantized types
-    /// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K–Q6_K) and are multiplied by candle's
-    /// quantized kernels; embeddings, norms and activations are f32.
+    /// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K–Q6_K) and are multiplied by afprobe's
+    /// quantized GEMM (candle's dot products for Q2_K, Q3_K and single tokens);
+    /// embeddings, norms and activations are f32.
     Quantized,
 }
 
@@ -60,6 +64,7 @@ impl WeightDtype {
     /// The name `--dtype` takes.
     pub fn name(self) -> &'static str {
         match self {
+            WeightDtype::Auto => "auto",
             WeightDtype::F32 => "f32",
             WeightDtype::F16 => "f16",
             WeightDtype::Bf16 => "bf16",
@@ -70,7 +75,7 @@ impl WeightDtype {
     /// The dtype of the dense weights (and of every activation).
     pub fn dtype(self) -> DType {
         match self {
-            WeightDtype::F32 | WeightDtype::Quantized => DType::F32,
+            WeightDtype::Auto | WeightDtype::F32 | WeightDtype::Quantized => DType::F32,
             WeightDtype::F16 => DType::F16,
             WeightDtype::Bf16 => DType::BF16,
         }
@@ -109,17 +114,23 @@ impl Model {
             names: model_names(spec, &files),
             files: &files,
         });
-        let (transformer, mut tokenizer, template, adapter) =
-            kernels::while_loading(|| {
-                match &files {
-            ModelFiles::Gguf(path) => load_gguf(path, dtype, with),
-            ModelFiles::HfDir(dir) if dtype == WeightDtype::Quantized => Err(Error::model_file(
-                dir,
-                "--dtype quantized keeps a GGUF file's block-quantized weights; this is an HF \
-                 directory (pass a .gguf file, or --dtype f32|f16|bf16)",
-            )),
-            ModelFiles::HfDir(dir) => load_hf_dir(dir, dtype.dtype(), with),
-        }
+        let ((transformer, mut tokenizer, template, adapter), dtype) =
+            kernels::while_loading(|| match &files {
+                ModelFiles::Gguf(path) => load_gguf(path, dtype, with),
+                ModelFiles::HfDir(dir) if dtype == WeightDtype::Quantized => {
+                    Err(Error::model_file(
+                        dir,
+                        "--dtype quantized keeps a GGUF file's block-quantized weights; this is \
+                         an HF directory (pass a .gguf file, or --dtype f32|f16|bf16)",
+                    ))
+                }
+                ModelFiles::HfDir(dir) => {
+                    let dtype = match dtype {
+                        WeightDtype::Auto => WeightDtype::F32,
+                        d => d,
+                    };
+                    Ok((load_hf_dir(dir, dtype.dtype(), with)?, dtype))
+                }
             })?;
         tokenizer.limit_ids(transformer.config().vocab_size);
         Ok(Model {
@@ -261,16 +272,12 @@ fn build_transformer(
     }
 }
 
-fn load_gguf(path: &Path, weight_dtype: WeightDtype, with: Option<AdapterCheck>) -> Result<Loaded> {
-    let quantized = weight_dtype == WeightDtype::Quantized;
-    let dtype = weight_dtype.dtype();
-    if quantized && with.is_some() {
-        return Err(Error::BadInput(
-            "--adapter merges LoRA weights into dense projections; it does not combine with \
-             --dtype quantized (use --dtype f32|f16|bf16)"
-                .into(),
-        ));
-    }
+/// Loads a GGUF file at `weight_dtype`, `auto` resolved (returned beside the model).
+fn load_gguf(
+    path: &Path,
+    weight_dtype: WeightDtype,
+    with: Option<AdapterCheck>,
+) -> Result<(Loaded, WeightDtype)> {
     let mut file = gguf::GgufFile::open(path)?;
     let mut config = file.config()?;
     // Shapes and memory are checked before any tensor data is read.
@@ -281,6 +288,34 @@ fn load_gguf(path: &Path, weight_dtype: WeightDtype, with: Option<AdapterCheck>)
             let shape = file.tensor_shape(&name)?;
             Some((name, shape))
         })?;
+    let weight_dtype = match weight_dtype {
+        WeightDtype::Auto if with.is_none() => {
+            let f32_bytes = validate::estimate_bytes(&expected, 4);
+            if validate::fits_comfortably(f32_bytes) {
+                WeightDtype::F32
+            } else {
+                eprintln!(
+                    "afprobe: {} would need about {:.1} GiB as f32, more than this machine has \
+                     to spare; keeping its block-quantized weights (--dtype quantized; pass \
+                     --dtype f32 to insist)",
+                    path.display(),
+                    f32_bytes as f64 / (1u64 << 30) as f64
+                );
+                WeightDtype::Quantized
+            }
+        }
+        WeightDtype::Auto => WeightDtype::F32,
+        d => d,
+    };
+    let quantized = weight_dtype == WeightDtype::Quantized;
+    let dtype = weight_dtype.dtype();
+    if quantized && with.is_some() {
+        return Err(Error::BadInput(
+            "--adapter merges LoRA weights into dense projections; it does not combine with \
+             --dtype quantized (use --dtype f32|f16|bf16)"
+                .into(),
+        ));
+    }
     let needed = if quantized {
         // The file's projections as stored, plus f32 embeddings (and unembedding).
         let file_len = std::fs::metadata(path)
@@ -325,7 +360,10 @@ fn load_gguf(path: &Path, weight_dtype: WeightDtype, with: Option<AdapterCheck>)
     } else {
         build_transformer(config, &mut |name| file.weight(name, &cfg), dtype, &adapter)?
     };
-    Ok((transformer, tokenizer, template, adapter.map(|a| a.record)))
+    Ok((
+        (transformer, tokenizer, template, adapter.map(|a| a.record)),
+        weight_dtype,
+    ))
 }
 
 /// An HF directory's `config.json` and memory-mapped safetensors, opened the

@@ -8,7 +8,7 @@
 //! so here a task decodes a group of weight rows once into 8-bit integers and
 //! per-32 scales (a few KiB, in cache; the weights in memory stay as the file
 //! stores them), quantizes the activations once per call to 8-bit blocks of 32
-//! (llama.cpp's `quantize_row_q8_0`, scale kept in f32), and multiplies each
+//! (llama.cpp's `quantize_row_q8_0`), and multiplies each
 //! decoded tile against every token with AVX2 integer dot products.
 //!
 //! Every block type decodes to one form per 32 weights: integers `q` (`u8`,
@@ -48,6 +48,8 @@ struct Format {
     signed: bool,
     /// Whether the bias is zero for every block (no `c·sx` term).
     unbiased: bool,
+    /// Whether the halves of 16 have scales of their own (Q6_K).
+    split_scales: bool,
     decode: fn(&[u8], &mut Decoded),
 }
 
@@ -59,6 +61,7 @@ impl Format {
                 weights,
                 signed,
                 unbiased,
+                split_scales: dtype == GgmlDType::Q6K,
                 decode,
             })
         };
@@ -80,7 +83,7 @@ impl Format {
 /// for `i` in the block (32 or 256 weights).
 struct Decoded<'a> {
     q: &'a mut [u8],
-    /// Eight lanes per 32 weights: the first half's scale four times, then the second's.
+    /// Two per 32 weights: the first half's scale, then the second's.
     scale: &'a mut [f32],
     bias: &'a mut [f32],
 }
@@ -88,8 +91,8 @@ struct Decoded<'a> {
 impl Decoded<'_> {
     /// Sets group `g` (32 weights): scales of its two halves and its bias.
     fn group(&mut self, g: usize, lo: f32, hi: f32, bias: f32) {
-        self.scale[8 * g..8 * g + 4].fill(lo);
-        self.scale[8 * g + 4..8 * g + 8].fill(hi);
+        self.scale[2 * g] = lo;
+        self.scale[2 * g + 1] = hi;
         self.bias[g] = bias;
     }
 }
@@ -270,7 +273,7 @@ pub fn matmul(
         ));
     }
     let xq = quantize_rows(x);
-    let kernel = Kernel::detect(format.signed);
+    let kernel = Kernel::detect(&format);
     // Each task writes its rows' outputs as [rows, m]; transposed once at the end.
     let mut out_t = vec![0f32; n * m];
     out_t
@@ -306,7 +309,7 @@ impl Tile {
         let mut tile = Tile {
             rows,
             q: vec![0; padded * k],
-            scale: vec![0.0; padded * groups * 8],
+            scale: vec![0.0; padded * groups * 2],
             bias: vec![0.0; padded * groups],
         };
         let per_block = format.weights / QK;
@@ -314,7 +317,7 @@ impl Tile {
         let targets = tile
             .q
             .chunks_exact_mut(format.weights)
-            .zip(tile.scale.chunks_exact_mut(8 * per_block))
+            .zip(tile.scale.chunks_exact_mut(2 * per_block))
             .zip(tile.bias.chunks_exact_mut(per_block));
         for (block, ((q, scale), bias)) in blocks.zip(targets) {
             (format.decode)(block, &mut Decoded { q, scale, bias });
@@ -338,25 +341,19 @@ impl Tile {
             for r0 in (0..self.rows).step_by(ROWS) {
                 let rows = RowGroup {
                     q: &self.q[r0 * k..(r0 + ROWS) * k],
-                    scale: &self.scale[r0 * groups * 8..(r0 + ROWS) * groups * 8],
+                    scale: &self.scale[r0 * groups * 2..(r0 + ROWS) * groups * 2],
+                    bias: biased.then(|| &self.bias[r0 * groups..(r0 + ROWS) * groups]),
                     k,
                 };
                 for t in tokens.clone() {
                     let x = Token {
                         q: &xq.q[t * k..(t + 1) * k],
                         d: &xq.d[t * groups..(t + 1) * groups],
+                        sum: &xq.sum[t * groups..(t + 1) * groups],
                     };
                     let dots = kernel.dots(&rows, &x);
                     for (i, dot) in dots.iter().enumerate().take(self.rows - r0) {
-                        let r = r0 + i;
-                        let bias = if biased {
-                            let b = &self.bias[r * groups..(r + 1) * groups];
-                            let s = &xq.sum[t * groups..(t + 1) * groups];
-                            b.iter().zip(s).map(|(b, s)| b * s).sum()
-                        } else {
-                            0.0
-                        };
-                        out[r * m + t] = dot + bias;
+                        out[(r0 + i) * m + t] = *dot;
                     }
                 }
             }
@@ -368,6 +365,8 @@ impl Tile {
 struct RowGroup<'a> {
     q: &'a [u8],
     scale: &'a [f32],
+    /// Per group of 32; `None` for the types without a bias.
+    bias: Option<&'a [f32]>,
     k: usize,
 }
 
@@ -375,6 +374,8 @@ struct RowGroup<'a> {
 struct Token<'a> {
     q: &'a [i8],
     d: &'a [f32],
+    /// `d·Σq` per group of 32, the bias's factor.
+    sum: &'a [f32],
 }
 
 /// The dot-product kernel for one decoded form, chosen once per call.
@@ -382,6 +383,7 @@ enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Avx2 {
         signed: bool,
+        split: bool,
     },
     Portable {
         signed: bool,
@@ -389,25 +391,28 @@ enum Kernel {
 }
 
 impl Kernel {
-    fn detect(signed: bool) -> Kernel {
+    fn detect(format: &Format) -> Kernel {
+        let signed = format.signed;
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Kernel::Avx2 { signed };
+            let split = format.split_scales;
+            return Kernel::Avx2 { signed, split };
         }
         Kernel::Portable { signed }
     }
 
-    /// `Σ_groups dx·Σ_halves d_h·Σ q·xq` for each of the [`ROWS`] rows.
+    /// `Σ_groups (dx·Σ_halves d_h·Σ q·xq + c·sx)` for each of the [`ROWS`] rows.
     fn dots(&self, rows: &RowGroup, x: &Token) -> [f32; ROWS] {
         match *self {
             #[cfg(target_arch = "x86_64")]
-            // Safety: AVX2 and FMA were detected; `RowGroup` and `Token` hold
-            // `ROWS·k`, `ROWS·k/4` and `k`, `k/32` elements, as `avx2::dots` reads.
-            Kernel::Avx2 { signed } => unsafe {
-                if signed {
-                    avx2::dots::<true>(rows, x)
-                } else {
-                    avx2::dots::<false>(rows, x)
+            // Safety: AVX2 and FMA were detected; `RowGroup` and `Token` are
+            // sliced to the extents `avx2::dots` reads (`Tile::multiply`).
+            Kernel::Avx2 { signed, split } => unsafe {
+                match (signed, split) {
+                    (false, false) => avx2::dots::<false, false>(rows, x),
+                    (false, true) => avx2::dots::<false, true>(rows, x),
+                    (true, false) => avx2::dots::<true, false>(rows, x),
+                    (true, true) => avx2::dots::<true, true>(rows, x),
                 }
             },
             Kernel::Portable { signed } => dots_portable(rows, x, signed),
@@ -420,7 +425,7 @@ fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
     let groups = k / QK;
     std::array::from_fn(|r| {
         let q = &rows.q[r * k..(r + 1) * k];
-        let scale = &rows.scale[r * groups * 8..(r + 1) * groups * 8];
+        let scale = &rows.scale[r * groups * 2..(r + 1) * groups * 2];
         let mut total = 0f32;
         for g in 0..groups {
             let half = |h: usize| -> i32 {
@@ -435,9 +440,12 @@ fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
                     })
                     .sum()
             };
-            let lo = half(0) as f32 * scale[8 * g];
-            let hi = half(1) as f32 * scale[8 * g + 4];
+            let lo = half(0) as f32 * scale[2 * g];
+            let hi = half(1) as f32 * scale[2 * g + 1];
             total += x.d[g] * (lo + hi);
+            if let Some(bias) = rows.bias {
+                total += bias[r * groups + g] * x.sum[g];
+            }
         }
         total
     })
@@ -455,12 +463,16 @@ mod avx2 {
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; `rows.q` holds `ROWS·k` bytes, `rows.scale`
-    /// `ROWS·k/4` floats, `x.q` `k` bytes and `x.d` `k/32` floats.
+    /// `ROWS·k/16` floats, `rows.bias` (if any) `ROWS·k/32`, `x.q` `k` bytes and
+    /// `x.d`, `x.sum` `k/32` floats.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots<const SIGNED: bool>(rows: &RowGroup, x: &Token) -> [f32; ROWS] {
+    pub(super) unsafe fn dots<const SIGNED: bool, const SPLIT: bool>(
+        rows: &RowGroup,
+        x: &Token,
+    ) -> [f32; ROWS] {
         let k = rows.k;
         let groups = k / QK;
-        debug_assert!(rows.q.len() >= ROWS * k && rows.scale.len() >= ROWS * groups * 8);
+        debug_assert!(rows.q.len() >= ROWS * k && rows.scale.len() >= ROWS * groups * 2);
         debug_assert!(x.q.len() >= k && x.d.len() >= groups);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); ROWS];
@@ -475,11 +487,35 @@ mod avx2 {
                     _mm256_maddubs_epi16(w, xv)
                 };
                 let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                let scale = _mm256_loadu_ps(rows.scale.as_ptr().add((r * groups + g) * 8));
+                let at = rows.scale.as_ptr().add((r * groups + g) * 2);
+                // One scale broadcast, or (Q6_K) the halves' two in lanes 0–3 and 4–7.
+                let scale = if SPLIT {
+                    _mm256_insertf128_ps(
+                        _mm256_castps128_ps256(_mm_set1_ps(*at)),
+                        _mm_set1_ps(*at.add(1)),
+                        1,
+                    )
+                } else {
+                    _mm256_set1_ps(*at)
+                };
                 *acc = _mm256_fmadd_ps(_mm256_mul_ps(sums, dx), scale, *acc);
             }
         }
-        acc.map(|v| hsum(v))
+        // The bias term `Σ_g c·sx`, eight groups at a time, into the same lanes.
+        let mut tail = [0f32; ROWS];
+        if let Some(bias) = rows.bias {
+            debug_assert!(bias.len() >= ROWS * groups && x.sum.len() >= groups);
+            let whole = groups / 8 * 8;
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let c = bias.as_ptr().add(r * groups);
+                for g in (0..whole).step_by(8) {
+                    let s = _mm256_loadu_ps(x.sum.as_ptr().add(g));
+                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(c.add(g)), s, *acc);
+                }
+                tail[r] = (whole..groups).map(|g| *c.add(g) * x.sum[g]).sum();
+            }
+        }
+        std::array::from_fn(|r| hsum(acc[r]) + tail[r])
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -562,6 +598,9 @@ mod tests {
         for dtype in TYPES {
             check(dtype, 5, 7, 256);
             check(dtype, 67, 21, 512);
+            if Format::of(dtype).unwrap().weights == QK {
+                check(dtype, 3, 5, 9 * QK);
+            }
         }
     }
 
@@ -569,17 +608,24 @@ mod tests {
     fn the_portable_and_simd_kernels_agree() {
         for dtype in TYPES {
             let format = Format::of(dtype).unwrap();
-            let (q, _) = quantized(dtype, ROWS, 256);
+            // 9 groups of 32 where the type allows: the bias's 8-wide loop and its tail.
+            let k = if format.weights == QK { 9 * QK } else { 256 };
+            let (q, _) = quantized(dtype, ROWS, k);
             let bytes = q.data().unwrap();
-            let tile = Tile::decode(format, &bytes, ROWS, 256);
-            let xq = quantize_rows(&random(256, 3));
+            let tile = Tile::decode(format, &bytes, ROWS, k);
+            let xq = quantize_rows(&random(k, 3));
             let rows = RowGroup {
                 q: &tile.q,
                 scale: &tile.scale,
-                k: 256,
+                bias: (!format.unbiased).then_some(&tile.bias[..]),
+                k,
             };
-            let x = Token { q: &xq.q, d: &xq.d };
-            let simd = Kernel::detect(format.signed).dots(&rows, &x);
+            let x = Token {
+                q: &xq.q,
+                d: &xq.d,
+                sum: &xq.sum,
+            };
+            let simd = Kernel::detect(&format).dots(&rows, &x);
             let portable = dots_portable(&rows, &x, format.signed);
             for (a, b) in simd.iter().zip(portable) {
                 assert!(

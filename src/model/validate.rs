@@ -127,6 +127,12 @@ pub fn check_memory(needed: u128, mapped_bytes: u64, source: &Path) -> Result<()
     Ok(())
 }
 
+/// Whether `needed` bytes leave a quarter of the available memory free (true
+/// where the available memory is unknown): `--dtype auto`'s test for f32.
+pub fn fits_comfortably(needed: u128) -> bool {
+    available_memory().is_none_or(|avail| needed <= u128::from(avail) / 4 * 3)
+}
+
 /// `MemAvailable + SwapFree` from /proc/meminfo, in bytes.
 fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -277,5 +283,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("GiB") && err.contains("m.gguf"), "{err}");
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn auto_dtype_keeps_f32_for_what_fits_and_not_for_what_cannot() {
+        assert!(fits_comfortably(1 << 20));
+        assert!(!fits_comfortably(1 << 80));
     }
 }
