@@ -501,18 +501,16 @@ mod avx2 {
                 *acc = _mm256_fmadd_ps(_mm256_mul_ps(sums, dx), scale, *acc);
             }
         }
-        // The bias term `Σ_g c·sx`, eight groups at a time, into the same lanes.
+        // The bias term `Σ_g c·sx`, summed apart from the integer dot products:
+        // folding it into the same lanes (eight groups per FMA) passed the unit
+        // tests but moved SmolLM2's Q4_1 logits from 0.030 to 0.050 rel. L2 off
+        // llama.cpp's (tests/quantized.rs), for a reason not yet found.
         let mut tail = [0f32; ROWS];
         if let Some(bias) = rows.bias {
             debug_assert!(bias.len() >= ROWS * groups && x.sum.len() >= groups);
-            let whole = groups / 8 * 8;
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let c = bias.as_ptr().add(r * groups);
-                for g in (0..whole).step_by(8) {
-                    let s = _mm256_loadu_ps(x.sum.as_ptr().add(g));
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(c.add(g)), s, *acc);
-                }
-                tail[r] = (whole..groups).map(|g| *c.add(g) * x.sum[g]).sum();
+            for (r, tail) in tail.iter_mut().enumerate() {
+                let c = &bias[r * groups..(r + 1) * groups];
+                *tail = c.iter().zip(&x.sum[..groups]).map(|(c, s)| c * s).sum();
             }
         }
         std::array::from_fn(|r| hsum(acc[r]) + tail[r])
@@ -600,6 +598,8 @@ mod tests {
             check(dtype, 67, 21, 512);
             if Format::of(dtype).unwrap().weights == QK {
                 check(dtype, 3, 5, 9 * QK);
+                check(dtype, 5, 7, 576);
+                check(dtype, 70, 33, 1536);
             }
         }
     }
