@@ -22,6 +22,8 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 
+use super::kernels::OutPtr;
+
 /// Weights per block of the activations and per decoded scale group.
 const QK: usize = 32;
 /// Weight rows decoded together and multiplied against the same activations.
@@ -274,23 +276,15 @@ pub fn matmul(
     }
     let xq = quantize_rows(x);
     let kernel = Kernel::detect(&format);
-    // Each task writes its rows' outputs as [rows, m]; transposed once at the end.
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(TASK_ROWS * m)
-        .enumerate()
-        .for_each(|(task, out_rows)| {
-            let first = task * TASK_ROWS;
-            let rows = out_rows.len() / m;
-            let weights = &blocks[first * row_bytes..(first + rows) * row_bytes];
-            let tile = Tile::decode(format, weights, rows, k);
-            tile.multiply(&xq, k, &kernel, !format.unbiased, out_rows);
-        });
-    for (r, row) in out_t.chunks_exact(m).enumerate() {
-        for (t, &v) in row.iter().enumerate() {
-            out[t * n + r] = v;
-        }
-    }
+    // Each task writes its own columns (weight rows) of `out`, every token's.
+    let out = OutPtr::new(out);
+    (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each(|task| {
+        let first = task * TASK_ROWS;
+        let rows = TASK_ROWS.min(n - first);
+        let weights = &blocks[first * row_bytes..(first + rows) * row_bytes];
+        let tile = Tile::decode(format, weights, rows, k);
+        tile.multiply(&xq, k, &kernel, !format.unbiased, &out, (first, n));
+    });
     Ok(())
 }
 
@@ -325,14 +319,16 @@ impl Tile {
         tile
     }
 
-    /// Writes row `r`'s output for token `t` at `out[r·m + t]`.
+    /// Writes the output of the tile's row `r` (weight row `first + r`) for
+    /// token `t` at `out[t·n + first + r]`, columns no other tile writes.
     fn multiply(
         &self,
         xq: &QuantizedRows,
         k: usize,
         kernel: &Kernel,
         biased: bool,
-        out: &mut [f32],
+        out: &OutPtr,
+        (first_row, n): (usize, usize),
     ) {
         let m = xq.d.len() / (k / QK);
         let groups = k / QK;
@@ -353,7 +349,8 @@ impl Tile {
                     };
                     let dots = kernel.dots(&rows, &x);
                     for (i, dot) in dots.iter().enumerate().take(self.rows - r0) {
-                        out[(r0 + i) * m + t] = *dot;
+                        // Safety: this tile alone writes columns `first_row..first_row + rows`.
+                        unsafe { *out.at(t * n + first_row + r0 + i) = *dot };
                     }
                 }
             }
@@ -403,6 +400,15 @@ impl Kernel {
 
     /// `Σ_groups (dx·Σ_halves d_h·Σ q·xq + c·sx)` for each of the [`ROWS`] rows.
     fn dots(&self, rows: &RowGroup, x: &Token) -> [f32; ROWS] {
+        let dots = self.integer_dots(rows, x);
+        match rows.bias {
+            Some(bias) => std::array::from_fn(|r| dots[r] + bias_term(bias, r, x)),
+            None => dots,
+        }
+    }
+
+    /// `Σ_groups dx·Σ_halves d_h·Σ q·xq` for each of the [`ROWS`] rows.
+    fn integer_dots(&self, rows: &RowGroup, x: &Token) -> [f32; ROWS] {
         match *self {
             #[cfg(target_arch = "x86_64")]
             // Safety: AVX2 and FMA were detected; `RowGroup` and `Token` are
@@ -418,6 +424,16 @@ impl Kernel {
             Kernel::Portable { signed } => dots_portable(rows, x, signed),
         }
     }
+}
+
+/// Row `r`'s `Σ_g c·sx`, summed apart from the integer dot products: folding
+/// it into the AVX2 kernel's lanes (eight groups per FMA) passed the unit tests
+/// but moved SmolLM2's Q4_1 logits from 0.030 to 0.050 rel. L2 off llama.cpp's
+/// (tests/quantized.rs), for a reason not yet found.
+fn bias_term(bias: &[f32], r: usize, x: &Token) -> f32 {
+    let groups = x.sum.len();
+    let c = &bias[r * groups..(r + 1) * groups];
+    c.iter().zip(x.sum).map(|(c, s)| c * s).sum()
 }
 
 fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
@@ -443,9 +459,6 @@ fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
             let lo = half(0) as f32 * scale[2 * g];
             let hi = half(1) as f32 * scale[2 * g + 1];
             total += x.d[g] * (lo + hi);
-            if let Some(bias) = rows.bias {
-                total += bias[r * groups + g] * x.sum[g];
-            }
         }
         total
     })
@@ -463,8 +476,7 @@ mod avx2 {
     ///
     /// # Safety
     /// The CPU has AVX2 and FMA; `rows.q` holds `ROWS·k` bytes, `rows.scale`
-    /// `ROWS·k/16` floats, `rows.bias` (if any) `ROWS·k/32`, `x.q` `k` bytes and
-    /// `x.d`, `x.sum` `k/32` floats.
+    /// `ROWS·k/16` floats, `x.q` `k` bytes and `x.d` `k/32` floats.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dots<const SIGNED: bool, const SPLIT: bool>(
         rows: &RowGroup,
@@ -501,19 +513,7 @@ mod avx2 {
                 *acc = _mm256_fmadd_ps(_mm256_mul_ps(sums, dx), scale, *acc);
             }
         }
-        // The bias term `Σ_g c·sx`, summed apart from the integer dot products:
-        // folding it into the same lanes (eight groups per FMA) passed the unit
-        // tests but moved SmolLM2's Q4_1 logits from 0.030 to 0.050 rel. L2 off
-        // llama.cpp's (tests/quantized.rs), for a reason not yet found.
-        let mut tail = [0f32; ROWS];
-        if let Some(bias) = rows.bias {
-            debug_assert!(bias.len() >= ROWS * groups && x.sum.len() >= groups);
-            for (r, tail) in tail.iter_mut().enumerate() {
-                let c = &bias[r * groups..(r + 1) * groups];
-                *tail = c.iter().zip(&x.sum[..groups]).map(|(c, s)| c * s).sum();
-            }
-        }
-        std::array::from_fn(|r| hsum(acc[r]) + tail[r])
+        acc.map(|v| hsum(v))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -626,7 +626,10 @@ mod tests {
                 sum: &xq.sum,
             };
             let simd = Kernel::detect(&format).dots(&rows, &x);
-            let portable = dots_portable(&rows, &x, format.signed);
+            let portable = Kernel::Portable {
+                signed: format.signed,
+            }
+            .dots(&rows, &x);
             for (a, b) in simd.iter().zip(portable) {
                 assert!(
                     (a - b).abs() <= 1e-5 * b.abs().max(1.0),
