@@ -72,6 +72,14 @@ impl WeightDtype {
         }
     }
 
+    /// `Auto` as `F32`; the others as they are.
+    fn or_f32(self) -> WeightDtype {
+        match self {
+            WeightDtype::Auto => WeightDtype::F32,
+            d => d,
+        }
+    }
+
     /// The dtype of the dense weights (and of every activation).
     pub fn dtype(self) -> DType {
         match self {
@@ -125,11 +133,7 @@ impl Model {
                     ))
                 }
                 ModelFiles::HfDir(dir) => {
-                    let dtype = match dtype {
-                        WeightDtype::Auto => WeightDtype::F32,
-                        d => d,
-                    };
-                    Ok((load_hf_dir(dir, dtype.dtype(), with)?, dtype))
+                    Ok((load_hf_dir(dir, dtype.dtype(), with)?, dtype.or_f32()))
                 }
             })?;
         tokenizer.limit_ids(transformer.config().vocab_size);
@@ -304,8 +308,7 @@ fn load_gguf(
                 WeightDtype::Quantized
             }
         }
-        WeightDtype::Auto => WeightDtype::F32,
-        d => d,
+        d => d.or_f32(),
     };
     let quantized = weight_dtype == WeightDtype::Quantized;
     let dtype = weight_dtype.dtype();
