@@ -283,7 +283,7 @@ pub fn matmul(
         let rows = TASK_ROWS.min(n - first);
         let weights = &blocks[first * row_bytes..(first + rows) * row_bytes];
         let tile = Tile::decode(format, weights, rows, k);
-        tile.multiply(&xq, k, &kernel, !format.unbiased, &out, (first, n));
+        tile.multiply(&xq, k, &kernel, &out, (first, n));
     });
     Ok(())
 }
@@ -293,30 +293,43 @@ struct Tile {
     rows: usize,
     q: Vec<u8>,
     scale: Vec<f32>,
-    bias: Vec<f32>,
+    /// The bias per group of 32 as `[groups, TASK_ROWS]` (zero past `rows`),
+    /// so that one token's bias terms for all the tile's rows are a few SIMD
+    /// multiply-adds per group; empty for the types without a bias.
+    bias_by_group: Vec<f32>,
 }
 
 impl Tile {
     fn decode(format: Format, weights: &[u8], rows: usize, k: usize) -> Tile {
         let padded = rows.div_ceil(ROWS) * ROWS;
         let groups = k / QK;
-        let mut tile = Tile {
-            rows,
-            q: vec![0; padded * k],
-            scale: vec![0.0; padded * groups * 2],
-            bias: vec![0.0; padded * groups],
-        };
+        let mut q = vec![0; padded * k];
+        let mut scale = vec![0.0; padded * groups * 2];
+        let mut bias = vec![0.0; padded * groups];
         let per_block = format.weights / QK;
         let blocks = weights.chunks_exact(format.bytes);
-        let targets = tile
-            .q
+        let targets = q
             .chunks_exact_mut(format.weights)
-            .zip(tile.scale.chunks_exact_mut(2 * per_block))
-            .zip(tile.bias.chunks_exact_mut(per_block));
+            .zip(scale.chunks_exact_mut(2 * per_block))
+            .zip(bias.chunks_exact_mut(per_block));
         for (block, ((q, scale), bias)) in blocks.zip(targets) {
             (format.decode)(block, &mut Decoded { q, scale, bias });
         }
-        tile
+        let mut bias_by_group = Vec::new();
+        if !format.unbiased {
+            bias_by_group = vec![0.0; groups * TASK_ROWS];
+            for (r, row) in bias.chunks_exact(groups).take(rows).enumerate() {
+                for (g, &c) in row.iter().enumerate() {
+                    bias_by_group[g * TASK_ROWS + r] = c;
+                }
+            }
+        }
+        Tile {
+            rows,
+            q,
+            scale,
+            bias_by_group,
+        }
     }
 
     /// Writes the output of the tile's row `r` (weight row `first + r`) for
@@ -326,7 +339,6 @@ impl Tile {
         xq: &QuantizedRows,
         k: usize,
         kernel: &Kernel,
-        biased: bool,
         out: &OutPtr,
         (first_row, n): (usize, usize),
     ) {
@@ -338,14 +350,12 @@ impl Tile {
                 let rows = RowGroup {
                     q: &self.q[r0 * k..(r0 + ROWS) * k],
                     scale: &self.scale[r0 * groups * 2..(r0 + ROWS) * groups * 2],
-                    bias: biased.then(|| &self.bias[r0 * groups..(r0 + ROWS) * groups]),
                     k,
                 };
                 for t in tokens.clone() {
                     let x = Token {
                         q: &xq.q[t * k..(t + 1) * k],
                         d: &xq.d[t * groups..(t + 1) * groups],
-                        sum: &xq.sum[t * groups..(t + 1) * groups],
                     };
                     let dots = kernel.dots(&rows, &x);
                     for (i, dot) in dots.iter().enumerate().take(self.rows - r0) {
@@ -354,7 +364,28 @@ impl Tile {
                     }
                 }
             }
+            if !self.bias_by_group.is_empty() {
+                for t in tokens {
+                    let bias = self.bias_terms(&xq.sum[t * groups..(t + 1) * groups]);
+                    for (r, c) in bias.iter().enumerate().take(self.rows) {
+                        // Safety: as above.
+                        unsafe { *out.at(t * n + first_row + r) += c };
+                    }
+                }
+            }
         }
+    }
+
+    /// `Σ_g c[r, g]·sx[g]` for every row `r` of the tile, summed over the
+    /// groups in order (a fixed-width loop over rows the compiler vectorizes).
+    fn bias_terms(&self, sum: &[f32]) -> [f32; TASK_ROWS] {
+        let mut acc = [0f32; TASK_ROWS];
+        for (c, &s) in self.bias_by_group.chunks_exact(TASK_ROWS).zip(sum) {
+            for (a, c) in acc.iter_mut().zip(c) {
+                *a += c * s;
+            }
+        }
+        acc
     }
 }
 
@@ -362,8 +393,6 @@ impl Tile {
 struct RowGroup<'a> {
     q: &'a [u8],
     scale: &'a [f32],
-    /// Per group of 32; `None` for the types without a bias.
-    bias: Option<&'a [f32]>,
     k: usize,
 }
 
@@ -371,8 +400,6 @@ struct RowGroup<'a> {
 struct Token<'a> {
     q: &'a [i8],
     d: &'a [f32],
-    /// `d·Σq` per group of 32, the bias's factor.
-    sum: &'a [f32],
 }
 
 /// The dot-product kernel for one decoded form, chosen once per call.
@@ -398,17 +425,8 @@ impl Kernel {
         Kernel::Portable { signed }
     }
 
-    /// `Σ_groups (dx·Σ_halves d_h·Σ q·xq + c·sx)` for each of the [`ROWS`] rows.
-    fn dots(&self, rows: &RowGroup, x: &Token) -> [f32; ROWS] {
-        let dots = self.integer_dots(rows, x);
-        match rows.bias {
-            Some(bias) => std::array::from_fn(|r| dots[r] + bias_term(bias, r, x)),
-            None => dots,
-        }
-    }
-
     /// `Σ_groups dx·Σ_halves d_h·Σ q·xq` for each of the [`ROWS`] rows.
-    fn integer_dots(&self, rows: &RowGroup, x: &Token) -> [f32; ROWS] {
+    fn dots(&self, rows: &RowGroup, x: &Token) -> [f32; ROWS] {
         match *self {
             #[cfg(target_arch = "x86_64")]
             // Safety: AVX2 and FMA were detected; `RowGroup` and `Token` are
@@ -424,16 +442,6 @@ impl Kernel {
             Kernel::Portable { signed } => dots_portable(rows, x, signed),
         }
     }
-}
-
-/// Row `r`'s `Σ_g c·sx`, summed apart from the integer dot products: folding
-/// it into the AVX2 kernel's lanes (eight groups per FMA) passed the unit tests
-/// but moved SmolLM2's Q4_1 logits from 0.030 to 0.050 rel. L2 off llama.cpp's
-/// (tests/quantized.rs), for a reason not yet found.
-fn bias_term(bias: &[f32], r: usize, x: &Token) -> f32 {
-    let groups = x.sum.len();
-    let c = &bias[r * groups..(r + 1) * groups];
-    c.iter().zip(x.sum).map(|(c, s)| c * s).sum()
 }
 
 fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
@@ -608,7 +616,6 @@ mod tests {
     fn the_portable_and_simd_kernels_agree() {
         for dtype in TYPES {
             let format = Format::of(dtype).unwrap();
-            // 9 groups of 32 where the type allows: the bias's 8-wide loop and its tail.
             let k = if format.weights == QK { 9 * QK } else { 256 };
             let (q, _) = quantized(dtype, ROWS, k);
             let bytes = q.data().unwrap();
@@ -617,13 +624,11 @@ mod tests {
             let rows = RowGroup {
                 q: &tile.q,
                 scale: &tile.scale,
-                bias: (!format.unbiased).then_some(&tile.bias[..]),
                 k,
             };
             let x = Token {
                 q: &xq.q,
                 d: &xq.d,
-                sum: &xq.sum,
             };
             let simd = Kernel::detect(&format).dots(&rows, &x);
             let portable = Kernel::Portable {
