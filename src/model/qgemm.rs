@@ -6,17 +6,20 @@
 //! has no SIMD dot product for Q4_1, Q5_0 and Q5_1 (the study's Qwen2.5-Coder
 //! file is mostly Q5_0). Prefill multiplies hundreds of tokens by each weight,
 //! so here a task decodes a group of weight rows once into 8-bit integers and
-//! per-32 scales (a few KiB, in cache; the weights in memory stay as the file
-//! stores them), quantizes the activations once per call to 8-bit blocks of 32
-//! (llama.cpp's `quantize_row_q8_0`), and multiplies each
-//! decoded tile against every token with AVX2 integer dot products.
+//! scales (a few KiB, in cache; the weights in memory stay as the file stores
+//! them), quantizes the activations once per call to 8-bit blocks the way
+//! llama.cpp does for the weight type (`quantize_row_q8_0` for the 32-weight
+//! types, `quantize_row_q8_K` for the k-quants), and multiplies each decoded
+//! tile against every token with AVX2 integer dot products.
 //!
-//! Every block type decodes to one form per 32 weights: integers `q` (`u8`,
-//! or `i8` bits for the signed types), a scale for each half of 16
-//! (Q6_K's sub-blocks are 16 wide; the other types repeat one scale) and a
-//! bias `c`, so that `w = d·q + c` (llama.cpp's `dequantize_row_*`, ggml-quants.c).
-//! With the activation block `x = dx·xq` and `sx = dx·Σxq`:
-//! `Σ w·x = dx·Σ_halves d_h·Σ q·xq + c·sx`, the integer sums exact.
+//! Every block type decodes to one form (llama.cpp's `dequantize_row_*`,
+//! ggml-quants.c): per block of 32 or 256 weights a scale `d`; per group of 32
+//! integers `q` (`u8`, or `i8` bits for the signed types), an integer scale
+//! for each half of 16 (Q6_K's sub-blocks are 16 wide; 1 for the 32-weight
+//! types) and a bias `c`, so that `w = d·s_h·q + c`. With the activation block
+//! `x = dx·xq` and `sx = dx·Σ_group xq`:
+//! `Σ w·x = Σ_blocks d·dx·Σ_halves s_h·Σ q·xq + Σ_groups c·sx`, the integer
+//! sums exact over a whole block (llama.cpp's `ggml_vec_dot_q4_K_q8_K` and kin).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -24,8 +27,10 @@ use rayon::prelude::*;
 
 use super::kernels::OutPtr;
 
-/// Weights per block of the activations and per decoded scale group.
+/// Weights per decoded group (one integer scale per half of 16, one bias).
 const QK: usize = 32;
+/// Weights per k-quant block, and per activation block for the k-quants.
+const QK_K: usize = 256;
 /// Weight rows decoded together and multiplied against the same activations.
 const ROWS: usize = 4;
 /// Weight rows per parallel task (a multiple of [`ROWS`]).
@@ -43,15 +48,13 @@ pub fn supports(dtype: GgmlDType) -> bool {
 struct Format {
     /// Bytes per block.
     bytes: usize,
-    /// Weights per block (32, or 256 for the k-quants).
+    /// Weights per block (32, or 256 for the k-quants): also the activations' block.
     weights: usize,
     /// Whether the decoded integers are signed (`i8`); otherwise `u8` with the
     /// offset folded into the bias.
     signed: bool,
     /// Whether the bias is zero for every block (no `c·sx` term).
     unbiased: bool,
-    /// Whether the halves of 16 have scales of their own (Q6_K).
-    split_scales: bool,
     decode: fn(&[u8], &mut Decoded),
 }
 
@@ -63,38 +66,43 @@ impl Format {
                 weights,
                 signed,
                 unbiased,
-                split_scales: dtype == GgmlDType::Q6K,
                 decode,
             })
         };
         match dtype {
-            GgmlDType::Q4_0 => f(18, 32, false, false, decode_q4_0),
-            GgmlDType::Q4_1 => f(20, 32, false, false, decode_q4_1),
-            GgmlDType::Q5_0 => f(22, 32, false, false, decode_q5_0),
-            GgmlDType::Q5_1 => f(24, 32, false, false, decode_q5_1),
-            GgmlDType::Q8_0 => f(34, 32, true, true, decode_q8_0),
-            GgmlDType::Q4K => f(144, 256, false, false, decode_q4k),
-            GgmlDType::Q5K => f(176, 256, false, false, decode_q5k),
-            GgmlDType::Q6K => f(210, 256, true, true, decode_q6k),
+            GgmlDType::Q4_0 => f(18, QK, false, false, decode_q4_0),
+            GgmlDType::Q4_1 => f(20, QK, false, false, decode_q4_1),
+            GgmlDType::Q5_0 => f(22, QK, false, false, decode_q5_0),
+            GgmlDType::Q5_1 => f(24, QK, false, false, decode_q5_1),
+            GgmlDType::Q8_0 => f(34, QK, true, true, decode_q8_0),
+            GgmlDType::Q4K => f(144, QK_K, false, false, decode_q4k),
+            GgmlDType::Q5K => f(176, QK_K, false, false, decode_q5k),
+            GgmlDType::Q6K => f(210, QK_K, true, true, decode_q6k),
             _ => None,
         }
     }
+
+    /// Groups of 32 per block.
+    fn groups(&self) -> usize {
+        self.weights / QK
+    }
 }
 
-/// One block's weights decoded: `w[i] = scale[i / 16]·q[i] + bias[i / 32]`
-/// for `i` in the block (32 or 256 weights).
+/// One block decoded: `w[i] = d·s[i / 16]·q[i] + bias[i / 32]` for `i` in the
+/// block (32 or 256 weights).
 struct Decoded<'a> {
     q: &'a mut [u8],
-    /// Two per 32 weights: the first half's scale, then the second's.
-    scale: &'a mut [f32],
+    d: &'a mut f32,
+    /// Two per group of 32: the first half's integer scale, then the second's.
+    s: &'a mut [i16],
     bias: &'a mut [f32],
 }
 
 impl Decoded<'_> {
-    /// Sets group `g` (32 weights): scales of its two halves and its bias.
-    fn group(&mut self, g: usize, lo: f32, hi: f32, bias: f32) {
-        self.scale[2 * g] = lo;
-        self.scale[2 * g + 1] = hi;
+    /// Sets group `g` (32 weights): the integer scales of its halves and its bias.
+    fn group(&mut self, g: usize, lo: i16, hi: i16, bias: f32) {
+        self.s[2 * g] = lo;
+        self.s[2 * g + 1] = hi;
         self.bias[g] = bias;
     }
 }
@@ -110,16 +118,21 @@ fn nibbles(qs: &[u8], q: &mut [u8], high: impl Fn(usize) -> u8) {
     }
 }
 
+/// The 32-weight types: `w = d·q + bias`.
+fn block32(out: &mut Decoded, d: f32, bias: f32) {
+    *out.d = d;
+    out.group(0, 1, 1, bias);
+}
+
 fn decode_q4_0(b: &[u8], out: &mut Decoded) {
     let d = half_at(b, 0);
     nibbles(&b[2..18], out.q, |_| 0);
-    out.group(0, d, d, -8.0 * d);
+    block32(out, d, -8.0 * d);
 }
 
 fn decode_q4_1(b: &[u8], out: &mut Decoded) {
-    let (d, m) = (half_at(b, 0), half_at(b, 2));
     nibbles(&b[4..20], out.q, |_| 0);
-    out.group(0, d, d, m);
+    block32(out, half_at(b, 0), half_at(b, 2));
 }
 
 /// The fifth bit of weight `j` of a Q5 block from its 32-bit `qh`.
@@ -131,33 +144,30 @@ fn fifth_bit(qh: &[u8]) -> impl Fn(usize) -> u8 {
 fn decode_q5_0(b: &[u8], out: &mut Decoded) {
     let d = half_at(b, 0);
     nibbles(&b[6..22], out.q, fifth_bit(&b[2..6]));
-    out.group(0, d, d, -16.0 * d);
+    block32(out, d, -16.0 * d);
 }
 
 fn decode_q5_1(b: &[u8], out: &mut Decoded) {
-    let (d, m) = (half_at(b, 0), half_at(b, 2));
     nibbles(&b[8..24], out.q, fifth_bit(&b[4..8]));
-    out.group(0, d, d, m);
+    block32(out, half_at(b, 0), half_at(b, 2));
 }
 
 fn decode_q8_0(b: &[u8], out: &mut Decoded) {
-    let d = half_at(b, 0);
     out.q.copy_from_slice(&b[2..34]);
-    out.group(0, d, d, 0.0);
+    block32(out, half_at(b, 0), 0.0);
 }
 
 /// Scale and min of sub-block `j` of a Q4_K/Q5_K block's 12 packed bytes
 /// (6 bits each; ggml-quants.c `get_scale_min_k4`).
-fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
-    let (sc, m) = if j < 4 {
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
         (
             (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
             (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
         )
-    };
-    (sc as f32, m as f32)
+    }
 }
 
 /// Q4_K and Q5_K: 8 sub-blocks of 32, sub-block `2c` the low nibbles of
@@ -165,6 +175,7 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
 /// `2c+1` of `qh[l]` as the fifth bit of weight `l`.
 fn decode_k4(b: &[u8], qs: &[u8], qh: Option<&[u8]>, out: &mut Decoded) {
     let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+    *out.d = d;
     let scales = &b[4..16];
     for sub in 0..8 {
         let bytes = &qs[32 * (sub / 2)..32 * (sub / 2) + 32];
@@ -175,7 +186,7 @@ fn decode_k4(b: &[u8], qs: &[u8], qh: Option<&[u8]>, out: &mut Decoded) {
             *q = low | fifth;
         }
         let (sc, m) = scale_min_k4(sub, scales);
-        out.group(sub, d * sc, d * sc, -dmin * m);
+        out.group(sub, sc.into(), sc.into(), -dmin * m as f32);
     }
 }
 
@@ -192,7 +203,7 @@ fn decode_q5k(b: &[u8], out: &mut Decoded) {
 /// two from `qh[32h + l]` bits `2s..2s+2`, minus 32; scale `sc[8h + 2s + l/16]`.
 fn decode_q6k(b: &[u8], out: &mut Decoded) {
     let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
-    let d = half_at(b, 208);
+    *out.d = half_at(b, 208);
     for h in 0..2 {
         for s in 0..4 {
             let group = 4 * h + s;
@@ -202,45 +213,61 @@ fn decode_q6k(b: &[u8], out: &mut Decoded) {
                 let top = (qh[32 * h + l] >> (2 * s)) & 3;
                 out.q[32 * group + l] = ((low | (top << 4)) as i8 - 32) as u8;
             }
-            let scale = |i: usize| d * sc[8 * h + 2 * s + i] as i8 as f32;
+            let scale = |i: usize| sc[8 * h + 2 * s + i] as i8 as i16;
             out.group(group, scale(0), scale(1), 0.0);
         }
     }
 }
 
-/// Activations quantized to 8-bit blocks of 32: `x ≈ d·q`, `sum = d·Σq`.
+/// Activations quantized to 8-bit blocks: `x ≈ d·q` per block (32 or 256
+/// weights), and `sum = d·Σq` per group of 32 (the bias's factor).
 struct QuantizedRows {
     q: Vec<i8>,
     d: Vec<f32>,
     sum: Vec<f32>,
 }
 
-/// llama.cpp's `quantize_row_q8_0`: `d = max|x|/127`, `q = round(x·(1/d))`,
-/// `d` then rounded to f16.
-fn quantize_rows(x: &[f32]) -> QuantizedRows {
-    let groups = x.len() / QK;
+/// The activations in blocks of `block` (32 or 256) as llama.cpp quantizes
+/// them for that weight type (ggml-quants.c):
+/// - 32, `quantize_row_q8_0`: `d = max|x|/127`, `q = round(x·(1/d))`, `d`
+///   stored as f16 (the products then match llama.cpp's own);
+/// - 256, `quantize_row_q8_K`: `iscale = -127/x*` for the `x*` of largest
+///   magnitude, `q = min(127, nearest(iscale·x))`, `d = 1/iscale` in f32.
+fn quantize_rows(x: &[f32], block: usize) -> QuantizedRows {
     let mut out = QuantizedRows {
         q: vec![0; x.len()],
-        d: vec![0.0; groups],
-        sum: vec![0.0; groups],
+        d: vec![0.0; x.len() / block],
+        sum: vec![0.0; x.len() / QK],
     };
-    for (g, (xs, qs)) in x
-        .chunks_exact(QK)
-        .zip(out.q.chunks_exact_mut(QK))
-        .enumerate()
+    for ((xs, qs), d) in x
+        .chunks_exact(block)
+        .zip(out.q.chunks_exact_mut(block))
+        .zip(out.d.iter_mut())
     {
-        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in qs.iter_mut().zip(xs) {
-            *q = (v * inv).round() as i8;
-            sum += *q as i32;
+        let extreme = xs
+            .iter()
+            .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+        if extreme == 0.0 {
+            continue;
         }
-        // Stored as f16, as llama.cpp stores it, so the products match its own.
-        let d = f16::from_f32(d).to_f32();
-        out.d[g] = d;
-        out.sum[g] = d * sum as f32;
+        *d = if block == QK {
+            let d = extreme.abs() / 127.0;
+            let inv = 1.0 / d;
+            for (q, &v) in qs.iter_mut().zip(xs) {
+                *q = (v * inv).round() as i8;
+            }
+            f16::from_f32(d).to_f32()
+        } else {
+            let iscale = -127.0 / extreme;
+            for (q, &v) in qs.iter_mut().zip(xs) {
+                *q = (iscale * v).round_ties_even().min(127.0) as i8;
+            }
+            1.0 / iscale
+        };
+    }
+    let block_of = |g: usize| g * QK / block;
+    for (g, (qs, sum)) in out.q.chunks_exact(QK).zip(&mut out.sum).enumerate() {
+        *sum = out.d[block_of(g)] * qs.iter().map(|&q| q as i32).sum::<i32>() as f32;
     }
     out
 }
@@ -274,7 +301,7 @@ pub fn matmul(
             out.len()
         ));
     }
-    let xq = quantize_rows(x);
+    let xq = quantize_rows(x, format.weights);
     let kernel = Kernel::detect(&format);
     // Each task writes its own columns (weight rows) of `out`, every token's.
     let out = OutPtr::new(out);
@@ -283,7 +310,7 @@ pub fn matmul(
         let rows = TASK_ROWS.min(n - first);
         let weights = &blocks[first * row_bytes..(first + rows) * row_bytes];
         let tile = Tile::decode(format, weights, rows, k);
-        tile.multiply(&xq, k, &kernel, &out, (first, n));
+        tile.multiply(&xq, &kernel, &out, (first, n));
     });
     Ok(())
 }
@@ -291,8 +318,12 @@ pub fn matmul(
 /// A task's weight rows decoded, padded with zero rows to a multiple of [`ROWS`].
 struct Tile {
     rows: usize,
+    k: usize,
     q: Vec<u8>,
-    scale: Vec<f32>,
+    /// Per row and block.
+    d: Vec<f32>,
+    /// Per row and half of 16.
+    s: Vec<i16>,
     /// The bias per group of 32 as `[groups, TASK_ROWS]` (zero past `rows`),
     /// so that one token's bias terms for all the tile's rows are a few SIMD
     /// multiply-adds per group; empty for the types without a bias.
@@ -303,59 +334,62 @@ impl Tile {
     fn decode(format: Format, weights: &[u8], rows: usize, k: usize) -> Tile {
         let padded = rows.div_ceil(ROWS) * ROWS;
         let groups = k / QK;
-        let mut q = vec![0; padded * k];
-        let mut scale = vec![0.0; padded * groups * 2];
+        let mut tile = Tile {
+            rows,
+            k,
+            q: vec![0; padded * k],
+            d: vec![0.0; padded * k / format.weights],
+            s: vec![0; padded * groups * 2],
+            bias_by_group: Vec::new(),
+        };
         let mut bias = vec![0.0; padded * groups];
-        let per_block = format.weights / QK;
-        let blocks = weights.chunks_exact(format.bytes);
-        let targets = q
+        let per_block = format.groups();
+        let targets = tile
+            .q
             .chunks_exact_mut(format.weights)
-            .zip(scale.chunks_exact_mut(2 * per_block))
+            .zip(&mut tile.d)
+            .zip(tile.s.chunks_exact_mut(2 * per_block))
             .zip(bias.chunks_exact_mut(per_block));
-        for (block, ((q, scale), bias)) in blocks.zip(targets) {
-            (format.decode)(block, &mut Decoded { q, scale, bias });
+        for (block, (((q, d), s), bias)) in weights.chunks_exact(format.bytes).zip(targets) {
+            (format.decode)(block, &mut Decoded { q, d, s, bias });
         }
-        let mut bias_by_group = Vec::new();
         if !format.unbiased {
-            bias_by_group = vec![0.0; groups * TASK_ROWS];
+            tile.bias_by_group = vec![0.0; groups * TASK_ROWS];
             for (r, row) in bias.chunks_exact(groups).take(rows).enumerate() {
                 for (g, &c) in row.iter().enumerate() {
-                    bias_by_group[g * TASK_ROWS + r] = c;
+                    tile.bias_by_group[g * TASK_ROWS + r] = c;
                 }
             }
         }
-        Tile {
-            rows,
-            q,
-            scale,
-            bias_by_group,
+        tile
+    }
+
+    /// Rows `r0..r0 + ROWS`.
+    fn row_group(&self, r0: usize) -> RowGroup<'_> {
+        let k = self.k;
+        let blocks = self.d.len() * k / self.q.len();
+        RowGroup {
+            q: &self.q[r0 * k..(r0 + ROWS) * k],
+            d: &self.d[r0 * blocks..(r0 + ROWS) * blocks],
+            s: &self.s[r0 * k / 16..(r0 + ROWS) * k / 16],
+            k,
         }
     }
 
     /// Writes the output of the tile's row `r` (weight row `first + r`) for
     /// token `t` at `out[t·n + first + r]`, columns no other tile writes.
-    fn multiply(
-        &self,
-        xq: &QuantizedRows,
-        k: usize,
-        kernel: &Kernel,
-        out: &OutPtr,
-        (first_row, n): (usize, usize),
-    ) {
-        let m = xq.d.len() / (k / QK);
-        let groups = k / QK;
+    fn multiply(&self, xq: &QuantizedRows, kernel: &Kernel, out: &OutPtr, (first_row, n): (usize, usize)) {
+        let k = self.k;
+        let m = xq.q.len() / k;
+        let (blocks, groups) = (xq.d.len() / m, k / QK);
         for first in (0..m).step_by(TOKEN_BLOCK) {
             let tokens = first..m.min(first + TOKEN_BLOCK);
             for r0 in (0..self.rows).step_by(ROWS) {
-                let rows = RowGroup {
-                    q: &self.q[r0 * k..(r0 + ROWS) * k],
-                    scale: &self.scale[r0 * groups * 2..(r0 + ROWS) * groups * 2],
-                    k,
-                };
+                let rows = self.row_group(r0);
                 for t in tokens.clone() {
                     let x = Token {
                         q: &xq.q[t * k..(t + 1) * k],
-                        d: &xq.d[t * groups..(t + 1) * groups],
+                        d: &xq.d[t * blocks..(t + 1) * blocks],
                     };
                     let dots = kernel.dots(&rows, &x);
                     for (i, dot) in dots.iter().enumerate().take(self.rows - r0) {
@@ -392,26 +426,31 @@ impl Tile {
 /// [`ROWS`] decoded weight rows.
 struct RowGroup<'a> {
     q: &'a [u8],
-    scale: &'a [f32],
+    /// Per row and block.
+    d: &'a [f32],
+    /// Per row and half of 16.
+    s: &'a [i16],
     k: usize,
+}
+
+impl RowGroup<'_> {
+    fn blocks(&self) -> usize {
+        self.d.len() / ROWS
+    }
 }
 
 /// One token's quantized activations.
 struct Token<'a> {
     q: &'a [i8],
+    /// Per block.
     d: &'a [f32],
 }
 
 /// The dot-product kernel for one decoded form, chosen once per call.
 enum Kernel {
     #[cfg(target_arch = "x86_64")]
-    Avx2 {
-        signed: bool,
-        split: bool,
-    },
-    Portable {
-        signed: bool,
-    },
+    Avx2 { signed: bool, k_quant: bool },
+    Portable { signed: bool },
 }
 
 impl Kernel {
@@ -419,20 +458,20 @@ impl Kernel {
         let signed = format.signed;
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            let split = format.split_scales;
-            return Kernel::Avx2 { signed, split };
+            let k_quant = format.weights == QK_K;
+            return Kernel::Avx2 { signed, k_quant };
         }
         Kernel::Portable { signed }
     }
 
-    /// `Σ_groups dx·Σ_halves d_h·Σ q·xq` for each of the [`ROWS`] rows.
+    /// `Σ_blocks d·dx·Σ_halves s_h·Σ q·xq` for each of the [`ROWS`] rows.
     fn dots(&self, rows: &RowGroup, x: &Token) -> [f32; ROWS] {
         match *self {
             #[cfg(target_arch = "x86_64")]
             // Safety: AVX2 and FMA were detected; `RowGroup` and `Token` are
-            // sliced to the extents `avx2::dots` reads (`Tile::multiply`).
-            Kernel::Avx2 { signed, split } => unsafe {
-                match (signed, split) {
+            // sliced to the extents `avx2::dots` reads (`Tile::row_group`, `Tile::multiply`).
+            Kernel::Avx2 { signed, k_quant } => unsafe {
+                match (signed, k_quant) {
                     (false, false) => avx2::dots::<false, false>(rows, x),
                     (false, true) => avx2::dots::<false, true>(rows, x),
                     (true, false) => avx2::dots::<true, false>(rows, x),
@@ -446,27 +485,25 @@ impl Kernel {
 
 fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
     let k = rows.k;
-    let groups = k / QK;
+    let blocks = rows.blocks();
+    let block = k / blocks;
     std::array::from_fn(|r| {
         let q = &rows.q[r * k..(r + 1) * k];
-        let scale = &rows.scale[r * groups * 2..(r + 1) * groups * 2];
+        let s = &rows.s[r * k / 16..(r + 1) * k / 16];
         let mut total = 0f32;
-        for g in 0..groups {
-            let half = |h: usize| -> i32 {
-                (QK * g + 16 * h..QK * g + 16 * h + 16)
-                    .map(|i| {
-                        let w = if signed {
-                            q[i] as i8 as i32
-                        } else {
-                            q[i] as i32
-                        };
-                        w * x.q[i] as i32
-                    })
-                    .sum()
-            };
-            let lo = half(0) as f32 * scale[2 * g];
-            let hi = half(1) as f32 * scale[2 * g + 1];
-            total += x.d[g] * (lo + hi);
+        for b in 0..blocks {
+            let integer: i32 = (b * block / 16..(b + 1) * block / 16)
+                .map(|h| {
+                    let dot: i32 = (16 * h..16 * h + 16)
+                        .map(|i| {
+                            let w = if signed { q[i] as i8 as i32 } else { q[i] as i32 };
+                            w * x.q[i] as i32
+                        })
+                        .sum();
+                    s[h] as i32 * dot
+                })
+                .sum();
+            total += rows.d[r * blocks + b] * x.d[b] * integer as f32;
         }
         total
     })
@@ -479,46 +516,56 @@ mod avx2 {
 
     /// [`super::Kernel::dots`] with AVX2: per group of 32, `maddubs` of the
     /// unsigned weights (or `|w|`, with `w`'s sign moved onto `x`, for the
-    /// signed types) by the activations, pairs summed to eight i32 lanes
-    /// (lanes 0–3 the first half of 16, 4–7 the second), converted and scaled.
+    /// signed types) by the activations into sixteen i16 pair sums, `madd` by
+    /// the halves' integer scales (lanes 0–7 the first half of 16, 8–15 the
+    /// second; ones for the 32-weight types) into eight i32 lanes, summed over
+    /// the block's groups (8 for the k-quants) and converted once per block.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `rows.q` holds `ROWS·k` bytes, `rows.scale`
-    /// `ROWS·k/16` floats, `x.q` `k` bytes and `x.d` `k/32` floats.
+    /// The CPU has AVX2 and FMA; `rows.q` holds `ROWS·k` bytes, `rows.s`
+    /// `ROWS·k/16` scales, `rows.d` `ROWS·blocks` floats, `x.q` `k` bytes and
+    /// `x.d` `blocks` floats.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots<const SIGNED: bool, const SPLIT: bool>(
+    pub(super) unsafe fn dots<const SIGNED: bool, const K_QUANT: bool>(
         rows: &RowGroup,
         x: &Token,
     ) -> [f32; ROWS] {
         let k = rows.k;
-        let groups = k / QK;
-        debug_assert!(rows.q.len() >= ROWS * k && rows.scale.len() >= ROWS * groups * 2);
-        debug_assert!(x.q.len() >= k && x.d.len() >= groups);
+        let blocks = rows.blocks();
+        let per_block = k / blocks / QK;
+        debug_assert!(rows.q.len() >= ROWS * k && rows.s.len() >= ROWS * k / 16);
+        debug_assert!(x.q.len() >= k && x.d.len() >= blocks);
         let ones = _mm256_set1_epi16(1);
+        // Each 128-bit lane takes its half's scale from a broadcast pair.
+        let halves = _mm256_setr_epi8(
+            0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, //
+            2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+        );
         let mut acc = [_mm256_setzero_ps(); ROWS];
-        for g in 0..groups {
-            let xv = _mm256_loadu_si256(x.q.as_ptr().add(QK * g) as *const __m256i);
-            let dx = _mm256_set1_ps(*x.d.get_unchecked(g));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let w = _mm256_loadu_si256(rows.q.as_ptr().add(r * k + QK * g) as *const __m256i);
-                let pairs = if SIGNED {
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w))
-                } else {
-                    _mm256_maddubs_epi16(w, xv)
-                };
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                let at = rows.scale.as_ptr().add((r * groups + g) * 2);
-                // One scale broadcast, or (Q6_K) the halves' two in lanes 0–3 and 4–7.
-                let scale = if SPLIT {
-                    _mm256_insertf128_ps(
-                        _mm256_castps128_ps256(_mm_set1_ps(*at)),
-                        _mm_set1_ps(*at.add(1)),
-                        1,
-                    )
-                } else {
-                    _mm256_set1_ps(*at)
-                };
-                *acc = _mm256_fmadd_ps(_mm256_mul_ps(sums, dx), scale, *acc);
+        for b in 0..blocks {
+            let mut sums = [_mm256_setzero_si256(); ROWS];
+            for g in b * per_block..(b + 1) * per_block {
+                let xv = _mm256_loadu_si256(x.q.as_ptr().add(QK * g) as *const __m256i);
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    let w = _mm256_loadu_si256(rows.q.as_ptr().add(r * k + QK * g) as *const __m256i);
+                    let pairs = if SIGNED {
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w))
+                    } else {
+                        _mm256_maddubs_epi16(w, xv)
+                    };
+                    let scale = if K_QUANT {
+                        let pair = (rows.s.as_ptr().add(r * k / 16 + 2 * g) as *const i32).read_unaligned();
+                        _mm256_shuffle_epi8(_mm256_set1_epi32(pair), halves)
+                    } else {
+                        ones
+                    };
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, scale));
+                }
+            }
+            let dx = *x.d.get_unchecked(b);
+            for (r, (acc, sum)) in acc.iter_mut().zip(sums).enumerate() {
+                let d = _mm256_set1_ps(*rows.d.get_unchecked(r * blocks + b) * dx);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, *acc);
             }
         }
         acc.map(|v| hsum(v))
@@ -564,15 +611,31 @@ mod tests {
         (q, back.flatten_all().unwrap().to_vec1().unwrap())
     }
 
-    /// The activations as llama.cpp's `quantize_row_q8_0` rounds them, written
-    /// out from its definition (`d = max|x|/127`, `id = 1/d`, `roundf(x·id)·f16(d)`), in f64.
-    fn rounded_activations(x: &[f32]) -> Vec<f64> {
-        x.chunks(QK)
+    /// The activations as llama.cpp rounds them for a weight type with
+    /// blocks of `block`, written out from ggml-quants.c's definitions, in f64:
+    /// `quantize_row_q8_0` (`d = max|x|/127`, `id = 1/d`, `roundf(x·id)·f16(d)`)
+    /// or `quantize_row_q8_K` (`iscale = -127/x*`, `min(127, nearest_int(iscale·x))/iscale`).
+    fn rounded_activations(x: &[f32], block: usize) -> Vec<f64> {
+        x.chunks(block)
             .flat_map(|xs| {
-                let d = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
-                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let stored = f16::from_f32(d).to_f32() as f64;
-                xs.iter().map(move |&v| (v * id).round() as f64 * stored)
+                let mut extreme = 0f32;
+                for &v in xs {
+                    if v.abs() > extreme.abs() {
+                        extreme = v;
+                    }
+                }
+                xs.iter().map(move |&v| {
+                    if extreme == 0.0 {
+                        0.0
+                    } else if block == QK {
+                        let d = extreme.abs() / 127.0;
+                        (v * (1.0 / d)).round() as f64 * f16::from_f32(d).to_f32() as f64
+                    } else {
+                        let iscale = -127.0 / extreme;
+                        let q = (iscale * v).round_ties_even().min(127.0);
+                        q as f64 * (1.0 / iscale) as f64
+                    }
+                })
             })
             .collect()
     }
@@ -583,7 +646,7 @@ mod tests {
         let mut out = vec![0f32; m * n];
         let bytes = q.data().unwrap();
         matmul(dtype, &bytes, (m, n, k), &x, &mut out).unwrap();
-        let xr = rounded_activations(&x);
+        let xr = rounded_activations(&x, Format::of(dtype).unwrap().weights);
         for t in 0..m {
             for r in 0..n {
                 let expect: f64 = (0..k).map(|i| w[r * k + i] as f64 * xr[t * k + i]).sum();
@@ -620,12 +683,8 @@ mod tests {
             let (q, _) = quantized(dtype, ROWS, k);
             let bytes = q.data().unwrap();
             let tile = Tile::decode(format, &bytes, ROWS, k);
-            let xq = quantize_rows(&random(k, 3));
-            let rows = RowGroup {
-                q: &tile.q,
-                scale: &tile.scale,
-                k,
-            };
+            let xq = quantize_rows(&random(k, 3), format.weights);
+            let rows = tile.row_group(0);
             let x = Token {
                 q: &xq.q,
                 d: &xq.d,
