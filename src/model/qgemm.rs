@@ -219,6 +219,13 @@ fn decode_q6k(b: &[u8], out: &mut Decoded) {
     }
 }
 
+/// `v` rounded half to even, for `|v| < 2²²`: ggml-quants.c's `nearest_int`
+/// (adding 1.5·2²³ leaves the integer in the mantissa), inline where
+/// `f32::round_ties_even` is a libm call without SSE4.1.
+fn nearest_int(v: f32) -> i32 {
+    ((v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
 /// Activations quantized to 8-bit blocks: `x ≈ d·q` per block (32 or 256
 /// weights), and `sum = d·Σq` per group of 32 (the bias's factor).
 struct QuantizedRows {
@@ -260,7 +267,7 @@ fn quantize_rows(x: &[f32], block: usize) -> QuantizedRows {
         } else {
             let iscale = -127.0 / extreme;
             for (q, &v) in qs.iter_mut().zip(xs) {
-                *q = (iscale * v).round_ties_even().min(127.0) as i8;
+                *q = nearest_int(iscale * v).min(127) as i8;
             }
             1.0 / iscale
         };
@@ -386,16 +393,26 @@ impl Tile {
             let tokens = first..m.min(first + TOKEN_BLOCK);
             for r0 in (0..self.rows).step_by(ROWS) {
                 let rows = self.row_group(r0);
-                for t in tokens.clone() {
-                    let x = Token {
-                        q: &xq.q[t * k..(t + 1) * k],
-                        d: &xq.d[t * blocks..(t + 1) * blocks],
-                    };
-                    let dots = kernel.dots(&rows, &x);
+                let token = |t: usize| Token {
+                    q: &xq.q[t * k..(t + 1) * k],
+                    d: &xq.d[t * blocks..(t + 1) * blocks],
+                };
+                let write = |t: usize, dots: [f32; ROWS]| {
                     for (i, dot) in dots.iter().enumerate().take(self.rows - r0) {
                         // Safety: this tile alone writes columns `first_row..first_row + rows`.
                         unsafe { *out.at(t * n + first_row + r0 + i) = *dot };
                     }
+                };
+                let mut t = tokens.start;
+                while t + 1 < tokens.end {
+                    let [a, b] = kernel.dots(&rows, [&token(t), &token(t + 1)]);
+                    write(t, a);
+                    write(t + 1, b);
+                    t += 2;
+                }
+                if t < tokens.end {
+                    let [a] = kernel.dots(&rows, [&token(t)]);
+                    write(t, a);
                 }
             }
             if !self.bias_by_group.is_empty() {
@@ -464,21 +481,22 @@ impl Kernel {
         Kernel::Portable { signed }
     }
 
-    /// `Σ_blocks d·dx·Σ_halves s_h·Σ q·xq` for each of the [`ROWS`] rows.
-    fn dots(&self, rows: &RowGroup, x: &Token) -> [f32; ROWS] {
+    /// `Σ_blocks d·dx·Σ_halves s_h·Σ q·xq` for each of the [`ROWS`] rows and
+    /// each of the `T` tokens (the AVX2 kernel reuses each weight load `T` times).
+    fn dots<const T: usize>(&self, rows: &RowGroup, xs: [&Token; T]) -> [[f32; ROWS]; T] {
         match *self {
             #[cfg(target_arch = "x86_64")]
             // Safety: AVX2 and FMA were detected; `RowGroup` and `Token` are
             // sliced to the extents `avx2::dots` reads (`Tile::row_group`, `Tile::multiply`).
             Kernel::Avx2 { signed, k_quant } => unsafe {
                 match (signed, k_quant) {
-                    (false, false) => avx2::dots::<false, false>(rows, x),
-                    (false, true) => avx2::dots::<false, true>(rows, x),
-                    (true, false) => avx2::dots::<true, false>(rows, x),
-                    (true, true) => avx2::dots::<true, true>(rows, x),
+                    (false, false) => avx2::dots::<false, false, T>(rows, xs),
+                    (false, true) => avx2::dots::<false, true, T>(rows, xs),
+                    (true, false) => avx2::dots::<true, false, T>(rows, xs),
+                    (true, true) => avx2::dots::<true, true, T>(rows, xs),
                 }
             },
-            Kernel::Portable { signed } => dots_portable(rows, x, signed),
+            Kernel::Portable { signed } => xs.map(|x| dots_portable(rows, x, signed)),
         }
     }
 }
@@ -526,49 +544,55 @@ mod avx2 {
     /// `ROWS·k/16` scales, `rows.d` `ROWS·blocks` floats, `x.q` `k` bytes and
     /// `x.d` `blocks` floats.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots<const SIGNED: bool, const K_QUANT: bool>(
+    pub(super) unsafe fn dots<const SIGNED: bool, const K_QUANT: bool, const T: usize>(
         rows: &RowGroup,
-        x: &Token,
-    ) -> [f32; ROWS] {
+        xs: [&Token; T],
+    ) -> [[f32; ROWS]; T] {
         let k = rows.k;
         let blocks = rows.blocks();
         let per_block = k / blocks / QK;
         debug_assert!(rows.q.len() >= ROWS * k && rows.s.len() >= ROWS * k / 16);
-        debug_assert!(x.q.len() >= k && x.d.len() >= blocks);
+        debug_assert!(xs.iter().all(|x| x.q.len() >= k && x.d.len() >= blocks));
         let ones = _mm256_set1_epi16(1);
         // Each 128-bit lane takes its half's scale from a broadcast pair.
         let halves = _mm256_setr_epi8(
             0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, //
             2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
         );
-        let mut acc = [_mm256_setzero_ps(); ROWS];
+        let mut acc = [[_mm256_setzero_ps(); ROWS]; T];
         for b in 0..blocks {
-            let mut sums = [_mm256_setzero_si256(); ROWS];
+            let mut sums = [[_mm256_setzero_si256(); ROWS]; T];
             for g in b * per_block..(b + 1) * per_block {
-                let xv = _mm256_loadu_si256(x.q.as_ptr().add(QK * g) as *const __m256i);
-                for (r, sum) in sums.iter_mut().enumerate() {
+                let xv = xs.map(|x| _mm256_loadu_si256(x.q.as_ptr().add(QK * g) as *const __m256i));
+                for r in 0..ROWS {
                     let w = _mm256_loadu_si256(rows.q.as_ptr().add(r * k + QK * g) as *const __m256i);
-                    let pairs = if SIGNED {
-                        _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w))
-                    } else {
-                        _mm256_maddubs_epi16(w, xv)
-                    };
                     let scale = if K_QUANT {
-                        let pair = (rows.s.as_ptr().add(r * k / 16 + 2 * g) as *const i32).read_unaligned();
+                        let pair = (rows.s.as_ptr().add(r * k / 16 + 2 * g) as *const i32)
+                            .read_unaligned();
                         _mm256_shuffle_epi8(_mm256_set1_epi32(pair), halves)
                     } else {
                         ones
                     };
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, scale));
+                    let magnitude = if SIGNED { _mm256_sign_epi8(w, w) } else { w };
+                    for (sums, xv) in sums.iter_mut().zip(xv) {
+                        let pairs = if SIGNED {
+                            _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, w))
+                        } else {
+                            _mm256_maddubs_epi16(w, xv)
+                        };
+                        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(pairs, scale));
+                    }
                 }
             }
-            let dx = *x.d.get_unchecked(b);
-            for (r, (acc, sum)) in acc.iter_mut().zip(sums).enumerate() {
-                let d = _mm256_set1_ps(*rows.d.get_unchecked(r * blocks + b) * dx);
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, *acc);
+            for ((acc, sums), x) in acc.iter_mut().zip(sums).zip(xs) {
+                let dx = *x.d.get_unchecked(b);
+                for (r, (acc, sum)) in acc.iter_mut().zip(sums).enumerate() {
+                    let d = _mm256_set1_ps(*rows.d.get_unchecked(r * blocks + b) * dx);
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, *acc);
+                }
             }
         }
-        acc.map(|v| hsum(v))
+        acc.map(|acc| acc.map(|v| hsum(v)))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -689,11 +713,11 @@ mod tests {
                 q: &xq.q,
                 d: &xq.d,
             };
-            let simd = Kernel::detect(&format).dots(&rows, &x);
-            let portable = Kernel::Portable {
+            let [simd] = Kernel::detect(&format).dots(&rows, [&x]);
+            let [portable] = Kernel::Portable {
                 signed: format.signed,
             }
-            .dots(&rows, &x);
+            .dots(&rows, [&x]);
             for (a, b) in simd.iter().zip(portable) {
                 assert!(
                     (a - b).abs() <= 1e-5 * b.abs().max(1.0),
