@@ -86,6 +86,15 @@ impl GgufFile {
             .map(|t| t.shape.dims())
     }
 
+    /// Whether the file has tensor `gguf_name` in f32, f16 or bf16 (not block-quantized).
+    pub fn stores_unquantized(&self, gguf_name: &str) -> bool {
+        use candle_core::quantized::GgmlDType as G;
+        self.content
+            .tensor_infos
+            .get(gguf_name)
+            .is_some_and(|t| matches!(t.ggml_dtype, G::F32 | G::F16 | G::BF16))
+    }
+
     /// Number of tensors in the file.
     pub fn tensor_count(&self) -> usize {
         self.content.tensor_infos.len()

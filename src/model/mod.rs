@@ -320,12 +320,16 @@ fn load_gguf(
         ));
     }
     let needed = if quantized {
-        // The file's projections as stored, plus f32 embeddings (and unembedding).
+        // The file as stored, plus f32 copies of the tables it stores unquantized
+        // (block-quantized tables stay so: rows are dequantized when looked up).
         let file_len = std::fs::metadata(path)
             .map_err(|e| Error::io(path, e))?
             .len();
-        let embeddings = 1 + usize::from(!config.tied_embeddings);
-        u128::from(file_len) + (embeddings * config.vocab_size * config.d_model * 4) as u128
+        let dense_tables = ["token_embd.weight", "output.weight"]
+            .iter()
+            .filter(|name| file.stores_unquantized(name))
+            .count();
+        u128::from(file_len) + (dense_tables * config.vocab_size * config.d_model * 4) as u128
     } else {
         validate::estimate_bytes(&expected, dtype.size_in_bytes())
     };

@@ -563,7 +563,12 @@ mod avx2 {
         for b in 0..blocks {
             let mut sums = [[_mm256_setzero_si256(); ROWS]; T];
             for g in b * per_block..(b + 1) * per_block {
-                let xv = xs.map(|x| _mm256_loadu_si256(x.q.as_ptr().add(QK * g) as *const __m256i));
+                // Loops, not closures: a closure does not inherit the target
+                // features, and its intrinsics were left as calls.
+                let mut xv = [_mm256_setzero_si256(); T];
+                for (xv, x) in xv.iter_mut().zip(xs) {
+                    *xv = _mm256_loadu_si256(x.q.as_ptr().add(QK * g) as *const __m256i);
+                }
                 for r in 0..ROWS {
                     let w = _mm256_loadu_si256(rows.q.as_ptr().add(r * k + QK * g) as *const __m256i);
                     let scale = if K_QUANT {
@@ -592,7 +597,13 @@ mod avx2 {
                 }
             }
         }
-        acc.map(|acc| acc.map(|v| hsum(v)))
+        let mut out = [[0f32; ROWS]; T];
+        for (out, acc) in out.iter_mut().zip(acc) {
+            for (out, acc) in out.iter_mut().zip(acc) {
+                *out = hsum(acc);
+            }
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -171,57 +171,85 @@ fn address_space_room() -> Option<u64> {
 /// One pass over the tensor's own storage (no copy); integer tensors pass.
 /// The error names the tensor, the file and the first bad element.
 pub fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
-    let bad = {
-        let (storage, layout) = t.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            return Ok(());
-        };
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            drop(storage);
-            return check_finite(&t.contiguous()?, name, path);
-        };
-        fn first<T: Copy>(
-            v: &[T],
-            finite: impl Fn(T) -> bool,
-            as_f64: impl Fn(T) -> f64,
-        ) -> Option<(usize, f64)> {
-            v.iter()
-                .position(|&x| !finite(x))
-                .map(|i| (i, as_f64(v[i])))
-        }
-        match cpu {
-            CpuStorage::F32(v) => first(&v[a..b], f32::is_finite, f64::from),
-            CpuStorage::F64(v) => first(&v[a..b], f64::is_finite, |x| x),
-            CpuStorage::F16(v) => first(&v[a..b], |x| x.is_finite(), |x| x.to_f64()),
-            CpuStorage::BF16(v) => first(&v[a..b], |x| x.is_finite(), |x| x.to_f64()),
-            _ => None,
-        }
-    };
-    match bad {
+    match first_non_finite(t)? {
         None => Ok(()),
-        Some((i, value)) => Err(Error::model_file(
-            path,
-            format!(
-                "tensor `{name}` (shape {:?}) holds the non-finite value {value} at element {i}: \
-                 the weights are damaged (a NaN or infinity would make every activation after \
-                 it NaN); re-download or re-convert the file",
-                t.dims()
-            ),
-        )),
+        Some((i, value)) => Err(non_finite(name, t.dims(), i, value, path)),
     }
 }
 
-/// [`check_finite`] for a block-quantized tensor: checked once dequantized
-/// (block scales are half floats that may be NaN or infinite).
+/// The index and value of `t`'s first non-finite element (CPU float tensors).
+fn first_non_finite(t: &Tensor) -> Result<Option<(usize, f64)>> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        drop(storage);
+        return first_non_finite(&t.contiguous()?);
+    };
+    fn first<T: Copy>(
+        v: &[T],
+        finite: impl Fn(T) -> bool,
+        as_f64: impl Fn(T) -> f64,
+    ) -> Option<(usize, f64)> {
+        v.iter()
+            .position(|&x| !finite(x))
+            .map(|i| (i, as_f64(v[i])))
+    }
+    Ok(match cpu {
+        CpuStorage::F32(v) => first(&v[a..b], f32::is_finite, f64::from),
+        CpuStorage::F64(v) => first(&v[a..b], f64::is_finite, |x| x),
+        CpuStorage::F16(v) => first(&v[a..b], |x| x.is_finite(), |x| x.to_f64()),
+        CpuStorage::BF16(v) => first(&v[a..b], |x| x.is_finite(), |x| x.to_f64()),
+        _ => None,
+    })
+}
+
+fn non_finite(name: &str, dims: &[usize], i: usize, value: f64, path: &Path) -> Error {
+    Error::model_file(
+        path,
+        format!(
+            "tensor `{name}` (shape {dims:?}) holds the non-finite value {value} at element {i}: \
+             the weights are damaged (a NaN or infinity would make every activation after \
+             it NaN); re-download or re-convert the file"
+        ),
+    )
+}
+
+/// Weights dequantized at a time by [`check_finite_quantized`], so that a
+/// large table (an 8B model's 128k-token embedding: 2.1 GB as f32) never
+/// exists in f32 at once.
+const CHECK_CHUNK: usize = 1 << 20;
+
+/// [`check_finite`] for a block-quantized tensor: checked dequantized, a few
+/// rows at a time (block scales are half floats that may be NaN or infinite).
 pub fn check_finite_quantized(
     q: &candle_core::quantized::QTensor,
     name: &str,
     path: &Path,
 ) -> Result<()> {
-    let t = q
-        .dequantize(&candle_core::Device::Cpu)
-        .map_err(|e| Error::model_file(path, format!("tensor `{name}`: {e}")))?;
-    check_finite(&t, name, path)
+    let fail = |e: candle_core::Error| Error::model_file(path, format!("tensor `{name}`: {e}"));
+    let dims = q.shape().dims().to_vec();
+    let cols = *dims.last().unwrap_or(&1);
+    let rows = q.shape().elem_count() / cols.max(1);
+    let row_bytes = cols / q.dtype().block_size() * q.dtype().type_size();
+    let data = q.data().map_err(fail)?;
+    let step = (CHECK_CHUNK / cols.max(1)).max(1);
+    for first in (0..rows).step_by(step) {
+        let n = step.min(rows - first);
+        let chunk = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            q.dtype(),
+            &data[first * row_bytes..(first + n) * row_bytes],
+            vec![n, cols],
+            &candle_core::Device::Cpu,
+        )
+        .and_then(|c| c.dequantize(&candle_core::Device::Cpu))
+        .map_err(fail)?;
+        if let Some((i, value)) = first_non_finite(&chunk)? {
+            return Err(non_finite(name, &dims, first * cols + i, value, path));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -290,5 +318,29 @@ mod tests {
     fn auto_dtype_keeps_f32_for_what_fits_and_not_for_what_cannot() {
         assert!(fits_comfortably(1 << 20));
         assert!(!fits_comfortably(1 << 80));
+    }
+
+    #[test]
+    fn a_nan_block_scale_is_found_past_the_first_chunk_at_its_element() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (rows, cols) = (2 * CHECK_CHUNK / 32 + 5, 32);
+        let w = Tensor::ones((rows, cols), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let path = Path::new("m.gguf");
+        check_finite_quantized(&q, "w", path).unwrap();
+        // Q8_0 blocks are 34 bytes, the f16 scale first; 0x7e00 is a NaN.
+        let bad_row = rows - 3;
+        let mut bytes = q.data().unwrap().into_owned();
+        bytes[bad_row * 34..bad_row * 34 + 2].copy_from_slice(&[0x00, 0x7e]);
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &bytes,
+            vec![rows, cols],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let err = check_finite_quantized(&q, "w", path).unwrap_err().to_string();
+        let at = format!("element {}", bad_row * cols);
+        assert!(err.contains("non-finite") && err.contains(&at), "{err}");
     }
 }
