@@ -32,7 +32,9 @@ const QK: usize = 32;
 /// Weights per k-quant block, and per activation block for the k-quants.
 const QK_K: usize = 256;
 /// Weight rows decoded together and multiplied against the same activations.
-const ROWS: usize = 4;
+const ROWS: usize = 2;
+/// Tokens multiplied against each weight load by the SIMD kernel.
+const TOKENS: usize = 4;
 /// Weight rows per parallel task (a multiple of [`ROWS`]).
 const TASK_ROWS: usize = 16;
 /// Tokens per pass over a task's decoded rows, so their activations stay in cache.
@@ -404,36 +406,48 @@ impl Tile {
                     }
                 };
                 let mut t = tokens.start;
-                while t + 1 < tokens.end {
-                    let [a, b] = kernel.dots(&rows, [&token(t), &token(t + 1)]);
-                    write(t, a);
-                    write(t + 1, b);
-                    t += 2;
+                while t + TOKENS <= tokens.end {
+                    let xs: [Token; TOKENS] = std::array::from_fn(|i| token(t + i));
+                    let dots: [[f32; ROWS]; TOKENS] =
+                        kernel.dots(&rows, std::array::from_fn(|i| &xs[i]));
+                    for (i, dots) in dots.into_iter().enumerate() {
+                        write(t + i, dots);
+                    }
+                    t += TOKENS;
                 }
-                if t < tokens.end {
-                    let [a] = kernel.dots(&rows, [&token(t)]);
-                    write(t, a);
+                for t in t..tokens.end {
+                    let [dots] = kernel.dots(&rows, [&token(t)]);
+                    write(t, dots);
                 }
             }
             if !self.bias_by_group.is_empty() {
-                for t in tokens {
-                    let bias = self.bias_terms(&xq.sum[t * groups..(t + 1) * groups]);
-                    for (r, c) in bias.iter().enumerate().take(self.rows) {
-                        // Safety: as above.
-                        unsafe { *out.at(t * n + first_row + r) += c };
+                for first in tokens.step_by(TOKENS) {
+                    let count = TOKENS.min(m - first);
+                    let bias = self.bias_terms(&xq.sum[first * groups..(first + count) * groups]);
+                    for (t, bias) in (first..first + count).zip(bias) {
+                        for (r, c) in bias.iter().enumerate().take(self.rows) {
+                            // Safety: as above.
+                            unsafe { *out.at(t * n + first_row + r) += c };
+                        }
                     }
                 }
             }
         }
     }
 
-    /// `Σ_g c[r, g]·sx[g]` for every row `r` of the tile, summed over the
-    /// groups in order (a fixed-width loop over rows the compiler vectorizes).
-    fn bias_terms(&self, sum: &[f32]) -> [f32; TASK_ROWS] {
-        let mut acc = [0f32; TASK_ROWS];
-        for (c, &s) in self.bias_by_group.chunks_exact(TASK_ROWS).zip(sum) {
-            for (a, c) in acc.iter_mut().zip(c) {
-                *a += c * s;
+    /// `Σ_g c[r, g]·sx_t[g]` for every row `r` of the tile and each token `t`
+    /// of up to [`TOKENS`] whose per-group sums `sums` holds one after another,
+    /// summed over the groups in order: fixed-width loops over rows the compiler
+    /// vectorizes, the tokens' sums independent so they overlap in the pipeline.
+    fn bias_terms(&self, sums: &[f32]) -> [[f32; TASK_ROWS]; TOKENS] {
+        let groups = self.bias_by_group.len() / TASK_ROWS;
+        let mut acc = [[0f32; TASK_ROWS]; TOKENS];
+        for (g, c) in self.bias_by_group.chunks_exact(TASK_ROWS).enumerate() {
+            for (acc, sum) in acc.iter_mut().zip(sums.chunks_exact(groups)) {
+                let s = sum[g];
+                for (a, c) in acc.iter_mut().zip(c) {
+                    *a += c * s;
+                }
             }
         }
         acc
