@@ -113,10 +113,44 @@ fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-fn nibbles(qs: &[u8], q: &mut [u8], high: impl Fn(usize) -> u8) {
-    for (j, &byte) in qs.iter().enumerate().take(16) {
-        q[j] = (byte & 0x0F) | high(j);
-        q[j + 16] = (byte >> 4) | high(j + 16);
+/// Eight bytes as one little-endian word: the decoders work eight weights at a
+/// time (decoding runs once per call for every weight, so it must be cheap
+/// next to the multiply).
+fn word(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("eight bytes"))
+}
+
+fn put(q: &mut [u8], at: usize, w: u64) {
+    q[at..at + 8].copy_from_slice(&w.to_le_bytes());
+}
+
+const LOW_NIBBLES: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+const LOW_BITS: u64 = 0x0101_0101_0101_0101;
+
+/// For each byte value: its bit `i` moved to bit 4 of byte `i` of a word (Q5 fifth bits).
+const FIFTH_BITS: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut i = 0;
+        while i < 8 {
+            table[b] |= (((b >> i) & 1) as u64) << (8 * i + 4);
+            i += 1;
+        }
+        b += 1;
+    }
+    table
+};
+
+/// The 32 weights of a Q4/Q5 block of 32: weight `j < 16` the low nibble of
+/// byte `j` of `qs`, `j + 16` its high nibble; `qh` (Q5) bit `j` the fifth bit.
+fn nibbles(qs: &[u8], q: &mut [u8], qh: Option<&[u8]>) {
+    for half in 0..2 {
+        let w = word(&qs[8 * half..]);
+        let (low, high) = (w & LOW_NIBBLES, (w >> 4) & LOW_NIBBLES);
+        let fifth = |byte: usize| qh.map_or(0, |qh| FIFTH_BITS[qh[byte] as usize]);
+        put(q, 8 * half, low | fifth(half));
+        put(q, 16 + 8 * half, high | fifth(2 + half));
     }
 }
 
@@ -128,29 +162,23 @@ fn block32(out: &mut Decoded, d: f32, bias: f32) {
 
 fn decode_q4_0(b: &[u8], out: &mut Decoded) {
     let d = half_at(b, 0);
-    nibbles(&b[2..18], out.q, |_| 0);
+    nibbles(&b[2..18], out.q, None);
     block32(out, d, -8.0 * d);
 }
 
 fn decode_q4_1(b: &[u8], out: &mut Decoded) {
-    nibbles(&b[4..20], out.q, |_| 0);
+    nibbles(&b[4..20], out.q, None);
     block32(out, half_at(b, 0), half_at(b, 2));
-}
-
-/// The fifth bit of weight `j` of a Q5 block from its 32-bit `qh`.
-fn fifth_bit(qh: &[u8]) -> impl Fn(usize) -> u8 {
-    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-    move |j| (((qh >> j) & 1) as u8) << 4
 }
 
 fn decode_q5_0(b: &[u8], out: &mut Decoded) {
     let d = half_at(b, 0);
-    nibbles(&b[6..22], out.q, fifth_bit(&b[2..6]));
+    nibbles(&b[6..22], out.q, Some(&b[2..6]));
     block32(out, d, -16.0 * d);
 }
 
 fn decode_q5_1(b: &[u8], out: &mut Decoded) {
-    nibbles(&b[8..24], out.q, fifth_bit(&b[4..8]));
+    nibbles(&b[8..24], out.q, Some(&b[4..8]));
     block32(out, half_at(b, 0), half_at(b, 2));
 }
 
@@ -180,12 +208,10 @@ fn decode_k4(b: &[u8], qs: &[u8], qh: Option<&[u8]>, out: &mut Decoded) {
     *out.d = d;
     let scales = &b[4..16];
     for sub in 0..8 {
-        let bytes = &qs[32 * (sub / 2)..32 * (sub / 2) + 32];
-        let q = &mut out.q[32 * sub..32 * sub + 32];
-        for (l, (q, &byte)) in q.iter_mut().zip(bytes).enumerate() {
-            let low = if sub % 2 == 0 { byte & 0x0F } else { byte >> 4 };
-            let fifth = qh.map_or(0, |qh| ((qh[l] >> sub) & 1) << 4);
-            *q = low | fifth;
+        for at in (0..32).step_by(8) {
+            let w = word(&qs[32 * (sub / 2) + at..]) >> (4 * (sub % 2));
+            let fifth = qh.map_or(0, |qh| ((word(&qh[at..]) >> sub) & LOW_BITS) << 4);
+            put(out.q, 32 * sub + at, (w & LOW_NIBBLES) | fifth);
         }
         let (sc, m) = scale_min_k4(sub, scales);
         out.group(sub, sc.into(), sc.into(), -dmin * m as f32);
@@ -387,7 +413,13 @@ impl Tile {
 
     /// Writes the output of the tile's row `r` (weight row `first + r`) for
     /// token `t` at `out[t·n + first + r]`, columns no other tile writes.
-    fn multiply(&self, xq: &QuantizedRows, kernel: &Kernel, out: &OutPtr, (first_row, n): (usize, usize)) {
+    fn multiply(
+        &self,
+        xq: &QuantizedRows,
+        kernel: &Kernel,
+        out: &OutPtr,
+        (first_row, n): (usize, usize),
+    ) {
         let k = self.k;
         let m = xq.q.len() / k;
         let (blocks, groups) = (xq.d.len() / m, k / QK);
@@ -423,7 +455,8 @@ impl Tile {
             if !self.bias_by_group.is_empty() {
                 for first in tokens.step_by(TOKENS) {
                     let count = TOKENS.min(m - first);
-                    let bias = self.bias_terms(&xq.sum[first * groups..(first + count) * groups]);
+                    let sums = &xq.sum[first * groups..(first + count) * groups];
+                    let bias = kernel.bias_terms(&self.bias_by_group, sums);
                     for (t, bias) in (first..first + count).zip(bias) {
                         for (r, c) in bias.iter().enumerate().take(self.rows) {
                             // Safety: as above.
@@ -433,24 +466,6 @@ impl Tile {
                 }
             }
         }
-    }
-
-    /// `Σ_g c[r, g]·sx_t[g]` for every row `r` of the tile and each token `t`
-    /// of up to [`TOKENS`] whose per-group sums `sums` holds one after another,
-    /// summed over the groups in order: fixed-width loops over rows the compiler
-    /// vectorizes, the tokens' sums independent so they overlap in the pipeline.
-    fn bias_terms(&self, sums: &[f32]) -> [[f32; TASK_ROWS]; TOKENS] {
-        let groups = self.bias_by_group.len() / TASK_ROWS;
-        let mut acc = [[0f32; TASK_ROWS]; TOKENS];
-        for (g, c) in self.bias_by_group.chunks_exact(TASK_ROWS).enumerate() {
-            for (acc, sum) in acc.iter_mut().zip(sums.chunks_exact(groups)) {
-                let s = sum[g];
-                for (a, c) in acc.iter_mut().zip(c) {
-                    *a += c * s;
-                }
-            }
-        }
-        acc
     }
 }
 
@@ -480,8 +495,13 @@ struct Token<'a> {
 /// The dot-product kernel for one decoded form, chosen once per call.
 enum Kernel {
     #[cfg(target_arch = "x86_64")]
-    Avx2 { signed: bool, k_quant: bool },
-    Portable { signed: bool },
+    Avx2 {
+        signed: bool,
+        k_quant: bool,
+    },
+    Portable {
+        signed: bool,
+    },
 }
 
 impl Kernel {
@@ -513,6 +533,32 @@ impl Kernel {
             Kernel::Portable { signed } => xs.map(|x| dots_portable(rows, x, signed)),
         }
     }
+
+    /// [`bias_terms_portable`], with AVX2 where the dot products have it.
+    fn bias_terms(&self, bias: &[f32], sums: &[f32]) -> [[f32; TASK_ROWS]; TOKENS] {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // Safety: AVX2 and FMA were detected.
+            Kernel::Avx2 { .. } => unsafe { avx2::bias_terms(bias, sums) },
+            Kernel::Portable { .. } => bias_terms_portable(bias, sums),
+        }
+    }
+}
+
+/// `Σ_g c[g, r]·sx_t[g]` for every row `r` of a tile's `bias: [groups, TASK_ROWS]`
+/// and each token `t` of up to [`TOKENS`] whose per-group sums `sums` holds
+/// one after another, summed over the groups in order.
+fn bias_terms_portable(bias: &[f32], sums: &[f32]) -> [[f32; TASK_ROWS]; TOKENS] {
+    let groups = bias.len() / TASK_ROWS;
+    let mut acc = [[0f32; TASK_ROWS]; TOKENS];
+    for (g, c) in bias.chunks_exact(TASK_ROWS).enumerate() {
+        for (acc, sum) in acc.iter_mut().zip(sums.chunks_exact(groups)) {
+            for (a, c) in acc.iter_mut().zip(c) {
+                *a += c * sum[g];
+            }
+        }
+    }
+    acc
 }
 
 fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
@@ -528,7 +574,11 @@ fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
                 .map(|h| {
                     let dot: i32 = (16 * h..16 * h + 16)
                         .map(|i| {
-                            let w = if signed { q[i] as i8 as i32 } else { q[i] as i32 };
+                            let w = if signed {
+                                q[i] as i8 as i32
+                            } else {
+                                q[i] as i32
+                            };
                             w * x.q[i] as i32
                         })
                         .sum();
@@ -543,7 +593,7 @@ fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{RowGroup, Token, QK, ROWS};
+    use super::{RowGroup, Token, QK, ROWS, TASK_ROWS, TOKENS};
     use std::arch::x86_64::*;
 
     /// [`super::Kernel::dots`] with AVX2: per group of 32, `maddubs` of the
@@ -584,7 +634,8 @@ mod avx2 {
                     *xv = _mm256_loadu_si256(x.q.as_ptr().add(QK * g) as *const __m256i);
                 }
                 for r in 0..ROWS {
-                    let w = _mm256_loadu_si256(rows.q.as_ptr().add(r * k + QK * g) as *const __m256i);
+                    let w =
+                        _mm256_loadu_si256(rows.q.as_ptr().add(r * k + QK * g) as *const __m256i);
                     let scale = if K_QUANT {
                         let pair = (rows.s.as_ptr().add(r * k / 16 + 2 * g) as *const i32)
                             .read_unaligned();
@@ -615,6 +666,39 @@ mod avx2 {
         for (out, acc) in out.iter_mut().zip(acc) {
             for (out, acc) in out.iter_mut().zip(acc) {
                 *out = hsum(acc);
+            }
+        }
+        out
+    }
+
+    /// [`super::bias_terms_portable`] with the sixteen rows in two registers
+    /// per token and the tokens' sums independent.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bias_terms(bias: &[f32], sums: &[f32]) -> [[f32; TASK_ROWS]; TOKENS] {
+        const HALVES: usize = TASK_ROWS / 8;
+        let groups = bias.len() / TASK_ROWS;
+        let tokens = sums.len() / groups;
+        assert!(tokens <= TOKENS && bias.len() == groups * TASK_ROWS);
+        let mut acc = [[_mm256_setzero_ps(); HALVES]; TOKENS];
+        for g in 0..groups {
+            let c: [__m256; HALVES] = [
+                _mm256_loadu_ps(bias.as_ptr().add(g * TASK_ROWS)),
+                _mm256_loadu_ps(bias.as_ptr().add(g * TASK_ROWS + 8)),
+            ];
+            for (t, acc) in acc.iter_mut().enumerate().take(tokens) {
+                let s = _mm256_set1_ps(*sums.get_unchecked(t * groups + g));
+                for (acc, c) in acc.iter_mut().zip(c) {
+                    *acc = _mm256_fmadd_ps(c, s, *acc);
+                }
+            }
+        }
+        let mut out = [[0f32; TASK_ROWS]; TOKENS];
+        for (out, acc) in out.iter_mut().zip(acc) {
+            for (half, acc) in acc.into_iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * half), acc);
             }
         }
         out
@@ -734,10 +818,7 @@ mod tests {
             let tile = Tile::decode(format, &bytes, ROWS, k);
             let xq = quantize_rows(&random(k, 3), format.weights);
             let rows = tile.row_group(0);
-            let x = Token {
-                q: &xq.q,
-                d: &xq.d,
-            };
+            let x = Token { q: &xq.q, d: &xq.d };
             let [simd] = Kernel::detect(&format).dots(&rows, [&x]);
             let [portable] = Kernel::Portable {
                 signed: format.signed,
@@ -748,6 +829,29 @@ mod tests {
                     (a - b).abs() <= 1e-5 * b.abs().max(1.0),
                     "{dtype:?}: {a} vs {b}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn the_portable_and_simd_bias_terms_agree() {
+        let format = Format::of(GgmlDType::Q4_1).unwrap();
+        let groups = 9;
+        let bias = random(groups * TASK_ROWS, 5);
+        for tokens in 1..=TOKENS {
+            let sums = random(tokens * groups, 6);
+            let simd = Kernel::detect(&format).bias_terms(&bias, &sums);
+            let portable = bias_terms_portable(&bias, &sums);
+            for (t, (a, b)) in simd.iter().zip(&portable).enumerate().take(tokens) {
+                for (r, (a, b)) in a.iter().zip(b).enumerate() {
+                    let expect: f32 = (0..groups)
+                        .map(|g| bias[g * TASK_ROWS + r] * sums[t * groups + g])
+                        .sum();
+                    assert!(
+                        (a - b).abs() <= 1e-5 && (b - expect).abs() <= 1e-5,
+                        "{t} {r}: {a} {b} {expect}"
+                    );
+                }
             }
         }
     }

@@ -324,7 +324,12 @@ mod tests {
     fn a_nan_block_scale_is_found_past_the_first_chunk_at_its_element() {
         use candle_core::quantized::{GgmlDType, QTensor};
         let (rows, cols) = (2 * CHECK_CHUNK / 32 + 5, 32);
-        let w = Tensor::ones((rows, cols), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let w = Tensor::ones(
+            (rows, cols),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         let path = Path::new("m.gguf");
         check_finite_quantized(&q, "w", path).unwrap();
@@ -339,7 +344,9 @@ mod tests {
             &candle_core::Device::Cpu,
         )
         .unwrap();
-        let err = check_finite_quantized(&q, "w", path).unwrap_err().to_string();
+        let err = check_finite_quantized(&q, "w", path)
+            .unwrap_err()
+            .to_string();
         let at = format!("element {}", bad_row * cols);
         assert!(err.contains("non-finite") && err.contains(&at), "{err}");
     }
