@@ -263,47 +263,48 @@ struct QuantizedRows {
 }
 
 /// The activations in blocks of `block` (32 or 256) as llama.cpp quantizes
-/// them for that weight type (ggml-quants.c):
-/// - 32, `quantize_row_q8_0`: `d = max|x|/127`, `q = round(x·(1/d))`, `d`
+/// them for that weight type on x86 (ggml-cpu/arch/x86/quants.c):
+/// - 32, `quantize_row_q8_0`: `q = nearest(x·127/max|x|)`, `d = max|x|/127`
 ///   stored as f16 (the products then match llama.cpp's own);
 /// - 256, `quantize_row_q8_K`: `iscale = -127/x*` for the `x*` of largest
 ///   magnitude, `q = min(127, nearest(iscale·x))`, `d = 1/iscale` in f32.
+///
+/// Blocks are independent, so they are quantized in parallel.
 fn quantize_rows(x: &[f32], block: usize) -> QuantizedRows {
     let mut out = QuantizedRows {
         q: vec![0; x.len()],
         d: vec![0.0; x.len() / block],
         sum: vec![0.0; x.len() / QK],
     };
-    for ((xs, qs), d) in x
-        .chunks_exact(block)
-        .zip(out.q.chunks_exact_mut(block))
-        .zip(out.d.iter_mut())
-    {
-        let extreme = xs
-            .iter()
-            .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-        if extreme == 0.0 {
-            continue;
-        }
-        *d = if block == QK {
-            let d = extreme.abs() / 127.0;
-            let inv = 1.0 / d;
-            for (q, &v) in qs.iter_mut().zip(xs) {
-                *q = (v * inv).round() as i8;
+    x.par_chunks_exact(block)
+        .zip(out.q.par_chunks_exact_mut(block))
+        .zip(out.d.par_iter_mut())
+        .zip(out.sum.par_chunks_exact_mut(block / QK))
+        .with_min_len(64)
+        .for_each(|(((xs, qs), d), sums)| {
+            let extreme = xs
+                .iter()
+                .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+            if extreme == 0.0 {
+                return;
             }
-            f16::from_f32(d).to_f32()
-        } else {
-            let iscale = -127.0 / extreme;
+            let scale = if block == QK {
+                127.0 / extreme.abs()
+            } else {
+                -127.0 / extreme
+            };
             for (q, &v) in qs.iter_mut().zip(xs) {
-                *q = nearest_int(iscale * v).min(127) as i8;
+                *q = nearest_int(scale * v).min(127) as i8;
             }
-            1.0 / iscale
-        };
-    }
-    let block_of = |g: usize| g * QK / block;
-    for (g, (qs, sum)) in out.q.chunks_exact(QK).zip(&mut out.sum).enumerate() {
-        *sum = out.d[block_of(g)] * qs.iter().map(|&q| q as i32).sum::<i32>() as f32;
-    }
+            *d = if block == QK {
+                f16::from_f32(extreme.abs() / 127.0).to_f32()
+            } else {
+                1.0 / scale
+            };
+            for (sum, qs) in sums.iter_mut().zip(qs.chunks_exact(QK)) {
+                *sum = *d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32;
+            }
+        });
     out
 }
 
@@ -744,9 +745,9 @@ mod tests {
         (q, back.flatten_all().unwrap().to_vec1().unwrap())
     }
 
-    /// The activations as llama.cpp rounds them for a weight type with
-    /// blocks of `block`, written out from ggml-quants.c's definitions, in f64:
-    /// `quantize_row_q8_0` (`d = max|x|/127`, `id = 1/d`, `roundf(x·id)·f16(d)`)
+    /// The activations as llama.cpp rounds them on x86 for a weight type with
+    /// blocks of `block`, written out from its definitions, in f64:
+    /// `quantize_row_q8_0` (`id = 127/max|x|`, `round_nearest(x·id)·f16(max|x|/127)`)
     /// or `quantize_row_q8_K` (`iscale = -127/x*`, `min(127, nearest_int(iscale·x))/iscale`).
     fn rounded_activations(x: &[f32], block: usize) -> Vec<f64> {
         x.chunks(block)
@@ -761,8 +762,9 @@ mod tests {
                     if extreme == 0.0 {
                         0.0
                     } else if block == QK {
-                        let d = extreme.abs() / 127.0;
-                        (v * (1.0 / d)).round() as f64 * f16::from_f32(d).to_f32() as f64
+                        let id = 127.0 / extreme.abs();
+                        let d = f16::from_f32(extreme.abs() / 127.0).to_f32();
+                        (v * id).round_ties_even() as f64 * d as f64
                     } else {
                         let iscale = -127.0 / extreme;
                         let q = (iscale * v).round_ties_even().min(127.0);
