@@ -444,9 +444,10 @@ pub fn has_quantized_matmul(dtype: candle_core::quantized::GgmlDType) -> bool {
 /// straight on the stored blocks: for a prompt of [`QGEMM_MIN_TOKENS`] or more,
 /// our tiled GEMM ([`super::qgemm`]) where it has the block type; otherwise
 /// candle's `k_quants::matmul` (the activations quantized per block to the
-/// weight type's dot-product type, as llama.cpp does). Not `QMatMul`: on x86 it repacks Q4_K/Q6_K/Q8_0 weights into
-/// expanded tiles on first use and keeps both copies, which took a 669 MB
-/// Q4_K_M file to 2.49 GB of RSS; this path stays at the file's size.
+/// weight type's dot-product type, as llama.cpp does). Not `QMatMul`: on x86
+/// it repacks Q4_K/Q6_K/Q8_0 weights into expanded tiles on first use and keeps
+/// both copies, which took a 669 MB Q4_K_M file to 2.49 GB of RSS; this path
+/// stays at the file's size.
 pub fn quantized_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
     use candle_core::quantized::k_quants::*;
     use candle_core::quantized::GgmlDType as G;

@@ -460,8 +460,8 @@ impl Tile {
                 }
             }
             if !self.bias_by_group.is_empty() {
-                for first in tokens.step_by(TOKENS) {
-                    let count = TOKENS.min(m - first);
+                for first in tokens.clone().step_by(TOKENS) {
+                    let count = TOKENS.min(tokens.end - first);
                     let sums = &xq.sum[first * groups..(first + count) * groups];
                     let bias = kernel.bias_terms(&self.bias_by_group, sums);
                     for (t, bias) in (first..first + count).zip(bias) {
