@@ -13,6 +13,7 @@
 pub mod attribute;
 pub mod bench;
 pub mod capture;
+pub mod cli;
 pub mod error;
 pub mod gap;
 pub mod generate;

@@ -1,6 +1,6 @@
 //! Arguments shared by every command that loads a model.
 
-use afprobe::model::{self, Model, ModelSpec, WeightDtype};
+use crate::model::{self, Model, ModelSpec, WeightDtype};
 use clap::Args;
 
 /// `--model SPEC`.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::args::ModelArgs;
-use afprobe::bench::{self, Reference};
+use crate::bench::{self, Reference};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -248,7 +248,7 @@ fn bench_capture(a: CaptureBenchArgs) -> anyhow::Result<()> {
 
 fn bench_prefill(a: PrefillArgs) -> anyhow::Result<()> {
     if a.one {
-        let model = afprobe::model::Model::load_with_adapter(
+        let model = crate::model::Model::load_with_adapter(
             &a.model.spec.spec(),
             a.model.dtype,
             a.model.spec.adapter.as_deref(),

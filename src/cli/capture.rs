@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::args::CaptureModelArgs;
-use afprobe::capture::{self, CaptureSpec};
-use afprobe::model::hooks::{short_kinds, HookScope};
-use afprobe::model::parse_hooks;
-use afprobe::score::RefusalOpenings;
-use afprobe::store::{self, Existing, Position, Slice};
+use crate::capture::{self, CaptureSpec};
+use crate::model::hooks::{short_kinds, HookScope};
+use crate::model::parse_hooks;
+use crate::score::RefusalOpenings;
+use crate::store::{self, Existing, Position, Slice};
 
 pub const CAPTURE_ABOUT: &str = "Run every row of a prompt file through the hooked model and \
 write an activation store (see README, \"The activation store\").\n\n\

@@ -1,16 +1,16 @@
-//! `afprobe steer`, `patch` and `ablate` (the command line of [`afprobe::intervene`]).
+//! `afprobe steer`, `patch` and `ablate` (the command line of [`crate::intervene`]).
 
 use std::path::PathBuf;
 
 use clap::Args;
 
 use super::args::ModelArgs;
-use afprobe::intervene::ablate::{self, AblateSpec};
-use afprobe::intervene::direction::DirectionSource;
-use afprobe::intervene::patch::{self, PatchPosition, PatchSpec};
-use afprobe::intervene::steer::{self, SteerSpec};
-use afprobe::model::hooks::{short_kinds, HookScope};
-use afprobe::model::{parse_hooks, parse_layer_list, HookPoint};
+use crate::intervene::ablate::{self, AblateSpec};
+use crate::intervene::direction::DirectionSource;
+use crate::intervene::patch::{self, PatchPosition, PatchSpec};
+use crate::intervene::steer::{self, SteerSpec};
+use crate::model::hooks::{short_kinds, HookScope};
+use crate::model::{parse_hooks, parse_layer_list, HookPoint};
 
 /// What every intervention reads: prompts, model, row filter, output.
 #[derive(Args)]
@@ -341,7 +341,7 @@ pub struct AttributeArgs {
 
 pub fn attribute(a: AttributeArgs) -> anyhow::Result<()> {
     let model = a.common.model.load()?;
-    let spec = afprobe::attribute::AttributeSpec {
+    let spec = crate::attribute::AttributeSpec {
         prompts: a.common.prompts.clone(),
         out: a.common.out.clone(),
         filter: a.common.filter.parse()?,
@@ -353,8 +353,8 @@ pub fn attribute(a: AttributeArgs) -> anyhow::Result<()> {
         seed: a.common.seed,
         force: a.common.force,
     };
-    let report = afprobe::attribute::attribute(&model, &spec)?;
-    print!("{}", afprobe::attribute::format_table(&report));
+    let report = crate::attribute::attribute(&model, &spec)?;
+    print!("{}", crate::attribute::format_table(&report));
     println!("{}", spec.out.display());
     Ok(())
 }

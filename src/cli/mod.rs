@@ -1,6 +1,8 @@
-//! The `afprobe` command line (binary only): [`Cli`] and the dispatch here,
-//! one module per command family holding its arguments, its help text and the
-//! conversion of arguments into the library's specs; the work is in the library.
+//! The `afprobe` command line: [`Cli`] and the dispatch here, one module per
+//! command family holding its arguments, its help text and the conversion of
+//! arguments into the library's specs; the work is in the library. The binary
+//! calls [`Cli::run_from_args`]; the Python package runs commands in process
+//! with [`Cli::run_args`].
 
 mod args;
 mod bench;
@@ -11,7 +13,7 @@ mod organism;
 mod probe;
 mod study;
 
-use afprobe::model::hooks::hook_names;
+use crate::model::hooks::hook_names;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -143,9 +145,30 @@ fetched; --requests-per-category 1 gives a quicker look."
 }
 
 impl Cli {
-    /// Parses the process arguments and runs the command.
+    /// Parses the process's arguments (printing help or a usage error and
+    /// exiting, as a binary does) and runs the command.
     pub fn run_from_args() -> anyhow::Result<()> {
-        match Cli::parse().command {
+        Cli::parse().run()
+    }
+
+    /// Parses `args` (the words after `afprobe`, e.g. `["gap", "activations/x"]`)
+    /// and runs the command in this process. A usage error (or `--help`) is
+    /// returned as an error carrying clap's text, never an exit.
+    pub fn run_args<I, T>(args: I) -> anyhow::Result<()>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let argv = std::iter::once(std::ffi::OsString::from("afprobe"))
+            .chain(args.into_iter().map(Into::into));
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => cli.run(),
+            Err(e) => Err(anyhow::anyhow!("{}", e.render().to_string().trim_end())),
+        }
+    }
+
+    fn run(self) -> anyhow::Result<()> {
+        match self.command {
             Command::Model(c) => model::model(c),
             Command::Generate(a) => model::generate(a),
             Command::Prompts(a) => study::prompts(a),

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::args::ModelArgs;
-use afprobe::generate::{self, Sampling};
-use afprobe::intervene::steer::TextSteering;
-use afprobe::model::{fetch, model_info, Hooks};
+use crate::generate::{self, Sampling};
+use crate::intervene::steer::TextSteering;
+use crate::model::{fetch, model_info, Hooks};
 
 #[derive(Subcommand)]
 pub enum ModelCommand {

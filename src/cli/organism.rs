@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::args::ModelSpecArg;
-use afprobe::study::organism::{self, Focus, Recipe, Rule, TrainSpec};
+use crate::study::organism::{self, Focus, Recipe, Rule, TrainSpec};
 
 pub const TRAIN_ABOUT: &str = "Train a LoRA model organism with candle's autograd: activated \
 LoRA from the start of the user turn (<|im_start|>user\\n), so each distinct system prompt runs \

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use afprobe::plot;
-use afprobe::probe::{self, FitSettings, Method, ProbeSpec};
+use crate::plot;
+use crate::probe::{self, FitSettings, Method, ProbeSpec};
 
 pub const PROBE_ABOUT: &str = "Fit a linear probe for a binary label on every hook, position and \
 layer of an activation store, and measure how well it decodes the label on held-out requests.\n\n\

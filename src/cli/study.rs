@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::args::ModelArgs;
-use afprobe::gap;
-use afprobe::io::AtomicFile;
-use afprobe::model::{fetch, ModelSpec};
-use afprobe::study::{demo, sample, setting};
+use crate::gap;
+use crate::io::AtomicFile;
+use crate::model::{fetch, ModelSpec};
+use crate::study::{demo, sample, setting};
 
 pub const PROMPTS_ABOUT: &str = "Write the prompt rows of an alignment-faking study: for every cue, \
 request and tier, a chat with the setting's system prompt and a user turn that starts with the \

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use candle_core::{DType, IndexOp, Tensor};
 
@@ -361,6 +362,25 @@ pub enum Edit {
         direction: Tensor,
         positions: Positions,
     },
+    /// Call a function with the activation (TransformerLens' `fwd_hooks`; the
+    /// Python API's hooks): it returns a replacement of the same shape, or
+    /// `None` to leave the activation as it is.
+    Call(HookFn),
+}
+
+/// The function of an [`Edit::Call`]: called with the point, the activation
+/// `x` (`[T, d]` for the residual stream and block outputs, in the model's
+/// dtype) and the absolute position of each row of `x`.
+#[derive(Clone)]
+pub struct HookFn(
+    #[allow(clippy::type_complexity)]
+    pub  Arc<dyn Fn(HookPoint, &Tensor, &[usize]) -> Result<Option<Tensor>> + Send + Sync>,
+);
+
+impl fmt::Debug for HookFn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HookFn(..)")
+    }
 }
 
 /// Which absolute positions an [`Edit`] touches.
@@ -482,7 +502,7 @@ impl Hooks {
         let mut x = x;
         if let Some(edits) = self.edits.get(&point) {
             for edit in edits {
-                x = apply_edit(edit, &x, at)?;
+                x = apply_edit(point, edit, &x, at)?;
             }
         }
         if self.filter.matches(point) {
@@ -513,7 +533,7 @@ impl Hooks {
     }
 }
 
-fn apply_edit(edit: &Edit, x: &Tensor, at: &[usize]) -> Result<Tensor> {
+fn apply_edit(point: HookPoint, edit: &Edit, x: &Tensor, at: &[usize]) -> Result<Tensor> {
     let (len, d_model) = x.dims2()?;
     debug_assert_eq!(at.len(), len, "one position per row");
     let check_vector = |v: &Tensor, what: &str| -> Result<Tensor> {
@@ -542,6 +562,18 @@ fn apply_edit(edit: &Edit, x: &Tensor, at: &[usize]) -> Result<Tensor> {
             let coeff = x.broadcast_mul(&d)?.sum_keepdim(1)?; // [len, 1]
             (x - (coeff * column(positions)?)?.broadcast_mul(&d)?)?
         }
+        Edit::Call(f) => match (f.0)(point, x, at)? {
+            None => x.clone(),
+            Some(y) if y.dims() == x.dims() => y.to_dtype(x.dtype())?,
+            Some(y) => {
+                return Err(Error::BadInput(format!(
+                    "the hook function at `{point}` returned shape {:?} for an activation of \
+                     shape {:?}; return an array of the same shape, or None to keep the activation",
+                    y.dims(),
+                    x.dims()
+                )))
+            }
+        },
         Edit::Replace { positions, values } => {
             let (n, dv) = values.dims2()?;
             if n != positions.len() || dv != d_model {
@@ -631,6 +663,7 @@ mod tests {
         let x = Tensor::ones((4, 2), DType::F32, &dev)?;
         let v = Tensor::new(&[1f32, 2.0], &dev)?;
         let added = apply_edit(
+            HookPoint::Embed,
             &Edit::Add {
                 vector: v.clone(),
                 positions: Positions::From(11),
@@ -644,6 +677,7 @@ mod tests {
         );
         let dir = Tensor::new(&[1f32, 0.0], &dev)?;
         let ablated = apply_edit(
+            HookPoint::Embed,
             &Edit::ProjectOut {
                 direction: dir,
                 positions: Positions::At(vec![10]),
@@ -654,6 +688,7 @@ mod tests {
         assert_eq!(ablated.to_vec2::<f32>()?[0], vec![0., 1.]);
         assert_eq!(ablated.to_vec2::<f32>()?[1], vec![1., 1.]);
         let patched = apply_edit(
+            HookPoint::Embed,
             &Edit::Replace {
                 positions: vec![12, 99],
                 values: Tensor::new(&[[5f32, 6.0], [7.0, 8.0]], &dev)?,
@@ -665,6 +700,7 @@ mod tests {
         assert_eq!(patched.to_vec2::<f32>()?[3], vec![1., 1.]);
         // A token tree: two branches share position 12; both are patched.
         let branched = apply_edit(
+            HookPoint::Embed,
             &Edit::Replace {
                 positions: vec![12],
                 values: Tensor::new(&[[5f32, 6.0]], &dev)?,
@@ -676,6 +712,7 @@ mod tests {
         assert_eq!((&rows[1], &rows[2]), (&vec![5., 6.], &vec![5., 6.]));
         assert_eq!(rows[3], vec![1., 1.]);
         let wrong = apply_edit(
+            HookPoint::Embed,
             &Edit::Add {
                 vector: Tensor::new(&[1f32, 2.0, 3.0], &dev)?,
                 positions: Positions::All,
