@@ -49,8 +49,10 @@ __all__ = [
 ]
 
 #: A prompt: text (wrapped in the chat template as one user turn when ``chat=True``, used as it
-#: is otherwise), chat messages (``[{"role": ..., "content": ...}]``), or token ids.
-Prompt = Union[str, Sequence[Mapping[str, str]], Sequence[int], np.ndarray]
+#: is otherwise), chat messages (``[{"role": ..., "content": ...}]``), a row of a prompt file
+#: (``{"messages": [...]}`` or ``{"text": ...}``, with its ``assistant_prefix``, rendered as
+#: ``afprobe capture`` renders it), or token ids.
+Prompt = Union[str, Sequence[Mapping[str, str]], Mapping[str, Any], Sequence[int], np.ndarray]
 #: ``fn(activation, hook_name)``: edit ``activation`` (float32 ``[pos, d_model]``) in place and
 #: return None, or return a replacement of the same shape.
 HookFunction = Callable[[np.ndarray, str], Optional[np.ndarray]]
@@ -116,7 +118,7 @@ class Model:
 
     def __init__(
         self,
-        spec: Optional[str] = "smollm2-135m",
+        spec: Union[None, str, os.PathLike] = "smollm2-135m",
         adapter: Union[None, str, os.PathLike] = None,
         dtype: str = "f32",
         device: str = "cpu",
@@ -126,7 +128,9 @@ class Model:
                 f"device {device!r}: afprobe runs on the CPU only for now; pass device='cpu'"
             )
         self._native = _afprobe.NativeModel(
-            spec, None if adapter is None else os.fspath(adapter), dtype
+            None if spec is None else os.fspath(spec),
+            None if adapter is None else os.fspath(adapter),
+            dtype,
         )
         self.cfg = Config(**{k: str(v) if k == "path" else v for k, v in self._native.cfg().items()})
 
@@ -156,22 +160,34 @@ class Model:
             if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.d_vocab):
                 raise AfprobeError(f"token ids must lie in [0, {self.cfg.d_vocab}) for this model")
             return ids.astype(np.int64)
-        if isinstance(prompt, str):
+        if isinstance(prompt, Mapping):
+            if "messages" in prompt:
+                text = self.format_chat(prompt["messages"])
+            elif "text" in prompt:
+                text = prompt["text"]
+            else:
+                raise AfprobeError("a prompt row needs `messages` or `text` (docs/capture-and-store.md)")
+            text += prompt.get("assistant_prefix", "")
+        elif isinstance(prompt, str):
             text = self._native.format_chat([("user", prompt)]) if chat else prompt
         elif isinstance(prompt, (list, tuple)):
-            try:
-                messages = [(m["role"], m["content"]) for m in prompt]
-            except (KeyError, TypeError) as e:
-                raise AfprobeError(
-                    "a message list must hold dicts with 'role' and 'content', e.g. "
-                    "[{'role': 'user', 'content': 'Hi'}]"
-                ) from e
-            text = self._native.format_chat(messages)
+            text = self.format_chat(prompt)
         else:
             raise AfprobeError(
                 f"a prompt is text, a list of messages or token ids, not {type(prompt).__name__}"
             )
         return np.asarray(self._native.encode(text), dtype=np.int64)
+
+    def format_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The chat template applied to ``messages``, with the assistant header appended."""
+        try:
+            pairs = [(m["role"], m["content"]) for m in messages]
+        except (KeyError, TypeError) as e:
+            raise AfprobeError(
+                "a message list must hold dicts with 'role' and 'content', e.g. "
+                "[{'role': 'user', 'content': 'Hi'}]"
+            ) from e
+        return self._native.format_chat(pairs)
 
     def to_string(self, ids: Union[Sequence[int], np.ndarray]) -> str:
         """The text of token ids (special tokens kept)."""
@@ -303,6 +319,7 @@ class Model:
         prompt: Union[Prompt, List[Prompt]],
         continuations: Mapping[str, str],
         chat: bool = True,
+        fwd_hooks: Sequence[Tuple[str, HookFunction]] = (),
     ) -> Union[Dict[str, float], List[Dict[str, float]]]:
         """Σ log p of each continuation after the prompt, teacher-forced on the prompt's KV cache
         (what ``capture --score`` writes as ``logprob``).
@@ -312,17 +329,24 @@ class Model:
         as one batch: the prefix they share once, then one token tree holding every prompt's
         rest and its continuations, as a batched capture does.
 
+        Hook functions run on the prompt and on the continuation tokens (as ``afprobe steer``
+        runs its cells); with a list of prompts they see the rows of the batch's token tree.
+
         Returns:
             ``{name: log_prob}`` (natural log), or a list of them for a list of prompts.
         """
-        many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, np.integer, dict))
+        first = prompt[0] if isinstance(prompt, list) and prompt else None
+        # A list of prompts, not one prompt given as ids or as messages.
+        many = first is not None and not isinstance(first, (int, np.integer)) and not (
+            isinstance(first, Mapping) and "role" in first
+        )
         prompts = prompt if many else [prompt]
         if not continuations:
             raise AfprobeError("continuations is empty; give e.g. {'accept': '<request_fully_accepted/>'}")
         names = list(continuations)
         conts = [self._native.encode_plain(continuations[n]) for n in names]
         tokens = [self.to_tokens(p, chat).tolist() for p in prompts]
-        scores = [dict(zip(names, s)) for s in self._native.score(tokens, conts)]
+        scores = [dict(zip(names, s)) for s in self._native.score(tokens, conts, self._hooks(fwd_hooks))]
         return scores if many else scores[0]
 
 
@@ -409,10 +433,13 @@ def _memmap_safetensors(path: Path, name: str) -> np.ndarray:
 
 def _argv(words: Sequence[str], options: Mapping[str, Any]) -> List[str]:
     """``afprobe`` arguments from keyword options: ``foo_bar=x`` → ``--foo-bar=x``; True → the
-    flag alone; False or None → left out; a list or tuple → its items joined by commas."""
+    flag alone; False or None → left out; a list or tuple → its items joined by commas; a
+    :class:`Model` → its file (the command loads it again, as the CLI would)."""
     argv = [os.fspath(w) for w in words]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
+        if isinstance(value, Model):
+            value = value.cfg.path
         if value is None or value is False:
             continue
         if value is True:

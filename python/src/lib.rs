@@ -261,12 +261,15 @@ impl NativeModel {
     /// Σ log p of each continuation (token ids) after each prompt, teacher-forced
     /// on the prompt's KV cache as `capture --score` does: one prompt runs as
     /// capture runs a row alone; several run as one token tree over the prefix
-    /// they share, as a batched capture does. Returns `[prompt][continuation]`.
+    /// they share, as a batched capture does. `hooks` run on the prompts and
+    /// the continuations. Returns `[prompt][continuation]`.
+    #[pyo3(signature = (prompts, continuations, hooks=Vec::new()))]
     fn score(
         &self,
         py: Python<'_>,
         prompts: Vec<Vec<u32>>,
         continuations: Vec<Vec<u32>>,
+        hooks: Vec<(String, Py<PyAny>)>,
     ) -> PyResult<Vec<Vec<f64>>> {
         for p in &prompts {
             self.check_tokens(p)?;
@@ -276,9 +279,14 @@ impl NativeModel {
                 "continuation {i} has no tokens; give non-empty text"
             )));
         }
+        let mut h = Hooks::none();
+        let raised = self.add_hook_fns(&mut h, hooks)?;
         let model = &self.inner;
-        py.detach(|| score_prompts(model, &prompts, &continuations))
-            .map_err(py_err)
+        let result = py.detach(|| {
+            h.check(model.config().n_layers)?;
+            score_prompts(model, &prompts, &continuations, &mut h)
+        });
+        reraise(result, &raised)
     }
 }
 
@@ -355,18 +363,22 @@ fn score_prompts(
     model: &afprobe::model::Model,
     prompts: &[Vec<u32>],
     conts: &[Vec<u32>],
+    hooks: &mut Hooks,
 ) -> afprobe::Result<Vec<Vec<f64>>> {
     let t = &model.transformer;
     let conts: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
-    let one_by_one = |kv: &mut KvCache, prompt: &[u32]| -> afprobe::Result<Vec<f64>> {
+    // As `capture` scores a row alone: the prompt (past what `kv` holds), then
+    // the continuations on its cache.
+    let one_by_one = |kv: &mut KvCache, hooks: &mut Hooks, prompt: &[u32]| {
         let reuse = kv.shared_prefix_len(prompt).min(prompt.len() - 1);
         kv.truncate(reuse)?;
-        let last = t.forward(&prompt[reuse..], kv, &mut Hooks::none(), &LogitsAt::Last)?;
-        Ok(continuation_logprobs(t, kv, &mut [Hooks::none()], &last, &conts)?.0)
+        let last = t.forward(&prompt[reuse..], kv, hooks, &LogitsAt::Last)?;
+        let hooks = std::slice::from_mut(hooks);
+        afprobe::Result::Ok(continuation_logprobs(t, kv, hooks, &last, &conts)?.0)
     };
     let mut kv = KvCache::new();
     if let [prompt] = prompts {
-        return Ok(vec![one_by_one(&mut kv, prompt)?]);
+        return Ok(vec![one_by_one(&mut kv, hooks, prompt)?]);
     }
     // The part every prompt shares, keeping at least one token of each to run.
     let first = &prompts[0];
@@ -379,12 +391,7 @@ fn score_prompts(
         .min()
         .unwrap_or(0);
     if shared > 0 {
-        t.forward(
-            &first[..shared],
-            &mut kv,
-            &mut Hooks::none(),
-            &LogitsAt::None,
-        )?;
+        t.forward(&first[..shared], &mut kv, hooks, &LogitsAt::None)?;
     }
     let tree = PromptTree::new(
         prompts
@@ -393,12 +400,8 @@ fn score_prompts(
             .collect(),
     );
     let nodes = tree.logit_nodes();
-    match t.forward_tree(
-        &tree.tree,
-        &mut kv,
-        &mut Hooks::none(),
-        &LogitsAt::Rows(nodes.clone()),
-    )? {
+    let at = LogitsAt::Rows(nodes.clone());
+    match t.forward_tree(&tree.tree, &mut kv, hooks, &at)? {
         Some(logits) => {
             let logprobs = log_softmax(&logits)?.to_vec2::<f32>()?;
             Ok((0..prompts.len())
@@ -406,7 +409,10 @@ fn score_prompts(
                 .collect())
         }
         // A model that cannot run a token tree (an activated adapter): one by one.
-        None => prompts.iter().map(|p| one_by_one(&mut kv, p)).collect(),
+        None => prompts
+            .iter()
+            .map(|p| one_by_one(&mut kv, hooks, p))
+            .collect(),
     }
 }
 
