@@ -235,3 +235,26 @@ def test_bad_input_raises_a_clear_exception(model, study_prompts, tmp_path):
         model.run_with_hooks("x", fwd_hooks=[("blocks.3.hook_mlp_out", raises)])
     # The model is still usable after every error.
     assert model.run_with_hooks("x").shape[1] == model.cfg.d_vocab
+
+
+def test_long_calls_release_the_gil(model):
+    """Another Python thread runs while the model computes."""
+    import threading
+
+    ticks = []
+    done = threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks.append(1)
+            done.wait(0.001)
+
+    thread = threading.Thread(target=count)
+    thread.start()
+    ids = model.to_tokens("Tell me a long story about probes. " * 40, chat=False)
+    before = len(ticks)
+    model.run_with_cache(ids, names_filter=[], positions="last")
+    during = len(ticks) - before
+    done.set()
+    thread.join()
+    assert during > 10, f"the counting thread ran {during} times during the forward pass"
