@@ -10,7 +10,8 @@ Run it with the Python that has the afprobe package (`pip install ./python`). It
 1. a fresh interpreter's `import afprobe`, model load and first forward (whole process, and
    the parts), beside a bare `python -c pass`;
 2. `run_with_cache` on a LENGTH-token prompt capturing every `hook_resid_post` at the last
-   token, beside `afprobe bench prefill` (the CLI's timing of the same work, random tokens);
+   token, beside `afprobe bench prefill` (the CLI's timing of the same work, random tokens),
+   alternating twice;
 3. `run_with_cache` capturing every `hook_resid_pre` and `hook_resid_post` at every position
    with logits at every position, beside TransformerLens's `run_with_cache` with the same names
    filter (scripts/ref/bench_prefill.py --cache resid, float32, same thread count; needs
@@ -112,9 +113,14 @@ def main():
     n = model.cfg.n_layers
     post = [f"blocks.{l}.hook_resid_post" for l in range(n)]
     both = [f"blocks.{l}.hook_{k}" for l in range(n) for k in ("resid_pre", "resid_post")]
-    py_last = median_time(lambda: model.run_with_cache(ids, names_filter=post, positions="last"), a.repeats)
+    # The CLI and the API alternate twice, so a drift in the shared machine's speed (±15 % within
+    # minutes here) falls on both; each side's figure is the mean of its two medians.
+    py_runs, cli_runs = [], []
+    for _ in range(2):
+        cli_runs.append(cli_prefill(a.afprobe_bin, a.model, a.length, a.repeats, a.threads))
+        py_runs.append(median_time(lambda: model.run_with_cache(ids, names_filter=post, positions="last"), a.repeats))
+    py_last, cli_last = statistics.mean(py_runs), statistics.mean(cli_runs)
     py_all = median_time(lambda: model.run_with_cache(ids, names_filter=both), a.repeats)
-    cli_last = cli_prefill(a.afprobe_bin, a.model, a.length, a.repeats, a.threads)
 
     rows = [
         ("fresh interpreter: import + load + first forward (whole process)", f"{whole:.2f} s "

@@ -39,8 +39,14 @@ pub(super) enum LinearWeight {
 impl Linear {
     /// From PyTorch-layout weights `[out, in]` (fused parts in order).
     pub(super) fn new(parts: Vec<Tensor>, bias: Option<Tensor>) -> Result<Linear> {
+        let w = Tensor::cat(&parts, 0)?;
+        let (rows, cols) = w.dims2()?;
+        let w_t = match kernels::with_f32_slice(&w, |s| kernels::transpose(s, rows, cols))? {
+            Some(t) => Tensor::from_vec(t, (cols, rows), w.device())?,
+            None => w.t()?.contiguous()?,
+        };
         Ok(Linear {
-            weight: LinearWeight::DenseT(Tensor::cat(&parts, 0)?.t()?.contiguous()?),
+            weight: LinearWeight::DenseT(w_t),
             bias,
         })
     }
