@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
-use crate::model::{CaptureRows, HookPoint, Hooks, LogitsAt, Model, NamesFilter, WeightDtype};
+use crate::model::{
+    CaptureRows, Engine, HookPoint, Hooks, LogitsAt, Model, NamesFilter, WeightDtype,
+};
 
 /// One measured length.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,6 +159,7 @@ pub struct PrefillBench<'a> {
     /// `--model` as given (`None`: the default model).
     pub model: Option<&'a str>,
     pub dtype: WeightDtype,
+    pub engine: Engine,
     pub lengths: &'a [usize],
     pub repeats: usize,
     pub threads: usize,
@@ -174,6 +177,7 @@ impl PrefillBench<'_> {
             cmd.args(["bench", "prefill", "--one", "--lengths", &len.to_string()])
                 .args(["--repeats", &self.repeats.to_string()])
                 .args(["--dtype", &format!("{:?}", self.dtype).to_lowercase()])
+                .args(["--engine", self.engine.name()])
                 .env("RAYON_NUM_THREADS", self.threads.to_string());
             if let Some(m) = self.model {
                 cmd.args(["--model", m]);

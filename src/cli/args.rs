@@ -1,6 +1,6 @@
 //! Arguments shared by every command that loads a model.
 
-use crate::model::{self, Model, ModelSpec, WeightDtype};
+use crate::model::{self, Engine, Model, ModelSpec, WeightDtype};
 use clap::Args;
 
 /// `--model SPEC`.
@@ -34,17 +34,24 @@ pub struct ModelArgs {
     /// f32, or quantized (with a notice) for a GGUF whose f32 weights would not fit comfortably.
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: WeightDtype,
+    /// What runs the forward pass: fused (hand-written CPU kernels, the fast path) or portable
+    /// (candle tensor ops only: the device-generic, differentiable engine; slower on the CPU).
+    /// Both compute the same activations at every hook (docs/hooks-and-api.md, "Engines").
+    #[arg(long, value_enum, default_value = "fused")]
+    pub engine: Engine,
 }
 
 impl ModelArgs {
     /// Loads the model, with a one-line note on stderr.
     pub fn load(&self) -> anyhow::Result<Model> {
-        Ok(model::load_model_with_adapter(
-            &self.spec.spec(),
-            self.dtype,
-            self.spec.adapter.as_deref(),
-        )?)
+        load(&self.spec, self.dtype, self.engine)
     }
+}
+
+fn load(spec: &ModelSpecArg, dtype: WeightDtype, engine: Engine) -> anyhow::Result<Model> {
+    let mut model = model::load_model_with_adapter(&spec.spec(), dtype, spec.adapter.as_deref())?;
+    model.transformer.set_engine(engine);
+    Ok(model)
 }
 
 /// `--model` for `capture`, whose `--dtype` is the stored activations' precision,
@@ -59,15 +66,15 @@ pub struct CaptureModelArgs {
     /// f32, or quantized (with a notice) for a GGUF whose f32 weights would not fit comfortably.
     #[arg(long, value_enum, default_value = "auto")]
     pub weights_dtype: WeightDtype,
+    /// What runs the forward pass: fused (hand-written CPU kernels, the fast path) or portable
+    /// (candle tensor ops only: the device-generic, differentiable engine; slower on the CPU).
+    #[arg(long, value_enum, default_value = "fused")]
+    pub engine: Engine,
 }
 
 impl CaptureModelArgs {
     /// Loads the model, with a one-line note on stderr.
     pub fn load(&self) -> anyhow::Result<Model> {
-        Ok(model::load_model_with_adapter(
-            &self.spec.spec(),
-            self.weights_dtype,
-            self.spec.adapter.as_deref(),
-        )?)
+        load(&self.spec, self.weights_dtype, self.engine)
     }
 }

@@ -248,11 +248,12 @@ fn bench_capture(a: CaptureBenchArgs) -> anyhow::Result<()> {
 
 fn bench_prefill(a: PrefillArgs) -> anyhow::Result<()> {
     if a.one {
-        let model = crate::model::Model::load_with_adapter(
+        let mut model = crate::model::Model::load_with_adapter(
             &a.model.spec.spec(),
             a.model.dtype,
             a.model.spec.adapter.as_deref(),
         )?;
+        model.transformer.set_engine(a.model.engine);
         for &len in &a.lengths {
             let r = bench::measure_prefill(&model, len, a.repeats)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -262,6 +263,7 @@ fn bench_prefill(a: PrefillArgs) -> anyhow::Result<()> {
     let (ours, theirs) = bench::PrefillBench {
         model: a.model.spec.model.as_deref(),
         dtype: a.model.dtype,
+        engine: a.model.engine,
         lengths: &a.lengths,
         repeats: a.repeats,
         threads: a.threads,

@@ -106,7 +106,8 @@ impl TreeMask {
         self.positions[self.cached + i]
     }
 
-    fn sees(&self, query: usize, node: usize) -> bool {
+    /// Whether query `query` of this call sees tree node `node` (it or an ancestor).
+    pub fn sees(&self, query: usize, node: usize) -> bool {
         self.sees[query * self.words + node / 64] & (1 << (node % 64)) != 0
     }
 

@@ -17,6 +17,7 @@ use super::config::{Activation, ModelConfig, NormKind, QkNorm};
 use super::hooks::{HookPoint, Hooks};
 use super::kernels::{self, with_f32_slice, WeightLayout};
 use super::kv_cache::{KvCache, LayerKv};
+use super::portable::{self, AttentionShape, Engine};
 use super::token_tree::LogitsAt;
 use super::weights::{Linear, Loader, QuantSource, Table, WeightSource};
 use crate::error::{Error, Result};
@@ -36,6 +37,16 @@ impl RmsNorm {
             &self.weight,
             self.eps,
         )?)
+    }
+
+    /// The norm over every `size` columns of `x` (`[T, n · size]`, f32), as
+    /// [`apply_rows`](Self::apply_rows) computes it: q/k norms in tensor ops.
+    fn forward_groups(&self, x: &Tensor) -> Result<Tensor> {
+        let (t, width) = x.dims2()?;
+        let size = self.weight.dim(0)?;
+        let w = self.weight.to_dtype(DType::F32)?;
+        let groups = x.contiguous()?.reshape((t * width / size, size))?;
+        Ok(candle_nn::ops::rms_norm(&groups, &w, self.eps)?.reshape((t, width))?)
     }
 
     /// The norm over `n` groups of `size` columns from column `offset` of each
@@ -94,13 +105,20 @@ impl Attention {
         layer: usize,
         at: &Layout,
     ) -> Result<Tensor> {
+        if kv.tensors.is_some() {
+            return Err(Error::BadInput(
+                "this KV cache was filled by the portable engine; run the whole sequence with one \
+                 engine"
+                    .into(),
+            ));
+        }
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // One row per token: [q heads | k heads | v heads]; attention runs in f32.
         let width = (nh + 2 * nkv) * hd;
         let mut qkv = self
             .qkv_proj
-            .forward(x)?
+            .forward(x, Engine::Fused)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
@@ -114,24 +132,9 @@ impl Attention {
         rope.apply(&mut qkv, width, nh * hd, nkv);
         let past = kv.len(nkv * hd);
         kv.append(&qkv, width, nh * hd, nkv * hd);
-        let internals = [
-            HookPoint::AttnQ(layer),
-            HookPoint::AttnK(layer),
-            HookPoint::AttnV(layer),
-            HookPoint::AttnZ(layer),
-            HookPoint::AttnPattern(layer),
-        ];
-        if let Some(&point) = internals.iter().find(|&&p| hooks.is_active(p)) {
-            if at.tree.is_some() {
-                return Err(Error::BadInput(format!(
-                    "`{point}` is not available in a batched (token-tree) forward call; \
-                     run the sequence on its own to read attention internals"
-                )));
-            }
+        if internals_wanted(hooks, layer, at)? {
             let values = self.internals(&qkv, kv, t, past, x.device())?;
-            for (point, value) in internals.into_iter().zip(values) {
-                hooks.run(point, value, &at.positions)?;
-            }
+            run_internals(hooks, layer, values, at)?;
         }
         let kv_view = |data| Strided {
             data,
@@ -159,8 +162,87 @@ impl Attention {
             at.tree.as_ref(),
         );
         let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out, Engine::Fused)
     }
+
+    /// [`forward`](Self::forward) in tensor ops ([`portable`]): the same
+    /// projection, q/k norms and rope, attention in f32 over a tensor cache;
+    /// the internals are the tensors it computes (f32, not the fused path's f64).
+    fn forward_portable(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kv: &mut LayerKv,
+        hooks: &mut Hooks,
+        layer: usize,
+        at: &Layout,
+    ) -> Result<Tensor> {
+        let (t, _) = x.dims2()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let qkv = self
+            .qkv_proj
+            .forward(x, Engine::Portable)?
+            .to_dtype(DType::F32)?;
+        let mut q = qkv.narrow(1, 0, nh * hd)?;
+        let mut k = qkv.narrow(1, nh * hd, nkv * hd)?;
+        let v = qkv
+            .narrow(1, (nh + nkv) * hd, nkv * hd)?
+            .reshape((t, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward_groups(&q)?;
+            k = kn.forward_groups(&k)?;
+        }
+        let q = rope.apply_tensor(&q.reshape((t, nh, hd))?)?;
+        let k = rope.apply_tensor(&k.reshape((t, nkv, hd))?)?;
+        let shape = AttentionShape {
+            n_kv_heads: nkv,
+            scale: self.scale,
+            softcap: self.softcap,
+            window: self.window,
+        };
+        let (z, pattern) = portable::attention(&q, &k, &v, kv, &shape, at)?;
+        if internals_wanted(hooks, layer, at)? {
+            run_internals(hooks, layer, [q, k, v, z.clone(), pattern], at)?;
+        }
+        let out = z.reshape((t, nh * hd))?.to_dtype(x.dtype())?;
+        self.o_proj.forward(&out, Engine::Portable)
+    }
+}
+
+/// Whether a hook asks for layer `layer`'s attention internals (an error in a
+/// token-tree call, where they are not defined per sequence).
+fn internals_wanted(hooks: &Hooks, layer: usize, at: &Layout) -> Result<bool> {
+    let Some(point) = internal_points(layer)
+        .into_iter()
+        .find(|&p| hooks.is_active(p))
+    else {
+        return Ok(false);
+    };
+    if at.tree.is_some() {
+        return Err(Error::BadInput(format!(
+            "`{point}` is not available in a batched (token-tree) forward call; \
+             run the sequence on its own to read attention internals"
+        )));
+    }
+    Ok(true)
+}
+
+fn internal_points(layer: usize) -> [HookPoint; 5] {
+    [
+        HookPoint::AttnQ(layer),
+        HookPoint::AttnK(layer),
+        HookPoint::AttnV(layer),
+        HookPoint::AttnZ(layer),
+        HookPoint::AttnPattern(layer),
+    ]
+}
+
+/// Hands q, k, v, z and the pattern to the hooks (capture only).
+fn run_internals(hooks: &mut Hooks, layer: usize, values: [Tensor; 5], at: &Layout) -> Result<()> {
+    for (point, value) in internal_points(layer).into_iter().zip(values) {
+        hooks.run(point, value, &at.positions)?;
+    }
+    Ok(())
 }
 
 impl Attention {
@@ -245,20 +327,20 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.gate_up_proj.forward(x)?;
+    fn forward(&self, x: &Tensor, engine: Engine) -> Result<Tensor> {
+        let gate_up = self.gate_up_proj.forward(x, engine)?;
         let d = self.d_mlp;
-        let fused: Option<kernels::GatedKernel> = match self.activation {
-            Activation::Silu => Some(kernels::swiglu),
-            Activation::GeluTanh => Some(kernels::geglu_tanh),
-            Activation::GeluErf => None,
+        let fused: Option<kernels::GatedKernel> = match (self.activation, engine) {
+            (_, Engine::Portable) | (Activation::GeluErf, _) => None,
+            (Activation::Silu, Engine::Fused) => Some(kernels::swiglu),
+            (Activation::GeluTanh, Engine::Fused) => Some(kernels::geglu_tanh),
         };
         if let Some(kernel) = fused {
             if let Some(h) = with_f32_slice(&gate_up, |rows| kernel(rows, d))? {
                 let t = gate_up.dim(0)?;
                 return self
                     .down_proj
-                    .forward(&Tensor::from_vec(h, (t, d), x.device())?);
+                    .forward(&Tensor::from_vec(h, (t, d), x.device())?, engine);
             }
         }
         let gate = gate_up.narrow(1, 0, self.d_mlp)?;
@@ -268,7 +350,7 @@ impl Mlp {
             Activation::GeluErf => gate.gelu_erf()?,
         };
         let up = gate_up.narrow(1, self.d_mlp, self.d_mlp)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&(gate * up)?, engine)
     }
 }
 
@@ -386,6 +468,8 @@ pub struct Decoder {
     /// Rope tables: `[0]` global, `[1]` the sliding-window layers' when their base differs.
     ropes: Vec<RopeFreqs>,
     device: Device,
+    /// What runs the heavy parts (`--engine`).
+    engine: Engine,
 }
 
 /// Inverse frequencies of one rope table and the factor on cos/sin (YaRN, LongRoPE).
@@ -456,7 +540,13 @@ impl Decoder {
             final_norm,
             lm_head,
             ropes,
+            engine: Engine::Fused,
         })
+    }
+
+    /// Runs the heavy parts with `engine` from now on.
+    pub(super) fn set_engine(&mut self, engine: Engine) {
+        self.engine = engine;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -542,14 +632,18 @@ impl Decoder {
             x = hooks.run(HookPoint::ResidPre(l), x, pos)?;
             let h = norm_opt(&block.attn_pre_norm, x.clone())?;
             let rope = &ropes[block.attn.rope];
-            let attn_out = block
-                .attn
-                .forward(&h, rope, &mut kv.layers[l], hooks, l, at)?;
+            let layer_kv = &mut kv.layers[l];
+            let attn_out = match self.engine {
+                Engine::Fused => block.attn.forward(&h, rope, layer_kv, hooks, l, at)?,
+                Engine::Portable => block
+                    .attn
+                    .forward_portable(&h, rope, layer_kv, hooks, l, at)?,
+            };
             let attn_out = norm_opt(&block.attn_post_norm, attn_out)?;
             let attn_out = hooks.run(HookPoint::AttnOut(l), attn_out, pos)?;
             x = hooks.run(HookPoint::ResidMid(l), (x + attn_out)?, pos)?;
             let h = norm_opt(&block.mlp_pre_norm, x.clone())?;
-            let mlp_out = norm_opt(&block.mlp_post_norm, block.mlp.forward(&h)?)?;
+            let mlp_out = norm_opt(&block.mlp_post_norm, block.mlp.forward(&h, self.engine)?)?;
             let mlp_out = hooks.run(HookPoint::MlpOut(l), mlp_out, pos)?;
             x = hooks.run(HookPoint::ResidPost(l), (x + mlp_out)?, pos)?;
         }
@@ -598,12 +692,16 @@ impl Decoder {
     fn unembed_normed(&self, normed: &Tensor) -> Result<Tensor> {
         // f32: the deterministic column-split kernel reading the [vocab, d] matrix
         // as its transpose (no copy), so scores are reproducible to the bit.
-        let logits = match &self.lm_head {
-            Table::Dense(w) => match kernels::matmul_tensor(normed, w, WeightLayout::NByK)? {
-                Some(logits) => logits,
-                None => normed.matmul(&w.t()?)?.to_dtype(DType::F32)?,
-            },
-            Table::Quantized(w) => kernels::quantized_matmul(w, normed)?,
+        let logits = match (&self.lm_head, self.engine) {
+            (Table::Dense(w), Engine::Portable) => normed.matmul(&w.t()?)?.to_dtype(DType::F32)?,
+            (Table::Dense(w), Engine::Fused) => {
+                match kernels::matmul_tensor(normed, w, WeightLayout::NByK)? {
+                    Some(logits) => logits,
+                    None => normed.matmul(&w.t()?)?.to_dtype(DType::F32)?,
+                }
+            }
+            (Table::Quantized(w), Engine::Fused) => kernels::quantized_matmul(w, normed)?,
+            (Table::Quantized(w), Engine::Portable) => portable::quantized_matmul(w, normed)?,
         };
         match self.config.family.final_softcap {
             // cap · tanh(logit / cap) (Gemma 2)
@@ -658,6 +756,19 @@ impl Rope {
             }
         }
         Rope { cos, sin, half }
+    }
+
+    /// Rotates `x` (`[T, heads, d_head]`, f32) in tensor ops, as [`apply`](Self::apply).
+    fn apply_tensor(&self, x: &Tensor) -> Result<Tensor> {
+        let (t, _, _) = x.dims3()?;
+        let half = self.half;
+        let cos = Tensor::from_slice(&self.cos, (t, 1, half), x.device())?;
+        let sin = Tensor::from_slice(&self.sin, (t, 1, half), x.device())?;
+        let x1 = x.narrow(2, 0, half)?;
+        let x2 = x.narrow(2, half, half)?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[r1, r2], 2)?)
     }
 
     /// Rotates `n_heads` heads starting at column `offset` of each `[T, width]`

@@ -1,19 +1,27 @@
 //! The key/value cache of one sequence, with the tokens (and token-tree
 //! branches) it was computed from.
 
+use candle_core::Tensor;
+
 use super::token_tree::TokenTree;
 use crate::error::Result;
 
-/// Keys and values of one layer for the tokens seen so far, f32 `[len, n_kv_heads * head_dim]`.
+/// Keys and values of one layer for the tokens seen so far: the fused
+/// engine's f32 `[len, n_kv_heads * head_dim]` buffers, or the portable
+/// engine's tensors `[len, n_kv_heads, head_dim]` on its device.
 #[derive(Debug, Clone, Default)]
 pub(super) struct LayerKv {
     pub(super) k: Vec<f32>,
     pub(super) v: Vec<f32>,
+    pub(super) tensors: Option<(Tensor, Tensor)>,
 }
 
 impl LayerKv {
     pub(super) fn len(&self, kv_width: usize) -> usize {
-        self.k.len() / kv_width
+        match &self.tensors {
+            Some((k, _)) => k.dims()[0],
+            None => self.k.len() / kv_width,
+        }
     }
 
     /// Appends the k and v columns of fused `[T, width]` qkv rows (k starts at `k_offset`).
@@ -26,9 +34,18 @@ impl LayerKv {
         }
     }
 
-    pub(super) fn truncate(&mut self, len: usize, kv_width: usize) {
+    pub(super) fn truncate(&mut self, len: usize, kv_width: usize) -> Result<()> {
         self.k.truncate(len * kv_width);
         self.v.truncate(len * kv_width);
+        if let Some((k, v)) = self.tensors.take() {
+            let rows = k.dim(0)?;
+            self.tensors = match len {
+                0 => None,
+                n if n < rows => Some((k.narrow(0, 0, n)?, v.narrow(0, 0, n)?)),
+                _ => Some((k, v)),
+            };
+        }
+        Ok(())
     }
 }
 
@@ -71,23 +88,24 @@ impl KvCache {
     /// Keeps only the first `len` tokens (and no branches).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         if !self.branches.is_empty() {
-            self.forget_after(self.tokens.len());
+            self.forget_after(self.tokens.len())?;
             self.branches = TokenTree::default();
         }
         if len < self.tokens.len() {
             self.tokens.truncate(len);
             self.adapted_from = self.adapted_from.filter(|&a| a < len);
-            let width = self.kv_width;
-            self.layers.iter_mut().for_each(|l| l.truncate(len, width));
+            self.forget_after(len)?;
         }
         Ok(())
     }
 
     /// Drops keys and values past the first `len` tokens that no token records
     /// (those a token tree appended for its own call).
-    pub(super) fn forget_after(&mut self, len: usize) {
+    pub(super) fn forget_after(&mut self, len: usize) -> Result<()> {
         let width = self.kv_width;
-        self.layers.iter_mut().for_each(|l| l.truncate(len, width));
+        self.layers
+            .iter_mut()
+            .try_for_each(|l| l.truncate(len, width))
     }
 
     /// Length of the longest run of token ids this cache shares with the start of `tokens`.

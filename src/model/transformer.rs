@@ -10,6 +10,7 @@ use super::config::ModelConfig;
 use super::decoder::{Decoder, Layout};
 use super::hooks::Hooks;
 pub use super::kv_cache::KvCache;
+use super::portable::Engine;
 pub use super::token_tree::{LogitsAt, TokenTree};
 pub use super::weights::{QuantSource, WeightSource};
 use crate::error::{Error, Result};
@@ -96,6 +97,16 @@ impl Transformer {
                     }),
                 })
             }
+        }
+    }
+
+    /// Runs the heavy parts of every forward pass with `engine` from now on
+    /// (`--engine`; see [`Engine`]). A KV cache filled by one engine is refused
+    /// by the other.
+    pub fn set_engine(&mut self, engine: Engine) {
+        self.decoder.set_engine(engine);
+        if let Some(act) = &mut self.activated {
+            act.adapted.set_engine(engine);
         }
     }
 
@@ -258,7 +269,7 @@ impl Transformer {
         if keep && logits.is_ok() {
             kv.branches = all;
         } else {
-            kv.forget_after(start + cached);
+            kv.forget_after(start + cached)?;
         }
         logits.map(Some)
     }

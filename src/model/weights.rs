@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::kernels::{self, WeightLayout};
+use super::portable::{self, Engine};
 use crate::error::{Error, Result};
 
 /// Weights by HF name (`model.layers.0.self_attn.q_proj.weight`), q/k in the
@@ -51,16 +52,22 @@ impl Linear {
         })
     }
 
-    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::DenseT(w) => match kernels::matmul_tensor(x, w, WeightLayout::KByN)? {
-                Some(y) => y,
-                None => x.matmul(w)?,
-            },
-            LinearWeight::Quantized(parts) => {
+    pub(super) fn forward(&self, x: &Tensor, engine: Engine) -> Result<Tensor> {
+        let y = match (&self.weight, engine) {
+            (LinearWeight::DenseT(w), Engine::Portable) => portable::matmul_t(x, w)?,
+            (LinearWeight::DenseT(w), Engine::Fused) => {
+                match kernels::matmul_tensor(x, w, WeightLayout::KByN)? {
+                    Some(y) => y,
+                    None => x.matmul(w)?,
+                }
+            }
+            (LinearWeight::Quantized(parts), _) => {
                 let outs = parts
                     .iter()
-                    .map(|p| kernels::quantized_matmul(p, x))
+                    .map(|p| match engine {
+                        Engine::Fused => kernels::quantized_matmul(p, x),
+                        Engine::Portable => portable::quantized_matmul(p, x),
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 // One part: cat returns it as is.
                 Tensor::cat(&outs, 1)?

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::DemoOptions;
 use crate::capture::{capture, CaptureSpec};
 use crate::error::{Error, Result};
 use crate::gap::{compute_gap, write_report, GapReport};
@@ -17,9 +18,7 @@ use crate::intervene::direction::DirectionSource;
 use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
 use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerScale, SteerSpec};
 use crate::io::write_atomic;
-use crate::model::{
-    load_model_with_adapter, parse_hooks, HookPoint, Model, ModelSpec, WeightDtype,
-};
+use crate::model::{load_model_with_adapter, parse_hooks, HookPoint, Model, ModelSpec};
 use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Control, Method, ProbeSpec};
 use crate::rows::Filter;
@@ -105,7 +104,7 @@ fn subjects() -> [Subject; 3] {
 /// Runs the section on the default model and its organisms, or says why it
 /// cannot (organisms not present) and returns `None`.
 pub(super) fn run_positive_control(
-    dtype: WeightDtype,
+    options: &DemoOptions,
     activations: &Path,
     figures_dir: &Path,
 ) -> Result<Option<PositiveControl>> {
@@ -145,7 +144,7 @@ pub(super) fn run_positive_control(
     for subject in subjects {
         runs.push(run_subject(
             spec,
-            dtype,
+            options,
             subject,
             &prompts,
             &requests[..INTERVENTION_REQUESTS.min(n_requests)],
@@ -197,7 +196,7 @@ fn control_rows(train_per_category: usize) -> Result<(Vec<Value>, Vec<String>)> 
 
 fn run_subject(
     spec: &ModelSpec,
-    dtype: WeightDtype,
+    options: &DemoOptions,
     subject: Subject,
     prompts: &Path,
     intervention_requests: &[String],
@@ -208,7 +207,8 @@ fn run_subject(
         "\n== positive control: {} ({}) ==",
         subject.name, subject.built
     );
-    let model = load_model_with_adapter(spec, dtype, subject.adapter.as_deref())?;
+    let mut model = load_model_with_adapter(spec, options.dtype, subject.adapter.as_deref())?;
+    model.transformer.set_engine(options.engine);
     let n_layers = model.config().n_layers;
     let dir = root.join(subject.name);
     let store_dir = dir.join("capture");

@@ -29,7 +29,7 @@ use crate::generate::{argmax, generate_to_stdout, prompt_tokens, Sampling};
 use crate::io::write_atomic;
 use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{
-    load_model, model_info, parse_hooks, CaptureRows, HookPoint, Hooks, Model, ModelSpec,
+    load_model, model_info, parse_hooks, CaptureRows, Engine, HookPoint, Hooks, Model, ModelSpec,
     NamesFilter, WeightDtype,
 };
 use crate::probe::{self, Control, Method, ProbeSpec};
@@ -64,12 +64,14 @@ pub struct DemoOptions {
     pub requests_per_category: Option<usize>,
     /// Weight precision after loading.
     pub dtype: WeightDtype,
+    /// What runs the forward passes (`--engine`).
+    pub engine: Engine,
 }
 
 pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
     let started = Instant::now();
     let mut timings = Timings::default();
-    let model = timings.time("model tour", || model_tour(spec, options.dtype))?;
+    let model = timings.time("model tour", || model_tour(spec, options))?;
 
     let activations = Path::new("activations");
     let StudyPrompts {
@@ -140,7 +142,7 @@ pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
 
     let figures_dir = Path::new("figures").join(NAME);
     let control = timings.time("positive control", || {
-        run_positive_control(options.dtype, activations, &figures_dir)
+        run_positive_control(options, activations, &figures_dir)
     })?;
     let figures = timings.time("figures", || {
         render_figures(&probes_dir, &meaning_dir, &interventions, &figures_dir)
@@ -257,8 +259,9 @@ fn sampled_gap(model: &Model, rows: &[Value], out: &Path) -> Result<GapReport> {
 /// The first part of `afprobe demo`: facts, a hooked forward pass with a
 /// per-layer summary (residual norm and logit-lens top token at the last
 /// position) and a greedy answer. Returns the loaded model for the study.
-fn model_tour(spec: &ModelSpec, dtype: WeightDtype) -> Result<Model> {
-    let model = load_model(spec, dtype)?;
+fn model_tour(spec: &ModelSpec, options: &DemoOptions) -> Result<Model> {
+    let mut model = load_model(spec, options.dtype)?;
+    model.transformer.set_engine(options.engine);
     print!("{}", model_info(&model, false)?);
     let question = "What is the capital of France? Answer in one word.";
     let tokens = prompt_tokens(&model, question, None, false)?;
