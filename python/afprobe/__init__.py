@@ -78,6 +78,8 @@ class Config:
     family: str
     #: The weight precision it was loaded at (f32, f16, bf16, quantized).
     dtype: str
+    #: What runs the forward pass: fused (CPU kernels) or portable (candle tensor ops).
+    engine: str
     #: The model file or directory.
     path: str
 
@@ -110,6 +112,8 @@ class Model:
         adapter: a PEFT LoRA adapter directory applied at load.
         dtype: weight precision: ``f32``, ``f16``, ``bf16``, ``quantized`` (GGUF) or ``auto``.
         device: ``"cpu"`` (the only device afprobe runs on today).
+        engine: ``"fused"`` (hand-written CPU kernels, the fast path) or ``"portable"`` (candle
+            tensor ops; the same activations at every hook, docs/hooks-and-api.md "Engines").
 
     Raises:
         AfprobeError: the model cannot be found, fetched or read (the message says which file
@@ -122,6 +126,7 @@ class Model:
         adapter: Union[None, str, os.PathLike] = None,
         dtype: str = "f32",
         device: str = "cpu",
+        engine: str = "fused",
     ) -> None:
         if device != "cpu":
             raise AfprobeError(
@@ -131,6 +136,7 @@ class Model:
             None if spec is None else os.fspath(spec),
             None if adapter is None else os.fspath(adapter),
             dtype,
+            engine,
         )
         self.cfg = Config(**{k: str(v) if k == "path" else v for k, v in self._native.cfg().items()})
 

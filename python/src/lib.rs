@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use afprobe::model::hooks::HookFn;
 use afprobe::model::transformer::log_softmax;
 use afprobe::model::{
-    load_model_with_adapter, CaptureRows, Edit, HookPoint, Hooks, KvCache, LogitsAt, Message,
-    ModelSpec, NamesFilter, WeightDtype,
+    load_model_with_adapter, CaptureRows, Edit, Engine, HookPoint, Hooks, KvCache, LogitsAt,
+    Message, ModelSpec, NamesFilter, WeightDtype,
 };
 use afprobe::score::{continuation_logprobs, PromptTree};
 use candle_core::{DType, Device, Tensor};
@@ -61,20 +61,27 @@ fn tensor_to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAr
 #[pyclass(frozen, module = "afprobe._afprobe", name = "NativeModel")]
 struct NativeModel {
     inner: afprobe::model::Model,
+    engine: Engine,
 }
 
 #[pymethods]
 impl NativeModel {
     /// Loads `spec` (any `--model` spec; None = the default model) at `dtype`
-    /// (auto, f32, f16, bf16, quantized) with an optional PEFT LoRA adapter directory.
+    /// (auto, f32, f16, bf16, quantized) with an optional PEFT LoRA adapter
+    /// directory, run by `engine` (fused or portable).
     #[new]
-    #[pyo3(signature = (spec=None, adapter=None, dtype="auto"))]
+    #[pyo3(signature = (spec=None, adapter=None, dtype="auto", engine="fused"))]
     fn new(
         py: Python<'_>,
         spec: Option<String>,
         adapter: Option<PathBuf>,
         dtype: &str,
+        engine: &str,
     ) -> PyResult<NativeModel> {
+        let engine = [Engine::Fused, Engine::Portable]
+            .into_iter()
+            .find(|e| e.name() == engine)
+            .ok_or_else(|| py_err(format!("engine {engine:?} is not one of fused, portable")))?;
         let dtype = [
             WeightDtype::Auto,
             WeightDtype::F32,
@@ -90,10 +97,11 @@ impl NativeModel {
             ))
         })?;
         let spec = ModelSpec::parse(spec.as_deref());
-        let inner = py
+        let mut inner = py
             .detach(|| load_model_with_adapter(&spec, dtype, adapter.as_deref()))
             .map_err(py_err)?;
-        Ok(NativeModel { inner })
+        inner.transformer.set_engine(engine);
+        Ok(NativeModel { inner, engine })
     }
 
     /// The model's facts as a dict (TransformerLens' `cfg` names).
@@ -110,6 +118,7 @@ impl NativeModel {
         d.set_item("n_ctx", c.max_position_embeddings)?;
         d.set_item("family", c.architecture.name())?;
         d.set_item("dtype", self.inner.weights.name())?;
+        d.set_item("engine", self.engine.name())?;
         d.set_item("path", self.inner.files.path())?;
         Ok(d)
     }

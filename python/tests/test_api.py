@@ -102,6 +102,18 @@ def test_hooks_that_change_nothing_leave_the_logits_bit_for_bit(model):
     assert not np.allclose(a, plain, atol=1e-3), "steering moved the logits"
 
 
+def test_the_portable_engine_gives_the_same_cache(model):
+    portable = afprobe.Model("smollm2-135m", engine="portable")
+    assert portable.cfg.engine == "portable" and model.cfg.engine == "fused"
+    prompt = "Which tier is trained on?"
+    want_logits, want = model.run_with_cache(prompt, names_filter=lambda n: n.endswith("resid_post"))
+    got_logits, got = portable.run_with_cache(prompt, names_filter=lambda n: n.endswith("resid_post"))
+    rel = lambda a, b: np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64))
+    assert rel(got_logits, want_logits) < 1e-5
+    for name in want:
+        assert rel(got[name], want[name]) < 1e-5, name
+
+
 def test_a_steering_hook_equals_the_cli_steer_cell(model, cli, study_prompts, tmp_path):
     prompts = head_rows(study_prompts, tmp_path / "one.jsonl", 1)
     row = read_rows(prompts)[0]
@@ -218,6 +230,7 @@ def test_bad_input_raises_a_clear_exception(model, study_prompts, tmp_path):
         (lambda: afprobe.Model(tmp_path / "missing.gguf"), "missing.gguf"),
         (lambda: afprobe.Model(dtype="f8"), "not one of"),
         (lambda: afprobe.Model(device="cuda"), "CPU only"),
+        (lambda: afprobe.Model(engine="turbo"), "fused, portable"),
         (lambda: afprobe.open_store(tmp_path), "activation store"),
         (lambda: afprobe.gap(tmp_path / "nothing"), "nothing"),
         (lambda: afprobe.capture(study_prompts, tmp_path / "c", hooks="resid_psot"), "resid_psot"),

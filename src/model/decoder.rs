@@ -4,6 +4,10 @@
 //! `Transformer` (transformer.rs) wraps it (activated LoRA,
 //! token trees); its weights are in `weights.rs`, its cache in `kv_cache.rs`.
 //!
+//! Two engines run the heavy parts ([`Engine`], docs/hooks-and-api.md
+//! "Engines"): the fused CPU kernels below, or `portable.rs`'s tensor ops;
+//! the layer order, norms and hooks here are shared.
+//!
 //! Activations are `[T, d_model]` for one sequence (batch 1); prompts of a study
 //! share a long system prompt, so [`KvCache`] reuse beats batching on CPU.
 //! Two choices keep long prompts fast and memory flat: the LM head runs only at
