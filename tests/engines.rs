@@ -246,3 +246,40 @@ fn capture_with_the_portable_engine_writes_the_fused_store() {
         }
     }
 }
+
+/// The portable engine in f16, bf16 and on block-quantized weights (candle's
+/// quantized matmul) on the default model: its last-token logits against the
+/// fused engine at f32 and at the same precision. The bounds are about three
+/// times what was measured (f16 1.0e-3 / 1.3e-3, bf16 1.7e-2 / 1.1e-2,
+/// quantized 1.9e-2 / 7.5e-3): the precisions' own rounding, and for
+/// quantized weights two ways of quantizing the activations.
+#[test]
+fn the_portable_engine_runs_every_precision() {
+    let spec = ModelSpec::Default;
+    let tokens: Vec<u32> = (0..96).map(|i| (i * 211 + 17) % 40_000 + 100).collect();
+    let last = |dtype: WeightDtype, engine: Engine| -> Tensor {
+        let mut model = Model::load(&spec, dtype).unwrap();
+        model.transformer.set_engine(engine);
+        model
+            .run_with_hooks(&tokens, &mut Hooks::none(), &LogitsAt::Last)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let reference = last(WeightDtype::F32, Engine::Fused);
+    for (dtype, bound) in [
+        (WeightDtype::F16, 5e-3),
+        (WeightDtype::Bf16, 0.05),
+        (WeightDtype::Quantized, 0.06),
+    ] {
+        let portable = last(dtype, Engine::Portable);
+        let fused = last(dtype, Engine::Fused);
+        let (to_f32, to_fused) = (rel_l2(&portable, &reference), rel_l2(&portable, &fused));
+        eprintln!("{dtype:?}: portable vs fused f32 {to_f32:e}, vs fused {dtype:?} {to_fused:e}");
+        assert!(to_f32 < bound, "{dtype:?}: relative L2 to f32 {to_f32:e}");
+        assert!(
+            to_fused < bound,
+            "{dtype:?}: relative L2 to fused {to_fused:e}"
+        );
+    }
+}
