@@ -430,6 +430,73 @@ pub fn walk_logprobs(
     Ok((totals, computed))
 }
 
+/// Σ log p of each continuation after each prompt (`[prompt][continuation]`),
+/// teacher-forced on the prompt's KV cache: one prompt as `capture` scores a
+/// row alone (the prompt, then the continuations on its cache); several as one
+/// token tree over the prefix they share, as a batched capture does (equal to
+/// float rounding). `hooks` run on the prompts and the continuations; with
+/// several prompts they see the tree's rows. The Python API's `Model.score`.
+pub fn score_prompts(
+    t: &Transformer,
+    prompts: &[Vec<u32>],
+    conts: &[Vec<u32>],
+    hooks: &mut Hooks,
+) -> Result<Vec<Vec<f64>>> {
+    if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(Error::BadInput(
+            "score needs at least one prompt, each of at least one token".into(),
+        ));
+    }
+    let conts: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
+    // As `capture` scores a row alone: the prompt (past what `kv` holds), then
+    // the continuations on its cache.
+    let one_by_one = |kv: &mut KvCache, hooks: &mut Hooks, prompt: &[u32]| {
+        let reuse = kv.shared_prefix_len(prompt).min(prompt.len() - 1);
+        kv.truncate(reuse)?;
+        let last = t.forward(&prompt[reuse..], kv, hooks, &LogitsAt::Last)?;
+        let hooks = std::slice::from_mut(hooks);
+        Result::Ok(continuation_logprobs(t, kv, hooks, &last, &conts)?.0)
+    };
+    let mut kv = KvCache::new();
+    if let [prompt] = prompts {
+        return Ok(vec![one_by_one(&mut kv, hooks, prompt)?]);
+    }
+    // The part every prompt shares, keeping at least one token of each to run.
+    let first = &prompts[0];
+    let shared = prompts
+        .iter()
+        .map(|p| {
+            let common = first.iter().zip(p).take_while(|(a, b)| a == b).count();
+            common.min(p.len() - 1)
+        })
+        .min()
+        .unwrap_or(0);
+    if shared > 0 {
+        t.forward(&first[..shared], &mut kv, hooks, &LogitsAt::None)?;
+    }
+    let tree = PromptTree::new(
+        prompts
+            .iter()
+            .map(|p| (&p[shared..], conts.clone()))
+            .collect(),
+    );
+    let nodes = tree.logit_nodes();
+    let at = LogitsAt::Rows(nodes.clone());
+    match t.forward_tree(&tree.tree, &mut kv, hooks, &at)? {
+        Some(logits) => {
+            let logprobs = log_softmax(&logits)?.to_vec2::<f32>()?;
+            Ok((0..prompts.len())
+                .map(|i| tree.logprobs(i, &nodes, &logprobs))
+                .collect())
+        }
+        // A model that cannot run a token tree (an activated adapter): one by one.
+        None => prompts
+            .iter()
+            .map(|p| one_by_one(&mut kv, hooks, p))
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

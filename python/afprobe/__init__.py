@@ -132,11 +132,9 @@ class Model:
             raise AfprobeError(
                 f"device {device!r}: afprobe runs on the CPU only for now; pass device='cpu'"
             )
+        self.adapter = None if adapter is None else os.fspath(adapter)
         self._native = _afprobe.NativeModel(
-            None if spec is None else os.fspath(spec),
-            None if adapter is None else os.fspath(adapter),
-            dtype,
-            engine,
+            None if spec is None else os.fspath(spec), self.adapter, dtype, engine
         )
         self.cfg = Config(**{k: str(v) if k == "path" else v for k, v in self._native.cfg().items()})
 
@@ -270,11 +268,12 @@ class Model:
         tokens = self.to_tokens(prompt, chat)
         rows = self._rows(positions, len(tokens))
         names = self._names(names_filter)
-        logits_at = "last" if positions == "last" else ("all" if rows is None else "rows")
+        last = isinstance(positions, str) and positions == "last"
+        logits_at = "last" if last else ("all" if rows is None else "rows")
         logits, cache = self._native.run(
             tokens.tolist(), names, rows, logits_at, self._hooks(fwd_hooks)
         )
-        if positions == "last":
+        if last:
             logits = logits[0]
         return logits, ActivationCache(cache)
 
@@ -341,12 +340,14 @@ class Model:
         Returns:
             ``{name: log_prob}`` (natural log), or a list of them for a list of prompts.
         """
-        first = prompt[0] if isinstance(prompt, list) and prompt else None
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            raise AfprobeError("score got an empty list of prompts")
+        first = prompt[0] if isinstance(prompt, (list, tuple)) else None
         # A list of prompts, not one prompt given as ids or as messages.
         many = first is not None and not isinstance(first, (int, np.integer)) and not (
             isinstance(first, Mapping) and "role" in first
         )
-        prompts = prompt if many else [prompt]
+        prompts = list(prompt) if many else [prompt]
         if not continuations:
             raise AfprobeError("continuations is empty; give e.g. {'accept': '<request_fully_accepted/>'}")
         names = list(continuations)
@@ -386,7 +387,7 @@ class Store:
 
         The shard files are memory-mapped read-only; a store of one shard is returned as the
         map itself, a store of several as their concatenation (a copy). ``…@all`` tensors hold
-        one row per prompt token (``row_offsets`` of each shard says whose).
+        one row per prompt token, row after row (each row's ``n_tokens`` says how many).
 
         Raises:
             AfprobeError: the store has no tensor of that name (the message lists some).
@@ -394,7 +395,16 @@ class Store:
         if name not in self.names:
             shown = ", ".join(self.names[:6]) + (f" and {len(self.names) - 6} more" if len(self.names) > 6 else "")
             raise AfprobeError(f"{self.path}: no tensor `{name}`; this store has {shown}")
+        d_model = self.manifest["model"]["d_model"]
         parts = [_memmap_safetensors(shard, name) for shard in self._shards]
+        for shard, part in zip(self._shards, parts):
+            if part.ndim != 2 or part.shape[1] != d_model:
+                raise AfprobeError(
+                    f"{shard}: tensor `{name}` has shape {list(part.shape)}, expected [rows, {d_model}]; "
+                    "the store is damaged (run `afprobe store verify`)"
+                )
+        if not parts:
+            return np.zeros((0, d_model), dtype=np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def to_pandas(self) -> "Any":
@@ -439,13 +449,10 @@ def _memmap_safetensors(path: Path, name: str) -> np.ndarray:
 
 def _argv(words: Sequence[str], options: Mapping[str, Any]) -> List[str]:
     """``afprobe`` arguments from keyword options: ``foo_bar=x`` → ``--foo-bar=x``; True → the
-    flag alone; False or None → left out; a list or tuple → its items joined by commas; a
-    :class:`Model` → its file (the command loads it again, as the CLI would)."""
+    flag alone; False or None → left out; a list or tuple → its items joined by commas."""
     argv = [os.fspath(w) for w in words]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
-        if isinstance(value, Model):
-            value = value.cfg.path
         if value is None or value is False:
             continue
         if value is True:
@@ -457,10 +464,30 @@ def _argv(words: Sequence[str], options: Mapping[str, Any]) -> List[str]:
     return argv
 
 
+def _model_options(options: Mapping[str, Any], dtype_flag: str = "dtype") -> Dict[str, Any]:
+    """``model=Model(...)`` as the options that load the same model: its file, adapter, weight
+    precision (``dtype_flag``: capture calls it ``weights_dtype``) and engine. The command loads
+    it again, as the CLI would."""
+    model = options.get("model")
+    if not isinstance(model, Model):
+        return dict(options)
+    return {
+        **options,
+        "model": model.cfg.path,
+        "adapter": model.adapter,
+        dtype_flag: options.get(dtype_flag, model.cfg.dtype),
+        "engine": options.get("engine", model.cfg.engine),
+    }
+
+
 def run(*args: str) -> None:
     """Runs any afprobe command in this process, e.g. ``afprobe.run("store", "info", "activations/x")``.
-    A usage error raises :class:`AfprobeError` with the command line's message."""
-    _afprobe.run_command([os.fspath(a) for a in args])
+    A usage error raises :class:`AfprobeError` with the command line's message. ``bench``
+    starts afprobe processes of its own, so it needs the binary."""
+    args = [os.fspath(a) for a in args]
+    if args[:1] == ["bench"]:
+        raise AfprobeError("`bench` starts afprobe processes of its own; run it with the afprobe binary")
+    _afprobe.run_command(args)
 
 
 def _report(path: Path) -> Dict[str, Any]:
@@ -469,7 +496,8 @@ def _report(path: Path) -> Dict[str, Any]:
 
 
 def _run_dir_command(command: str, marker: str, out: Union[str, os.PathLike], options: Mapping[str, Any]) -> Dict[str, Any]:
-    _afprobe.run_command(_argv([command], {**options, "out": out}))
+    dtype_flag = "weights_dtype" if command == "capture" else "dtype"
+    _afprobe.run_command(_argv([command], {**_model_options(options, dtype_flag), "out": out}))
     return _report(Path(out) / marker)
 
 

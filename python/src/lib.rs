@@ -10,13 +10,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use afprobe::model::hooks::HookFn;
-use afprobe::model::transformer::log_softmax;
 use afprobe::model::{
     load_model_with_adapter, CaptureRows, Edit, Engine, HookPoint, Hooks, KvCache, LogitsAt,
     Message, ModelSpec, NamesFilter, WeightDtype,
 };
-use afprobe::score::{continuation_logprobs, PromptTree};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::create_exception;
@@ -57,6 +55,20 @@ fn tensor_to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAr
     Ok(array.into_pyarray(py))
 }
 
+/// One of a command-line option's values (`--dtype`, `--engine`), by name.
+fn choice<T: clap::ValueEnum>(what: &str, name: &str) -> PyResult<T> {
+    T::from_str(name, false).map_err(|_| {
+        let valid: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| Some(v.to_possible_value()?.get_name().to_string()))
+            .collect();
+        py_err(format!(
+            "{what} {name:?} is not one of {}",
+            valid.join(", ")
+        ))
+    })
+}
+
 /// A loaded model (see `afprobe.Model` for the Python API over it).
 #[pyclass(frozen, module = "afprobe._afprobe", name = "NativeModel")]
 struct NativeModel {
@@ -78,24 +90,8 @@ impl NativeModel {
         dtype: &str,
         engine: &str,
     ) -> PyResult<NativeModel> {
-        let engine = [Engine::Fused, Engine::Portable]
-            .into_iter()
-            .find(|e| e.name() == engine)
-            .ok_or_else(|| py_err(format!("engine {engine:?} is not one of fused, portable")))?;
-        let dtype = [
-            WeightDtype::Auto,
-            WeightDtype::F32,
-            WeightDtype::F16,
-            WeightDtype::Bf16,
-            WeightDtype::Quantized,
-        ]
-        .into_iter()
-        .find(|d| d.name() == dtype)
-        .ok_or_else(|| {
-            py_err(format!(
-                "dtype {dtype:?} is not one of auto, f32, f16, bf16, quantized"
-            ))
-        })?;
+        let engine: Engine = choice("engine", engine)?;
+        let dtype: WeightDtype = choice("dtype", dtype)?;
         let spec = ModelSpec::parse(spec.as_deref());
         let mut inner = py
             .detach(|| load_model_with_adapter(&spec, dtype, adapter.as_deref()))
@@ -196,7 +192,7 @@ impl NativeModel {
             None => CaptureRows::All,
             Some(r) => CaptureRows::Rows(r.clone()),
         };
-        let at = match (logits, &rows) {
+        let logits_at = match (logits, &rows) {
             ("all", _) => LogitsAt::All,
             ("last", _) => LogitsAt::Last,
             ("none", _) => LogitsAt::None,
@@ -212,9 +208,10 @@ impl NativeModel {
         let model = &self.inner;
         let result = py.detach(|| {
             h.check(model.config().n_layers)?;
-            let out = model
-                .transformer
-                .forward(&tokens, &mut KvCache::new(), &mut h, &at)?;
+            let out =
+                model
+                    .transformer
+                    .forward(&tokens, &mut KvCache::new(), &mut h, &logits_at)?;
             Ok::<_, afprobe::Error>(out)
         });
         let out = reraise(result, &raised)?;
@@ -229,7 +226,7 @@ impl NativeModel {
             };
             cache.set_item(name, tensor_to_numpy(py, &t)?)?;
         }
-        let logits = match at {
+        let logits = match logits_at {
             LogitsAt::None => None,
             _ => Some(tensor_to_numpy(py, &out)?),
         };
@@ -293,7 +290,7 @@ impl NativeModel {
         let model = &self.inner;
         let result = py.detach(|| {
             h.check(model.config().n_layers)?;
-            score_prompts(model, &prompts, &continuations, &mut h)
+            afprobe::score::score_prompts(&model.transformer, &prompts, &continuations, &mut h)
         });
         reraise(result, &raised)
     }
@@ -342,7 +339,7 @@ impl NativeModel {
                     let out: PyReadonlyArrayDyn<f32> = out.extract(py)?;
                     let out = out.as_array();
                     let data: Vec<f32> = out.iter().copied().collect();
-                    Tensor::from_vec(data, out.shape(), &Device::Cpu).map_err(py_err)
+                    Tensor::from_vec(data, out.shape(), x.device()).map_err(py_err)
                 })
                 .map(Some)
                 .map_err(|e: PyErr| {
@@ -366,63 +363,6 @@ fn reraise<T>(result: afprobe::Result<T>, raised: &RaisedInHook) -> PyResult<T> 
             .take()
             .unwrap_or_else(|| py_err(e))
     })
-}
-
-fn score_prompts(
-    model: &afprobe::model::Model,
-    prompts: &[Vec<u32>],
-    conts: &[Vec<u32>],
-    hooks: &mut Hooks,
-) -> afprobe::Result<Vec<Vec<f64>>> {
-    let t = &model.transformer;
-    let conts: Vec<&[u32]> = conts.iter().map(Vec::as_slice).collect();
-    // As `capture` scores a row alone: the prompt (past what `kv` holds), then
-    // the continuations on its cache.
-    let one_by_one = |kv: &mut KvCache, hooks: &mut Hooks, prompt: &[u32]| {
-        let reuse = kv.shared_prefix_len(prompt).min(prompt.len() - 1);
-        kv.truncate(reuse)?;
-        let last = t.forward(&prompt[reuse..], kv, hooks, &LogitsAt::Last)?;
-        let hooks = std::slice::from_mut(hooks);
-        afprobe::Result::Ok(continuation_logprobs(t, kv, hooks, &last, &conts)?.0)
-    };
-    let mut kv = KvCache::new();
-    if let [prompt] = prompts {
-        return Ok(vec![one_by_one(&mut kv, hooks, prompt)?]);
-    }
-    // The part every prompt shares, keeping at least one token of each to run.
-    let first = &prompts[0];
-    let shared = prompts
-        .iter()
-        .map(|p| {
-            let common = first.iter().zip(p).take_while(|(a, b)| a == b).count();
-            common.min(p.len() - 1)
-        })
-        .min()
-        .unwrap_or(0);
-    if shared > 0 {
-        t.forward(&first[..shared], &mut kv, hooks, &LogitsAt::None)?;
-    }
-    let tree = PromptTree::new(
-        prompts
-            .iter()
-            .map(|p| (&p[shared..], conts.clone()))
-            .collect(),
-    );
-    let nodes = tree.logit_nodes();
-    let at = LogitsAt::Rows(nodes.clone());
-    match t.forward_tree(&tree.tree, &mut kv, hooks, &at)? {
-        Some(logits) => {
-            let logprobs = log_softmax(&logits)?.to_vec2::<f32>()?;
-            Ok((0..prompts.len())
-                .map(|i| tree.logprobs(i, &nodes, &logprobs))
-                .collect())
-        }
-        // A model that cannot run a token tree (an activated adapter): one by one.
-        None => prompts
-            .iter()
-            .map(|p| one_by_one(&mut kv, hooks, p))
-            .collect(),
-    }
 }
 
 /// Runs an afprobe command in this process: `args` are the words after
@@ -454,7 +394,8 @@ fn version() -> &'static str {
 
 #[pymodule]
 fn _afprobe(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    afprobe::model::keep_freed_memory();
+    // No `keep_freed_memory` here (the CLI's allocator setting): a module must
+    // not change how the interpreter's process returns memory.
     m.add_class::<NativeModel>()?;
     m.add_function(wrap_pyfunction!(run_command, m)?)?;
     m.add_function(wrap_pyfunction!(open_store, m)?)?;

@@ -114,6 +114,14 @@ def test_the_portable_engine_gives_the_same_cache(model):
         assert rel(got[name], want[name]) < 1e-5, name
 
 
+def test_a_model_passed_to_a_command_keeps_its_settings():
+    portable = afprobe.Model("smollm2-135m", engine="portable", dtype="f32")
+    argv = afprobe._argv(["capture"], afprobe._model_options({"model": portable}, "weights_dtype"))
+    assert f"--model={portable.cfg.path}" in argv
+    assert "--engine=portable" in argv and "--weights-dtype=f32" in argv
+    assert not any(a.startswith("--adapter") for a in argv)
+
+
 def test_a_steering_hook_equals_the_cli_steer_cell(model, cli, study_prompts, tmp_path):
     prompts = head_rows(study_prompts, tmp_path / "one.jsonl", 1)
     row = read_rows(prompts)[0]
@@ -227,6 +235,8 @@ def test_bad_input_raises_a_clear_exception(model, study_prompts, tmp_path):
         (lambda: model.run_with_hooks("x", fwd_hooks=[("blocks.1.hook_resid_post", lambda a, n: a[:1])]), "same shape"),
         (lambda: model.run_with_hooks("x", fwd_hooks=[("blocks.1.attn.hook_z", lambda a, n: None)]), "capture only"),
         (lambda: model.score("x", {}), "continuations is empty"),
+        (lambda: model.score([], {"a": "b"}), "empty list"),
+        (lambda: afprobe.run("bench", "prefill"), "afprobe binary"),
         (lambda: afprobe.Model(tmp_path / "missing.gguf"), "missing.gguf"),
         (lambda: afprobe.Model(dtype="f8"), "not one of"),
         (lambda: afprobe.Model(device="cuda"), "CPU only"),

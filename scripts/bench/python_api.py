@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Python API's speed beside the CLI and TransformerLens, in one run on one machine.
 
-    python scripts/bench/python_api.py [--model smollm2-135m] [--length 1024] [--repeats 3]
+    python scripts/bench/python_api.py [--model smollm2-135m] [--length 1024] [--repeats 7]
         [--threads 2] [--afprobe-bin target/release/afprobe]
         [--tl-python PY --tl-model HF_DIR [--tl-backend tl_bridge|tl_hooked]]
 

@@ -248,12 +248,7 @@ fn bench_capture(a: CaptureBenchArgs) -> anyhow::Result<()> {
 
 fn bench_prefill(a: PrefillArgs) -> anyhow::Result<()> {
     if a.one {
-        let mut model = crate::model::Model::load_with_adapter(
-            &a.model.spec.spec(),
-            a.model.dtype,
-            a.model.spec.adapter.as_deref(),
-        )?;
-        model.transformer.set_engine(a.model.engine);
+        let model = a.model.load()?;
         for &len in &a.lengths {
             let r = bench::measure_prefill(&model, len, a.repeats)?;
             println!("{}", serde_json::to_string(&r)?);

@@ -35,12 +35,14 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight,
-            self.eps,
-        )?)
+    /// The portable engine takes candle's composed `rms_norm_slow`: the fused
+    /// `rms_norm` kernel has no backward.
+    fn forward(&self, x: &Tensor, engine: Engine) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        Ok(match engine {
+            Engine::Fused => candle_nn::ops::rms_norm(&x, &self.weight, self.eps)?,
+            Engine::Portable => candle_nn::ops::rms_norm_slow(&x, &self.weight, self.eps)?,
+        })
     }
 
     /// The norm over every `size` columns of `x` (`[T, n · size]`, f32), as
@@ -50,7 +52,7 @@ impl RmsNorm {
         let size = self.weight.dim(0)?;
         let w = self.weight.to_dtype(DType::F32)?;
         let groups = x.contiguous()?.reshape((t * width / size, size))?;
-        Ok(candle_nn::ops::rms_norm(&groups, &w, self.eps)?.reshape((t, width))?)
+        Ok(candle_nn::ops::rms_norm_slow(&groups, &w, self.eps)?.reshape((t, width))?)
     }
 
     /// The norm over `n` groups of `size` columns from column `offset` of each
@@ -72,9 +74,9 @@ impl RmsNorm {
 }
 
 /// An optional norm: the identity where a family has none.
-fn norm_opt(norm: &Option<RmsNorm>, x: Tensor) -> Result<Tensor> {
+fn norm_opt(norm: &Option<RmsNorm>, x: Tensor, engine: Engine) -> Result<Tensor> {
     match norm {
-        Some(n) => n.forward(&x),
+        Some(n) => n.forward(&x, engine),
         None => Ok(x),
     }
 }
@@ -593,9 +595,18 @@ impl Decoder {
             tree: None,
             from: None,
         };
-        let logits = self.run(tokens, &layout, kv, hooks, logits_at)?;
-        kv.tokens.extend_from_slice(tokens);
-        Ok(logits)
+        match self.run(tokens, &layout, kv, hooks, logits_at) {
+            Ok(logits) => {
+                kv.tokens.extend_from_slice(tokens);
+                Ok(logits)
+            }
+            Err(e) => {
+                // Layers before the failure (a hook that raised) stored this
+                // call's keys; the cache must hold only recorded tokens.
+                kv.forget_after(start)?;
+                Err(e)
+            }
+        }
     }
 
     /// The decoder over `tokens` laid out by `at`, appending their keys and
@@ -634,7 +645,7 @@ impl Decoder {
         };
         for (l, block) in self.blocks.iter().enumerate().skip(first) {
             x = hooks.run(HookPoint::ResidPre(l), x, pos)?;
-            let h = norm_opt(&block.attn_pre_norm, x.clone())?;
+            let h = norm_opt(&block.attn_pre_norm, x.clone(), self.engine)?;
             let rope = &ropes[block.attn.rope];
             let layer_kv = &mut kv.layers[l];
             let attn_out = match self.engine {
@@ -643,11 +654,12 @@ impl Decoder {
                     .attn
                     .forward_portable(&h, rope, layer_kv, hooks, l, at)?,
             };
-            let attn_out = norm_opt(&block.attn_post_norm, attn_out)?;
+            let attn_out = norm_opt(&block.attn_post_norm, attn_out, self.engine)?;
             let attn_out = hooks.run(HookPoint::AttnOut(l), attn_out, pos)?;
             x = hooks.run(HookPoint::ResidMid(l), (x + attn_out)?, pos)?;
-            let h = norm_opt(&block.mlp_pre_norm, x.clone())?;
-            let mlp_out = norm_opt(&block.mlp_post_norm, block.mlp.forward(&h, self.engine)?)?;
+            let h = norm_opt(&block.mlp_pre_norm, x.clone(), self.engine)?;
+            let mlp_out = block.mlp.forward(&h, self.engine)?;
+            let mlp_out = norm_opt(&block.mlp_post_norm, mlp_out, self.engine)?;
             let mlp_out = hooks.run(HookPoint::MlpOut(l), mlp_out, pos)?;
             x = hooks.run(HookPoint::ResidPost(l), (x + mlp_out)?, pos)?;
         }
@@ -657,7 +669,7 @@ impl Decoder {
         // row needs logits: a capture without scores still stores it).
         let no_logits = || Tensor::zeros((0, self.config.vocab_size), DType::F32, &self.device);
         let normed = if hooks.is_active(HookPoint::LnFinal) {
-            let normed = self.final_norm.forward(&x)?;
+            let normed = self.final_norm.forward(&x, self.engine)?;
             Some(hooks.run(HookPoint::LnFinal, normed, pos)?)
         } else {
             None
@@ -690,14 +702,15 @@ impl Decoder {
     /// Final norm + unembedding of residual rows `[n, d_model]`: the logits the
     /// model would output if these were the last layer's residuals (the logit lens).
     pub fn logit_lens(&self, resid: &Tensor) -> Result<Tensor> {
-        self.unembed_normed(&self.final_norm.forward(&resid.to_dtype(self.dtype())?)?)
+        let resid = resid.to_dtype(self.dtype())?;
+        self.unembed_normed(&self.final_norm.forward(&resid, self.engine)?)
     }
 
     fn unembed_normed(&self, normed: &Tensor) -> Result<Tensor> {
-        // f32: the deterministic column-split kernel reading the [vocab, d] matrix
-        // as its transpose (no copy), so scores are reproducible to the bit.
         let logits = match (&self.lm_head, self.engine) {
             (Table::Dense(w), Engine::Portable) => normed.matmul(&w.t()?)?.to_dtype(DType::F32)?,
+            // f32: the deterministic column-split kernel reading the [vocab, d]
+            // matrix as its transpose (no copy), so scores are reproducible to the bit.
             (Table::Dense(w), Engine::Fused) => {
                 match kernels::matmul_tensor(normed, w, WeightLayout::NByK)? {
                     Some(logits) => logits,

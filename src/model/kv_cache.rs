@@ -51,10 +51,11 @@ impl LayerKv {
 
 /// The key/value cache of one sequence, with the tokens it was computed from.
 ///
-/// Cloning copies every layer's keys and values (plain `Vec<f32>` buffers), so
-/// a caller that reuses a shared prompt prefix keeps one cache and truncates it
-/// to the longest run of token ids the next prompt shares with it, cloning only
-/// where two continuations must branch from the same prefix.
+/// Cloning copies every layer's keys and values (the fused engine's `Vec<f32>`
+/// buffers; the portable engine's tensors are shared, and never written in
+/// place), so a caller that reuses a shared prompt prefix keeps one cache and
+/// truncates it to the longest run of token ids the next prompt shares with
+/// it, cloning only where two continuations must branch from the same prefix.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     pub(super) layers: Vec<LayerKv>,

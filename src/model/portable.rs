@@ -2,7 +2,7 @@
 //! that the fused engine runs as hand-written CPU kernels — attention, the
 //! gated MLP, the projections and the unembedding — in candle tensor ops only,
 //! so they run on any candle device and dtype and candle can differentiate
-//! them. Everything else (the layer order, norms, hooks, rope tables, the
+//! them (with dense weights: candle's quantized matmul has no backward). Everything else (the layer order, norms, hooks, rope tables, the
 //! weights) is the decoder's own (`decoder.rs`): one forward pass, two ways to
 //! run its heavy parts. Both engines keep the contract written in
 //! docs/hooks-and-api.md ("Engines"), and tests/engines.rs holds them to it.
@@ -135,9 +135,9 @@ pub(super) fn attention(
     }
     let m = mask(t, keys, past, s.window, at.tree.as_ref());
     let m = Tensor::from_vec(m, (1, t, keys), q.device())?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&m)?)?;
+    // The composed softmax: candle's fused `softmax_last_dim` has no backward.
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&m)?, D::Minus1)?;
     let z = probs.matmul(&v_all)?.transpose(0, 1)?.contiguous()?;
     let pattern = probs.transpose(0, 1)?.contiguous()?;
-    debug_assert_eq!(pattern.dim(D::Minus1)?, keys);
     Ok((z, pattern))
 }
