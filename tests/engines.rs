@@ -14,23 +14,7 @@ use afprobe::model::{
     Positions, TokenTree, WeightDtype,
 };
 use candle_core::{DType, Tensor};
-use common::{fixtures, load_fixture, rel_l2};
-
-const FAMILIES: [&str; 9] = [
-    "mistral",
-    "qwen2_swa",
-    "qwen3",
-    "phi3",
-    "olmo2",
-    "gemma2",
-    "gemma3",
-    "llama_yarn",
-    "llama_linear",
-];
-
-fn dir(family: &str) -> PathBuf {
-    fixtures().join("families").join(family)
-}
+use common::{family_dir as dir, load_fixture, rel_l2, FAMILIES};
 
 fn load(spec: &ModelSpec, engine: Engine) -> Model {
     let mut model = Model::load(spec, WeightDtype::F32).unwrap_or_else(|e| panic!("{spec}: {e}"));

@@ -10,30 +10,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use afprobe::model::{
     CaptureRows, Edit, HookPoint, Hooks, KvCache, LogitsAt, Model, ModelSpec, NamesFilter,
     Positions, TokenTree, WeightDtype,
 };
 use candle_core::{DType, Tensor};
-use common::{fixtures, load_fixture, rel_l2};
-
-const FAMILIES: [&str; 9] = [
-    "mistral",
-    "qwen2_swa",
-    "qwen3",
-    "phi3",
-    "olmo2",
-    "gemma2",
-    "gemma3",
-    "llama_yarn",
-    "llama_linear",
-];
-
-fn dir(family: &str) -> PathBuf {
-    fixtures().join("families").join(family)
-}
+use common::{family_dir as dir, load_fixture, rel_l2, FAMILIES};
 
 fn load(family: &str) -> Model {
     Model::load(&ModelSpec::Path(dir(family)), WeightDtype::F32)

@@ -55,6 +55,19 @@ fn tensor_to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAr
     Ok(array.into_pyarray(py))
 }
 
+/// The CLI's allocator setting ([`afprobe::model::keep_freed_memory`]), once,
+/// when the first model loads (not at import), unless
+/// `AFPROBE_KEEP_FREED_MEMORY=0`: without it a 1,024-token prefill from Python
+/// took 1.31x the CLI's time (glibc's fresh `mmap` per activation).
+fn keep_freed_memory_unless_opted_out() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var("AFPROBE_KEEP_FREED_MEMORY").as_deref() != Ok("0") {
+            afprobe::model::keep_freed_memory();
+        }
+    });
+}
+
 /// One of a command-line option's values (`--dtype`, `--engine`), by name.
 fn choice<T: clap::ValueEnum>(what: &str, name: &str) -> PyResult<T> {
     T::from_str(name, false).map_err(|_| {
@@ -92,6 +105,7 @@ impl NativeModel {
     ) -> PyResult<NativeModel> {
         let engine: Engine = choice("engine", engine)?;
         let dtype: WeightDtype = choice("dtype", dtype)?;
+        keep_freed_memory_unless_opted_out();
         let spec = ModelSpec::parse(spec.as_deref());
         let mut inner = py
             .detach(|| load_model_with_adapter(&spec, dtype, adapter.as_deref()))
@@ -394,8 +408,6 @@ fn version() -> &'static str {
 
 #[pymodule]
 fn _afprobe(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // No `keep_freed_memory` here (the CLI's allocator setting): a module must
-    // not change how the interpreter's process returns memory.
     m.add_class::<NativeModel>()?;
     m.add_function(wrap_pyfunction!(run_command, m)?)?;
     m.add_function(wrap_pyfunction!(open_store, m)?)?;

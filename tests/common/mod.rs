@@ -11,6 +11,25 @@ use afprobe::store::{
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+/// The tiny random-weight model of each family (tests/fixtures/families, written by
+/// tests/fixtures/make_families.py with a float64 transformers reference).
+pub const FAMILIES: [&str; 9] = [
+    "mistral",
+    "qwen2_swa",
+    "qwen3",
+    "phi3",
+    "olmo2",
+    "gemma2",
+    "gemma3",
+    "llama_yarn",
+    "llama_linear",
+];
+
+/// The fixture directory of `family` (one of [`FAMILIES`]).
+pub fn family_dir(family: &str) -> PathBuf {
+    fixtures().join("families").join(family)
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
