@@ -86,7 +86,6 @@ fn choice<T: clap::ValueEnum>(what: &str, name: &str) -> PyResult<T> {
 #[pyclass(frozen, module = "afprobe._afprobe", name = "NativeModel")]
 struct NativeModel {
     inner: afprobe::model::Model,
-    engine: Engine,
 }
 
 #[pymethods]
@@ -111,7 +110,7 @@ impl NativeModel {
             .detach(|| load_model_with_adapter(&spec, dtype, adapter.as_deref()))
             .map_err(py_err)?;
         inner.transformer.set_engine(engine);
-        Ok(NativeModel { inner, engine })
+        Ok(NativeModel { inner })
     }
 
     /// The model's facts as a dict (TransformerLens' `cfg` names).
@@ -128,7 +127,7 @@ impl NativeModel {
         d.set_item("n_ctx", c.max_position_embeddings)?;
         d.set_item("family", c.architecture.name())?;
         d.set_item("dtype", self.inner.weights.name())?;
-        d.set_item("engine", self.engine.name())?;
+        d.set_item("engine", self.inner.transformer.engine().name())?;
         d.set_item("path", self.inner.files.path())?;
         Ok(d)
     }

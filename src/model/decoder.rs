@@ -111,13 +111,6 @@ impl Attention {
         layer: usize,
         at: &Layout,
     ) -> Result<Tensor> {
-        if kv.tensors.is_some() {
-            return Err(Error::BadInput(
-                "this KV cache was filled by the portable engine; run the whole sequence with one \
-                 engine"
-                    .into(),
-            ));
-        }
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         // One row per token: [q heads | k heads | v heads]; attention runs in f32.
@@ -555,6 +548,10 @@ impl Decoder {
         self.engine = engine;
     }
 
+    pub(super) fn engine(&self) -> Engine {
+        self.engine
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
@@ -627,6 +624,7 @@ impl Decoder {
             self.config.n_layers,
             self.config.n_kv_heads * self.config.head_dim,
         );
+        kv.check_engine(self.engine)?;
         let ropes: Vec<Rope> = self
             .ropes
             .iter()

@@ -3,8 +3,9 @@
 
 use candle_core::Tensor;
 
+use super::portable::Engine;
 use super::token_tree::TokenTree;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Keys and values of one layer for the tokens seen so far: the fused
 /// engine's f32 `[len, n_kv_heads * head_dim]` buffers, or the portable
@@ -127,6 +128,26 @@ impl KvCache {
         let mut cache = self.clone();
         cache.truncate(shared)?;
         Ok(cache)
+    }
+
+    /// Errors unless `engine` filled this cache (or nothing did): the engines
+    /// keep their keys and values in different forms.
+    pub(super) fn check_engine(&self, engine: Engine) -> Result<()> {
+        let filled = self
+            .layers
+            .iter()
+            .find_map(|l| match (&l.tensors, l.k.is_empty()) {
+                (Some(_), _) => Some(Engine::Portable),
+                (None, false) => Some(Engine::Fused),
+                (None, true) => None,
+            });
+        match filled {
+            Some(other) if other != engine => Err(Error::BadInput(format!(
+                "this KV cache was filled by the {} engine; run the whole sequence with one engine",
+                other.name()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub(super) fn ensure_layers(&mut self, n: usize, kv_width: usize) {

@@ -13,7 +13,7 @@ use candle_core::{DType, Tensor, D};
 use super::attention::TreeMask;
 use super::decoder::Layout;
 use super::kv_cache::LayerKv;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Which implementation runs the heavy parts of the forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -104,12 +104,6 @@ pub(super) fn attention(
 ) -> Result<(Tensor, Tensor)> {
     let (t, nh, hd) = q.dims3()?;
     let nkv = s.n_kv_heads;
-    if !kv.k.is_empty() {
-        return Err(Error::BadInput(
-            "this KV cache was filled by the fused engine; run the whole sequence with one engine"
-                .into(),
-        ));
-    }
     let (k_all, v_all) = match kv.tensors.take() {
         Some((pk, pv)) => (Tensor::cat(&[&pk, k], 0)?, Tensor::cat(&[&pv, v], 0)?),
         None => (k.clone(), v.clone()),

@@ -110,6 +110,11 @@ impl Transformer {
         }
     }
 
+    /// The engine that runs this model's forward passes.
+    pub fn engine(&self) -> Engine {
+        self.decoder.engine()
+    }
+
     pub fn config(&self) -> &ModelConfig {
         self.decoder.config()
     }

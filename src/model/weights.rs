@@ -40,14 +40,8 @@ pub(super) enum LinearWeight {
 impl Linear {
     /// From PyTorch-layout weights `[out, in]` (fused parts in order).
     pub(super) fn new(parts: Vec<Tensor>, bias: Option<Tensor>) -> Result<Linear> {
-        let w = Tensor::cat(&parts, 0)?;
-        let (rows, cols) = w.dims2()?;
-        let w_t = match kernels::with_f32_slice(&w, |s| kernels::transpose(s, rows, cols))? {
-            Some(t) => Tensor::from_vec(t, (cols, rows), w.device())?,
-            None => w.t()?.contiguous()?,
-        };
         Ok(Linear {
-            weight: LinearWeight::DenseT(w_t),
+            weight: LinearWeight::DenseT(transposed(&Tensor::cat(&parts, 0)?)?),
             bias,
         })
     }
@@ -88,10 +82,22 @@ impl Linear {
                     .iter()
                     .map(|p| p.dequantize(&Device::Cpu))
                     .collect::<candle_core::Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&dense, 0)?.t()?.contiguous()?)
+                transposed(&Tensor::cat(&dense, 0)?)
             }
         }
     }
+}
+
+/// `w` (`[rows, cols]`) as a contiguous `[cols, rows]`: f32 CPU tensors in
+/// [`kernels::transpose`]'s tiles, others by candle's strided copy.
+fn transposed(w: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(
+        match kernels::with_f32_slice(w, |s| kernels::transpose(s, rows, cols))? {
+            Some(t) => Tensor::from_vec(t, (cols, rows), w.device())?,
+            None => w.t()?.contiguous()?,
+        },
+    )
 }
 
 /// Where [`Block::load`] gets its weights: dense tensors by HF name, and the
