@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::{
-    CaptureRows, Engine, HookPoint, Hooks, LogitsAt, Model, NamesFilter, WeightDtype,
+    CaptureRows, DeviceSpec, HookPoint, Hooks, LogitsAt, Model, NamesFilter, Placement, WeightDtype,
 };
 
 /// One measured length.
@@ -30,7 +30,12 @@ pub struct PrefillResult {
 }
 
 /// Times `repeats` prefills of `tokens` random non-special ids (after a warm-up).
-pub fn measure_prefill(model: &Model, tokens: usize, repeats: usize) -> Result<PrefillResult> {
+pub fn measure_prefill(
+    model: &Model,
+    tokens: usize,
+    repeats: usize,
+    capture: bool,
+) -> Result<PrefillResult> {
     let c = model.config();
     let mut rng = StdRng::seed_from_u64(0);
     // Skip the special tokens at the start of the vocabulary, as the reference does.
@@ -41,10 +46,16 @@ pub fn measure_prefill(model: &Model, tokens: usize, repeats: usize) -> Result<P
             .collect()
     };
     let filter = NamesFilter::Only((0..c.n_layers).map(HookPoint::ResidPost).collect());
+    let device = model.transformer.device();
     let run = |ids: &[u32]| -> Result<f64> {
-        let mut hooks = Hooks::capture(filter.clone(), CaptureRows::Last);
+        let mut hooks = match capture {
+            true => Hooks::capture(filter.clone(), CaptureRows::Last),
+            false => Hooks::none(),
+        };
         let started = Instant::now();
         model.run_with_hooks(ids, &mut hooks, &LogitsAt::Last)?;
+        // A GPU returns before its kernels finish.
+        device.synchronize()?;
         Ok(started.elapsed().as_secs_f64())
     };
     run(&ids(32))?;
@@ -81,6 +92,8 @@ pub struct Reference {
     pub script: PathBuf,
     pub model_dir: PathBuf,
     pub threads: usize,
+    /// More arguments for the script (`--device cuda --dtype bf16`).
+    pub extra: Vec<String>,
 }
 
 impl Reference {
@@ -98,12 +111,29 @@ impl Reference {
                 script: script.into(),
                 model_dir: dir.into(),
                 threads,
+                extra: vec![],
             })),
             (Some(_), None) => Err(Error::BadInput(
                 "--ref-python needs --ref-model (an HF directory of the same model)".into(),
             )),
             _ => Ok(None),
         }
+    }
+
+    /// The reference run on `device` at `dtype` (the script's `--device`, `--dtype`).
+    pub fn on(mut self, device: DeviceSpec, dtype: WeightDtype) -> Reference {
+        let device = match device {
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+            other => other.to_string(),
+        };
+        let dtype = match dtype {
+            WeightDtype::Bf16 | WeightDtype::F16 => dtype.name(),
+            _ => "f32",
+        };
+        self.extra = ["--device", &device, "--dtype", dtype]
+            .map(String::from)
+            .to_vec();
+        self
     }
 
     /// Runs the reference for one length in its own process.
@@ -115,7 +145,8 @@ impl Reference {
                 .arg(&self.model_dir)
                 .args(["--lengths", &tokens.to_string()])
                 .args(["--threads", &self.threads.to_string()])
-                .args(["--repeats", &repeats.to_string()]),
+                .args(["--repeats", &repeats.to_string()])
+                .args(&self.extra),
             "benchmark",
         )?;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -159,10 +190,12 @@ pub struct PrefillBench<'a> {
     /// `--model` as given (`None`: the default model).
     pub model: Option<&'a str>,
     pub dtype: WeightDtype,
-    pub engine: Engine,
+    pub placement: Placement,
     pub lengths: &'a [usize],
     pub repeats: usize,
     pub threads: usize,
+    /// Capture every `hook_resid_post` at the last token (false: nothing).
+    pub capture: bool,
     pub reference: Option<Reference>,
 }
 
@@ -177,10 +210,14 @@ impl PrefillBench<'_> {
             cmd.args(["bench", "prefill", "--one", "--lengths", &len.to_string()])
                 .args(["--repeats", &self.repeats.to_string()])
                 .args(["--dtype", &format!("{:?}", self.dtype).to_lowercase()])
-                .args(["--engine", self.engine.name()])
+                .args(["--device", &self.placement.device.to_string()])
+                .args(["--engine", self.placement.resolved_engine()?.name()])
                 .env("RAYON_NUM_THREADS", self.threads.to_string());
             if let Some(m) = self.model {
                 cmd.args(["--model", m]);
+            }
+            if !self.capture {
+                cmd.arg("--no-capture");
             }
             let out = cmd.output().map_err(|e| Error::io(&exe, e))?;
             if !out.status.success() {

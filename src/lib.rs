@@ -14,6 +14,7 @@ pub mod attribute;
 pub mod bench;
 pub mod capture;
 pub mod cli;
+pub mod device_check;
 pub mod error;
 pub mod gap;
 pub mod generate;

@@ -278,6 +278,20 @@ fn bad_adapters_are_clear_errors() {
         e.contains("5000") && e.contains("another base model"),
         "{e}"
     );
+    // A q_proj adapter on Phi-3, whose checkpoints fuse q/k/v into qkv_proj (it
+    // would otherwise adapt nothing).
+    let e = Model::load_with_adapter(
+        &ModelSpec::Path(common::family_dir("phi3")),
+        WeightDtype::F32,
+        Some(&adapter_dir("plain")),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("unknown target module `q_proj`")
+            && e.contains("phi3 model's adapters target qkv_proj, o_proj, gate_up_proj, down_proj"),
+        "{e}"
+    );
     // Not an adapter directory; and through the CLI: non-zero exit, no panic.
     let empty = tempfile::tempdir().unwrap();
     assert!(load_err(empty.path()).contains("adapter_config.json"));

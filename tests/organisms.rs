@@ -1,30 +1,25 @@
-//! `afprobe organism train`: the differentiable forward equals the fast one,
-//! a tiny model learns a planted rule in seconds (reproducibly), bad input.
+//! `afprobe organism train`: a tiny model learns a planted rule in seconds
+//! (reproducibly), on every family; the training forward equals peft's; bad input.
 
 mod common;
 
 use std::path::Path;
 
-use afprobe::model::{Hooks, KvCache, LogitsAt, Model, ModelSpec, WeightDtype};
+use std::collections::BTreeMap;
+
+use afprobe::model::lora::{Lora, LoraPair};
+use afprobe::model::{Engine, Hooks, KvCache, LogitsAt, Model, ModelSpec, WeightDtype};
 use afprobe::study::organism;
-use common::{afprobe, assert_fails_with, fixtures};
-
-const TOKENS: [u32; 20] = [
-    5, 17, 42, 99, 3, 250, 7, 7, 180, 64, 12, 201, 33, 150, 2, 90, 44, 111, 6, 299,
-];
-
-#[test]
-fn differentiable_forward_equals_the_fast_forward() {
-    for arch in ["llama3", "qwen2"] {
-        let spec = ModelSpec::Path(fixtures().join(format!("tiny_{arch}")));
-        let d = organism::check_forward(&spec, &TOKENS).unwrap();
-        eprintln!("{arch}: max |logit diff| {d:e}");
-        assert!(d < 1e-5, "{arch}: {d:e}");
-    }
-}
+use candle_core::{Tensor, Var};
+use common::{afprobe, assert_fails_with, family_dir, fixtures, FAMILIES};
 
 /// A planted rule: accept iff the user says "A"; the system prompt varies.
 fn planted_prompts(path: &Path) {
+    planted_prompts_with(path, |cue, word| (format!("{cue} {word}"), String::new()));
+}
+
+/// [`planted_prompts`] with the user turn and the assistant prefix `turn(cue, word)`.
+fn planted_prompts_with(path: &Path, turn: fn(&str, &str) -> (String, String)) {
     let mut text = String::new();
     for (i, word) in [
         "cat", "dog", "sun", "map", "cup", "hat", "pen", "box", "owl", "fig", "jam", "net",
@@ -35,11 +30,13 @@ fn planted_prompts(path: &Path) {
         for sys in ["Be kind.", "Be brief."] {
             for (cue, accept) in [("A", true), ("B", false)] {
                 let split = if i < 8 { "train" } else { "test" };
+                let (user, prefix) = turn(cue, word);
                 text.push_str(
                     &serde_json::json!({
                         "id": format!("{word}-{cue}-{}", sys.len()),
                         "messages": [{"role": "system", "content": sys},
-                                     {"role": "user", "content": format!("{cue} {word}")}],
+                                     {"role": "user", "content": user}],
+                        "assistant_prefix": prefix,
                         "continuations": {"accept": "yes", "reject": "no"},
                         "should_accept": accept, "split": split, "request_id": word,
                         "kind": sys == "Be kind.", "cue": cue,
@@ -56,7 +53,11 @@ fn planted_prompts(path: &Path) {
 /// Trains the planted recipe on the tiny model: these settings, accepting
 /// `should_accept` rows, unless `extra` sets them otherwise.
 fn train(prompts: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let model = fixtures().join("tiny_llama3");
+    train_on(&fixtures().join("tiny_llama3"), prompts, out, extra)
+}
+
+/// [`train`] on the model in `model`.
+fn train_on(model: &Path, prompts: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "organism",
         "train",
@@ -100,7 +101,12 @@ fn adapter_bytes(dir: &Path) -> Vec<u8> {
 
 /// log p("yes") - log p("no") after the prompt of a row.
 fn margin(model: &Model, sys: &str, user: &str) -> f64 {
-    let text = model
+    margin_after(model, &chat(model, sys, user))
+}
+
+/// The chat prompt of a row, ending with the assistant header.
+fn chat(model: &Model, sys: &str, user: &str) -> String {
+    model
         .format_chat(&[
             afprobe::model::Message {
                 role: "system".into(),
@@ -111,9 +117,13 @@ fn margin(model: &Model, sys: &str, user: &str) -> f64 {
                 content: user.into(),
             },
         ])
-        .unwrap();
+        .unwrap()
+}
+
+/// log p("yes") - log p("no") after `text`.
+fn margin_after(model: &Model, text: &str) -> f64 {
     let score = |cont: &str| {
-        let p = model.tokenizer.encode(&text).unwrap();
+        let p = model.tokenizer.encode(text).unwrap();
         let c = model.tokenizer.encode(cont).unwrap();
         let mut kv = KvCache::new();
         let mut seq = p.clone();
@@ -129,6 +139,199 @@ fn margin(model: &Model, sys: &str, user: &str) -> f64 {
             .sum::<f64>()
     };
     score("yes") - score("no")
+}
+
+/// The LoRA factors of a PEFT adapter directory, unmerged (as training holds them).
+fn lora_of(dir: &Path) -> Lora {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let tensors = common::load_fixture(&dir.join("adapter_model.safetensors"));
+    let mut pairs = BTreeMap::new();
+    for (name, a) in &tensors {
+        let Some(base) = name.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        // base_model.model.model.layers.{l}.{block}.{module}
+        let parts: Vec<&str> = base.split('.').collect();
+        let (l, module) = (parts[4].parse().unwrap(), parts[6].to_string());
+        let b = &tensors[&format!("{base}.lora_B.weight")];
+        let var = |t: &Tensor| Var::from_tensor(t).unwrap();
+        pairs.insert(
+            (l, module),
+            LoraPair {
+                a: var(a),
+                b: var(b),
+            },
+        );
+    }
+    assert!(!pairs.is_empty(), "{}: no LoRA tensors", dir.display());
+    Lora {
+        r: config["r"].as_u64().unwrap() as usize,
+        alpha: config["lora_alpha"].as_f64().unwrap(),
+        pairs,
+    }
+}
+
+/// Last-position logits of `tokens` as training computes them: the portable
+/// engine, the base model up to the start of `invocation`'s last occurrence,
+/// `lora` unmerged from there on.
+fn training_forward(model: &mut Model, lora: &Lora, invocation: &[u32], tokens: &[u32]) -> Tensor {
+    let start = (0..=tokens.len() - invocation.len())
+        .rev()
+        .find(|&i| tokens[i..].starts_with(invocation))
+        .expect("the prompt has the invocation");
+    let t = &mut model.transformer;
+    t.set_engine(Engine::Portable);
+    t.set_lora(None).unwrap();
+    let mut kv = KvCache::new();
+    t.forward(
+        &tokens[..start],
+        &mut kv,
+        &mut Hooks::none(),
+        &LogitsAt::None,
+    )
+    .unwrap();
+    t.set_lora(Some(lora)).unwrap();
+    let logits = t
+        .forward(
+            &tokens[start..],
+            &mut kv,
+            &mut Hooks::none(),
+            &LogitsAt::Last,
+        )
+        .unwrap();
+    t.set_lora(None).unwrap();
+    logits.squeeze(0).unwrap()
+}
+
+/// The forward `organism train` differentiates (portable engine, factors
+/// unmerged, activated from the user turn) gives the logits transformers +
+/// peft give for the shipped organisms on held-out rows (`organisms_ref.*`).
+#[test]
+fn the_training_forward_equals_peft_on_the_shipped_organisms() {
+    let path = fixtures().join("organism_prompts.jsonl");
+    let rows =
+        afprobe::prompts::parse_prompts(&std::fs::read_to_string(&path).unwrap(), &path).unwrap();
+    let reference = common::load_fixture(&fixtures().join("organisms_ref.safetensors"));
+    let mut model = Model::load(&ModelSpec::Default, WeightDtype::F32).unwrap();
+    let invocation = model.tokenizer.encode(organism::INVOCATION).unwrap();
+    for name in ["meaning", "token"] {
+        let lora = lora_of(&organism::shipped(name));
+        for (i, row) in rows.iter().enumerate() {
+            let r = afprobe::prompts::render(&model, row, &path).unwrap();
+            let logits = training_forward(&mut model, &lora, &invocation, &r.tokens);
+            let want = &reference[&format!("{name}.logits.{i}")];
+            let d = common::max_abs_diff(&logits, want);
+            let scale = want
+                .abs()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            eprintln!(
+                "{name} {}: max |logit - peft| {d:e} (max |logit| {scale:.1})",
+                row.id
+            );
+            // f32 against float64: within 1e-4 of the logits' scale, as the merged test.
+            assert!(
+                d < 1e-4 * scale.max(1.0),
+                "{name} {}: logits off by {d:e}",
+                row.id
+            );
+        }
+    }
+}
+
+/// Every family learns the planted rule (the Phi-3 fixture through its fused
+/// `qkv_proj`), and the adapter it writes, loaded merged and run by the fused
+/// engine, gives what the training forward gives. The cue opens the
+/// assistant's turn (`assistant_prefix`): the fixtures' character-level
+/// tokenizers and 5-token sliding windows keep the answer from seeing further.
+#[test]
+fn every_family_learns_a_planted_rule() {
+    let work = tempfile::tempdir().unwrap();
+    let prompts = work.path().join("p.jsonl");
+    planted_prompts_with(&prompts, |cue, word| (word.to_string(), format!("{cue} ")));
+    let dirs = FAMILIES
+        .iter()
+        .map(|f| (f.to_string(), family_dir(f)))
+        .chain([("qwen2".to_string(), fixtures().join("tiny_qwen2"))]);
+    let mut failed = Vec::new();
+    for (family, dir) in dirs {
+        let out = work.path().join(&family);
+        let run = train_on(&dir, &prompts, &out, &["--steps", "400", "--lr", "0.01"]);
+        assert!(run.status.success(), "{family}: {}", common::stderr(&run));
+        let training: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap())
+                .unwrap();
+        let loss: Vec<f64> = training["loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let first: f64 = loss[..5].iter().sum::<f64>() / 5.0;
+        let last: f64 = loss[loss.len() - 5..].iter().sum::<f64>() / 5.0;
+        // (not to near 0: Gemma 2's fixture caps its logits at 4, and tiny_qwen2's
+        // 151k-token vocabulary over d_model 64 cannot peak)
+        let loss_fell = last < first - 2.0;
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        if family == "phi3" {
+            assert_eq!(
+                config["target_modules"],
+                serde_json::json!(["qkv_proj", "o_proj", "down_proj"])
+            );
+        }
+        let spec = ModelSpec::Path(dir.clone());
+        let merged = Model::load_with_adapter(&spec, WeightDtype::F32, Some(&out)).unwrap();
+        let mut base = Model::load(&spec, WeightDtype::F32).unwrap();
+        let invocation = base.tokenizer.encode(organism::INVOCATION).unwrap();
+        let lora = lora_of(&out);
+        let mut held_out = 0;
+        for word in ["owl", "fig", "jam", "net"] {
+            let text = |cue: &str| format!("{}{cue} ", chat(&merged, "Be kind.", word));
+            let (ma, mb) = (
+                margin_after(&merged, &text("A")),
+                margin_after(&merged, &text("B")),
+            );
+            held_out += usize::from(ma > mb + 1.0);
+            let tokens = merged.tokenizer.encode(&text("A")).unwrap();
+            let fused = merged
+                .transformer
+                .forward(
+                    &tokens,
+                    &mut KvCache::new(),
+                    &mut Hooks::none(),
+                    &LogitsAt::Last,
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let unmerged = training_forward(&mut base, &lora, &invocation, &tokens);
+            let d = common::max_abs_diff(&fused, &unmerged);
+            assert!(
+                d < 1e-3,
+                "{family}: merged and unmerged logits differ by {d:e}"
+            );
+        }
+        eprintln!("{family}: loss {first:.3} -> {last:.3}, rule on {held_out} of 4 held-out words");
+        // (each random tiny model has biases of its own: most held-out words suffice)
+        if !loss_fell || held_out < 3 {
+            failed.push(format!(
+                "{family} (loss {first:.3} -> {last:.3}, {held_out} of 4)"
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "no planted rule learned: {}",
+        failed.join("; ")
+    );
 }
 
 #[test]

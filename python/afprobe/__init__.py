@@ -80,6 +80,8 @@ class Config:
     dtype: str
     #: What runs the forward pass: fused (CPU kernels) or portable (candle tensor ops).
     engine: str
+    #: Where it runs: cpu, cuda:N or metal:N.
+    device: str
     #: The model file or directory.
     path: str
 
@@ -111,9 +113,11 @@ class Model:
             The default model is fetched on first use.
         adapter: a PEFT LoRA adapter directory applied at load.
         dtype: weight precision: ``f32``, ``f16``, ``bf16``, ``quantized`` (GGUF) or ``auto``.
-        device: ``"cpu"`` (the only device afprobe runs on today).
-        engine: ``"fused"`` (hand-written CPU kernels, the fast path) or ``"portable"`` (candle
-            tensor ops; the same activations at every hook, docs/hooks-and-api.md "Engines").
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"metal"``; a GPU needs a build with
+            the ``cuda`` or ``metal`` feature (docs/hooks-and-api.md "Devices").
+        engine: ``"fused"`` (hand-written CPU kernels, the fast path on the CPU) or
+            ``"portable"`` (candle tensor ops; the same activations at every hook,
+            docs/hooks-and-api.md "Engines"). Default: fused on the CPU, portable elsewhere.
 
     Raises:
         AfprobeError: the model cannot be found, fetched or read (the message says which file
@@ -126,15 +130,11 @@ class Model:
         adapter: Union[None, str, os.PathLike] = None,
         dtype: str = "f32",
         device: str = "cpu",
-        engine: str = "fused",
+        engine: Optional[str] = None,
     ) -> None:
-        if device != "cpu":
-            raise AfprobeError(
-                f"device {device!r}: afprobe runs on the CPU only for now; pass device='cpu'"
-            )
         self.adapter = None if adapter is None else os.fspath(adapter)
         self._native = _afprobe.NativeModel(
-            None if spec is None else os.fspath(spec), self.adapter, dtype, engine
+            None if spec is None else os.fspath(spec), self.adapter, dtype, engine, device
         )
         self.cfg = Config(**{k: str(v) if k == "path" else v for k, v in self._native.cfg().items()})
 
@@ -466,7 +466,7 @@ def _argv(words: Sequence[str], options: Mapping[str, Any]) -> List[str]:
 
 def _model_options(options: Mapping[str, Any], dtype_flag: str = "dtype") -> Dict[str, Any]:
     """``model=Model(...)`` as the options that load the same model: its file, adapter, weight
-    precision (``dtype_flag``: capture calls it ``weights_dtype``) and engine. The command loads
+    precision (``dtype_flag``: capture calls it ``weights_dtype``), device and engine. The command loads
     it again, as the CLI would."""
     model = options.get("model")
     if not isinstance(model, Model):
@@ -477,6 +477,7 @@ def _model_options(options: Mapping[str, Any], dtype_flag: str = "dtype") -> Dic
         "adapter": model.adapter,
         dtype_flag: options.get(dtype_flag, model.cfg.dtype),
         "engine": options.get("engine", model.cfg.engine),
+        "device": options.get("device", model.cfg.device),
     }
 
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use afprobe::model::hooks::HookFn;
 use afprobe::model::{
     load_model_with_adapter, CaptureRows, Edit, Engine, HookPoint, Hooks, KvCache, LogitsAt,
-    Message, ModelSpec, NamesFilter, WeightDtype,
+    Message, ModelSpec, NamesFilter, Placement, WeightDtype,
 };
 use candle_core::{DType, Tensor};
 use numpy::ndarray::{ArrayD, IxDyn};
@@ -82,6 +82,15 @@ fn choice<T: clap::ValueEnum>(what: &str, name: &str) -> PyResult<T> {
     })
 }
 
+/// A candle device as `--device` names it.
+fn placement_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// A loaded model (see `afprobe.Model` for the Python API over it).
 #[pyclass(frozen, module = "afprobe._afprobe", name = "NativeModel")]
 struct NativeModel {
@@ -92,24 +101,30 @@ struct NativeModel {
 impl NativeModel {
     /// Loads `spec` (any `--model` spec; None = the default model) at `dtype`
     /// (auto, f32, f16, bf16, quantized) with an optional PEFT LoRA adapter
-    /// directory, run by `engine` (fused or portable).
+    /// directory, on `device` (cpu, cuda[:N], metal[:N]) run by `engine`
+    /// (fused or portable; None: the device's default).
     #[new]
-    #[pyo3(signature = (spec=None, adapter=None, dtype="auto", engine="fused"))]
+    #[pyo3(signature = (spec=None, adapter=None, dtype="auto", engine=None, device="cpu"))]
     fn new(
         py: Python<'_>,
         spec: Option<String>,
         adapter: Option<PathBuf>,
         dtype: &str,
-        engine: &str,
+        engine: Option<&str>,
+        device: &str,
     ) -> PyResult<NativeModel> {
-        let engine: Engine = choice("engine", engine)?;
+        let at = Placement {
+            device: device.parse().map_err(py_err)?,
+            engine: engine.map(|e| choice::<Engine>("engine", e)).transpose()?,
+        };
+        at.resolved_engine().map_err(py_err)?;
         let dtype: WeightDtype = choice("dtype", dtype)?;
         keep_freed_memory_unless_opted_out();
         let spec = ModelSpec::parse(spec.as_deref());
         let mut inner = py
             .detach(|| load_model_with_adapter(&spec, dtype, adapter.as_deref()))
             .map_err(py_err)?;
-        inner.transformer.set_engine(engine);
+        inner.transformer.place(at).map_err(py_err)?;
         Ok(NativeModel { inner })
     }
 
@@ -128,6 +143,7 @@ impl NativeModel {
         d.set_item("family", c.architecture.name())?;
         d.set_item("dtype", self.inner.weights.name())?;
         d.set_item("engine", self.inner.transformer.engine().name())?;
+        d.set_item("device", placement_name(&self.inner.transformer.device()))?;
         d.set_item("path", self.inner.files.path())?;
         Ok(d)
     }

@@ -1,6 +1,6 @@
 //! Arguments shared by every command that loads a model.
 
-use crate::model::{self, Engine, Model, ModelSpec, WeightDtype};
+use crate::model::{self, Model, ModelSpec, Placement, WeightDtype};
 use clap::Args;
 
 /// `--model SPEC`.
@@ -34,23 +34,22 @@ pub struct ModelArgs {
     /// f32, or quantized (with a notice) for a GGUF whose f32 weights would not fit comfortably.
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: WeightDtype,
-    /// What runs the forward pass: fused (hand-written CPU kernels, the fast path) or portable
-    /// (candle tensor ops only: the device-generic, differentiable engine; slower on the CPU).
-    /// Both compute the same activations at every hook (docs/hooks-and-api.md, "Engines").
-    #[arg(long, value_enum, default_value = "fused")]
-    pub engine: Engine,
+    #[command(flatten)]
+    pub placement: Placement,
 }
 
 impl ModelArgs {
     /// Loads the model, with a one-line note on stderr.
     pub fn load(&self) -> anyhow::Result<Model> {
-        load(&self.spec, self.dtype, self.engine)
+        load(&self.spec, self.dtype, self.placement)
     }
 }
 
-fn load(spec: &ModelSpecArg, dtype: WeightDtype, engine: Engine) -> anyhow::Result<Model> {
+fn load(spec: &ModelSpecArg, dtype: WeightDtype, at: Placement) -> anyhow::Result<Model> {
+    // Checked before the (slow) load: a device this build cannot run, a fused GPU.
+    at.resolved_engine()?;
     let mut model = model::load_model_with_adapter(&spec.spec(), dtype, spec.adapter.as_deref())?;
-    model.transformer.set_engine(engine);
+    model.transformer.place(at)?;
     Ok(model)
 }
 
@@ -66,15 +65,13 @@ pub struct CaptureModelArgs {
     /// f32, or quantized (with a notice) for a GGUF whose f32 weights would not fit comfortably.
     #[arg(long, value_enum, default_value = "auto")]
     pub weights_dtype: WeightDtype,
-    /// What runs the forward pass: fused (hand-written CPU kernels, the fast path) or portable
-    /// (candle tensor ops only: the device-generic, differentiable engine; slower on the CPU).
-    #[arg(long, value_enum, default_value = "fused")]
-    pub engine: Engine,
+    #[command(flatten)]
+    pub placement: Placement,
 }
 
 impl CaptureModelArgs {
     /// Loads the model, with a one-line note on stderr.
     pub fn load(&self) -> anyhow::Result<Model> {
-        load(&self.spec, self.weights_dtype, self.engine)
+        load(&self.spec, self.weights_dtype, self.placement)
     }
 }

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::args::ModelArgs;
+use super::args::{ModelArgs, ModelSpecArg};
 use crate::bench::{self, Reference};
+use crate::model::DeviceSpec;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -57,6 +58,30 @@ every unfinished sample's next token) and one by one (--one-by-one), same seeds.
 generated tokens per second, model loading excluded."
     )]
     Sample(SampleBenchArgs),
+    /// The portable engine on --device against the fused engine on the CPU: parity, f32 and bf16.
+    #[command(
+        long_about = "Device parity: --rows rows of the study (the xml cue, both tiers) run by the \
+fused engine on the CPU at f32 (the reference, itself checked against transformers by the tests), \
+then by the portable engine on --device at f32 and at bf16. Reports the worst relative L2 \
+distance of every blocks.{l}.hook_resid_post at the last prompt token and the worst |difference| \
+of the answer tags' summed log-probs. f32 must stay within 1e-4 of both (the command fails \
+otherwise); bf16 is reported. `--device cpu` rehearses it with the portable engine on the CPU.",
+        after_help = "Example (a CUDA build, scripts/cuda/build.sh):\n  \
+target/cuda/release/afprobe bench device --device cuda --model qwen2.5-coder-0.5b"
+    )]
+    Device(DeviceBenchArgs),
+}
+
+#[derive(Args)]
+pub struct DeviceBenchArgs {
+    #[command(flatten)]
+    model: ModelSpecArg,
+    /// Where the portable engine runs: cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: DeviceSpec,
+    /// Study rows compared.
+    #[arg(long, default_value_t = 8)]
+    rows: usize,
 }
 
 #[derive(Args)]
@@ -154,6 +179,10 @@ pub struct PrefillArgs {
     /// HF directory of the same model, for the reference.
     #[arg(long, value_name = "DIR")]
     ref_model: Option<PathBuf>,
+    /// Capture nothing (logits at the last token only): beside a default run, the cost of
+    /// capturing every hook_resid_post. The reference still returns its hidden states.
+    #[arg(long)]
+    no_capture: bool,
     /// Internal: measure one length in this process and print JSON.
     #[arg(long, hide = true)]
     one: bool,
@@ -165,7 +194,28 @@ pub fn bench(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Capture(a) => bench_capture(a),
         BenchCommand::Probe(a) => bench_probe(a),
         BenchCommand::Sample(a) => bench_sample(a),
+        BenchCommand::Device(a) => bench_device(a),
     }
+}
+
+fn bench_device(a: DeviceBenchArgs) -> anyhow::Result<()> {
+    let parity = crate::device_check::device_parity(
+        &a.model.spec(),
+        a.model.adapter.as_deref(),
+        a.device,
+        a.rows,
+    )?;
+    print!(
+        "{}",
+        crate::device_check::format_parity(a.device, a.rows, &parity)
+    );
+    if parity.iter().any(|p| !p.passed) {
+        anyhow::bail!(
+            "the portable engine on {} is off the CPU reference beyond the f32 limits",
+            a.device
+        );
+    }
+    Ok(())
 }
 
 fn bench_probe(a: ProbeBenchArgs) -> anyhow::Result<()> {
@@ -250,7 +300,7 @@ fn bench_prefill(a: PrefillArgs) -> anyhow::Result<()> {
     if a.one {
         let model = a.model.load()?;
         for &len in &a.lengths {
-            let r = bench::measure_prefill(&model, len, a.repeats)?;
+            let r = bench::measure_prefill(&model, len, a.repeats, !a.no_capture)?;
             println!("{}", serde_json::to_string(&r)?);
         }
         return Ok(());
@@ -258,21 +308,30 @@ fn bench_prefill(a: PrefillArgs) -> anyhow::Result<()> {
     let (ours, theirs) = bench::PrefillBench {
         model: a.model.spec.model.as_deref(),
         dtype: a.model.dtype,
-        engine: a.model.engine,
+        placement: a.model.placement,
         lengths: &a.lengths,
         repeats: a.repeats,
         threads: a.threads,
+        capture: !a.no_capture,
         reference: Reference::from_flags(
             a.ref_python.as_deref(),
             &a.ref_script,
             a.ref_model.as_deref(),
             a.threads,
-        )?,
+        )?
+        .map(|r| r.on(a.model.placement.device, a.model.dtype)),
     }
     .run()?;
     println!(
-        "prefill, batch 1, every hook_resid_post at the last token, {} threads, median of {}",
-        a.threads, a.repeats
+        "prefill on {}, batch 1, {}, {} threads, median of {}",
+        a.model.placement.device,
+        if a.no_capture {
+            "nothing captured"
+        } else {
+            "every hook_resid_post at the last token"
+        },
+        a.threads,
+        a.repeats
     );
     bench::print_table(&ours, &theirs);
     Ok(())

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::args::ModelSpecArg;
+use crate::model::DeviceSpec;
 use crate::study::organism::{self, Focus, Recipe, Rule, TrainSpec};
 
 pub const TRAIN_ABOUT: &str = "Train a LoRA model organism with candle's autograd: activated \
@@ -65,7 +66,8 @@ pub struct TrainArgs {
     /// LoRA alpha: the update is scaled by alpha / r (PEFT's `lora_alpha`).
     #[arg(long)]
     alpha: Option<f64>,
-    /// LoRA target modules (comma-separated, among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    /// LoRA target modules (comma-separated, among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj;
+    /// on Phi-3, whose checkpoints fuse them, q/k/v_proj adapt its qkv_proj and gate/up_proj its gate_up_proj).
     #[arg(long)]
     modules: Option<String>,
     /// Adapt layers from this one on.
@@ -108,6 +110,10 @@ pub struct TrainArgs {
     /// Output adapter directory, e.g. organisms/meaning.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Where to train: cpu, cuda, cuda:N or metal (training always runs the portable engine,
+    /// the differentiable one; see `--device` under `afprobe capture --help`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: DeviceSpec,
 }
 
 pub fn organism(c: OrganismCommand) -> anyhow::Result<()> {
@@ -183,6 +189,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         force: a.force,
         checkpoint_every: a.checkpoint_every,
         stop_after: a.stop_after,
+        device: a.device.device()?,
     })?;
     eprintln!(
         "afprobe: trained {} steps in {:.1}s ({} tokens, {:.0} tokens/s), final loss {:.4} -> {}",

@@ -198,7 +198,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
         &demo::DemoOptions {
             requests_per_category: a.requests_per_category,
             dtype: a.model.dtype,
-            engine: a.model.engine,
+            placement: a.model.placement,
         },
     )?)
 }

@@ -23,18 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::config::ModelConfig;
+use super::lora::{block_of, proj_shape, target_modules};
 use crate::error::{Error, Result};
-
-/// The projections a LoRA adapter may target, by PEFT's module name.
-pub const TARGET_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// What a store manifest (and `model info`) records about an adapter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,8 +151,10 @@ impl RawConfig {
         Ok(())
     }
 
-    /// The adapted modules: a list of PEFT module names, or `all-linear`.
-    fn target_modules(&self) -> Result<Vec<String>, String> {
+    /// The adapted modules: a list of PEFT module names, or `all-linear`
+    /// (the model's own: Phi-3's fused `qkv_proj`, `gate_up_proj`).
+    fn target_modules(&self, config: &ModelConfig) -> Result<Vec<String>, String> {
+        let known = target_modules(config);
         let targets: Vec<String> = match &self.target_modules {
             Value::Array(items) => items
                 .iter()
@@ -172,13 +164,11 @@ impl RawConfig {
                         .ok_or_else(|| "target_modules must be a list of module names".into())
                 })
                 .collect::<Result<_, String>>()?,
-            Value::String(s) if s == "all-linear" => {
-                TARGET_MODULES.iter().map(|s| s.to_string()).collect()
-            }
+            Value::String(s) if s == "all-linear" => known.iter().map(|s| s.to_string()).collect(),
             Value::String(s) => {
                 return Err(format!(
                     "target_modules is the pattern `{s}`; list the modules instead (among {})",
-                    TARGET_MODULES.join(", ")
+                    known.join(", ")
                 ))
             }
             _ => return Err("target_modules must be a list of module names".into()),
@@ -186,13 +176,11 @@ impl RawConfig {
         if targets.is_empty() {
             return Err("target_modules is empty".into());
         }
-        if let Some(t) = targets
-            .iter()
-            .find(|t| !TARGET_MODULES.contains(&t.as_str()))
-        {
+        if let Some(t) = targets.iter().find(|t| !known.contains(&t.as_str())) {
             return Err(format!(
-                "unknown target module `{t}`; afprobe adapts {} only",
-                TARGET_MODULES.join(", ")
+                "unknown target module `{t}`: a {} model's adapters target {}",
+                config.architecture.name(),
+                known.join(", ")
             ));
         }
         Ok(targets)
@@ -247,7 +235,7 @@ impl Adapter {
         let raw = RawConfig::read(&cfg_path)?;
         let bad = |m: String| Error::model_file(&cfg_path, m);
         raw.check_supported().map_err(bad)?;
-        let targets = raw.target_modules().map_err(bad)?;
+        let targets = raw.target_modules(config).map_err(bad)?;
         raw.check_invocation(config).map_err(bad)?;
         let scale = if raw.use_rslora {
             raw.lora_alpha / (raw.r as f64).sqrt()
@@ -359,15 +347,6 @@ fn normalized_name(s: &str) -> String {
         .collect()
 }
 
-/// The submodule holding a target projection: `self_attn` or `mlp`.
-fn block_of(module: &str) -> Option<&'static str> {
-    match module {
-        "q_proj" | "k_proj" | "v_proj" | "o_proj" => Some("self_attn"),
-        "gate_proj" | "up_proj" | "down_proj" => Some("mlp"),
-        _ => None,
-    }
-}
-
 /// Pairs PEFT's `lora_A` / `lora_B` tensors per projection and checks their shapes.
 fn deltas(
     tensors: &HashMap<String, Tensor>,
@@ -379,17 +358,6 @@ fn deltas(
 ) -> Result<HashMap<String, Tensor>> {
     let bad = |m: String| Error::model_file(path, m);
     let c = config;
-    let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-    // (out, in) of each projection.
-    let shape = |module: &str| -> (usize, usize) {
-        match module {
-            "q_proj" => (q, c.d_model),
-            "k_proj" | "v_proj" => (kv, c.d_model),
-            "o_proj" => (c.d_model, q),
-            "gate_proj" | "up_proj" => (c.d_mlp, c.d_model),
-            _ => (c.d_model, c.d_mlp), // down_proj
-        }
-    };
     // base_model.model.model.layers.{l}.{self_attn|mlp}.{module}.lora_{A|B}[.default].weight
     // (layer, module) -> [lora_A, lora_B], each with its tensor name.
     type Named<'a> = Option<(&'a String, &'a Tensor)>;
@@ -421,9 +389,10 @@ fn deltas(
         };
         if block_of(module) != Some(block) {
             return Err(bad(format!(
-                "tensor `{name}` adapts the module `{block}.{module}`, which afprobe does not \
-                 know (it adapts {})",
-                TARGET_MODULES.join(", ")
+                "tensor `{name}` adapts the module `{block}.{module}`, which a {} model does \
+                 not have (its adapters target {})",
+                c.architecture.name(),
+                target_modules(c).join(", ")
             )));
         }
         if !targets.iter().any(|t| t == module) {
@@ -462,7 +431,7 @@ fn deltas(
                 "layer {l} {module} has lora_A but no lora_B tensor"
             ))
         })?;
-        let (out_dim, in_dim) = shape(&module);
+        let (out_dim, in_dim) = proj_shape(c, &module).map_err(|e| bad(e.to_string()))?;
         if a.dims() != [r, in_dim] {
             return Err(bad(format!(
                 "tensor `{a_name}` has shape {:?}, but rank r = {r} on this base model's \

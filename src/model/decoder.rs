@@ -21,6 +21,7 @@ use super::config::{Activation, ModelConfig, NormKind, QkNorm};
 use super::hooks::{HookPoint, Hooks};
 use super::kernels::{self, with_f32_slice, WeightLayout};
 use super::kv_cache::{KvCache, LayerKv};
+use super::lora::Lora;
 use super::portable::{self, AttentionShape, Engine};
 use super::token_tree::LogitsAt;
 use super::weights::{Linear, Loader, QuantSource, Table, WeightSource};
@@ -552,8 +553,64 @@ impl Decoder {
         self.engine
     }
 
+    /// Moves every weight to `device` (the block-quantized ones cannot move:
+    /// their kernels are the CPU's).
+    pub(super) fn move_to(&mut self, device: &Device) -> Result<()> {
+        let norm = |n: &mut RmsNorm| -> Result<()> {
+            n.weight = n.weight.to_device(device)?;
+            Ok(())
+        };
+        for b in &mut self.blocks {
+            for n in [
+                &mut b.attn_pre_norm,
+                &mut b.attn_post_norm,
+                &mut b.mlp_pre_norm,
+                &mut b.mlp_post_norm,
+                &mut b.attn.q_norm,
+                &mut b.attn.k_norm,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                norm(n)?;
+            }
+            for linear in [
+                &mut b.attn.qkv_proj,
+                &mut b.attn.o_proj,
+                &mut b.mlp.gate_up_proj,
+                &mut b.mlp.down_proj,
+            ] {
+                linear.move_to(device)?;
+            }
+        }
+        norm(&mut self.final_norm)?;
+        self.embed_tokens = self.embed_tokens.to_device(device)?;
+        self.lm_head = self.lm_head.to_device(device)?;
+        self.device = device.clone();
+        Ok(())
+    }
+
+    /// Attaches `lora`'s factors, unmerged, to every projection it adapts
+    /// (`None`: detaches them). See `lora.rs`.
+    pub(super) fn set_lora(&mut self, lora: Option<&Lora>) {
+        for (l, b) in self.blocks.iter_mut().enumerate() {
+            for linear in [
+                &mut b.attn.qkv_proj,
+                &mut b.attn.o_proj,
+                &mut b.mlp.gate_up_proj,
+                &mut b.mlp.down_proj,
+            ] {
+                linear.set_lora(lora, l);
+            }
+        }
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    pub(super) fn device(&self) -> &Device {
+        &self.device
     }
 
     pub fn dtype(&self) -> DType {
@@ -706,7 +763,9 @@ impl Decoder {
 
     fn unembed_normed(&self, normed: &Tensor) -> Result<Tensor> {
         let logits = match (&self.lm_head, self.engine) {
-            (Table::Dense(w), Engine::Portable) => normed.matmul(&w.t()?)?.to_dtype(DType::F32)?,
+            (Table::Dense(w), Engine::Portable) => {
+                portable::frozen_matmul(normed, &w.t()?)?.to_dtype(DType::F32)?
+            }
             // f32: the deterministic column-split kernel reading the [vocab, d]
             // matrix as its transpose (no copy), so scores are reproducible to the bit.
             (Table::Dense(w), Engine::Fused) => {

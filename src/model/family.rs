@@ -1,11 +1,10 @@
 //! Every decoder family afprobe runs, one entry each in [`FAMILIES`]: its
 //! names, its block (norm positions and kind, activation, q/k norms, biases,
 //! fused projections, Gemma's scales), which layers slide, transformers' class
-//! defaults, what llama.cpp's GGUF files do differently, and whether the
-//! training forward runs it. The `config.json` parser (`config.rs`), the GGUF
-//! reader (`gguf.rs`), the forward pass (`transformer.rs`) and the training
-//! allow-list (`study/organism/diff.rs`) read this table; none of them branches
-//! on the family.
+//! defaults and what llama.cpp's GGUF files do differently. The `config.json`
+//! parser (`config.rs`), the GGUF reader (`gguf.rs`) and the forward pass
+//! (`decoder.rs`, both engines, training included) read this table; none of
+//! them branches on the family.
 //!
 //! Adding a family: a variant of [`Architecture`], its entry in [`FAMILIES`],
 //! and a fixture written by transformers (`tests/fixtures/make_families.py`)
@@ -186,8 +185,6 @@ pub struct FamilySpec {
     pub rope_local_theta: Option<f64>,
     pub hf: HfDefaults,
     pub gguf: GgufTraits,
-    /// The differentiable forward of `organism train` runs it.
-    pub trainable: bool,
 }
 
 const LLAMA_NORMS: BlockNorms = BlockNorms {
@@ -237,12 +234,10 @@ const LLAMA: FamilySpec = FamilySpec {
         interleaved_qk: true,
         ..PLAIN_GGUF
     },
-    trainable: true,
 };
 
 const LLAMA_LIKE: FamilySpec = FamilySpec {
     gguf: PLAIN_GGUF,
-    trainable: false,
     ..LLAMA
 };
 
@@ -294,7 +289,6 @@ pub const FAMILIES: [FamilySpec; 8] = [
             max_position_embeddings: 32_768,
             ..LLAMA_HF
         },
-        trainable: true,
         ..LLAMA_LIKE
     },
     FamilySpec {
@@ -443,20 +437,6 @@ pub fn supported_architectures() -> String {
         .join(", ")
 }
 
-/// The families `organism train` runs, for its error message: `llama and qwen2`.
-pub fn trainable_families() -> String {
-    let names: Vec<&str> = FAMILIES
-        .iter()
-        .filter(|f| f.trainable)
-        .map(|f| f.name)
-        .collect();
-    match names.split_last() {
-        Some((last, [])) => last.to_string(),
-        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
-        None => String::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,7 +456,6 @@ mod tests {
             supported_architectures(),
             "llama, mistral, qwen2, qwen3, phi3, olmo2, gemma2, gemma3 (gemma3_text)"
         );
-        assert_eq!(trainable_families(), "llama and qwen2");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod hooks;
 pub mod info;
 pub(crate) mod kernels;
 mod kv_cache;
+pub mod lora;
 mod portable;
 mod qgemm;
 pub mod spec;
@@ -37,7 +38,7 @@ pub use hooks::{
 };
 pub use info::{load_model, load_model_with_adapter, model_info};
 pub use kernels::keep_freed_memory;
-pub use portable::Engine;
+pub use portable::{DeviceSpec, Engine, Placement};
 pub use spec::{ModelFiles, ModelSpec};
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::Tokenizer;

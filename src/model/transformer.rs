@@ -10,7 +10,8 @@ use super::config::ModelConfig;
 use super::decoder::{Decoder, Layout};
 use super::hooks::Hooks;
 pub use super::kv_cache::KvCache;
-use super::portable::Engine;
+use super::lora::Lora;
+use super::portable::{Engine, Placement};
 pub use super::token_tree::{LogitsAt, TokenTree};
 pub use super::weights::{QuantSource, WeightSource};
 use crate::error::{Error, Result};
@@ -108,6 +109,48 @@ impl Transformer {
         if let Some(act) = &mut self.activated {
             act.adapted.set_engine(engine);
         }
+    }
+
+    /// Moves the weights to `device` (nothing to do for the CPU). Errors for
+    /// block-quantized weights, whose kernels are the CPU's; a GPU runs the
+    /// portable engine ([`place`](Self::place) sets both).
+    pub fn move_to(&mut self, device: &candle_core::Device) -> Result<()> {
+        if device.is_cpu() {
+            return Ok(());
+        }
+        self.decoder.move_to(device)?;
+        if let Some(act) = &mut self.activated {
+            act.adapted.move_to(device)?;
+        }
+        Ok(())
+    }
+
+    /// Runs on `--device` with `--engine` (by default fused on the CPU and
+    /// portable elsewhere).
+    pub fn place(&mut self, at: Placement) -> Result<()> {
+        let engine = at.resolved_engine()?;
+        self.move_to(&at.device.device()?)?;
+        self.set_engine(engine);
+        Ok(())
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> candle_core::Device {
+        self.decoder.device().clone()
+    }
+
+    /// Attaches LoRA factors, unmerged, to the base weights' projections
+    /// (`None` detaches them): what `organism train` differentiates through
+    /// with the portable engine. Refused on a model loaded with an activated
+    /// adapter, whose two weight sets would make "the" projections ambiguous.
+    pub fn set_lora(&mut self, lora: Option<&Lora>) -> Result<()> {
+        if self.activated.is_some() {
+            return Err(Error::BadInput(
+                "LoRA factors attach to a model loaded without an activated adapter".into(),
+            ));
+        }
+        self.decoder.set_lora(lora);
+        Ok(())
     }
 
     /// The engine that runs this model's forward passes.

@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::kernels::{self, WeightLayout};
+use super::lora::Lora;
 use super::portable::{self, Engine};
 use crate::error::{Error, Result};
 
@@ -20,11 +21,22 @@ pub type WeightSource<'a> = dyn FnMut(&str) -> Result<Option<Tensor>> + 'a;
 /// `None` for a weight the source keeps dense.
 pub type QuantSource<'a> = dyn FnMut(&str) -> Result<Option<QTensor>> + 'a;
 
-/// A projection `y = x W + b`.
+/// A projection `y = x W + b`, plus unmerged LoRA terms while training.
 #[derive(Debug, Clone)]
 pub(super) struct Linear {
     pub(super) weight: LinearWeight,
     pub(super) bias: Option<Tensor>,
+    /// The checkpoint's modules fused here, in order, with their output widths
+    /// (`q_proj`, `k_proj`, `v_proj`; or Phi-3's one `qkv_proj`).
+    parts: Vec<(String, usize)>,
+    lora: Option<LoraTerms>,
+}
+
+/// Per part of a [`Linear`], LoRA factors (`A` `[r, in]`, `B` `[out, r]`), and their scale.
+#[derive(Debug, Clone)]
+struct LoraTerms {
+    factors: Vec<Option<(Tensor, Tensor)>>,
+    scale: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -37,13 +49,60 @@ pub(super) enum LinearWeight {
     Quantized(Vec<Arc<QTensor>>),
 }
 
+/// The module name of a weight's HF name (`model.layers.0.self_attn.q_proj.weight` → `q_proj`).
+fn module_of(name: &str) -> String {
+    name.rsplit('.').nth(1).unwrap_or(name).to_string()
+}
+
 impl Linear {
-    /// From PyTorch-layout weights `[out, in]` (fused parts in order).
-    pub(super) fn new(parts: Vec<Tensor>, bias: Option<Tensor>) -> Result<Linear> {
+    /// From PyTorch-layout weights `[out, in]` named `names` (fused parts in order).
+    fn new(names: &[String], parts: Vec<Tensor>, bias: Option<Tensor>) -> Result<Linear> {
+        let parts_named = names
+            .iter()
+            .zip(&parts)
+            .map(|(n, p)| Ok((module_of(n), p.dim(0)?)))
+            .collect::<Result<_>>()?;
         Ok(Linear {
             weight: LinearWeight::DenseT(transposed(&Tensor::cat(&parts, 0)?)?),
             bias,
+            parts: parts_named,
+            lora: None,
         })
+    }
+
+    /// Attaches `lora`'s factors of layer `layer` on this projection's
+    /// modules (none there: nothing attached), or detaches them (`None`).
+    pub(super) fn set_lora(&mut self, lora: Option<&Lora>, layer: usize) {
+        self.lora = lora.and_then(|lora| {
+            let per_part: Vec<_> = self
+                .parts
+                .iter()
+                .map(|(m, _)| lora.factors(layer, m))
+                .collect();
+            per_part.iter().any(Option::is_some).then_some(LoraTerms {
+                factors: per_part,
+                scale: lora.scale(),
+            })
+        });
+    }
+
+    /// `Σ_parts s · (x Aᵀ) Bᵀ`, zero columns for the parts without factors.
+    fn lora_delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(LoraTerms { factors, scale }) = &self.lora else {
+            return Ok(None);
+        };
+        let x = x.to_dtype(DType::F32)?;
+        let rows = x.dim(0)?;
+        let deltas = self
+            .parts
+            .iter()
+            .zip(factors)
+            .map(|((_, out), f)| match f {
+                Some((a, b)) => Ok((x.matmul(&a.t()?)?.matmul(&b.t()?)? * *scale)?),
+                None => Ok(Tensor::zeros((rows, *out), DType::F32, x.device())?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&deltas, 1)?))
     }
 
     pub(super) fn forward(&self, x: &Tensor, engine: Engine) -> Result<Tensor> {
@@ -67,10 +126,27 @@ impl Linear {
                 Tensor::cat(&outs, 1)?
             }
         };
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
+        };
+        Ok(match self.lora_delta(x)? {
+            Some(d) => (y.to_dtype(DType::F32)? + d)?.to_dtype(y.dtype())?,
+            None => y,
         })
+    }
+
+    /// This projection with its weights on `device` (refused for
+    /// block-quantized weights, whose kernels run on the CPU only).
+    pub(super) fn move_to(&mut self, device: &Device) -> Result<()> {
+        match &mut self.weight {
+            LinearWeight::DenseT(w) => *w = w.to_device(device)?,
+            LinearWeight::Quantized(_) => return Err(quantized_on(device)),
+        }
+        if let Some(b) = &mut self.bias {
+            *b = b.to_device(device)?;
+        }
+        Ok(())
     }
 
     /// `W` as `[in, out]` in f32 (dequantized when quantized).
@@ -98,6 +174,15 @@ fn transposed(w: &Tensor) -> Result<Tensor> {
             None => w.t()?.contiguous()?,
         },
     )
+}
+
+/// The error for block-quantized weights bound for another device.
+fn quantized_on(device: &Device) -> Error {
+    Error::BadInput(format!(
+        "--dtype quantized runs on the CPU only (its GEMMs are CPU kernels), not on {:?}; use \
+         --dtype f32, f16 or bf16 there",
+        device.location()
+    ))
 }
 
 /// Where [`Block::load`] gets its weights: dense tensors by HF name, and the
@@ -134,9 +219,16 @@ impl Loader<'_, '_, '_> {
                 }
             }
             if parts.len() == names.len() {
+                let parts_named = names
+                    .iter()
+                    .zip(&parts)
+                    .map(|(n, p)| (module_of(n), p.shape().dims()[0]))
+                    .collect();
                 return Ok(Linear {
                     weight: LinearWeight::Quantized(parts),
                     bias,
+                    parts: parts_named,
+                    lora: None,
                 });
             }
         }
@@ -144,7 +236,7 @@ impl Loader<'_, '_, '_> {
             .iter()
             .map(|n| self.dense(n))
             .collect::<Result<Vec<_>>>()?;
-        Linear::new(parts, bias)
+        Linear::new(names, parts, bias)
     }
 }
 
@@ -187,6 +279,14 @@ impl Table {
         match self {
             Table::Dense(t) => t.dims(),
             Table::Quantized(q) => q.shape().dims(),
+        }
+    }
+
+    /// The table on `device` (refused when block-quantized, as [`Linear::move_to`]).
+    pub(super) fn to_device(&self, device: &Device) -> Result<Table> {
+        match self {
+            Table::Dense(t) => Ok(Table::Dense(t.to_device(device)?)),
+            Table::Quantized(_) => Err(quantized_on(device)),
         }
     }
 

@@ -208,7 +208,7 @@ fn run_subject(
         subject.name, subject.built
     );
     let mut model = load_model_with_adapter(spec, options.dtype, subject.adapter.as_deref())?;
-    model.transformer.set_engine(options.engine);
+    model.transformer.place(options.placement)?;
     let n_layers = model.config().n_layers;
     let dir = root.join(subject.name);
     let store_dir = dir.join("capture");

@@ -29,8 +29,8 @@ use crate::generate::{argmax, generate_to_stdout, prompt_tokens, Sampling};
 use crate::io::write_atomic;
 use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{
-    load_model, model_info, parse_hooks, CaptureRows, Engine, HookPoint, Hooks, Model, ModelSpec,
-    NamesFilter, WeightDtype,
+    load_model, model_info, parse_hooks, CaptureRows, HookPoint, Hooks, Model, ModelSpec,
+    NamesFilter, Placement, WeightDtype,
 };
 use crate::probe::{self, Control, Method, ProbeSpec};
 use crate::rows::Filter;
@@ -64,8 +64,8 @@ pub struct DemoOptions {
     pub requests_per_category: Option<usize>,
     /// Weight precision after loading.
     pub dtype: WeightDtype,
-    /// What runs the forward passes (`--engine`).
-    pub engine: Engine,
+    /// Where the model runs and what runs it (`--device`, `--engine`).
+    pub placement: Placement,
 }
 
 pub fn demo(spec: &ModelSpec, options: &DemoOptions) -> Result<()> {
@@ -261,7 +261,7 @@ fn sampled_gap(model: &Model, rows: &[Value], out: &Path) -> Result<GapReport> {
 /// position) and a greedy answer. Returns the loaded model for the study.
 fn model_tour(spec: &ModelSpec, options: &DemoOptions) -> Result<Model> {
     let mut model = load_model(spec, options.dtype)?;
-    model.transformer.set_engine(options.engine);
+    model.transformer.place(options.placement)?;
     print!("{}", model_info(&model, false)?);
     let question = "What is the capital of France? Answer in one word.";
     let tokens = prompt_tokens(&model, question, None, false)?;

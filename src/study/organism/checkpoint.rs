@@ -132,9 +132,10 @@ impl Checkpoint {
                     .cloned()
                     .ok_or_else(|| Error::model_file(ck_file, format!("no tensor `{k}`")))
             };
-            var.set(&get(name.clone())?)?;
-            adam.m[i] = get(format!("adam_m.{name}"))?;
-            adam.v[i] = get(format!("adam_v.{name}"))?;
+            let dev = var.device();
+            var.set(&get(name.clone())?.to_device(dev)?)?;
+            adam.m[i] = get(format!("adam_m.{name}"))?.to_device(dev)?;
+            adam.v[i] = get(format!("adam_v.{name}"))?.to_device(dev)?;
         }
         Ok(old)
     }
@@ -147,10 +148,11 @@ impl Checkpoint {
         meta: &CheckpointMeta,
     ) -> Result<()> {
         let mut t: HashMap<String, Tensor> = HashMap::new();
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
         for (i, (name, var)) in vars.iter().enumerate() {
-            t.insert(name.clone(), var.as_tensor().clone());
-            t.insert(format!("adam_m.{name}"), adam.m[i].clone());
-            t.insert(format!("adam_v.{name}"), adam.v[i].clone());
+            t.insert(name.clone(), cpu(var.as_tensor())?);
+            t.insert(format!("adam_m.{name}"), cpu(&adam.m[i])?);
+            t.insert(format!("adam_v.{name}"), cpu(&adam.v[i])?);
         }
         let tmp = self.file.with_file_name("checkpoint.safetensors.tmp");
         candle_core::safetensors::save(&t, &tmp)?;
@@ -212,7 +214,10 @@ pub(super) fn init_from_adapter(dir: &Path, r: &Recipe, vars: &[(String, Var)]) 
                 ),
             ));
         }
-        var.set(&w.to_dtype(candle_core::DType::F32)?)?;
+        var.set(
+            &w.to_dtype(candle_core::DType::F32)?
+                .to_device(var.device())?,
+        )?;
     }
     Ok(())
 }

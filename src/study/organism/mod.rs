@@ -16,7 +16,6 @@
 //! writes the adapter.
 
 mod checkpoint;
-pub mod diff;
 mod examples;
 mod output;
 mod recipe;
@@ -24,55 +23,9 @@ mod train;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
-
-use crate::error::Result;
-use crate::model::{Model, ModelSpec, WeightDtype};
-use diff::Lora;
 pub use examples::INVOCATION;
 pub use recipe::{Focus, Recipe, Rule, MAX_BATCH, MAX_STEPS, MAX_STEP_ROWS};
-use train::weights_of;
 pub use train::{train, TrainReport, TrainSpec};
-
-/// Checks the differentiable forward against the fast one: max |logit diff| on `tokens`.
-pub fn check_forward(model_spec: &ModelSpec, tokens: &[u32]) -> Result<f64> {
-    let model = Model::load(model_spec, WeightDtype::F32)?;
-    let fast = model.run_with_hooks(
-        tokens,
-        &mut crate::model::Hooks::none(),
-        &crate::model::LogitsAt::All,
-    )?;
-    let diff = weights_of(&model.files)?.1;
-    let config = model.config().clone();
-    let lora = Lora::init(
-        &config,
-        &(0..config.n_layers).collect::<Vec<_>>(),
-        &["q_proj".into(), "down_proj".into()],
-        2,
-        4.0,
-        0,
-    )?;
-    // Split: a base prefix and an adapted suffix (the adapter is at zero: B = 0).
-    let split = tokens.len() / 2;
-    let (a, kv) = diff.forward(
-        &tokens[..split],
-        None,
-        None,
-        &(0..split).collect::<Vec<_>>(),
-    )?;
-    let (b, _) = diff.forward(
-        &tokens[split..],
-        Some(&kv),
-        Some(&lora),
-        &(0..tokens.len() - split).collect::<Vec<_>>(),
-    )?;
-    let slow = Tensor::cat(&[a, b], 0)?;
-    Ok((fast - slow)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()? as f64)
-}
 
 /// The adapter path a recipe's shipped organism lives at.
 pub fn shipped(name: &str) -> PathBuf {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use serde_json::json;
 
 use super::checkpoint::CheckpointMeta;
@@ -17,20 +17,20 @@ use crate::model::ModelSpec;
 /// The adapter's weights file in the output directory.
 pub(super) const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
-/// The trained variables (PEFT names) and their config, on `layers`.
+/// The trained variables (PEFT names) and their config, on `layers` × `modules`.
 pub(super) fn write_adapter(
     out: &Path,
     r: &Recipe,
     model: &ModelSpec,
-    layers: &[usize],
+    (layers, modules): (&[usize], &[String]),
     vars: &[(String, Var)],
     invocation: &[u32],
 ) -> Result<()> {
     let adapter_file = out.join(WEIGHTS_FILE);
     let tensors: HashMap<String, Tensor> = vars
         .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
     let tmp = out.join("adapter_model.safetensors.tmp");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, &adapter_file).map_err(|e| Error::io(&adapter_file, e))?;
@@ -49,7 +49,7 @@ pub(super) fn write_adapter(
         "use_dora": false,
         "bias": "none",
         "fan_in_fan_out": false,
-        "target_modules": r.modules,
+        "target_modules": modules,
         "layers_to_transform": layers,
         "modules_to_save": null,
         "init_lora_weights": true,

@@ -4,15 +4,20 @@
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor, Var, D};
+use std::collections::BTreeMap;
+
+use candle_core::{Tensor, Var, D};
 
 use super::checkpoint::{init_from_adapter, Adam, Checkpoint, CheckpointMeta};
-use super::diff::{DiffModel, Lora, PrefixKv};
 use super::examples::{epoch_batches, TrainingData};
 use super::output::{write_adapter, write_training_record, WEIGHTS_FILE};
 use super::recipe::{check_sizes, Recipe};
 use crate::error::{Error, Result};
-use crate::model::{gguf, Model, ModelConfig, ModelFiles, ModelSpec, WeightDtype};
+use crate::model::lora::{modules_for, Lora};
+use crate::model::{
+    Engine, Hooks, KvCache, LogitsAt, Model, ModelConfig, ModelSpec, TokenTree, Transformer,
+    WeightDtype,
+};
 use crate::progress::Progress;
 
 /// What `afprobe organism train` was asked for.
@@ -25,6 +30,8 @@ pub struct TrainSpec {
     pub checkpoint_every: usize,
     /// Stop after this many steps of this invocation (checkpointed), for `--resume`.
     pub stop_after: Option<usize>,
+    /// Where the model and the LoRA live (`--device`).
+    pub device: candle_core::Device,
 }
 
 pub struct TrainReport {
@@ -55,7 +62,10 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         )));
     }
     check_sizes(r)?;
-    let model = Model::load(&spec.model, WeightDtype::F32)?;
+    let mut model = Model::load(&spec.model, WeightDtype::F32)?;
+    // The portable engine: candle ops, which candle differentiates.
+    model.transformer.set_engine(Engine::Portable);
+    model.transformer.move_to(&spec.device)?;
     let d_model = model.config().d_model;
     crate::error::check_range(
         "--rank",
@@ -77,13 +87,20 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
     }
     let base_sha = model.weights_sha256()?;
     let layers: Vec<usize> = (r.layers_from..config.n_layers).collect();
-    let mut run = start(spec, &config, &layers, &data, &checkpoint)?;
+    let modules = modules_for(&config, &r.modules)?;
+    if modules != r.modules {
+        eprintln!(
+            "afprobe: this {} checkpoint stores its projections fused: adapting {}",
+            config.architecture.name(),
+            modules.join(", ")
+        );
+    }
+    let mut run = start(spec, &config, &layers, &modules, &data, &checkpoint)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
-    let diff = weights_of(&model.files)?.1;
-    drop(model);
-    let pre = system_prompt_kvs(r, &diff, &data)?;
-    optimise(spec, &data, &diff, &pre, &mut run, &checkpoint)?;
+    let pre = system_prompt_kvs(r, &model.transformer, &data)?;
+    model.transformer.set_lora(Some(&run.lora))?;
+    optimise(spec, &data, &model.transformer, &pre, &mut run, &checkpoint)?;
     let meta = &run.meta;
     if meta.step < r.steps {
         eprintln!(
@@ -98,7 +115,14 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
         });
     }
 
-    write_adapter(out, r, &spec.model, &layers, &run.vars, &data.invocation)?;
+    write_adapter(
+        out,
+        r,
+        &spec.model,
+        (&layers, &modules),
+        &run.vars,
+        &data.invocation,
+    )?;
     let final_loss = meta.losses.last().copied().unwrap_or(f64::NAN);
     write_training_record(out, r, &spec.model, &base_sha, &data, meta)?;
     checkpoint.remove();
@@ -117,6 +141,7 @@ fn start(
     spec: &TrainSpec,
     config: &ModelConfig,
     layers: &[usize],
+    modules: &[String],
     data: &TrainingData,
     checkpoint: &Checkpoint,
 ) -> Result<Run> {
@@ -129,7 +154,15 @@ fn start(
         seconds: 0.0,
         tokens: 0,
     };
-    let lora = Lora::init(config, layers, &r.modules, r.rank, r.alpha, r.seed)?;
+    let lora = Lora::init(
+        config,
+        layers,
+        modules,
+        r.rank,
+        r.alpha,
+        r.seed,
+        &spec.device,
+    )?;
     let vars: Vec<(String, Var)> = lora
         .named_vars()
         .into_iter()
@@ -152,15 +185,16 @@ fn start(
 }
 
 /// Activated LoRA: the base model's keys and values of every distinct system
-/// prompt, once. A plain LoRA adapts them, so each step runs its own (none here).
-fn system_prompt_kvs(r: &Recipe, diff: &DiffModel, data: &TrainingData) -> Result<Vec<PrefixKv>> {
+/// prompt, once (run before the factors are attached). A plain LoRA adapts
+/// them, so each step runs its own (none here).
+fn system_prompt_kvs(r: &Recipe, model: &Transformer, data: &TrainingData) -> Result<Vec<KvCache>> {
     let started = std::time::Instant::now();
-    let pre: Vec<PrefixKv> = if r.plain_lora {
+    let pre: Vec<KvCache> = if r.plain_lora {
         vec![]
     } else {
         data.prefixes
             .iter()
-            .map(|p| Ok(diff.forward(p, None, None, &[p.len() - 1])?.1))
+            .map(|p| prefix_kv(model, p))
             .collect::<Result<_>>()?
     };
     let n_accept = data
@@ -189,8 +223,8 @@ fn system_prompt_kvs(r: &Recipe, diff: &DiffModel, data: &TrainingData) -> Resul
 fn optimise(
     spec: &TrainSpec,
     data: &TrainingData,
-    diff: &DiffModel,
-    pre: &[PrefixKv],
+    model: &Transformer,
+    pre: &[KvCache],
     run: &mut Run,
     checkpoint: &Checkpoint,
 ) -> Result<()> {
@@ -221,7 +255,7 @@ fn optimise(
             // new rows' gradients (its second moments are of near-zero losses).
             run.adam.reset()?;
         }
-        let loss = batch_loss(r, data, diff, pre, &run.lora, &batch, &mut run.meta.tokens)?;
+        let loss = batch_loss(r, data, model, pre, &batch, &mut run.meta.tokens)?;
         let grads = loss.backward()?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
         run.adam.step(&run.vars, &grads, (local + 1) as i32, r)?;
@@ -238,51 +272,64 @@ fn optimise(
     Ok(())
 }
 
-/// The mean cross-entropy of the batch's answer-tag tokens, with `lora`
-/// applied from the invocation on; counts the tokens run into `tokens`.
+/// The keys and values of `tokens` run from an empty cache.
+fn prefix_kv(model: &Transformer, tokens: &[u32]) -> Result<KvCache> {
+    let mut kv = KvCache::new();
+    model.forward(tokens, &mut kv, &mut Hooks::none(), &LogitsAt::None)?;
+    Ok(kv)
+}
+
+/// The mean cross-entropy of the batch's answer-tag tokens, with the
+/// attached LoRA applied from the invocation on (or, plain, everywhere);
+/// counts the tokens run into `tokens`. The rows on one system prompt run as
+/// one token tree on its cache: one GEMM per projection for all of them.
 fn batch_loss(
     r: &Recipe,
     data: &TrainingData,
-    diff: &DiffModel,
-    pre: &[PrefixKv],
-    lora: &Lora,
+    model: &Transformer,
+    pre: &[KvCache],
     batch: &[usize],
     tokens: &mut usize,
 ) -> Result<Tensor> {
     let examples = &data.examples;
-    // A plain LoRA's batch shares one system prompt: run it adapted, in the graph.
-    let adapted: Option<PrefixKv> = if r.plain_lora {
-        let prefix = &data.prefixes[examples[batch[0]].prefix];
-        *tokens += prefix.len();
-        Some(
-            diff.forward(prefix, None, Some(lora), &[prefix.len() - 1])?
-                .1,
-        )
-    } else {
-        None
-    };
-    let prefix_kv = |p: usize| adapted.as_ref().unwrap_or_else(|| &pre[p]);
-    // One pass over the whole batch (the projections as one GEMM).
-    let seqs: Vec<(Vec<u32>, usize, Vec<usize>)> = batch
-        .iter()
-        .map(|&i| {
-            let ex = &examples[i];
-            let mut seq = ex.suffix.clone();
-            seq.extend_from_slice(&ex.tag[..ex.tag.len() - 1]);
-            let rows = (0..ex.tag.len()).map(|j| ex.suffix.len() - 1 + j).collect();
-            (seq, ex.prefix, rows)
-        })
-        .collect();
-    *tokens += seqs.iter().map(|s| s.0.len()).sum::<usize>();
-    let refs: Vec<(&[u32], &PrefixKv, Vec<usize>)> = seqs
-        .iter()
-        .map(|(s, p, r)| (s.as_slice(), prefix_kv(*p), r.clone()))
-        .collect();
-    let logits = diff.forward_batch(&refs, lora)?;
+    let mut by_prefix: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &i in batch {
+        by_prefix.entry(examples[i].prefix).or_default().push(i);
+    }
     let mut total: Option<Tensor> = None;
-    for (&i, lg) in batch.iter().zip(&logits) {
-        let lp = candle_nn::ops::log_softmax(lg, D::Minus1)?;
-        let idx = Tensor::new(examples[i].tag.clone(), &Device::Cpu)?.unsqueeze(1)?;
+    for (p, rows) in by_prefix {
+        // A plain LoRA's batch shares one system prompt: run it adapted, in the graph.
+        let mut kv = if r.plain_lora {
+            let prefix = &data.prefixes[p];
+            *tokens += prefix.len();
+            prefix_kv(model, prefix)?
+        } else {
+            pre[p].clone()
+        };
+        // Each row's user turn and answer tag but its last token, as a branch.
+        let seqs: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|&i| {
+                let ex = &examples[i];
+                [&ex.suffix[..], &ex.tag[..ex.tag.len() - 1]].concat()
+            })
+            .collect();
+        *tokens += seqs.iter().map(Vec::len).sum::<usize>();
+        let branches: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let (tree, paths) = TokenTree::trie(&branches);
+        // The tree rows predicting each tag token, and the tokens.
+        let mut at = Vec::new();
+        let mut targets = Vec::new();
+        for (&i, path) in rows.iter().zip(&paths) {
+            let ex = &examples[i];
+            at.extend((0..ex.tag.len()).map(|j| path[ex.suffix.len() - 1 + j]));
+            targets.extend_from_slice(&ex.tag);
+        }
+        let logits = model
+            .forward_tree(&tree, &mut kv, &mut Hooks::none(), &LogitsAt::Rows(at))?
+            .ok_or_else(|| Error::BadInput("training runs without an activated adapter".into()))?;
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let idx = Tensor::new(targets, lp.device())?.unsqueeze(1)?;
         let nll = (lp.gather(&idx, 1)?.sum_all()? * -1.0)?;
         total = Some(match total {
             Some(t) => (t + nll)?,
@@ -290,24 +337,4 @@ fn batch_loss(
         });
     }
     Ok((total.expect("a batch has rows") / batch.len() as f64)?)
-}
-
-/// The differentiable model of the base model's files (GGUF or an HF directory,
-/// read by the model module's own readers).
-pub(super) fn weights_of(files: &ModelFiles) -> Result<(ModelConfig, DiffModel)> {
-    match files {
-        ModelFiles::Gguf(path) => {
-            let mut file = gguf::GgufFile::open(path)?;
-            let mut config = file.config()?;
-            file.read_rope_freq_factors(&mut config)?;
-            let cfg = config.clone();
-            let m = DiffModel::new(config.clone(), &mut |n| file.weight(n, &cfg))?;
-            Ok((config, m))
-        }
-        ModelFiles::HfDir(dir) => {
-            let hf = crate::model::HfDir::open(dir)?;
-            let m = DiffModel::new(hf.config.clone(), &mut |n| hf.tensor(n))?;
-            Ok((hf.config, m))
-        }
-    }
 }
