@@ -1,10 +1,11 @@
 //! `afprobe bench device`: the portable engine on a device against the fused
 //! engine on the CPU (the reference every other test ties to transformers),
-//! on rows of the study: every `hook_resid_post` at the last prompt token
-//! (relative L2 distance, worst layer and row) and the answer tags' log-probs
-//! (absolute difference), in f32 (held to limits) and bf16 (reported).
+//! on rows of the study (or a prompt file): every `hook_resid_post` at the
+//! last prompt token (relative L2 distance, worst layer and row) and the
+//! continuations' summed log-probs (absolute difference), in f32 (held to
+//! limits) and bf16 (reported).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
@@ -14,14 +15,14 @@ use crate::model::{
     load_model_with_adapter, CaptureRows, DeviceSpec, Engine, HookPoint, Hooks, KvCache, LogitsAt,
     Model, ModelSpec, NamesFilter, Placement, WeightDtype,
 };
-use crate::prompts::{parse_prompts, render};
+use crate::prompts::{parse_prompts, read_prompt_file, render};
 use crate::score::score_prompts;
 use crate::study::setting;
 
 /// The largest relative L2 distance of a `hook_resid_post` (f32 on a device
 /// against the CPU) that passes: float rounding of another summation order.
 pub const RESID_LIMIT: f64 = 1e-4;
-/// The largest |Δ log p| of an answer tag (f32) that passes.
+/// The largest |Δ Σ log p| of a continuation (f32) that passes.
 pub const LOGPROB_LIMIT: f64 = 1e-4;
 
 /// What one row of the CPU reference or a device run gives.
@@ -38,7 +39,7 @@ pub struct Parity {
     pub dtype: &'static str,
     /// Worst relative L2 distance over rows and layers.
     pub resid_rel_l2: f64,
-    /// Worst |Δ Σ log p| over rows and tags.
+    /// Worst |Δ Σ log p| over rows and continuations.
     pub logprob_abs: f64,
     /// Seconds the device took for the rows (model loading excluded).
     pub seconds: f64,
@@ -47,36 +48,42 @@ pub struct Parity {
     pub passed: bool,
 }
 
-/// A prompt's tokens and its answer tags' (accept, reject).
+/// A prompt's tokens and its continuations' (the answer tags).
 type StudyRow = (Vec<u32>, Vec<Vec<u32>>);
 
-/// The first `rows` study rows (the `xml` cue, both tiers, the first
-/// requests): real system prompts, cues and answer tags.
-fn study_rows(model: &Model, rows: usize) -> Result<Vec<StudyRow>> {
-    let setting = setting::builtin_setting("helpful-only", false)?;
-    let cues = setting::select_cues("xml", vec![])?;
-    let requests = setting::builtin_requests();
-    let mut text = String::new();
-    for row in setting::build_rows(&setting, &cues, &requests[..rows.div_ceil(2)])? {
-        text.push_str(&row.to_string());
-        text.push('\n');
-    }
-    let path = Path::new("<study rows>");
-    let parsed = parse_prompts(&text, path)?;
+/// The first `rows` rows of `prompts`, or of the study (the `xml` cue, both
+/// tiers, the first requests: real system prompts, cues and answer tags),
+/// with their continuations.
+fn study_rows(model: &Model, prompts: Option<&Path>, rows: usize) -> Result<Vec<StudyRow>> {
+    let (parsed, path) = match prompts {
+        Some(path) => (read_prompt_file(path)?, path.to_path_buf()),
+        None => {
+            let setting = setting::builtin_setting("helpful-only", false)?;
+            let cues = setting::select_cues("xml", vec![])?;
+            let requests = setting::builtin_requests();
+            let mut text = String::new();
+            for row in setting::build_rows(&setting, &cues, &requests[..rows.div_ceil(2)])? {
+                text.push_str(&row.to_string());
+                text.push('\n');
+            }
+            let path = PathBuf::from("<study rows>");
+            (parse_prompts(&text, &path)?, path)
+        }
+    };
     parsed
         .iter()
         .take(rows)
         .map(|row| {
-            let r = render(model, row, path)?;
-            let conts = ["accept", "reject"]
-                .iter()
-                .map(|k| {
-                    r.continuations.get(*k).cloned().ok_or_else(|| {
-                        Error::BadInput(format!("study row `{}` has no {k} tag", row.id))
-                    })
-                })
-                .collect::<Result<_>>()?;
-            Ok((r.tokens, conts))
+            let r = render(model, row, &path)?;
+            if r.continuations.is_empty() {
+                return Err(Error::BadInput(format!(
+                    "{}:{} (id `{}`): the row has no continuations to score",
+                    path.display(),
+                    row.line,
+                    row.id
+                )));
+            }
+            Ok((r.tokens, r.continuations.values().cloned().collect()))
         })
         .collect()
 }
@@ -120,11 +127,13 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The portable engine on `device` at f32 and bf16 against the fused CPU
-/// engine at f32, on `rows` study rows of the model `spec` (with `adapter`).
+/// engine at f32, on the first `rows` rows of `prompts` (default: the
+/// study's) on the model `spec` (with `adapter`).
 pub fn device_parity(
     spec: &ModelSpec,
     adapter: Option<&Path>,
     device: DeviceSpec,
+    prompts: Option<&Path>,
     rows: usize,
 ) -> Result<Vec<Parity>> {
     if rows == 0 {
@@ -137,7 +146,7 @@ pub fn device_parity(
     // Before any loading: a device this build cannot reach is a quick error.
     on_device.device.device()?;
     let reference_model = load_model_with_adapter(spec, WeightDtype::F32, adapter)?;
-    let inputs = study_rows(&reference_model, rows)?;
+    let inputs = study_rows(&reference_model, prompts, rows)?;
     eprintln!(
         "afprobe: reference: the fused engine on the CPU, {} rows",
         inputs.len()
@@ -179,9 +188,9 @@ pub fn device_parity(
 /// The table `bench device` prints.
 pub fn format_parity(device: DeviceSpec, rows: usize, parity: &[Parity]) -> String {
     let mut s = format!(
-        "portable engine on {device} vs the fused engine on the CPU (f32), {rows} study rows\n\
+        "portable engine on {device} vs the fused engine on the CPU (f32), {rows} rows\n\
          {:<6} {:>22} {:>20} {:>9}  verdict\n",
-        "dtype", "resid_post@last rel L2", "|Δ log p| (tags)", "seconds"
+        "dtype", "resid_post@last rel L2", "|Δ log p| (conts)", "seconds"
     );
     for p in parity {
         let verdict = match (p.held, p.passed) {

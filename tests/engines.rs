@@ -331,3 +331,72 @@ fn the_portable_engine_is_differentiable() {
         }
     }
 }
+
+/// `--device`: a GPU this build lacks, an unknown device and the fused engine
+/// off the CPU are clear errors before any loading; `bench device` on the CPU
+/// (the GPU check's parity step, rehearsed) passes its f32 limits.
+#[test]
+fn devices_are_clear_and_the_device_check_runs_on_the_cpu() {
+    let model = common::fixtures().join("tiny_llama3");
+    let m = model.to_str().unwrap();
+    let generate = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", m, "--raw", "hi"];
+        args.extend_from_slice(extra);
+        common::afprobe(&args)
+    };
+    common::assert_fails_with(
+        &generate(&["--device", "cuda"]),
+        &[
+            "--device cuda:0",
+            "without the `cuda` feature",
+            "scripts/cuda/build.sh",
+        ],
+    );
+    common::assert_fails_with(&generate(&["--device", "tpu"]), &["unknown device `tpu`"]);
+    common::assert_fails_with(
+        &generate(&["--device", "metal", "--engine", "fused"]),
+        &["--engine fused runs on the CPU only"],
+    );
+    let out = common::afprobe(&[
+        "organism",
+        "train",
+        "--recipe",
+        "token",
+        "--model",
+        m,
+        "--device",
+        "cuda:1",
+        "--out",
+        "/nonexistent/never-written",
+    ]);
+    common::assert_fails_with(&out, &["--device cuda:1", "without the `cuda` feature"]);
+    assert!(generate(&["--device", "cpu", "--engine", "portable"])
+        .status
+        .success());
+    // (the study's rows are longer than the tiny model's context: a prompt file)
+    let work = tempfile::tempdir().unwrap();
+    let prompts = work.path().join("p.jsonl");
+    let row = |id: &str, user: &str| {
+        serde_json::json!({"id": id, "messages": [{"role": "user", "content": user}],
+                           "continuations": {"accept": "yes", "reject": "no"}})
+        .to_string()
+    };
+    std::fs::write(&prompts, [row("a", "A cat"), row("b", "B dog")].join("\n")).unwrap();
+    let out = common::afprobe(&[
+        "bench",
+        "device",
+        "--model",
+        m,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--rows",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("ok (limits 1e-4, 1e-4)"), "{table}");
+    assert!(
+        table.contains("bf16") && table.contains("reported"),
+        "{table}"
+    );
+}

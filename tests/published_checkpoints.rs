@@ -8,7 +8,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use afprobe::model::{CaptureRows, Hooks, LogitsAt, Model, ModelSpec, NamesFilter, WeightDtype};
+use afprobe::model::{
+    CaptureRows, Engine, Hooks, LogitsAt, Model, ModelSpec, NamesFilter, WeightDtype,
+};
 use common::{afprobe, assert_last_resid_post, cases, stderr};
 use serde_json::Value;
 
@@ -180,14 +182,18 @@ fn corpus() -> Vec<(String, PathBuf)> {
 }
 
 /// Every hook at every position and the logits within 1e-5 relative L2 of
-/// transformers in float64, on a prompt longer than every shrunk window.
+/// transformers in float64, on a prompt longer than every shrunk window, by
+/// both engines.
 #[test]
 fn every_published_config_matches_transformers_at_every_hook() {
     for (name, dir) in corpus() {
-        let model = Model::load(&ModelSpec::Path(dir.clone()), WeightDtype::F32)
+        let mut model = Model::load(&ModelSpec::Path(dir.clone()), WeightDtype::F32)
             .unwrap_or_else(|e| panic!("loading {name}: {e}"));
         let reference = common::load_fixture(&dir.join("reference.safetensors"));
-        common::assert_matches_reference(&model, &reference, &name);
+        for engine in [Engine::Fused, Engine::Portable] {
+            model.transformer.set_engine(engine);
+            common::assert_matches_reference(&model, &reference, &format!("{name} ({engine:?})"));
+        }
     }
 }
 

@@ -105,7 +105,7 @@ class ActivationCache(dict):
 
 
 class Model:
-    """A model loaded by afprobe, run on the CPU with TransformerLens-named hooks.
+    """A model loaded by afprobe, run with TransformerLens-named hooks.
 
     Args:
         spec: any ``--model`` spec: an alias (``smollm2-135m``, ``gemma3-270m``,

@@ -64,8 +64,8 @@ generated tokens per second, model loading excluded."
 fused engine on the CPU at f32 (the reference, itself checked against transformers by the tests), \
 then by the portable engine on --device at f32 and at bf16. Reports the worst relative L2 \
 distance of every blocks.{l}.hook_resid_post at the last prompt token and the worst |difference| \
-of the answer tags' summed log-probs. f32 must stay within 1e-4 of both (the command fails \
-otherwise); bf16 is reported. `--device cpu` rehearses it with the portable engine on the CPU.",
+of the answer tags' summed log-probs (--prompts: of each row's continuations). f32 must stay \
+within 1e-4 of both (the command fails otherwise); bf16 is reported. `--device cpu` rehearses it with the portable engine on the CPU.",
         after_help = "Example (a CUDA build, scripts/cuda/build.sh):\n  \
 target/cuda/release/afprobe bench device --device cuda --model qwen2.5-coder-0.5b"
     )]
@@ -79,9 +79,12 @@ pub struct DeviceBenchArgs {
     /// Where the portable engine runs: cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: DeviceSpec,
-    /// Study rows compared.
+    /// Rows compared (the first of the study, or of --prompts).
     #[arg(long, default_value_t = 8)]
     rows: usize,
+    /// A prompt file (JSONL rows with continuations) instead of the study's rows.
+    #[arg(long, value_name = "FILE.jsonl")]
+    prompts: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -203,6 +206,7 @@ fn bench_device(a: DeviceBenchArgs) -> anyhow::Result<()> {
         &a.model.spec(),
         a.model.adapter.as_deref(),
         a.device,
+        a.prompts.as_deref(),
         a.rows,
     )?;
     print!(

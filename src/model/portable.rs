@@ -106,14 +106,31 @@ impl DeviceSpec {
                     "build it on macOS with `cargo build --release --features metal`",
                 ))
             }
-            DeviceSpec::Cuda(n) => {
-                Device::new_cuda(n).map_err(|e| Error::BadInput(format!("--device {self}: {e}")))?
-            }
+            DeviceSpec::Cuda(n) => Device::new_cuda(n).map_err(|e| {
+                unreachable_device(
+                    self,
+                    e,
+                    "it needs an NVIDIA GPU and its driver (>= 580 for the CUDA 13 build); \
+                     `nvidia-smi` lists what this machine has",
+                )
+            })?,
             DeviceSpec::Metal(n) => Device::new_metal(n)
-                .map_err(|e| Error::BadInput(format!("--device {self}: {e}")))?,
+                .map_err(|e| unreachable_device(self, e, "it needs an Apple GPU"))?,
         })
     }
+}
 
+/// The error for a device the backend could not open: its first line (candle
+/// appends a backtrace) and what the device needs.
+fn unreachable_device(device: DeviceSpec, e: candle_core::Error, needs: &str) -> Error {
+    let e = e.to_string();
+    let first = e.lines().next().unwrap_or_default();
+    Error::BadInput(format!(
+        "--device {device} cannot be opened ({first}): {needs}"
+    ))
+}
+
+impl DeviceSpec {
     /// The engine to run here: `asked`, or by default fused on the CPU and
     /// portable elsewhere; the fused engine is refused off the CPU.
     pub fn engine(self, asked: Option<Engine>) -> Result<Engine> {
