@@ -88,7 +88,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainReport> {
     let base_sha = model.weights_sha256()?;
     let layers: Vec<usize> = (r.layers_from..config.n_layers).collect();
     let modules = modules_for(&config, &r.modules)?;
-    if modules != r.modules {
+    if config.architecture.fused_projections() && modules != r.modules {
         eprintln!(
             "afprobe: this {} checkpoint stores its projections fused: adapting {}",
             config.architecture.name(),
