@@ -618,18 +618,22 @@ impl Decoder {
     }
 
     /// The final norm's effective weight (`1 + w` for Gemma) as f32 `[d_model]`
-    /// and its epsilon, for attributions through the norm.
+    /// on the CPU (with the captures), and its epsilon, for attributions
+    /// through the norm.
     pub fn final_norm_parts(&self) -> Result<(Tensor, f32)> {
         Ok((
-            self.final_norm.weight.to_dtype(DType::F32)?,
+            self.final_norm
+                .weight
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?,
             self.final_norm.eps,
         ))
     }
 
     /// The unembedding matrix `[vocab, d_model]` (the embedding when tied), f32
-    /// (dequantized under `--dtype quantized`).
+    /// on the CPU (dequantized under `--dtype quantized`).
     pub fn unembed(&self) -> Result<Tensor> {
-        self.lm_head.dense()
+        Ok(self.lm_head.dense()?.to_device(&Device::Cpu)?)
     }
 
     /// Runs `tokens` on top of what `kv` already holds with these weights
@@ -751,13 +755,13 @@ impl Decoder {
         if block.attn_post_norm.is_some() || block.attn.o_proj.bias.is_some() {
             return Ok(None);
         }
-        Ok(Some(block.attn.o_proj.weight_t()?))
+        Ok(Some(block.attn.o_proj.weight_t()?.to_device(&Device::Cpu)?))
     }
 
     /// Final norm + unembedding of residual rows `[n, d_model]`: the logits the
     /// model would output if these were the last layer's residuals (the logit lens).
     pub fn logit_lens(&self, resid: &Tensor) -> Result<Tensor> {
-        let resid = resid.to_dtype(self.dtype())?;
+        let resid = resid.to_device(&self.device)?.to_dtype(self.dtype())?;
         self.unembed_normed(&self.final_norm.forward(&resid, self.engine)?)
     }
 

@@ -414,7 +414,7 @@ pub struct ActivationCache {
 }
 
 impl ActivationCache {
-    /// The captured activation `[rows, d_model]` (f32), if the filter asked for it.
+    /// The captured activation `[rows, d_model]` (f32, on the CPU), if the filter asked for it.
     pub fn get(&self, point: HookPoint) -> Option<&Tensor> {
         self.tensors.get(&point)
     }
@@ -514,7 +514,10 @@ impl Hooks {
                     x.index_select(&Tensor::new(rows, x.device())?, 0)?
                 }
             };
-            let kept = kept.to_dtype(DType::F32)?;
+            // f32 on the CPU, wherever the model runs: captures go to stores and arrays.
+            let kept = kept
+                .to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?;
             // Successive calls (prefix, then suffix; or generation steps) append rows.
             let merged = match (self.rows.clone(), self.cache.tensors.remove(&point)) {
                 (CaptureRows::All, Some(prev)) => {
@@ -543,7 +546,10 @@ fn apply_edit(point: HookPoint, edit: &Edit, x: &Tensor, at: &[usize]) -> Result
                 v.dims()
             )));
         }
-        Ok(v.to_dtype(x.dtype())?.reshape((1, d_model))?)
+        // (edits are made on the CPU; the activation may live on a GPU)
+        Ok(v.to_device(x.device())?
+            .to_dtype(x.dtype())?
+            .reshape((1, d_model))?)
     };
     let column = |positions: &Positions| -> Result<Tensor> {
         let mask = positions.mask(at);
@@ -564,7 +570,7 @@ fn apply_edit(point: HookPoint, edit: &Edit, x: &Tensor, at: &[usize]) -> Result
         }
         Edit::Call(f) => match (f.0)(point, x, at)? {
             None => x.clone(),
-            Some(y) if y.dims() == x.dims() => y.to_dtype(x.dtype())?,
+            Some(y) if y.dims() == x.dims() => y.to_device(x.device())?.to_dtype(x.dtype())?,
             Some(y) => {
                 return Err(Error::BadInput(format!(
                     "the hook function at `{point}` returned shape {:?} for an activation of \
@@ -593,6 +599,7 @@ fn apply_edit(point: HookPoint, edit: &Edit, x: &Tensor, at: &[usize]) -> Result
             }
             let dev = x.device();
             let rows = values
+                .to_device(dev)?
                 .to_dtype(x.dtype())?
                 .index_select(&Tensor::new(source, dev)?, 0)?;
             let mask = Tensor::from_vec(replaced, (len, 1), dev)?.broadcast_as((len, d_model))?;
