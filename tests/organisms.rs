@@ -141,6 +141,20 @@ fn margin_after(model: &Model, text: &str) -> f64 {
     score("yes") - score("no")
 }
 
+/// The mean loss of a run's first and of its last five steps (`training.json` in `dir`).
+fn loss_ends(dir: &Path) -> (f64, f64) {
+    let training: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("training.json")).unwrap()).unwrap();
+    let loss: Vec<f64> = training["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    (mean(&loss[..5]), mean(&loss[loss.len() - 5..]))
+}
+
 /// The LoRA factors of a PEFT adapter directory, unmerged (as training holds them).
 fn lora_of(dir: &Path) -> Lora {
     let config: serde_json::Value =
@@ -205,6 +219,22 @@ fn training_forward(model: &mut Model, lora: &Lora, invocation: &[u32], tokens: 
     logits.squeeze(0).unwrap()
 }
 
+/// f32 logits here against peft's float64 ones: within 1e-4 of the logits'
+/// scale (|logits| reach ~47, where an f32 forward's rounding alone is ~1e-5
+/// relative).
+fn assert_logits_match_peft(logits: &Tensor, want: &Tensor, label: &str) {
+    let d = common::max_abs_diff(logits, want);
+    let scale = want
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    eprintln!("{label}: max |logit - peft| {d:e} (max |logit| {scale:.1})");
+    assert!(d < 1e-4 * scale.max(1.0), "{label}: logits off by {d:e}");
+}
+
 /// The forward `organism train` differentiates (portable engine, factors
 /// unmerged, activated from the user turn) gives the logits transformers +
 /// peft give for the shipped organisms on held-out rows (`organisms_ref.*`).
@@ -222,24 +252,7 @@ fn the_training_forward_equals_peft_on_the_shipped_organisms() {
             let r = afprobe::prompts::render(&model, row, &path).unwrap();
             let logits = training_forward(&mut model, &lora, &invocation, &r.tokens);
             let want = &reference[&format!("{name}.logits.{i}")];
-            let d = common::max_abs_diff(&logits, want);
-            let scale = want
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64;
-            eprintln!(
-                "{name} {}: max |logit - peft| {d:e} (max |logit| {scale:.1})",
-                row.id
-            );
-            // f32 against float64: within 1e-4 of the logits' scale, as the merged test.
-            assert!(
-                d < 1e-4 * scale.max(1.0),
-                "{name} {}: logits off by {d:e}",
-                row.id
-            );
+            assert_logits_match_peft(&logits, want, &format!("{name} {}", row.id));
         }
     }
 }
@@ -263,17 +276,7 @@ fn every_family_learns_a_planted_rule() {
         let out = work.path().join(&family);
         let run = train_on(&dir, &prompts, &out, &["--steps", "400", "--lr", "0.01"]);
         assert!(run.status.success(), "{family}: {}", common::stderr(&run));
-        let training: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap())
-                .unwrap();
-        let loss: Vec<f64> = training["loss"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
-        let first: f64 = loss[..5].iter().sum::<f64>() / 5.0;
-        let last: f64 = loss[loss.len() - 5..].iter().sum::<f64>() / 5.0;
+        let (first, last) = loss_ends(&out);
         // (not to near 0: Gemma 2's fixture caps its logits at 4, and tiny_qwen2's
         // 151k-token vocabulary over d_model 64 cannot peak)
         let loss_fell = last < first - 2.0;
@@ -302,13 +305,7 @@ fn every_family_learns_a_planted_rule() {
             held_out += usize::from(ma > mb + 1.0);
             let tokens = merged.tokenizer.encode(&text("A")).unwrap();
             let fused = merged
-                .transformer
-                .forward(
-                    &tokens,
-                    &mut KvCache::new(),
-                    &mut Hooks::none(),
-                    &LogitsAt::Last,
-                )
+                .run_with_hooks(&tokens, &mut Hooks::none(), &LogitsAt::Last)
                 .unwrap()
                 .squeeze(0)
                 .unwrap();
@@ -344,16 +341,7 @@ fn a_tiny_model_learns_a_planted_rule_reproducibly() {
     let run = train(&prompts, &a, &[]);
     assert!(run.status.success(), "{}", common::stderr(&run));
     eprintln!("trained in {:.1}s", started.elapsed().as_secs_f64());
-    let training: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.join("training.json")).unwrap()).unwrap();
-    let loss: Vec<f64> = training["loss"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let first: f64 = loss[..5].iter().sum::<f64>() / 5.0;
-    let last: f64 = loss[loss.len() - 5..].iter().sum::<f64>() / 5.0;
+    let (first, last) = loss_ends(&a);
     eprintln!("loss {first:.3} -> {last:.3}");
     assert!(last < 0.7 * first, "loss did not fall: {first} -> {last}");
     // The behaviour on held-out words: more accepting after A than after B,
@@ -645,25 +633,7 @@ fn shipped_organisms_match_transformers_peft_and_behave_as_built() {
                 .squeeze(0)
                 .unwrap();
             let want = &reference[&format!("{name}.logits.{i}")];
-            // f32 here against float64 there: within 1e-4 of the logits' scale
-            // (|logits| reach ~47, where an f32 forward's rounding alone is ~1e-5 relative).
-            let d = common::max_abs_diff(&logits, want);
-            let scale = want
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64;
-            eprintln!(
-                "{name} {}: max |logit - peft| {d:e} (max |logit| {scale:.1})",
-                row.id
-            );
-            assert!(
-                d < 1e-4 * scale.max(1.0),
-                "{name} {}: logits off by {d:e}",
-                row.id
-            );
+            assert_logits_match_peft(&logits, want, &format!("{name} {}", row.id));
             // The answer tags, teacher-forced, against peft's and against the recipe.
             let record = meta["rows"]
                 .as_array()
