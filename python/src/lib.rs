@@ -55,17 +55,13 @@ fn tensor_to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAr
     Ok(array.into_pyarray(py))
 }
 
-/// The CLI's allocator setting ([`afprobe::model::keep_freed_memory`]), once,
-/// when the first model loads (not at import), unless
-/// `AFPROBE_KEEP_FREED_MEMORY=0`: without it a 1,024-token prefill from Python
-/// took 1.31x the CLI's time (glibc's fresh `mmap` per activation).
+/// The CLI's allocator setting ([`afprobe::model::keep_freed_memory`], which
+/// `AFPROBE_KEEP_FREED_MEMORY=0` turns off), once, when the first model loads
+/// (not at import): without it a 1,024-token prefill from Python took 1.31x
+/// the CLI's time (glibc's fresh `mmap` per activation).
 fn keep_freed_memory_unless_opted_out() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var("AFPROBE_KEEP_FREED_MEMORY").as_deref() != Ok("0") {
-            afprobe::model::keep_freed_memory();
-        }
-    });
+    ONCE.call_once(afprobe::model::keep_freed_memory);
 }
 
 /// One of a command-line option's values (`--dtype`, `--engine`), by name.

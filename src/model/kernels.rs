@@ -431,14 +431,18 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     dst
 }
 
-/// Keeps freed buffers in the heap instead of returning them to the OS.
+/// Keeps freed buffers in the heap instead of returning them to the OS,
+/// unless the environment says `AFPROBE_KEEP_FREED_MEMORY=0`.
 ///
 /// A forward pass allocates and frees many multi-megabyte activations; with
 /// glibc's defaults each one is a fresh `mmap`, and the page faults that zero it
 /// cost ~10% of a long prefill (~25% from Python, measured). Freed buffers, up
-/// to 1 GiB at the top of the heap, stay with the process. Call once; a no-op
-/// off glibc.
+/// to 1 GiB at the top of the heap, stay with the process (they count in its
+/// RSS: opt out where memory is tighter than time). Call once; a no-op off glibc.
 pub fn keep_freed_memory() {
+    if std::env::var("AFPROBE_KEEP_FREED_MEMORY").as_deref() == Ok("0") {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // Safety: mallopt only changes allocator thresholds, under glibc's arena lock
     // (safe with other threads running, as in a Python process).
