@@ -118,19 +118,7 @@ impl DeviceSpec {
                 .map_err(|e| unreachable_device(self, e, "it needs an Apple GPU"))?,
         })
     }
-}
 
-/// The error for a device the backend could not open: its first line (candle
-/// appends a backtrace) and what the device needs.
-fn unreachable_device(device: DeviceSpec, e: candle_core::Error, needs: &str) -> Error {
-    let e = e.to_string();
-    let first = e.lines().next().unwrap_or_default();
-    Error::BadInput(format!(
-        "--device {device} cannot be opened ({first}): {needs}"
-    ))
-}
-
-impl DeviceSpec {
     /// The engine to run here: `asked`, or by default fused on the CPU and
     /// portable elsewhere; the fused engine is refused off the CPU.
     pub fn engine(self, asked: Option<Engine>) -> Result<Engine> {
@@ -143,6 +131,16 @@ impl DeviceSpec {
             ))),
         }
     }
+}
+
+/// The error for a device the backend could not open: its first line (candle
+/// appends a backtrace) and what the device needs.
+fn unreachable_device(device: DeviceSpec, e: candle_core::Error, needs: &str) -> Error {
+    let e = e.to_string();
+    let first = e.lines().next().unwrap_or_default();
+    Error::BadInput(format!(
+        "--device {device} cannot be opened ({first}): {needs}"
+    ))
 }
 
 /// `--device` and `--engine`: where a model runs and what runs it.
@@ -162,14 +160,6 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// The CPU with the engine `engine`.
-    pub fn cpu(engine: Engine) -> Placement {
-        Placement {
-            device: DeviceSpec::Cpu,
-            engine: Some(engine),
-        }
-    }
-
     /// The engine that runs here (see [`DeviceSpec::engine`]).
     pub fn resolved_engine(self) -> Result<Engine> {
         self.device.engine(self.engine)
