@@ -122,10 +122,7 @@ impl Reference {
 
     /// The reference run on `device` at `dtype` (the script's `--device`, `--dtype`).
     pub fn on(mut self, device: DeviceSpec, dtype: WeightDtype) -> Reference {
-        let device = match device {
-            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
-            other => other.to_string(),
-        };
+        let device = device.to_string();
         let dtype = match dtype {
             WeightDtype::Bf16 | WeightDtype::F16 => dtype.name(),
             _ => "f32",

@@ -12,8 +12,8 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    load_model_with_adapter, CaptureRows, DeviceSpec, Engine, HookPoint, Hooks, KvCache, LogitsAt,
-    Model, ModelSpec, NamesFilter, Placement, WeightDtype,
+    load_model_placed, load_model_with_adapter, CaptureRows, DeviceSpec, Engine, HookPoint, Hooks,
+    KvCache, LogitsAt, Model, ModelSpec, NamesFilter, Placement, WeightDtype,
 };
 use crate::prompts::{parse_prompts, read_prompt_file, render};
 use crate::score::score_prompts;
@@ -155,8 +155,7 @@ pub fn device_parity(
     drop(reference_model);
     let mut out = Vec::new();
     for (dtype, held) in [(WeightDtype::F32, true), (WeightDtype::Bf16, false)] {
-        let mut model = load_model_with_adapter(spec, dtype, adapter)?;
-        model.transformer.place(on_device)?;
+        let model = load_model_placed(spec, dtype, adapter, on_device)?;
         eprintln!(
             "afprobe: the portable engine on {device} at {}",
             dtype.name()

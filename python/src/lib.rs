@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use afprobe::model::hooks::HookFn;
 use afprobe::model::{
-    load_model_with_adapter, CaptureRows, Edit, Engine, HookPoint, Hooks, KvCache, LogitsAt,
+    load_model_placed, CaptureRows, DeviceSpec, Edit, Engine, HookPoint, Hooks, KvCache, LogitsAt,
     Message, ModelSpec, NamesFilter, Placement, WeightDtype,
 };
 use candle_core::{DType, Tensor};
@@ -78,15 +78,6 @@ fn choice<T: clap::ValueEnum>(what: &str, name: &str) -> PyResult<T> {
     })
 }
 
-/// A candle device as `--device` names it.
-fn placement_name(device: &candle_core::Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
 /// A loaded model (see `afprobe.Model` for the Python API over it).
 #[pyclass(frozen, module = "afprobe._afprobe", name = "NativeModel")]
 struct NativeModel {
@@ -113,14 +104,12 @@ impl NativeModel {
             device: device.parse().map_err(py_err)?,
             engine: engine.map(|e| choice::<Engine>("engine", e)).transpose()?,
         };
-        at.resolved_engine().map_err(py_err)?;
         let dtype: WeightDtype = choice("dtype", dtype)?;
         keep_freed_memory_unless_opted_out();
         let spec = ModelSpec::parse(spec.as_deref());
-        let mut inner = py
-            .detach(|| load_model_with_adapter(&spec, dtype, adapter.as_deref()))
+        let inner = py
+            .detach(|| load_model_placed(&spec, dtype, adapter.as_deref(), at))
             .map_err(py_err)?;
-        inner.transformer.place(at).map_err(py_err)?;
         Ok(NativeModel { inner })
     }
 
@@ -139,7 +128,8 @@ impl NativeModel {
         d.set_item("family", c.architecture.name())?;
         d.set_item("dtype", self.inner.weights.name())?;
         d.set_item("engine", self.inner.transformer.engine().name())?;
-        d.set_item("device", placement_name(&self.inner.transformer.device()))?;
+        let device = DeviceSpec::from(&self.inner.transformer.device());
+        d.set_item("device", device.to_string())?;
         d.set_item("path", self.inner.files.path())?;
         Ok(d)
     }

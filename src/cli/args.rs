@@ -46,11 +46,12 @@ impl ModelArgs {
 }
 
 fn load(spec: &ModelSpecArg, dtype: WeightDtype, at: Placement) -> anyhow::Result<Model> {
-    // Checked before the (slow) load: a device this build cannot run, a fused GPU.
-    at.resolved_engine()?;
-    let mut model = model::load_model_with_adapter(&spec.spec(), dtype, spec.adapter.as_deref())?;
-    model.transformer.place(at)?;
-    Ok(model)
+    Ok(model::load_model_placed(
+        &spec.spec(),
+        dtype,
+        spec.adapter.as_deref(),
+        at,
+    )?)
 }
 
 /// `--model` for `capture`, whose `--dtype` is the stored activations' precision,

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use super::config::FamilyConfig;
-use super::{Model, ModelSpec, WeightDtype};
+use super::{Model, ModelSpec, Placement, WeightDtype};
 use crate::error::Result;
 
 /// Loads a model with a one-line note on stderr (loading a big model takes a while).
@@ -31,6 +31,24 @@ pub fn load_model_with_adapter(
         model.files.path().display(),
         started.elapsed().as_secs_f64()
     );
+    Ok(model)
+}
+
+/// [`load_model_with_adapter`] on `--device` with `--engine` (see
+/// [`Placement`]). The engine and the device are checked before the (slow)
+/// load: the fused engine off the CPU, a backend this build lacks, a GPU the
+/// machine does not have.
+pub fn load_model_placed(
+    spec: &ModelSpec,
+    dtype: WeightDtype,
+    adapter: Option<&std::path::Path>,
+    at: Placement,
+) -> Result<Model> {
+    let engine = at.resolved_engine()?;
+    let device = at.device.device()?;
+    let mut model = load_model_with_adapter(spec, dtype, adapter)?;
+    model.transformer.move_to(&device)?;
+    model.transformer.set_engine(engine);
     Ok(model)
 }
 

@@ -36,7 +36,7 @@ pub use hooks::{
     parse_hooks, parse_layer_list, ActivationCache, CaptureRows, Edit, HookPoint, Hooks,
     NamesFilter, Positions,
 };
-pub use info::{load_model, load_model_with_adapter, model_info};
+pub use info::{load_model, load_model_placed, load_model_with_adapter, model_info};
 pub use kernels::keep_freed_memory;
 pub use portable::{DeviceSpec, Engine, Placement};
 pub use spec::{ModelFiles, ModelSpec};

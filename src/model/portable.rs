@@ -73,6 +73,17 @@ impl std::str::FromStr for DeviceSpec {
     }
 }
 
+impl From<&Device> for DeviceSpec {
+    /// The `--device` a candle device is.
+    fn from(device: &Device) -> DeviceSpec {
+        match device.location() {
+            candle_core::DeviceLocation::Cpu => DeviceSpec::Cpu,
+            candle_core::DeviceLocation::Cuda { gpu_id } => DeviceSpec::Cuda(gpu_id),
+            candle_core::DeviceLocation::Metal { gpu_id } => DeviceSpec::Metal(gpu_id),
+        }
+    }
+}
+
 impl std::fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -11,7 +11,7 @@ use super::decoder::{Decoder, Layout};
 use super::hooks::Hooks;
 pub use super::kv_cache::KvCache;
 use super::lora::Lora;
-use super::portable::{Engine, Placement};
+use super::portable::Engine;
 pub use super::token_tree::{LogitsAt, TokenTree};
 pub use super::weights::{QuantSource, WeightSource};
 use crate::error::{Error, Result};
@@ -113,7 +113,7 @@ impl Transformer {
 
     /// Moves the weights to `device` (nothing to do for the CPU). Errors for
     /// block-quantized weights, whose kernels are the CPU's; a GPU runs the
-    /// portable engine ([`place`](Self::place) sets both).
+    /// portable engine (`load_model_placed` sets both).
     pub fn move_to(&mut self, device: &candle_core::Device) -> Result<()> {
         if device.is_cpu() {
             return Ok(());
@@ -122,15 +122,6 @@ impl Transformer {
         if let Some(act) = &mut self.activated {
             act.adapted.move_to(device)?;
         }
-        Ok(())
-    }
-
-    /// Runs on `--device` with `--engine` (by default fused on the CPU and
-    /// portable elsewhere).
-    pub fn place(&mut self, at: Placement) -> Result<()> {
-        let engine = at.resolved_engine()?;
-        self.move_to(&at.device.device()?)?;
-        self.set_engine(engine);
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use crate::intervene::direction::DirectionSource;
 use crate::intervene::patch::{self, PatchPosition, PatchReport, PatchSpec};
 use crate::intervene::steer::{self, SteerPositions, SteerReport, SteerScale, SteerSpec};
 use crate::io::write_atomic;
-use crate::model::{load_model_with_adapter, parse_hooks, HookPoint, Model, ModelSpec};
+use crate::model::{load_model_placed, parse_hooks, HookPoint, Model, ModelSpec};
 use crate::plot::{plot, PlotSpec};
 use crate::probe::{self, Control, Method, ProbeSpec};
 use crate::rows::Filter;
@@ -207,8 +207,12 @@ fn run_subject(
         "\n== positive control: {} ({}) ==",
         subject.name, subject.built
     );
-    let mut model = load_model_with_adapter(spec, options.dtype, subject.adapter.as_deref())?;
-    model.transformer.place(options.placement)?;
+    let model = load_model_placed(
+        spec,
+        options.dtype,
+        subject.adapter.as_deref(),
+        options.placement,
+    )?;
     let n_layers = model.config().n_layers;
     let dir = root.join(subject.name);
     let store_dir = dir.join("capture");

@@ -29,7 +29,7 @@ use crate::generate::{argmax, generate_to_stdout, prompt_tokens, Sampling};
 use crate::io::write_atomic;
 use crate::model::transformer::{log_softmax, row_f32};
 use crate::model::{
-    load_model, model_info, parse_hooks, CaptureRows, HookPoint, Hooks, Model, ModelSpec,
+    load_model_placed, model_info, parse_hooks, CaptureRows, HookPoint, Hooks, Model, ModelSpec,
     NamesFilter, Placement, WeightDtype,
 };
 use crate::probe::{self, Control, Method, ProbeSpec};
@@ -260,8 +260,7 @@ fn sampled_gap(model: &Model, rows: &[Value], out: &Path) -> Result<GapReport> {
 /// per-layer summary (residual norm and logit-lens top token at the last
 /// position) and a greedy answer. Returns the loaded model for the study.
 fn model_tour(spec: &ModelSpec, options: &DemoOptions) -> Result<Model> {
-    let mut model = load_model(spec, options.dtype)?;
-    model.transformer.place(options.placement)?;
+    let model = load_model_placed(spec, options.dtype, None, options.placement)?;
     print!("{}", model_info(&model, false)?);
     let question = "What is the capital of France? Answer in one word.";
     let tokens = prompt_tokens(&model, question, None, false)?;
