@@ -147,27 +147,23 @@ fn the_engines_agree_through_cache_splits_and_token_trees() {
 #[test]
 fn an_engine_refuses_a_cache_the_other_filled() {
     let mut model = family("qwen3", Engine::Fused);
-    let mut kv = KvCache::new();
-    let tokens = [5u32, 6, 7];
     let t = &mut model.transformer;
-    t.forward(&tokens, &mut kv, &mut Hooks::none(), &LogitsAt::None)
-        .unwrap();
-    t.set_engine(Engine::Portable);
-    let err = t
-        .forward(&[8], &mut kv, &mut Hooks::none(), &LogitsAt::Last)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("filled by the fused engine"), "{err}");
-    // A fresh cache works, and the fused engine refuses the portable one.
-    let mut fresh = KvCache::new();
-    t.forward(&tokens, &mut fresh, &mut Hooks::none(), &LogitsAt::None)
-        .unwrap();
-    t.set_engine(Engine::Fused);
-    let err = t
-        .forward(&[8], &mut fresh, &mut Hooks::none(), &LogitsAt::Last)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("filled by the portable engine"), "{err}");
+    for (filler, other) in [
+        (Engine::Fused, Engine::Portable),
+        (Engine::Portable, Engine::Fused),
+    ] {
+        let mut kv = KvCache::new();
+        t.set_engine(filler);
+        t.forward(&[5, 6, 7], &mut kv, &mut Hooks::none(), &LogitsAt::None)
+            .unwrap();
+        t.set_engine(other);
+        let err = t
+            .forward(&[8], &mut kv, &mut Hooks::none(), &LogitsAt::Last)
+            .unwrap_err()
+            .to_string();
+        let want = format!("filled by the {} engine", filler.name());
+        assert!(err.contains(&want), "{err}");
+    }
 }
 
 #[test]
