@@ -107,3 +107,34 @@ fn a_failed_fetch_says_how_to_pass_a_model_instead() {
         .join("SmolLM2-135M-Instruct.Q4_1.gguf")
         .exists());
 }
+
+/// `afprobe bench prefill --ref-script` runs each peer with the same flags
+/// (`bench::Reference::measure` and `Reference::on`); a peer that rejects one
+/// fails the whole benchmark. `--help` needs only Python's standard library.
+#[test]
+fn the_prefill_peers_accept_every_flag_bench_prefill_passes() {
+    for script in [
+        "scripts/ref/bench_prefill.py",
+        "scripts/bench/llamacpp_prefill.py",
+    ] {
+        let out = std::process::Command::new("python3")
+            .args([script, "--help"])
+            .output()
+            .expect("python3 runs");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{script} --help: {help}");
+        for flag in [
+            "--model",
+            "--lengths",
+            "--threads",
+            "--repeats",
+            "--device",
+            "--dtype",
+        ] {
+            assert!(
+                help.contains(flag),
+                "{script} does not take {flag}:\n{help}"
+            );
+        }
+    }
+}

@@ -18,10 +18,8 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import time
-
-import numpy as np
-from llama_cpp import Llama
 
 
 def main():
@@ -30,7 +28,17 @@ def main():
     ap.add_argument("--lengths", type=int, required=True, help="one length (a process per length)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    # `afprobe bench prefill` passes its own device and dtype to every reference:
+    # llama.cpp runs here on the CPU, at the types the GGUF stores.
+    ap.add_argument("--device", default="cpu", help="cpu only")
+    ap.add_argument("--dtype", default="f32", help="ignored: the GGUF's own block types run")
     a = ap.parse_args()
+    if a.device != "cpu":
+        sys.exit(f"llamacpp_prefill.py: --device {a.device}: this peer runs on the CPU only")
+    # Imported after parsing, so that --help needs only the standard library.
+    import numpy as np
+    from llama_cpp import Llama
+
     n = a.lengths
     llm = Llama(model_path=a.model, n_ctx=n + 8, n_batch=n, n_ubatch=n, n_threads=a.threads,
                 n_threads_batch=a.threads, logits_all=False, verbose=False, seed=0)

@@ -27,6 +27,17 @@ impl LayerKv {
 
     /// Appends the k and v columns of fused `[T, width]` qkv rows (k starts at `k_offset`).
     pub(super) fn append(&mut self, qkv: &[f32], width: usize, k_offset: usize, kv_width: usize) {
+        // A prompt's rows at once and exactly: growing row by row doubles, which
+        // leaves each layer's buffers up to twice the cache and the outgrown
+        // copies as holes in the heap (an 8B model's 1,024-token cache is
+        // 268 MB). Small appends (decoding) grow by a quarter, so that a token
+        // at a time stays amortized linear.
+        let added = qkv.len() / width * kv_width;
+        if self.k.capacity() - self.k.len() < added {
+            let grow = added.max(self.k.len() / 4);
+            self.k.reserve_exact(grow);
+            self.v.reserve_exact(grow);
+        }
         for row in qkv.chunks_exact(width) {
             self.k
                 .extend_from_slice(&row[k_offset..k_offset + kv_width]);

@@ -288,12 +288,17 @@ fn quantize_rows(x: &[f32], block: usize) -> QuantizedRows {
         .zip(out.sum.par_chunks_exact_mut(block / QK))
         .with_min_len(64)
         .for_each(|(((xs, qs), d), sums)| {
-            let extreme = xs
-                .iter()
-                .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-            if extreme == 0.0 {
+            // The first value of the largest magnitude (its sign matters for
+            // the k-quants), found in two passes that vectorize.
+            let largest = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            if largest == 0.0 {
                 return;
             }
+            let extreme = xs
+                .iter()
+                .copied()
+                .find(|v| v.abs() == largest)
+                .unwrap_or(largest);
             let scale = if block == QK {
                 127.0 / extreme.abs()
             } else {
@@ -343,21 +348,54 @@ pub fn matmul(
             out.len()
         ));
     }
-    let xq = quantize_rows(x, format.weights);
-    let kernel = Kernel::detect(&format);
-    // Each task writes its own columns (weight rows) of `out`, every token's.
-    let out = OutPtr::new(out);
-    (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each(|task| {
-        let first = task * TASK_ROWS;
-        let rows = TASK_ROWS.min(n - first);
-        let weights = &blocks[first * row_bytes..(first + rows) * row_bytes];
-        let tile = Tile::decode(format, weights, rows, k);
-        tile.multiply(&xq, &kernel, &out, (first, n));
-    });
+    multiply(Kernel::detect(&format), format, blocks, (m, n, k), x, out);
     Ok(())
 }
 
-/// A task's weight rows decoded, padded with zero rows to a multiple of [`ROWS`].
+/// [`matmul`] with a given kernel, on buffers [`matmul`] checked.
+fn multiply(
+    kernel: Kernel,
+    format: Format,
+    blocks: &[u8],
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    out: &mut [f32],
+) {
+    let row_bytes = k / format.weights * format.bytes;
+    let xq = quantize_rows(x, format.weights);
+    debug_assert_eq!(xq.q.len(), m * k);
+    // Each task writes its own columns (weight rows) of `out`, every token's.
+    let out = OutPtr::new(out);
+    let tiles = (0..n.div_ceil(TASK_ROWS)).into_par_iter().map(|task| {
+        let first = task * TASK_ROWS;
+        let rows = TASK_ROWS.min(n - first);
+        let weights = &blocks[first * row_bytes..(first + rows) * row_bytes];
+        (first, weights, rows)
+    });
+    #[cfg(target_arch = "x86_64")]
+    if let Kernel::Vnni {
+        signed,
+        unit,
+        scaled,
+    } = kernel
+    {
+        let tokens = vnni::TokenBlocks::of(&xq, k, format.signed);
+        tiles.for_each(|(first, weights, rows)| {
+            let tile = Tile::decode(format, weights, rows, k, vnni::ROWS);
+            // Safety: VNNI was detected; this tile alone writes columns
+            // `first..first + rows` of the `[m, n]` output.
+            unsafe { vnni::multiply(&tile, &tokens, (signed, unit, scaled), out.at(first), n) };
+        });
+        return;
+    }
+    tiles.for_each(|(first, weights, rows)| {
+        let tile = Tile::decode(format, weights, rows, k, ROWS);
+        tile.multiply(&xq, &kernel, &out, (first, n));
+    });
+}
+
+/// A task's weight rows decoded, padded with zero rows to a multiple of the
+/// kernel's rows ([`ROWS`], [`vnni::ROWS`]).
 struct Tile {
     rows: usize,
     k: usize,
@@ -373,8 +411,8 @@ struct Tile {
 }
 
 impl Tile {
-    fn decode(format: Format, weights: &[u8], rows: usize, k: usize) -> Tile {
-        let padded = rows.div_ceil(ROWS) * ROWS;
+    fn decode(format: Format, weights: &[u8], rows: usize, k: usize, pad_to: usize) -> Tile {
+        let padded = rows.div_ceil(pad_to) * pad_to;
         let groups = k / QK;
         let mut tile = Tile {
             rows,
@@ -501,6 +539,17 @@ struct Token<'a> {
 
 /// The dot-product kernel for one decoded form, chosen once per call.
 enum Kernel {
+    /// AVX-512 VNNI over a whole tile, its rows interleaved ([`vnni`]).
+    #[cfg(target_arch = "x86_64")]
+    Vnni {
+        signed: bool,
+        /// Weights per integer scale: 16 (Q6_K), 32 (Q4_K, Q5_K), or the
+        /// 32-weight types' block.
+        unit: usize,
+        /// Whether the units have integer scales (the k-quants).
+        scaled: bool,
+    },
+    /// AVX2 over [`ROWS`] rows at a time.
     #[cfg(target_arch = "x86_64")]
     Avx2 {
         signed: bool,
@@ -512,14 +561,44 @@ enum Kernel {
 }
 
 impl Kernel {
+    /// The fastest kernel this CPU runs for `format`.
     fn detect(format: &Format) -> Kernel {
+        Kernel::available(format).remove(0)
+    }
+
+    /// Every kernel this CPU runs for `format`, fastest first (the tests check each).
+    fn available(format: &Format) -> Vec<Kernel> {
         let signed = format.signed;
+        let mut kernels = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        {
             let k_quant = format.weights == QK_K;
-            return Kernel::Avx2 { signed, k_quant };
+            if vnni::detected() {
+                let unit = if signed && k_quant { 16 } else { QK };
+                kernels.push(Kernel::Vnni {
+                    signed,
+                    unit,
+                    scaled: k_quant,
+                });
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                kernels.push(Kernel::Avx2 { signed, k_quant });
+            }
         }
-        Kernel::Portable { signed }
+        kernels.push(Kernel::Portable { signed });
+        kernels
+    }
+
+    /// The kernel's name, for test messages.
+    #[cfg(test)]
+    fn name(&self) -> String {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni { .. } => "AVX-512 VNNI".into(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 { .. } => "AVX2".into(),
+            Kernel::Portable { .. } => "portable".into(),
+        }
     }
 
     /// `Σ_blocks d·dx·Σ_halves s_h·Σ q·xq` for each of the [`ROWS`] rows and
@@ -537,6 +616,9 @@ impl Kernel {
                     (true, true) => avx2::dots::<true, true, T>(rows, xs),
                 }
             },
+            // The VNNI kernel works on whole tiles; its row groups take the portable path.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni { signed, .. } => xs.map(|x| dots_portable(rows, x, signed)),
             Kernel::Portable { signed } => xs.map(|x| dots_portable(rows, x, signed)),
         }
     }
@@ -546,7 +628,7 @@ impl Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             // Safety: AVX2 and FMA were detected.
-            Kernel::Avx2 { .. } => unsafe { avx2::bias_terms(bias, sums) },
+            Kernel::Avx2 { .. } | Kernel::Vnni { .. } => unsafe { avx2::bias_terms(bias, sums) },
             Kernel::Portable { .. } => bias_terms_portable(bias, sums),
         }
     }
@@ -596,6 +678,246 @@ fn dots_portable(rows: &RowGroup, x: &Token, signed: bool) -> [f32; ROWS] {
         }
         total
     })
+}
+
+/// The AVX-512 VNNI kernel. Sixteen tokens' activations are interleaved
+/// four bytes at a time, once per call, so that one 64-byte load holds four
+/// activations of each token; four bytes of one weight row, broadcast, then
+/// meet them in one `vpdpbusd`, which adds each token's four products into
+/// that token's i32 lane. The weight rows stay as [`Tile`] decodes them (no
+/// relayout per call), and sixteen tokens' sums sit in one register: a block's
+/// float scale and a group's bias term are one multiply-add for all of them.
+/// `vpdpbusd` multiplies unsigned bytes by signed ones: the unsigned weight
+/// types' `q` by the activations, or for the signed types (Q8_0, Q6_K) the
+/// activations shifted by 128 by the weights, less `128·Σq` per unit.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{QuantizedRows, Tile, QK, TASK_ROWS};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// Weight rows per kernel call (each with one accumulator of 16 tokens).
+    pub(super) const ROWS: usize = 8;
+    /// Tokens per interleaved block: one register's sixteen i32 lanes.
+    const TOKENS: usize = 16;
+
+    pub(super) fn detected() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+    }
+
+    /// The activations in blocks of [`TOKENS`] tokens (the last padded with
+    /// zeros), each block `[k/4, 16, 4]` bytes: bytes `4j..4j+4` of its token
+    /// `t` at `64j + 4t` (`q + 128` for signed weights), with its scales
+    /// `[blocks, 16]` and its bias sums `[groups, 16]`.
+    pub(super) struct TokenBlocks {
+        m: usize,
+        q: Vec<u8>,
+        d: Vec<f32>,
+        sum: Vec<f32>,
+    }
+
+    impl TokenBlocks {
+        pub(super) fn of(xq: &QuantizedRows, k: usize, shifted: bool) -> TokenBlocks {
+            let m = xq.q.len() / k;
+            let count = m.div_ceil(TOKENS);
+            let (blocks, groups) = (xq.d.len() / m, k / QK);
+            let mut out = TokenBlocks {
+                m,
+                q: vec![0; count * TOKENS * k],
+                d: vec![0.0; count * TOKENS * blocks],
+                sum: vec![0.0; count * TOKENS * groups],
+            };
+            let offset: u32 = if shifted { 0x8080_8080 } else { 0 };
+            out.q
+                .par_chunks_exact_mut(TOKENS * k)
+                .zip(out.d.par_chunks_exact_mut(TOKENS * blocks))
+                .zip(out.sum.par_chunks_exact_mut(TOKENS * groups))
+                .enumerate()
+                .for_each(|(c, ((q, d), sum))| {
+                    for t in 0..TOKENS.min(m - c * TOKENS) {
+                        let token = c * TOKENS + t;
+                        let x = &xq.q[token * k..(token + 1) * k];
+                        for (j, four) in x.chunks_exact(4).enumerate() {
+                            let four = [four[0], four[1], four[2], four[3]].map(|b| b as u8);
+                            let word = u32::from_le_bytes(four) ^ offset;
+                            q[64 * j + 4 * t..64 * j + 4 * t + 4]
+                                .copy_from_slice(&word.to_le_bytes());
+                        }
+                        for b in 0..blocks {
+                            d[TOKENS * b + t] = xq.d[token * blocks + b];
+                        }
+                        for g in 0..groups {
+                            sum[TOKENS * g + t] = xq.sum[token * groups + g];
+                        }
+                    }
+                });
+            out
+        }
+    }
+
+    /// `out[t·n + r] = Σ_blocks d·dx·Σ_units s·Σ q·xq (+ Σ_groups c·sx)` for
+    /// every token `t` and each of the tile's rows `r` (`out` points at the
+    /// tile's first column); `unit` is the weights per integer scale (`scaled`:
+    /// the k-quants' sub-blocks; otherwise a 32-weight block), and `signed`
+    /// says the weights are (and `tokens` shifted).
+    ///
+    /// # Safety
+    /// The CPU has the features [`detected`] checks; the tile's rows are
+    /// padded to [`ROWS`]; `out` is valid for `m·n` floats, and no other
+    /// thread writes the tile's columns.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn multiply(
+        tile: &Tile,
+        tokens: &TokenBlocks,
+        (signed, unit, scaled): (bool, usize, bool),
+        out: *mut f32,
+        n: usize,
+    ) {
+        let k = tile.k;
+        let padded = tile.q.len() / k;
+        let units = k / unit;
+        // `-128·Σ_unit q` per row and unit, for the shifted activations.
+        let correction: Vec<i32> = if signed {
+            tile.q
+                .chunks_exact(unit)
+                .map(|q| -128 * q.iter().map(|&q| q as i8 as i32).sum::<i32>())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let rows = Rows {
+            k,
+            unit,
+            units,
+            blocks: tile.d.len() / padded,
+            correction: &correction,
+            tile,
+        };
+        for c in 0..tokens.m.div_ceil(TOKENS) {
+            let first = c * TOKENS;
+            let live = TOKENS.min(tokens.m - first);
+            let block = Block {
+                q: &tokens.q[c * TOKENS * k..],
+                d: &tokens.d[c * TOKENS * rows.blocks..],
+                sum: &tokens.sum[c * TOKENS * (k / QK)..],
+            };
+            for r0 in (0..tile.rows).step_by(ROWS) {
+                let acc = match (signed, scaled, tile.bias_by_group.is_empty()) {
+                    (false, false, false) => rows.dots::<false, false, true>(r0, &block),
+                    (false, false, true) => rows.dots::<false, false, false>(r0, &block),
+                    (false, true, false) => rows.dots::<false, true, true>(r0, &block),
+                    (false, true, true) => rows.dots::<false, true, false>(r0, &block),
+                    (true, false, _) => rows.dots::<true, false, false>(r0, &block),
+                    (true, true, _) => rows.dots::<true, true, false>(r0, &block),
+                };
+                let mask = ((1u32 << live) - 1) as __mmask16;
+                let index = _mm512_mullo_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                    _mm512_set1_epi32(n as i32),
+                );
+                for (i, acc) in acc.into_iter().enumerate().take(tile.rows - r0) {
+                    let at = out.add(first * n + r0 + i);
+                    _mm512_mask_i32scatter_ps::<4>(at, mask, index, acc);
+                }
+            }
+        }
+    }
+
+    /// A tile's decoded rows, seen by the kernel.
+    struct Rows<'a> {
+        k: usize,
+        unit: usize,
+        units: usize,
+        blocks: usize,
+        correction: &'a [i32],
+        tile: &'a Tile,
+    }
+
+    /// One interleaved block of [`TOKENS`] tokens.
+    struct Block<'a> {
+        q: &'a [u8],
+        d: &'a [f32],
+        sum: &'a [f32],
+    }
+
+    impl Rows<'_> {
+        /// Rows `r0..r0 + ROWS` by the block's sixteen tokens, one register per row.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        unsafe fn dots<const SIGNED: bool, const SCALED: bool, const BIASED: bool>(
+            &self,
+            r0: usize,
+            x: &Block,
+        ) -> [__m512; ROWS] {
+            let (k, tile) = (self.k, self.tile);
+            let units_per_block = self.units / self.blocks;
+            let steps = self.unit / 4;
+            let q = tile.q.as_ptr().add(r0 * k);
+            let xq = x.q.as_ptr();
+            let mut acc = [_mm512_setzero_ps(); ROWS];
+            for b in 0..self.blocks {
+                let mut block = [_mm512_setzero_si512(); ROWS];
+                for u in b * units_per_block..(b + 1) * units_per_block {
+                    let mut sum = [_mm512_setzero_si512(); ROWS];
+                    if SIGNED {
+                        for (r, sum) in sum.iter_mut().enumerate() {
+                            let c = *self.correction.get_unchecked((r0 + r) * self.units + u);
+                            *sum = _mm512_set1_epi32(c);
+                        }
+                    }
+                    for j in u * steps..(u + 1) * steps {
+                        let xv = _mm512_loadu_si512(xq.add(64 * j) as *const _);
+                        for (r, sum) in sum.iter_mut().enumerate() {
+                            let w = (q.add(r * k + 4 * j) as *const i32).read_unaligned();
+                            let w = _mm512_set1_epi32(w);
+                            *sum = if SIGNED {
+                                _mm512_dpbusd_epi32(*sum, xv, w)
+                            } else {
+                                _mm512_dpbusd_epi32(*sum, w, xv)
+                            };
+                        }
+                    }
+                    if SCALED {
+                        for (r, (block, sum)) in block.iter_mut().zip(sum).enumerate() {
+                            let s = *tile.s.get_unchecked((r0 + r) * k / 16 + u * self.unit / 16);
+                            let s = _mm512_set1_epi32(s.into());
+                            *block = _mm512_add_epi32(*block, _mm512_mullo_epi32(sum, s));
+                        }
+                    } else {
+                        block = sum;
+                    }
+                }
+                let dx = _mm512_loadu_ps(x.d.as_ptr().add(TOKENS * b));
+                for (r, (acc, block)) in acc.iter_mut().zip(block).enumerate() {
+                    let d = _mm512_mul_ps(
+                        dx,
+                        _mm512_set1_ps(*tile.d.get_unchecked((r0 + r) * self.blocks + b)),
+                    );
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(block), d, *acc);
+                }
+            }
+            // The bias terms summed apart and added last, as llama.cpp does
+            // (`ggml_vec_dot_q4_1_q8_1`, `_q4_K_q8_K`): they nearly cancel the
+            // dot products (Q4_1's min is about -8d), so the order of the sums
+            // decides the rounding, which the next layer's 8-bit activations
+            // then amplify (0.030 vs 0.054 rel. L2 to llama.cpp's logits on SmolLM2).
+            if BIASED {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let mut bias = _mm512_setzero_ps();
+                    for g in 0..self.k / QK {
+                        let sx = _mm512_loadu_ps(x.sum.as_ptr().add(TOKENS * g));
+                        let c = *tile.bias_by_group.get_unchecked(g * TASK_ROWS + r0 + r);
+                        bias = _mm512_fmadd_ps(_mm512_set1_ps(c), sx, bias);
+                    }
+                    *acc = _mm512_add_ps(*acc, bias);
+                }
+            }
+            acc
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -784,21 +1106,32 @@ mod tests {
     fn check(dtype: GgmlDType, m: usize, n: usize, k: usize) {
         let (q, w) = quantized(dtype, n, k);
         let x = random(m * k, 11);
-        let mut out = vec![0f32; m * n];
         let bytes = q.data().unwrap();
+        let format = Format::of(dtype).unwrap();
+        let xr = rounded_activations(&x, format.weights);
+        // `matmul` (the fastest kernel), then every kernel this CPU has.
+        let mut out = vec![0f32; m * n];
         matmul(dtype, &bytes, (m, n, k), &x, &mut out).unwrap();
-        let xr = rounded_activations(&x, Format::of(dtype).unwrap().weights);
-        for t in 0..m {
-            for r in 0..n {
-                let expect: f64 = (0..k).map(|i| w[r * k + i] as f64 * xr[t * k + i]).sum();
-                let scale: f64 = (0..k)
-                    .map(|i| (w[r * k + i] as f64 * xr[t * k + i]).abs())
-                    .sum();
-                let got = out[t * n + r] as f64;
-                assert!(
-                    (got - expect).abs() <= 2e-6 * scale.max(1e-6),
-                    "{dtype:?} [{m},{k}]x[{n},{k}] token {t} row {r}: {got} vs {expect}"
-                );
+        let mut outs = vec![("matmul".to_string(), out)];
+        for kernel in Kernel::available(&format) {
+            let mut out = vec![0f32; m * n];
+            let name = kernel.name();
+            multiply(kernel, format, &bytes, (m, n, k), &x, &mut out);
+            outs.push((name, out));
+        }
+        for (kernel, out) in outs {
+            for t in 0..m {
+                for r in 0..n {
+                    let expect: f64 = (0..k).map(|i| w[r * k + i] as f64 * xr[t * k + i]).sum();
+                    let scale: f64 = (0..k)
+                        .map(|i| (w[r * k + i] as f64 * xr[t * k + i]).abs())
+                        .sum();
+                    let got = out[t * n + r] as f64;
+                    assert!(
+                        (got - expect).abs() <= 2e-6 * scale.max(1e-6),
+                        "{dtype:?} {kernel} [{m},{k}]x[{n},{k}] token {t} row {r}: {got} vs {expect}"
+                    );
+                }
             }
         }
     }
@@ -823,7 +1156,7 @@ mod tests {
             let k = if format.weights == QK { 9 * QK } else { 256 };
             let (q, _) = quantized(dtype, ROWS, k);
             let bytes = q.data().unwrap();
-            let tile = Tile::decode(format, &bytes, ROWS, k);
+            let tile = Tile::decode(format, &bytes, ROWS, k, ROWS);
             let xq = quantize_rows(&random(k, 3), format.weights);
             let rows = tile.row_group(0);
             let x = Token { q: &xq.q, d: &xq.d };
