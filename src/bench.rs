@@ -246,17 +246,20 @@ pub fn print_table(ours: &[PrefillResult], reference: &[Option<PrefillResult>]) 
         "tokens", "afprobe tok/s", "ref tok/s", "speedup", "afprobe RSS MB", "ref RSS MB"
     );
     for (o, r) in ours.iter().zip(reference) {
-        let (rt, rr) = r
-            .as_ref()
-            .map_or((f64::NAN, f64::NAN), |r| (r.tok_per_s, r.peak_rss_mb));
+        // Without a reference its columns read "-", not NaN.
+        let (rt, speedup, rr) = r.as_ref().map_or_else(
+            || ("-".to_string(), "-".to_string(), "-".to_string()),
+            |r| {
+                (
+                    format!("{:.1}", r.tok_per_s),
+                    format!("{:.2}x", o.tok_per_s / r.tok_per_s),
+                    format!("{:.0}", r.peak_rss_mb),
+                )
+            },
+        );
         println!(
-            "{:>7}  {:>12.1}  {:>12.1}  {:>7.2}x  {:>13.0}  {:>13.0}",
-            o.tokens,
-            o.tok_per_s,
-            rt,
-            o.tok_per_s / rt,
-            o.peak_rss_mb,
-            rr
+            "{:>7}  {:>12.1}  {:>12}  {:>8}  {:>13.0}  {:>13}",
+            o.tokens, o.tok_per_s, rt, speedup, o.peak_rss_mb, rr
         );
     }
 }

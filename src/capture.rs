@@ -41,8 +41,20 @@ use crate::store::{
 pub const DEFAULT_BATCH_ROWS: usize = 32;
 
 /// A batch stops growing before its token tree passes this many tokens, which
-/// bounds its memory (captured rows, logits, attention scratch).
+/// bounds its memory (captured rows, logits, attention scratch)...
 const MAX_TREE_TOKENS: usize = 4096;
+/// ... and before the tree's keys and values (f32, every layer) pass this many
+/// bytes: an 8B model's are 256 KiB a token, so 4,096 tokens would add 1 GiB,
+/// while a thousand already give the quantized GEMM full tiles of tokens.
+const MAX_TREE_KV_BYTES: usize = 256 << 20;
+
+/// The tree-size limit for `model`: [`MAX_TREE_TOKENS`], or fewer tokens where
+/// their keys and values would pass [`MAX_TREE_KV_BYTES`].
+fn max_tree_tokens(model: &Model) -> usize {
+    let c = model.config();
+    let kv_bytes_per_token = c.n_layers * 2 * c.n_kv_heads * c.head_dim * 4;
+    MAX_TREE_TOKENS.min(MAX_TREE_KV_BYTES / kv_bytes_per_token.max(1))
+}
 
 /// What to capture.
 #[derive(Debug, Clone)]
@@ -192,7 +204,7 @@ pub fn capture(model: &Model, spec: &CaptureSpec) -> Result<CaptureStats> {
         let mut block_state = Block::default();
         let mut i = start;
         while i < end {
-            let n = batch_len(spec, &rendered[i..end]);
+            let n = batch_len(spec, &rendered[i..end], max_tree_tokens(model));
             let batch = i..i + n;
             let computed = match capture_batch(
                 model,
@@ -367,7 +379,21 @@ fn capture_row(
     };
     let reuse = shared.min(first_needed(spec, r));
     kv.truncate(reuse)?;
-    let mut hooks = Hooks::capture(NamesFilter::Only(spec.hooks.clone()), CaptureRows::All);
+    // Only the rows the positions store: a long prompt's every row at every
+    // layer would be its whole residual stream (692 MB for an 8B model's
+    // 1,320-token system prompt).
+    let keep: Vec<usize> = spec
+        .positions
+        .iter()
+        .flat_map(|&p| token_positions(r, p))
+        .map(|pos| pos - reuse)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut hooks = Hooks::capture(
+        NamesFilter::Only(spec.hooks.clone()),
+        CaptureRows::Rows(keep.clone()),
+    );
     let started = Instant::now();
     let logits = t.forward(&r.tokens[reuse..], kv, &mut hooks, &LogitsAt::Last)?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -378,8 +404,9 @@ fn capture_row(
     }
     let mut computed = r.tokens.len() - reuse;
 
-    // The captured window starts at `reuse`.
-    push_activations(spec, r, &hooks, shard, |pos| pos - reuse)?;
+    push_activations(spec, r, &hooks, shard, |pos| {
+        keep.binary_search(&(pos - reuse)).expect("kept")
+    })?;
 
     let mut record = row_record(spec, row, r, index);
     if spec.score || spec.refusal.is_some() {
@@ -478,8 +505,8 @@ fn batch_shared(spec: &CaptureSpec, rendered: &[RenderedPrompt]) -> usize {
 }
 
 /// How many of `rendered`'s leading rows the next batch takes: up to
-/// `batch_rows`, while the tree stays under [`MAX_TREE_TOKENS`] (at least one).
-fn batch_len(spec: &CaptureSpec, rendered: &[RenderedPrompt]) -> usize {
+/// `batch_rows`, while the tree stays under `max_tokens` (at least one).
+fn batch_len(spec: &CaptureSpec, rendered: &[RenderedPrompt], max_tokens: usize) -> usize {
     if !spec.share_prefix {
         return 1;
     }
@@ -496,7 +523,7 @@ fn batch_len(spec: &CaptureSpec, rendered: &[RenderedPrompt]) -> usize {
             .iter()
             .map(|r| r.tokens.len() - shared + scored(r))
             .sum();
-        if size > MAX_TREE_TOKENS {
+        if size > max_tokens {
             break;
         }
         n += 1;

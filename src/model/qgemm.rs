@@ -10,8 +10,10 @@
 //! them), quantizes the activations once per call to 8-bit blocks the way
 //! llama.cpp does for the weight type (`quantize_row_q8_0` for the 32-weight
 //! types, `quantize_row_q8_K` for the k-quants), and multiplies each decoded
-//! tile against every token with AVX2 integer dot products, 2 rows by 4 tokens
-//! per kernel call so that each load and scale serves several products.
+//! tile against every token with integer dot products. The kernel is chosen
+//! at run time, as the f32 kernels are: AVX-512 VNNI ([`vnni`]: `vpdpbusd`,
+//! 8 rows by 16 tokens per call), else AVX2 (`maddubs`/`madd`, 2 rows by 4
+//! tokens), else portable Rust; each load and scale serves several products.
 //!
 //! Why decoded per call and not repacked at load (llama.cpp's interleaved
 //! tiles): decoding is a word-at-a-time pass that costs 1–2% of a prefill
