@@ -350,13 +350,13 @@ pub fn matmul(
             out.len()
         ));
     }
-    multiply(Kernel::detect(&format), format, blocks, (m, n, k), x, out);
+    multiply(Path::detect(&format), format, blocks, (m, n, k), x, out);
     Ok(())
 }
 
-/// [`matmul`] with a given kernel, on buffers [`matmul`] checked.
+/// [`matmul`] on a given path, on buffers [`matmul`] checked.
 fn multiply(
-    kernel: Kernel,
+    path: Path,
     format: Format,
     blocks: &[u8],
     (m, n, k): (usize, usize, usize),
@@ -374,22 +374,24 @@ fn multiply(
         let weights = &blocks[first * row_bytes..(first + rows) * row_bytes];
         (first, weights, rows)
     });
-    #[cfg(target_arch = "x86_64")]
-    if let Kernel::Vnni {
-        signed,
-        unit,
-        scaled,
-    } = kernel
-    {
-        let tokens = vnni::TokenBlocks::of(&xq, k, format.signed);
-        tiles.for_each(|(first, weights, rows)| {
-            let tile = Tile::decode(format, weights, rows, k, vnni::ROWS);
-            // Safety: VNNI was detected; this tile alone writes columns
-            // `first..first + rows` of the `[m, n]` output.
-            unsafe { vnni::multiply(&tile, &tokens, (signed, unit, scaled), out.at(first), n) };
-        });
-        return;
-    }
+    let kernel = match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Vnni {
+            signed,
+            unit,
+            scaled,
+        } => {
+            let tokens = vnni::TokenBlocks::of(&xq, k, signed);
+            tiles.for_each(|(first, weights, rows)| {
+                let tile = Tile::decode(format, weights, rows, k, vnni::ROWS);
+                // Safety: VNNI was detected; this tile alone writes columns
+                // `first..first + rows` of the `[m, n]` output.
+                unsafe { vnni::multiply(&tile, &tokens, (signed, unit, scaled), out.at(first), n) };
+            });
+            return;
+        }
+        Path::RowGroups(kernel) => kernel,
+    };
     tiles.for_each(|(first, weights, rows)| {
         let tile = Tile::decode(format, weights, rows, k, ROWS);
         tile.multiply(&xq, &kernel, &out, (first, n));
@@ -539,9 +541,10 @@ struct Token<'a> {
     d: &'a [f32],
 }
 
-/// The dot-product kernel for one decoded form, chosen once per call.
-enum Kernel {
-    /// AVX-512 VNNI over a whole tile, its rows interleaved ([`vnni`]).
+/// How [`multiply`] runs a call: the VNNI kernel over whole tiles, or a
+/// kernel over [`ROWS`] rows at a time. Chosen once per call.
+enum Path {
+    /// AVX-512 VNNI ([`vnni`]), sixteen tokens to a register.
     #[cfg(target_arch = "x86_64")]
     Vnni {
         signed: bool,
@@ -551,7 +554,52 @@ enum Kernel {
         /// Whether the units have integer scales (the k-quants).
         scaled: bool,
     },
-    /// AVX2 over [`ROWS`] rows at a time.
+    RowGroups(Kernel),
+}
+
+impl Path {
+    /// The fastest path this CPU runs for `format`.
+    fn detect(format: &Format) -> Path {
+        Path::available(format).remove(0)
+    }
+
+    /// Every path this CPU runs for `format`, fastest first (the tests check each).
+    fn available(format: &Format) -> Vec<Path> {
+        let mut paths = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if vnni::detected() {
+            let k_quant = format.weights == QK_K;
+            paths.push(Path::Vnni {
+                signed: format.signed,
+                unit: if format.signed && k_quant { 16 } else { QK },
+                scaled: k_quant,
+            });
+        }
+        paths.push(Path::RowGroups(Kernel::detect(format)));
+        #[cfg(target_arch = "x86_64")]
+        if let Path::RowGroups(Kernel::Avx2 { .. }) = paths[paths.len() - 1] {
+            paths.push(Path::RowGroups(Kernel::Portable {
+                signed: format.signed,
+            }));
+        }
+        paths
+    }
+
+    /// The path's name, for test messages.
+    #[cfg(test)]
+    fn name(&self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Path::Vnni { .. } => "AVX-512 VNNI",
+            #[cfg(target_arch = "x86_64")]
+            Path::RowGroups(Kernel::Avx2 { .. }) => "AVX2",
+            Path::RowGroups(Kernel::Portable { .. }) => "portable",
+        }
+    }
+}
+
+/// The dot-product kernel over [`ROWS`] decoded rows for one decoded form.
+enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Avx2 {
         signed: bool,
@@ -563,44 +611,14 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs for `format`.
     fn detect(format: &Format) -> Kernel {
-        Kernel::available(format).remove(0)
-    }
-
-    /// Every kernel this CPU runs for `format`, fastest first (the tests check each).
-    fn available(format: &Format) -> Vec<Kernel> {
         let signed = format.signed;
-        let mut kernels = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             let k_quant = format.weights == QK_K;
-            if vnni::detected() {
-                let unit = if signed && k_quant { 16 } else { QK };
-                kernels.push(Kernel::Vnni {
-                    signed,
-                    unit,
-                    scaled: k_quant,
-                });
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                kernels.push(Kernel::Avx2 { signed, k_quant });
-            }
+            return Kernel::Avx2 { signed, k_quant };
         }
-        kernels.push(Kernel::Portable { signed });
-        kernels
-    }
-
-    /// The kernel's name, for test messages.
-    #[cfg(test)]
-    fn name(&self) -> String {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni { .. } => "AVX-512 VNNI".into(),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 { .. } => "AVX2".into(),
-            Kernel::Portable { .. } => "portable".into(),
-        }
+        Kernel::Portable { signed }
     }
 
     /// `Σ_blocks d·dx·Σ_halves s_h·Σ q·xq` for each of the [`ROWS`] rows and
@@ -618,9 +636,6 @@ impl Kernel {
                     (true, true) => avx2::dots::<true, true, T>(rows, xs),
                 }
             },
-            // The VNNI kernel works on whole tiles; its row groups take the portable path.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni { signed, .. } => xs.map(|x| dots_portable(rows, x, signed)),
             Kernel::Portable { signed } => xs.map(|x| dots_portable(rows, x, signed)),
         }
     }
@@ -630,7 +645,7 @@ impl Kernel {
         match self {
             #[cfg(target_arch = "x86_64")]
             // Safety: AVX2 and FMA were detected.
-            Kernel::Avx2 { .. } | Kernel::Vnni { .. } => unsafe { avx2::bias_terms(bias, sums) },
+            Kernel::Avx2 { .. } => unsafe { avx2::bias_terms(bias, sums) },
             Kernel::Portable { .. } => bias_terms_portable(bias, sums),
         }
     }
@@ -706,6 +721,7 @@ mod vnni {
     pub(super) fn detected() -> bool {
         is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
@@ -771,7 +787,7 @@ mod vnni {
     /// The CPU has the features [`detected`] checks; the tile's rows are
     /// padded to [`ROWS`]; `out` is valid for `m·n` floats, and no other
     /// thread writes the tile's columns.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn multiply(
         tile: &Tile,
         tokens: &TokenBlocks,
@@ -816,17 +832,57 @@ mod vnni {
                     (true, false, _) => rows.dots::<true, false, false>(r0, &block),
                     (true, true, _) => rows.dots::<true, true, false>(r0, &block),
                 };
-                let mask = ((1u32 << live) - 1) as __mmask16;
-                let index = _mm512_mullo_epi32(
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                    _mm512_set1_epi32(n as i32),
-                );
-                for (i, acc) in acc.into_iter().enumerate().take(tile.rows - r0) {
-                    let at = out.add(first * n + r0 + i);
-                    _mm512_mask_i32scatter_ps::<4>(at, mask, index, acc);
+                let rows = ((1u32 << (tile.rows - r0).min(ROWS)) - 1) as __mmask8;
+                for half in 0..2 {
+                    for (j, column) in by_token(&acc, half).into_iter().enumerate() {
+                        let t = TOKENS / 2 * half + j;
+                        if t < live {
+                            _mm256_mask_storeu_ps(out.add((first + t) * n + r0), rows, column);
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Tokens `8h..8h + 8` of the eight rows' accumulators, by token: element
+    /// `r` of the result's `j` is row `r`'s sum for token `8h + j` (the
+    /// classic 8×8 transpose: unpack, shuffle, swap 128-bit lanes), so that a
+    /// token's eight outputs, adjacent in `out`, are one store.
+    /// Loops, not `array::from_fn`: a closure does not inherit the target
+    /// features, and its intrinsics would be left as calls.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn by_token(acc: &[__m512; ROWS], h: usize) -> [__m256; ROWS] {
+        let mut r = [_mm256_setzero_ps(); ROWS];
+        for (r, acc) in r.iter_mut().zip(acc) {
+            let wide = _mm512_castps_pd(*acc);
+            *r = _mm256_castpd_ps(if h == 0 {
+                _mm512_castpd512_pd256(wide)
+            } else {
+                _mm512_extractf64x4_pd::<1>(wide)
+            });
+        }
+        // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved (low, high pairs).
+        let mut t = [_mm256_setzero_ps(); ROWS];
+        for i in 0..ROWS / 2 {
+            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4q + 2p + s]: rows 4q..4q+4 of tokens 2p+s and 2p+s+4.
+        let mut u = [_mm256_setzero_ps(); ROWS];
+        for q in 0..2 {
+            for p in 0..2 {
+                let (a, b) = (t[4 * q + p], t[4 * q + p + 2]);
+                u[4 * q + 2 * p] = _mm256_shuffle_ps::<0x44>(a, b);
+                u[4 * q + 2 * p + 1] = _mm256_shuffle_ps::<0xEE>(a, b);
+            }
+        }
+        let mut by_token = [_mm256_setzero_ps(); ROWS];
+        for j in 0..4 {
+            by_token[j] = _mm256_permute2f128_ps::<0x20>(u[j], u[j + 4]);
+            by_token[j + 4] = _mm256_permute2f128_ps::<0x31>(u[j], u[j + 4]);
+        }
+        by_token
     }
 
     /// A tile's decoded rows, seen by the kernel.
@@ -1115,10 +1171,10 @@ mod tests {
         let mut out = vec![0f32; m * n];
         matmul(dtype, &bytes, (m, n, k), &x, &mut out).unwrap();
         let mut outs = vec![("matmul".to_string(), out)];
-        for kernel in Kernel::available(&format) {
+        for path in Path::available(&format) {
             let mut out = vec![0f32; m * n];
-            let name = kernel.name();
-            multiply(kernel, format, &bytes, (m, n, k), &x, &mut out);
+            let name = path.name().to_string();
+            multiply(path, format, &bytes, (m, n, k), &x, &mut out);
             outs.push((name, out));
         }
         for (kernel, out) in outs {
