@@ -350,6 +350,11 @@ pub fn matmul(
             out.len()
         ));
     }
+    if m == 0 || n == 0 || k == 0 {
+        // An empty sum: the kernels below divide by these.
+        out.fill(0.0);
+        return Ok(());
+    }
     multiply(Path::detect(&format), format, blocks, (m, n, k), x, out);
     Ok(())
 }
@@ -849,6 +854,7 @@ mod vnni {
     /// `r` of the result's `j` is row `r`'s sum for token `8h + j` (the
     /// classic 8×8 transpose: unpack, shuffle, swap 128-bit lanes), so that a
     /// token's eight outputs, adjacent in `out`, are one store.
+    ///
     /// Loops, not `array::from_fn`: a closure does not inherit the target
     /// features, and its intrinsics would be left as calls.
     #[target_feature(enable = "avx512f")]
@@ -1265,5 +1271,10 @@ mod tests {
         let err = matmul(GgmlDType::Q4K, &bytes, (1, 2, 64), &[0.0; 64], &mut out).unwrap_err();
         assert!(err.contains("whole blocks"), "{err}");
         assert!(!supports(GgmlDType::F16));
+        // Empty shapes are an empty product, not a division by zero.
+        let mut out = vec![1f32; 2];
+        matmul(GgmlDType::Q4_0, &[], (2, 1, 0), &[], &mut out).unwrap();
+        assert_eq!(out, [0.0, 0.0]);
+        matmul(GgmlDType::Q4_0, &bytes, (0, 2, 64), &[], &mut []).unwrap();
     }
 }
