@@ -7,7 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use afprobe::model::{Hooks, KvCache, LogitsAt, Model, ModelSpec, WeightDtype};
+use afprobe::model::{
+    CaptureRows, HookPoint, Hooks, KvCache, LogitsAt, Model, ModelSpec, NamesFilter, WeightDtype,
+};
 use candle_core::{IndexOp, Tensor};
 use common::{afprobe, assert_fails_with, fixtures, load_fixture, max_abs_diff, rel_l2};
 
@@ -72,6 +74,50 @@ fn plain_and_activated_lora_match_transformers_peft() {
             }
         }
     }
+}
+
+/// A call that crosses the invocation runs in two pieces (base, then adapted
+/// weights); a capture of chosen rows must still hold those rows of the whole
+/// call, in the asked order (it held only the second piece's, or failed).
+#[test]
+fn activated_lora_captures_chosen_rows_across_the_invocation() {
+    let model = load(Some(&adapter_dir("alora"))).unwrap();
+    let points: Vec<HookPoint> = (0..model.config().n_layers)
+        .map(HookPoint::ResidPost)
+        .collect();
+    let mut crossed = 0;
+    for (tokens, _) in references("alora") {
+        let capture = |rows: CaptureRows| {
+            let mut hooks = Hooks::capture(NamesFilter::Only(points.clone()), rows);
+            model
+                .run_with_hooks(&tokens, &mut hooks, &LogitsAt::Last)
+                .unwrap();
+            hooks
+        };
+        let all = capture(CaptureRows::All);
+        let n = tokens.len();
+        // Both ends, out of order, and a row twice.
+        let rows = vec![n - 1, 0, n / 2, 1, n - 1];
+        let chosen = capture(CaptureRows::Rows(rows.clone()));
+        let index = Tensor::new(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        for &point in &points {
+            let want = all
+                .cache
+                .require(point)
+                .unwrap()
+                .index_select(&index, 0)
+                .unwrap();
+            let got = chosen.cache.require(point).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{point}");
+            assert!(max_abs_diff(got, &want) < 1e-6, "{point}");
+        }
+        crossed += usize::from(tokens.windows(2).any(|w| w == [7, 180]) && tokens[..2] != [7, 180]);
+    }
+    assert!(crossed > 0, "no reference row crosses an invocation");
 }
 
 #[test]

@@ -452,6 +452,29 @@ pub struct Hooks {
 }
 
 impl Hooks {
+    /// The rows a [`CaptureRows::Rows`] capture keeps; `None` for another kind.
+    pub(super) fn captured_rows(&self) -> Option<Vec<usize>> {
+        match &self.rows {
+            CaptureRows::Rows(rows) => Some(rows.clone()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn set_captured_rows(&mut self, rows: Vec<usize>) {
+        self.rows = CaptureRows::Rows(rows);
+    }
+
+    /// Joins what a first piece of a call captured (`first`) to what the
+    /// second piece left in the cache, point by point, as rows `order` of the two.
+    pub(super) fn join_capture(&mut self, first: &ActivationCache, order: &Tensor) -> Result<()> {
+        for (point, second) in self.cache.tensors.iter_mut() {
+            if let Some(first) = first.tensors.get(point) {
+                *second = Tensor::cat(&[first, &*second], 0)?.index_select(order, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// No capture, no edits: the plain forward pass.
     pub fn none() -> Hooks {
         Hooks::default()

@@ -2,7 +2,7 @@
 //! activated LoRA (aLoRA, `adapter.rs`) the base decoder wrapped with a merged
 //! copy that runs from the invocation tokens on; token trees run here too.
 
-use candle_core::{DType, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::adapter::Adapter;
 use super::attention::TreeMask;
@@ -392,11 +392,27 @@ fn forward_activated(
             LogitsAt::Rows(rows)
         }
     };
+    // Captured rows are split the same way; each piece's capture replaces
+    // the last, so the first piece's is kept aside and joined to the second's.
+    let captured = hooks.captured_rows();
+    if let Some(rows) = &captured {
+        hooks.set_captured_rows(rows.iter().copied().filter(|&r| r < split).collect());
+    }
     let a = base.forward(&tokens[..split], kv, hooks, &at(first.clone()))?;
+    let first_capture = captured.as_ref().map(|_| hooks.cache.clone());
+    if let Some(rows) = &captured {
+        let second = rows.iter().filter(|&&r| r >= split).map(|&r| r - split);
+        hooks.set_captured_rows(second.collect());
+    }
     let b = act
         .adapted
         .forward(&tokens[split..], kv, hooks, &at(second.clone()))?;
     kv.adapted_from = Some(boundary);
+    if let (Some(rows), Some(first_capture)) = (captured, first_capture) {
+        let order = Tensor::new(split_order(&rows, split), &Device::Cpu)?;
+        hooks.join_capture(&first_capture, &order)?;
+        hooks.set_captured_rows(rows);
+    }
     if first.is_empty() {
         return Ok(b);
     }
@@ -405,18 +421,22 @@ fn forward_activated(
     }
     // Back into the requested order.
     let both = Tensor::cat(&[&a, &b], 0)?;
-    let mut order = Vec::with_capacity(rows.len());
-    let (mut i, mut j) = (0u32, first.len() as u32);
-    for &r in &rows {
-        if r < split {
-            order.push(i);
-            i += 1;
-        } else {
-            order.push(j);
-            j += 1;
-        }
-    }
-    Ok(both.index_select(&Tensor::new(order, both.device())?, 0)?)
+    let order = Tensor::new(split_order(&rows, split), both.device())?;
+    Ok(both.index_select(&order, 0)?)
+}
+
+/// Where each of `rows` (in order) lies in the rows of a call run in two
+/// pieces at `split`, the first piece's rows (`< split`) then the second's.
+fn split_order(rows: &[usize], split: usize) -> Vec<u32> {
+    let before = rows.iter().filter(|&&r| r < split).count() as u32;
+    let (mut i, mut j) = (0u32, before);
+    rows.iter()
+        .map(|&r| {
+            let at = if r < split { &mut i } else { &mut j };
+            *at += 1;
+            *at - 1
+        })
+        .collect()
 }
 
 /// Log-softmax of each row of `[rows, vocab]` logits, accumulated in f64 in a
