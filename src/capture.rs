@@ -382,10 +382,7 @@ fn capture_row(
     // Only the rows the positions store: a long prompt's every row at every
     // layer would be its whole residual stream (692 MB for an 8B model's
     // 1,320-token system prompt).
-    let keep: Vec<usize> = spec
-        .positions
-        .iter()
-        .flat_map(|&p| token_positions(r, p))
+    let keep: Vec<usize> = stored_positions(spec, r)
         .map(|pos| pos - reuse)
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
@@ -432,13 +429,18 @@ fn capture_row(
     Ok(computed)
 }
 
+/// The absolute positions whose activations the row's capture stores, for
+/// every position spec in turn (repeats included).
+fn stored_positions<'a>(
+    spec: &'a CaptureSpec,
+    r: &'a RenderedPrompt,
+) -> impl Iterator<Item = usize> + 'a {
+    spec.positions.iter().flat_map(|&p| token_positions(r, p))
+}
+
 /// The first absolute position whose activations the row's capture stores.
 fn first_needed(spec: &CaptureSpec, r: &RenderedPrompt) -> usize {
-    spec.positions
-        .iter()
-        .flat_map(|&p| token_positions(r, p))
-        .min()
-        .unwrap_or(r.last())
+    stored_positions(spec, r).min().unwrap_or(r.last())
 }
 
 /// Pushes the row's activations at each position onto `shard`: `row_of(pos)`
@@ -575,13 +577,7 @@ fn capture_batch(
     // Captured rows: every position any row stores.
     let mut keep = std::collections::BTreeSet::new();
     for (k, r) in rendered.iter().enumerate() {
-        for &p in &spec.positions {
-            keep.extend(
-                token_positions(r, p)
-                    .into_iter()
-                    .map(|pos| prompts.node(k, pos - shared)),
-            );
-        }
+        keep.extend(stored_positions(spec, r).map(|pos| prompts.node(k, pos - shared)));
     }
     let keep: Vec<usize> = keep.into_iter().collect();
     let nodes = prompts.logit_nodes();

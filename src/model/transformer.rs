@@ -379,12 +379,7 @@ fn forward_activated(
     }
     // Logit rows of the call, split between the two pieces.
     let rows = logits_at.rows(t)?;
-    let first: Vec<usize> = rows.iter().copied().filter(|&r| r < split).collect();
-    let second: Vec<usize> = rows
-        .iter()
-        .filter(|&&r| r >= split)
-        .map(|&r| r - split)
-        .collect();
+    let (first, second) = split_rows(&rows, split);
     let at = |rows: Vec<usize>| {
         if rows.is_empty() {
             LogitsAt::None
@@ -395,14 +390,14 @@ fn forward_activated(
     // Captured rows are split the same way; each piece's capture replaces
     // the last, so the first piece's is kept aside and joined to the second's.
     let captured = hooks.captured_rows();
-    if let Some(rows) = &captured {
-        hooks.set_captured_rows(rows.iter().copied().filter(|&r| r < split).collect());
+    let captured_split = captured.as_ref().map(|rows| split_rows(rows, split));
+    if let Some((first, _)) = &captured_split {
+        hooks.set_captured_rows(first.clone());
     }
     let a = base.forward(&tokens[..split], kv, hooks, &at(first.clone()))?;
     let first_capture = captured.as_ref().map(|_| hooks.cache.clone());
-    if let Some(rows) = &captured {
-        let second = rows.iter().filter(|&&r| r >= split).map(|&r| r - split);
-        hooks.set_captured_rows(second.collect());
+    if let Some((_, second)) = captured_split {
+        hooks.set_captured_rows(second);
     }
     let b = act
         .adapted
@@ -423,6 +418,18 @@ fn forward_activated(
     let both = Tensor::cat(&[&a, &b], 0)?;
     let order = Tensor::new(split_order(&rows, split), both.device())?;
     Ok(both.index_select(&order, 0)?)
+}
+
+/// `rows` of a call run in two pieces at `split`: the first piece's, and the
+/// second's counted from its own start.
+fn split_rows(rows: &[usize], split: usize) -> (Vec<usize>, Vec<usize>) {
+    let first = rows.iter().copied().filter(|&r| r < split).collect();
+    let second = rows
+        .iter()
+        .filter(|&&r| r >= split)
+        .map(|&r| r - split)
+        .collect();
+    (first, second)
 }
 
 /// Where each of `rows` (in order) lies in the rows of a call run in two
